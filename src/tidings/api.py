@@ -1,0 +1,176 @@
+"""The server API: ``POST /api/<method>`` with a JSON body and an API key.
+
+Shapes follow Centrifugo's HTTP API where they overlap, so its clients (such
+as ``cent``) work: ``{"result": {...}}`` on success; a request that parses but
+cannot be served is HTTP 200 with ``{"error": {"code", "message"}}``; a body
+that is not valid JSON for the method is HTTP 400 with code 107; a wrong key is
+HTTP 401 with code 101.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from . import __version__
+from .codec import CentrifugoPublication
+from .errors import ErrorCode, ProtocolError
+from .http import Response, error_response, json_response
+from .hub import EMPTY, Position
+
+if TYPE_CHECKING:
+    from .http import HTTPConnection, Request
+    from .server import Server
+
+
+class _Body(msgspec.Struct):
+    """Method parameters; unknown fields are ignored, as Centrifugo does."""
+
+
+class PublishParams(_Body):
+    channel: str
+    data: msgspec.Raw
+    tags: dict[str, str] | None = None
+
+
+class BroadcastParams(_Body):
+    channels: list[str]
+    data: msgspec.Raw
+    tags: dict[str, str] | None = None
+
+
+class StreamPosition(msgspec.Struct):
+    offset: int = 0
+    epoch: str = ""
+
+
+class HistoryParams(_Body):
+    channel: str
+    limit: int | None = None
+    since: StreamPosition | None = None
+    reverse: bool = False
+
+
+class ChannelsParams(_Body):
+    pattern: str = ""
+
+
+class InfoParams(_Body):
+    pass
+
+
+Method = Callable[[Any], Awaitable[dict[str, Any]]]
+
+
+class ServerAPI:
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self._key = server.config.api_key.encode()
+        self.methods: dict[str, tuple[type[_Body], Method]] = {
+            "publish": (PublishParams, self.publish),
+            "broadcast": (BroadcastParams, self.broadcast),
+            "history": (HistoryParams, self.history),
+            "channels": (ChannelsParams, self.channels),
+            "info": (InfoParams, self.info),
+        }
+        self._decoders = {
+            name: msgspec.json.Decoder(params) for name, (params, _) in self.methods.items()
+        }
+
+    def authorized(self, request: Request) -> bool:
+        """The API key in constant time; with no key configured, loopback only."""
+        if not self._key:
+            return request.is_loopback
+        given = request.headers.get("x-api-key")
+        if given is None:
+            scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+            given = value.strip() if scheme.lower() == "apikey" else ""
+        return hmac.compare_digest(given.encode(), self._key)
+
+    async def handle(self, request: Request, conn: HTTPConnection) -> Response:
+        if not self.authorized(request):
+            return error_response(401, "unauthorized: missing or wrong API key")
+        name = request.path.removeprefix("/api/")
+        entry = self.methods.get(name)
+        if entry is None:
+            return error_response(404, f"method not found: {name}")
+        try:
+            params = self._decoders[name].decode(request.body or b"{}")
+        except msgspec.DecodeError as exc:
+            return error_response(400, f"bad request: {exc}")
+        try:
+            result = await entry[1](params)
+        except ProtocolError as exc:
+            return json_response({"error": {"code": int(exc.code), "message": exc.message}})
+        return json_response({"result": result})
+
+    async def publish(self, params: PublishParams) -> dict[str, Any]:
+        position = await self.server.hub.publish(
+            params.channel, bytes(params.data), tags=params.tags
+        )
+        return {"offset": position.offset, "epoch": position.epoch}
+
+    async def broadcast(self, params: BroadcastParams) -> dict[str, Any]:
+        if not params.channels:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "channels is empty")
+        data = bytes(params.data)
+        responses: list[dict[str, Any]] = []
+        for channel in params.channels:
+            try:
+                position = await self.server.hub.publish(channel, data, tags=params.tags)
+            except ProtocolError as exc:
+                responses.append({"error": {"code": int(exc.code), "message": exc.message}})
+            else:
+                responses.append({"result": {"offset": position.offset, "epoch": position.epoch}})
+        return {"responses": responses}
+
+    async def history(self, params: HistoryParams) -> dict[str, Any]:
+        limit = params.limit or 0
+        if limit < -1:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be -1, 0 or positive")
+        since = None
+        if params.since is not None:
+            since = Position(params.since.epoch, params.since.offset)
+        pubs, top = await self.server.hub.history(
+            params.channel,
+            since=since,
+            limit=None if limit == -1 else limit,
+            reverse=params.reverse,
+        )
+        if since is not None and since.epoch != top.epoch and since != EMPTY:
+            raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
+        return {
+            "publications": [CentrifugoPublication.of(pub) for pub in pubs],
+            "epoch": top.epoch,
+            "offset": top.offset,
+        }
+
+    async def channels(self, params: ChannelsParams) -> dict[str, Any]:
+        pattern = params.pattern
+        return {
+            "channels": {
+                name: {"num_clients": count}
+                for name, count in self.server.hub.channels()
+                if not pattern or fnmatch.fnmatchcase(name, pattern)
+            }
+        }
+
+    async def info(self, params: InfoParams) -> dict[str, Any]:
+        server = self.server
+        return {
+            "nodes": [
+                {
+                    "uid": server.uid,
+                    "name": server.name,
+                    "version": __version__,
+                    "num_clients": server.num_clients,
+                    "num_channels": server.hub.num_channels,
+                    "uptime": int(time.monotonic() - server.started_at),
+                }
+            ]
+        }

@@ -1,0 +1,141 @@
+"""The in-memory broker: one process, nothing else to run (the default).
+
+Each channel's stream is a bounded ring of recent publications with a
+time-to-live. A stream is created by its first publication. When it has no
+subscribers, and no publication for ``meta_ttl`` seconds, it is forgotten; if
+the channel comes back, it gets a new epoch, so a client holding an old
+position learns that it cannot be recovered instead of silently missing what
+happened in between. Reading or subscribing never creates a stream: a channel
+without one is at position ``EMPTY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import secrets
+import time
+from collections import deque
+
+from ..hub import EMPTY, ClientInfo, Position, Publication
+from .base import Broker
+
+
+class _Stream:
+    __slots__ = ("epoch", "expires", "forget_at", "history", "offset")
+
+    def __init__(self, size: int) -> None:
+        self.epoch = secrets.token_urlsafe(6)
+        self.offset = 0
+        self.history: deque[Publication] = deque(maxlen=size)
+        self.expires = 0.0
+        self.forget_at = 0.0
+
+    @property
+    def top(self) -> Position:
+        return Position(self.epoch, self.offset)
+
+
+class MemoryBroker(Broker):
+    """History rings per channel in this process. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        meta_ttl: float = 3600.0,
+        sweep_interval: float = 5.0,
+    ) -> None:
+        self._history_size = history_size
+        self._history_ttl = history_ttl
+        self._meta_ttl = max(meta_ttl, history_ttl)
+        self._sweep_interval = sweep_interval
+        self._streams: dict[str, _Stream] = {}
+        self._interest: set[str] = set()
+        self._sweeper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+
+    def _stream(self, channel: str) -> _Stream:
+        stream = self._streams.get(channel)
+        if stream is None:
+            stream = self._streams[channel] = _Stream(self._history_size)
+        else:
+            self._expire(stream, time.monotonic())
+        return stream
+
+    @staticmethod
+    def _expire(stream: _Stream, now: float) -> None:
+        if stream.history and now >= stream.expires:
+            stream.history.clear()
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Publication:
+        stream = self._stream(channel)
+        stream.offset += 1
+        pub = Publication(channel, stream.offset, stream.epoch, data, info, tags)
+        now = time.monotonic()
+        stream.forget_at = now + self._meta_ttl
+        if self._history_size:
+            stream.history.append(pub)
+            stream.expires = now + self._history_ttl
+        if self._deliver is not None:
+            self._deliver(pub)
+        return pub
+
+    async def subscribe(self, channel: str) -> None:
+        self._interest.add(channel)
+
+    def unsubscribe(self, channel: str) -> None:
+        self._interest.discard(channel)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> tuple[list[Publication], Position]:
+        stream = self._streams.get(channel)
+        if stream is None:
+            return [], EMPTY
+        self._expire(stream, time.monotonic())
+        top = stream.top
+        if limit == 0 or (since is not None and since.epoch != stream.epoch and since != EMPTY):
+            return [], top
+        pubs = list(stream.history)
+        if since is not None:
+            pubs = [pub for pub in pubs if pub.offset > since.offset]
+        if reverse:
+            pubs.reverse()
+        if limit is not None and limit > 0:
+            pubs = pubs[:limit]
+        return pubs, top
+
+    def sweep(self, now: float | None = None) -> None:
+        """Expire old history; forget streams nobody uses or publishes to."""
+        now = time.monotonic() if now is None else now
+        for channel, stream in list(self._streams.items()):
+            self._expire(stream, now)
+            if now >= stream.forget_at and channel not in self._interest:
+                del self._streams[channel]
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self._sweep_interval)
+            self.sweep()

@@ -1,0 +1,237 @@
+"""The ``tidings`` command: ``serve``, ``publish`` and ``subscribe``.
+
+``serve`` behaves like uvicorn (``--host``, ``--port``, ``--log-level``,
+``--loop``); ``publish`` and ``subscribe`` are the curl of tidings, for trying
+things from a shell. Exit codes: 0 success, 1 runtime failure (server
+unreachable, port taken, API error), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from . import __version__
+from .config import Config, ConfigError, load_config
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(args.run(args))
+    except KeyboardInterrupt:
+        return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tidings", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tidings {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="run the server")
+    serve.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
+    serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], help="event loop")
+    serve.set_defaults(run=_serve)
+
+    url_help = f"server URL (default $TIDINGS_URL or {DEFAULT_URL})"
+    publish = commands.add_parser("publish", help="publish JSON data to a channel")
+    publish.add_argument("channel")
+    publish.add_argument("data", help='JSON, e.g. \'{"text": "hi"}\'')
+    publish.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=url_help)
+    publish.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDINGS_API_KEY", ""),
+        help="API key ($TIDINGS_API_KEY)",
+    )
+    publish.set_defaults(run=_publish)
+
+    subscribe = commands.add_parser(
+        "subscribe", help="print publications of channels as JSON lines (over SSE)"
+    )
+    subscribe.add_argument("channels", nargs="+", metavar="CHANNEL")
+    subscribe.add_argument(
+        "--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=url_help
+    )
+    subscribe.add_argument("--cursor", help="resume from this cursor (an SSE event id)")
+    subscribe.set_defaults(run=_subscribe)
+    return parser
+
+
+# -- serve -----------------------------------------------------------------
+
+
+def _serve(args: argparse.Namespace) -> int:
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "log_level": args.log_level,
+        "loop": args.loop,
+    }
+    try:
+        config = load_config(args.config, os.environ, overrides)
+    except ConfigError as exc:
+        print(f"tidings: config error: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    loop_factory = _loop_factory(config)
+    if loop_factory is None:
+        return 2
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        try:
+            runner.run(_run_server(config))
+        except OSError as exc:
+            logging.getLogger("tidings").error(
+                "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
+            )
+            return 1
+    return 0
+
+
+def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if config.loop == "asyncio":
+        return asyncio.new_event_loop
+    try:
+        import uvloop
+    except ImportError:
+        if config.loop == "uvloop":
+            print("tidings: --loop uvloop, but uvloop is not installed", file=sys.stderr)
+            return None
+        return asyncio.new_event_loop
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+async def _run_server(config: Config) -> None:
+    from .server import Server
+
+    server = Server(config)
+    await server.start()
+    await server.serve_forever()
+
+
+# -- publish ---------------------------------------------------------------
+
+
+def _publish(args: argparse.Namespace) -> int:
+    try:
+        data = json.loads(args.data)
+    except json.JSONDecodeError as exc:
+        print(f"tidings: DATA is not valid JSON: {exc}", file=sys.stderr)
+        return 2
+    body = json.dumps({"channel": args.channel, "data": data}).encode()
+    headers = {"Content-Type": "application/json"}
+    if args.api_key:
+        headers["X-API-Key"] = args.api_key
+    request = urllib.request.Request(
+        args.url.rstrip("/") + "/api/publish", data=body, headers=headers, method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            reply: dict[str, Any] = json.load(response)
+    except urllib.error.HTTPError as exc:
+        print(f"tidings: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
+        return 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"tidings: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
+        return 1
+    if "error" in reply:
+        print(f"tidings: {json.dumps(reply['error'])}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply["result"]))
+    return 0
+
+
+# -- subscribe -------------------------------------------------------------
+
+
+def _subscribe(args: argparse.Namespace) -> int:
+    """Tail channels over SSE; on a drop, reconnect with the last event id."""
+    url = urllib.parse.urlsplit(args.url)
+    query = urllib.parse.urlencode([("channel", channel) for channel in args.channels])
+    cursor: str | None = args.cursor
+    delay = 0.5
+    while True:
+        connection = http.client.HTTPConnection(
+            url.hostname or "127.0.0.1", url.port or 80, timeout=90
+        )
+        try:
+            headers = {"Accept": "text/event-stream"}
+            if cursor:
+                headers["Last-Event-ID"] = cursor
+            connection.request("GET", f"{url.path.rstrip('/')}/sse?{query}", headers=headers)
+            response = connection.getresponse()
+            if response.status != 200:
+                print(
+                    f"tidings: {response.status} {response.read().decode(errors='replace')}",
+                    file=sys.stderr,
+                )
+                return 1
+            delay = 0.5
+            for name, event_id, data in _sse_events(response):
+                if event_id is not None:
+                    cursor = event_id
+                if name == "message":
+                    print(data, flush=True)
+                elif name == "unrecovered":
+                    print(
+                        f"tidings: not recovered, missed publications lost: {data}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+        except (OSError, http.client.HTTPException) as exc:
+            print(f"tidings: connection lost ({exc}); reconnecting", file=sys.stderr, flush=True)
+        finally:
+            connection.close()
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _sse_events(response: http.client.HTTPResponse) -> Any:
+    """Yield ``(event, id, data)`` per the EventSource parsing rules (enough of them)."""
+    name, event_id, data = "message", None, list[str]()
+    while True:
+        line = response.readline()
+        if not line:
+            return
+        text = line.decode("utf-8").rstrip("\r\n")
+        if not text:
+            if data:
+                yield name, event_id, "\n".join(data)
+            elif event_id is not None:
+                yield "", event_id, ""
+            name, event_id, data = "message", None, list[str]()
+        elif text.startswith(":"):
+            continue
+        else:
+            field, _, value = text.partition(":")
+            value = value.removeprefix(" ")
+            if field == "data":
+                data.append(value)
+            elif field == "event":
+                name = value
+            elif field == "id":
+                event_id = value

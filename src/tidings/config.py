@@ -1,0 +1,211 @@
+"""Configuration: one typed tree, validated once, from four layers.
+
+Precedence, lowest to highest: built-in defaults, the TOML file, ``TIDINGS_*``
+environment variables, command-line flags. msgspec validates the merged tree,
+so every bound lives in the type annotations below and an invalid value is
+reported once, naming the key and where it came from.
+
+Environment variables map to keys by name: ``TIDINGS_PORT`` is ``port``,
+``TIDINGS_LIMITS__MAX_BODY_SIZE`` is ``limits.max_body_size`` (a double
+underscore descends into a section). List values are comma-separated.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta
+
+from .errors import ConfigError
+
+__all__ = ["Config", "ConfigError", "load_config"]
+
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonNegativeFloat = Annotated[float, Meta(ge=0)]
+Size = Annotated[int, Meta(ge=1)]
+
+#: Environment variables read by the client commands, not by the server.
+CLIENT_ENV = frozenset({"TIDINGS_URL"})
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class LimitsConfig(_Section):
+    """Every bound on what a client may make the server hold (DESIGN principle 4)."""
+
+    max_request_head: Annotated[int, Meta(ge=1024)] = 16 * 1024
+    max_body_size: Size = 1024 * 1024
+    max_channels_per_connection: Size = 128
+    max_write_buffer: Annotated[int, Meta(ge=4096)] = 1024 * 1024
+    max_channel_length: Annotated[int, Meta(ge=1, le=1024)] = 255
+    max_pipelined_requests: Size = 32
+
+
+class TimeoutsConfig(_Section):
+    keepalive: PositiveFloat = 5.0
+    request: PositiveFloat = 10.0
+    shutdown: PositiveFloat = 5.0
+
+
+class SSEConfig(_Section):
+    retry_ms: Annotated[int, Meta(ge=0)] = 3000
+    heartbeat_interval: PositiveFloat = 15.0
+
+
+class PollConfig(_Section):
+    default_timeout: NonNegativeFloat = 30.0
+    max_timeout: NonNegativeFloat = 60.0
+
+
+class HistoryConfig(_Section):
+    """History kept per channel, so that clients that drop off can resume."""
+
+    size: Annotated[int, Meta(ge=0)] = 100
+    ttl: PositiveFloat = 300.0
+    #: How long a channel's epoch and offset outlive its last publication when
+    #: nobody is subscribed; a client coming back later is told "not recovered".
+    meta_ttl: PositiveFloat = 3600.0
+
+
+class WebSocketConfig(_Section):
+    ping_interval: PositiveFloat = 25.0
+    pong_timeout: PositiveFloat = 8.0
+    connect_timeout: PositiveFloat = 10.0
+    handshake_timeout: PositiveFloat = 10.0
+    compression: bool = True
+    compression_threshold: Annotated[int, Meta(ge=0)] = 256
+    max_message_size: Annotated[int, Meta(ge=125)] = 65536
+
+
+class Config(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535)] = 8000
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    api_key: str = ""
+    allowed_origins: list[str] = msgspec.field(default_factory=list)
+    limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
+    timeouts: TimeoutsConfig = msgspec.field(default_factory=TimeoutsConfig)
+    sse: SSEConfig = msgspec.field(default_factory=SSEConfig)
+    poll: PollConfig = msgspec.field(default_factory=PollConfig)
+    history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
+    websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
+
+    def __post_init__(self) -> None:
+        if self.poll.default_timeout > self.poll.max_timeout:
+            raise ValueError("poll.default_timeout must not exceed poll.max_timeout")
+
+
+def load_config(
+    path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration from a TOML file, the environment and flags.
+
+    ``overrides`` holds dotted keys (``{"port": 9000}``) from the command line;
+    ``None`` values are skipped so that unset flags do not mask other layers.
+    Raises :class:`ConfigError` with a message that names the offending key.
+    """
+    merged: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path is not None:
+        file_layer = _read_toml(path)
+        _merge(merged, file_layer, origin, lambda key: path)
+    if env is not None:
+        _merge(merged, _env_layer(env), origin, lambda key: _env_name(key))
+    if overrides:
+        flags = _unflatten({k: v for k, v in overrides.items() if v is not None})
+        _merge(merged, flags, origin, lambda key: "command line")
+    try:
+        return msgspec.convert(merged, Config, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_describe(exc, origin)) from None
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+
+
+def _env_name(key: str) -> str:
+    return "TIDINGS_" + key.upper().replace(".", "__")
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, Any]:
+    """Turn ``TIDINGS_*`` variables into a nested dict of strings."""
+    layer: dict[str, Any] = {}
+    sections = {f.name: f.type for f in msgspec.structs.fields(Config)}
+    for name, value in env.items():
+        if not name.startswith("TIDINGS_") or name in CLIENT_ENV:
+            continue
+        parts = name[len("TIDINGS_") :].lower().split("__")
+        if parts[0] not in sections:
+            raise ConfigError(f"{name}: unknown setting")
+        if len(parts) == 1 and parts[0] == "allowed_origins":
+            layer["allowed_origins"] = [o.strip() for o in value.split(",") if o.strip()]
+            continue
+        target = layer
+        for part in parts[:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = value
+    return layer
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for dotted, value in flat.items():
+        *parents, leaf = dotted.split(".")
+        target = nested
+        for part in parents:
+            target = target.setdefault(part, {})
+        target[leaf] = value
+    return nested
+
+
+def _merge(
+    into: dict[str, Any],
+    layer: Mapping[str, Any],
+    origin: dict[str, str],
+    source: Any,
+    prefix: str = "",
+) -> None:
+    """Deep-merge ``layer`` into ``into``, recording which layer set each key."""
+    for key, value in layer.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+            _merge(into[key], value, origin, source, dotted + ".")
+        else:
+            into[key] = dict(value) if isinstance(value, Mapping) else value
+        origin[dotted] = source(dotted)
+
+
+_AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
+
+
+def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+    """Rewrite msgspec's ``... - at `$.a.b``` into ``a.b: ...`` with its source."""
+    match = _AT.match(str(exc))
+    message, path = (match["msg"], match["path"] or "") if match else (str(exc), "")
+    key = re.sub(r"\[\d+\]$", "", path.lstrip("."))
+    unknown = _UNKNOWN.match(message)
+    if unknown:
+        key = f"{key}.{unknown['field']}" if key else unknown["field"]
+        message = "unknown key"
+    where = origin.get(key)
+    suffix = f" (from {where})" if where else ""
+    return f"{key or 'config'}: {message}{suffix}"

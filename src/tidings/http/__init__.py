@@ -1,0 +1,15 @@
+"""HTTP/1.1 on ``asyncio.Protocol`` and httptools: the shell every transport lives in."""
+
+from .connection import HTTPConnection
+from .messages import Headers, Request, Response, error_response, json_response
+from .routing import Router
+
+__all__ = [
+    "HTTPConnection",
+    "Headers",
+    "Request",
+    "Response",
+    "Router",
+    "error_response",
+    "json_response",
+]

@@ -1,0 +1,166 @@
+"""Requests and responses as plain values: nothing here touches a socket."""
+
+from __future__ import annotations
+
+import time
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import parse_qs
+
+import msgspec
+
+from ..errors import ErrorCode, ProtocolError
+
+__all__ = ["Headers", "Request", "Response", "error_response", "json_response"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+class Headers:
+    """Request headers in arrival order; names are lower-cased once, at parse time."""
+
+    __slots__ = ("raw",)
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.raw = raw
+
+    def get(self, name: str) -> str | None:
+        key = name.lower().encode("latin-1")
+        for field, value in self.raw:
+            if field == key:
+                return value.decode("latin-1")
+        return None
+
+    def get_all(self, name: str) -> list[str]:
+        key = name.lower().encode("latin-1")
+        return [value.decode("latin-1") for field, value in self.raw if field == key]
+
+    def __contains__(self, name: str) -> bool:
+        return self.get(name) is not None
+
+
+class Request:
+    """One parsed HTTP request."""
+
+    __slots__ = ("body", "client", "headers", "keep_alive", "method", "path", "query", "target")
+
+    def __init__(
+        self,
+        method: str,
+        target: bytes,
+        path: str,
+        query: str,
+        headers: Headers,
+        client: tuple[str, int] | None,
+        keep_alive: bool,
+    ) -> None:
+        self.method = method
+        self.target = target
+        self.path = path
+        self.query: dict[str, list[str]] = parse_qs(query, keep_blank_values=True)
+        self.headers = headers
+        self.client = client
+        self.keep_alive = keep_alive
+        self.body = b""
+
+    def query_value(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[-1] if values else None
+
+    @property
+    def is_loopback(self) -> bool:
+        host = self.client[0] if self.client else ""
+        return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.target.decode('latin-1')!r}>"
+
+
+class Response:
+    """A complete response; :meth:`encode` renders it for one request."""
+
+    __slots__ = ("body", "close", "headers", "status")
+
+    def __init__(
+        self,
+        status: int = 200,
+        body: bytes = b"",
+        headers: list[tuple[str, str]] | None = None,
+        *,
+        close: bool = False,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.headers = headers or []
+        self.close = close
+
+    def encode(self, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]) -> bytes:
+        reason = HTTPStatus(self.status).phrase
+        lines = [f"HTTP/1.1 {self.status} {reason}", f"Date: {http_date()}", "Server: tidings"]
+        lines.extend(f"{name}: {value}" for name, value in self.headers)
+        lines.extend(f"{name}: {value}" for name, value in extra)
+        lines.append(f"Content-Length: {len(self.body)}")
+        if not keep_alive:
+            lines.append("Connection: close")
+        head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head_bytes if head else head_bytes + self.body
+
+
+_date_cache: tuple[int, str] = (0, "")
+
+
+def http_date() -> str:
+    """The ``Date`` header, formatted once per second rather than per response."""
+    global _date_cache
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache = (now, formatdate(now, usegmt=True))
+    return _date_cache[1]
+
+
+def json_response(payload: Any, status: int = 200, **kwargs: Any) -> Response:
+    return Response(status, _encode(payload), [("Content-Type", "application/json")], **kwargs)
+
+
+#: HTTP status for each error code, where an HTTP transport answers an error.
+_STATUS = {
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.UNKNOWN_CHANNEL: 404,
+    ErrorCode.PERMISSION_DENIED: 403,
+    ErrorCode.METHOD_NOT_FOUND: 404,
+    ErrorCode.LIMIT_EXCEEDED: 400,
+    ErrorCode.BAD_REQUEST: 400,
+    ErrorCode.NOT_AVAILABLE: 404,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.TOO_MANY_REQUESTS: 429,
+    ErrorCode.INTERNAL: 500,
+}
+
+#: Error code for each HTTP status the HTTP layer answers by itself.
+_CODE = {
+    401: ErrorCode.UNAUTHORIZED,
+    403: ErrorCode.PERMISSION_DENIED,
+    404: ErrorCode.METHOD_NOT_FOUND,
+    405: ErrorCode.METHOD_NOT_FOUND,
+    500: ErrorCode.INTERNAL,
+}
+
+
+def error_response(
+    error: ProtocolError | int,
+    message: str | None = None,
+    *,
+    close: bool = False,
+    headers: list[tuple[str, str]] | None = None,
+) -> Response:
+    """The JSON error body every HTTP endpoint uses: ``{"error": {code, message}}``."""
+    if isinstance(error, ProtocolError):
+        status, code, text = _STATUS.get(error.code, 400), error.code, error.message
+    else:
+        status, code = error, _CODE.get(error, ErrorCode.BAD_REQUEST)
+        text = message or HTTPStatus(error).phrase.lower()
+    body = _encode({"error": {"code": int(code), "message": text}})
+    return Response(
+        status, body, [("Content-Type", "application/json"), *(headers or [])], close=close
+    )

@@ -1,0 +1,345 @@
+"""The hub: channels, fan-out and recovery, with no sockets in sight.
+
+Every transport meets every other here. A transport registers a
+:class:`Subscriber` on a channel; the broker hands the hub each publication
+exactly once per node; the hub calls ``deliver`` on every subscriber of that
+channel. A subscriber's ``deliver`` only writes bytes that the publication has
+already encoded for its wire format (:meth:`Publication.encoded`), so the cost
+per recipient is one ``transport.write`` (DESIGN principle 2).
+
+Recovery is the hub's second job. ``(epoch, offset)`` positions let a client
+that dropped off come back: the hub asks the broker for what came after the
+client's position and either returns all of it (``recovered=True``) or says
+plainly that history no longer reaches (``recovered=False``). It never returns
+a partial range. While the broker is being asked, publications keep arriving;
+the hub buffers them for the subscriber being set up, so that nothing falls
+between the history read and the live stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, NamedTuple, Protocol
+
+import msgspec
+
+from .errors import ErrorCode, ProtocolError
+
+if TYPE_CHECKING:
+    from .brokers.base import Broker
+
+__all__ = [
+    "EMPTY",
+    "ClientInfo",
+    "Hub",
+    "Position",
+    "Publication",
+    "Recovery",
+    "Subscriber",
+]
+
+log = logging.getLogger("tidings.hub")
+
+
+class Position(msgspec.Struct, frozen=True):
+    """A point in a channel's stream. ``epoch`` changes when history is reset."""
+
+    epoch: str
+    offset: int
+
+
+#: The position of a channel that never had a publication (or whose stream was
+#: forgotten). A client at this position has missed nothing that history
+#: starting at offset 1 does not hold, whatever that history's epoch.
+EMPTY = Position("", 0)
+
+
+def follows(position: Position, pub: Publication) -> bool:
+    """Whether ``pub`` is the very next publication after ``position``."""
+    return pub.offset == position.offset + 1 and (pub.epoch == position.epoch or position == EMPTY)
+
+
+class ClientInfo(msgspec.Struct, omit_defaults=True):
+    """Who published or who is present: Centrifugo's ``ClientInfo``."""
+
+    user: str = ""
+    client: str = ""
+    conn_info: msgspec.Raw | None = None
+    chan_info: msgspec.Raw | None = None
+
+
+class Publication:
+    """One event in one channel, immutable once the broker has stamped it."""
+
+    __slots__ = ("_encoded", "channel", "data", "epoch", "info", "offset", "tags", "time")
+
+    def __init__(
+        self,
+        channel: str,
+        offset: int,
+        epoch: str,
+        data: bytes,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+        time_ms: int | None = None,
+    ) -> None:
+        self.channel = channel
+        self.offset = offset
+        self.epoch = epoch
+        self.data = data
+        self.info = info
+        self.tags = tags
+        self.time = int(time.time() * 1000) if time_ms is None else time_ms
+        self._encoded: dict[Callable[[Publication], bytes], bytes] | None = None
+
+    @property
+    def position(self) -> Position:
+        return Position(self.epoch, self.offset)
+
+    def encoded(self, encoder: Callable[[Publication], bytes]) -> bytes:
+        """This publication in one wire format, built once and shared.
+
+        The first subscriber of a format pays for the encoding; every other
+        subscriber of that format gets the same ``bytes`` object.
+        """
+        cache = self._encoded
+        if cache is None:
+            cache = self._encoded = {}
+        try:
+            return cache[encoder]
+        except KeyError:
+            value = cache[encoder] = encoder(self)
+            return value
+
+    def __repr__(self) -> str:
+        return f"<Publication {self.channel}@{self.epoch}:{self.offset}>"
+
+
+class Subscriber(Protocol):
+    """What a transport registers on a channel.
+
+    ``deliver`` is called synchronously from the fan-out loop, in offset order.
+    It must not raise and must not block: it writes bytes and returns.
+    """
+
+    def deliver(self, pub: Publication) -> None: ...
+
+
+class Recovery(NamedTuple):
+    """The outcome of joining a channel, possibly from an earlier position.
+
+    ``publications`` are everything after the requested position (or after
+    "now") up to the moment the subscriber went live; the caller writes them
+    before anything else. ``recovered`` is true only when a position was given
+    and history still reached it without a gap.
+    """
+
+    position: Position
+    publications: list[Publication]
+    recovered: bool
+
+
+class _Channel:
+    """Local state of a channel that has subscribers on this node."""
+
+    __slots__ = ("catching_up", "pending", "subscribers", "top")
+
+    def __init__(self, top: Position) -> None:
+        self.subscribers: set[Subscriber] = set()
+        # Buffers of subscribe() calls waiting on the broker.
+        self.pending: list[list[Publication]] = []
+        # Subscribers whose recovery ran ahead of live delivery (possible with
+        # a remote broker): they go live once delivery passes their position.
+        self.catching_up: dict[Subscriber, int] = {}
+        self.top = top
+
+
+def reaches(since: Position, publications: list[Publication], top: Position) -> bool:
+    """Whether ``publications`` hold every publication after ``since`` up to ``top``."""
+    if (since.epoch != top.epoch and since != EMPTY) or since.offset > top.offset:
+        return False
+    if since.offset == top.offset:
+        return True
+    return (
+        bool(publications)
+        and publications[0].offset == since.offset + 1
+        and publications[-1].offset == top.offset
+        and len(publications) == top.offset - since.offset
+    )
+
+
+class Hub:
+    """Channels and fan-out for one node. See the module docstring."""
+
+    def __init__(self, broker: Broker, *, max_channel_length: int = 255) -> None:
+        self._broker = broker
+        self._channels: dict[str, _Channel] = {}
+        self._max_channel_length = max_channel_length
+        broker.bind(self._deliver)
+
+    @property
+    def broker(self) -> Broker:
+        return self._broker
+
+    # -- validation ------------------------------------------------------
+
+    def validate_channel(self, name: str) -> None:
+        """Refuse names that are empty, too long, or hold spaces or control characters."""
+        if not name:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "channel name is empty")
+        if len(name) > self._max_channel_length:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"channel name longer than {self._max_channel_length} characters",
+            )
+        if not name.isprintable() or " " in name:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"channel name {name!r} has spaces or control characters"
+            )
+
+    # -- publishing ------------------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Position:
+        """Publish raw JSON ``data``; return the position the broker gave it."""
+        self.validate_channel(channel)
+        pub = await self._broker.publish(channel, data, info=info, tags=tags)
+        return pub.position
+
+    def _deliver(self, pub: Publication) -> None:
+        """The fan-out path: called by the broker once per publication on this node."""
+        state = self._channels.get(pub.channel)
+        if state is None:
+            return
+        for buffer in state.pending:
+            buffer.append(pub)
+        if pub.epoch == state.top.epoch and pub.offset <= state.top.offset:
+            return  # already delivered (a broker may replay after a reconnect)
+        state.top = Position(pub.epoch, pub.offset)
+        if state.catching_up:
+            self._promote(state, pub)
+        # A copy, because a subscriber may leave while we iterate.
+        for subscriber in tuple(state.subscribers):
+            try:
+                subscriber.deliver(pub)
+            except Exception:
+                log.exception("subscriber %r failed to take %r", subscriber, pub)
+
+    @staticmethod
+    def _promote(state: _Channel, pub: Publication) -> None:
+        for subscriber, offset in list(state.catching_up.items()):
+            if pub.offset > offset:
+                del state.catching_up[subscriber]
+                state.subscribers.add(subscriber)
+
+    # -- subscribing -----------------------------------------------------
+
+    async def subscribe(
+        self, channel: str, subscriber: Subscriber, since: Position | None = None
+    ) -> Recovery:
+        """Join ``subscriber`` to ``channel``; see :class:`Recovery` for the result."""
+        self.validate_channel(channel)
+        state = self._channels.get(channel)
+        if state is None:
+            state = self._channels[channel] = _Channel(EMPTY)
+            fresh = True
+        else:
+            fresh = False
+        buffer: list[Publication] = []
+        state.pending.append(buffer)
+        try:
+            if fresh:
+                await self._broker.subscribe(channel)
+            recovery = await self._recover(channel, since)
+        except BaseException:
+            state.pending.remove(buffer)
+            self._drop_if_unused(channel, state)
+            raise
+        state.pending.remove(buffer)
+        if fresh and state.top == EMPTY:
+            state.top = recovery.position
+        recovery = self._merge(recovery, buffer)
+        top = state.top
+        if recovery.position.epoch == top.epoch and recovery.position.offset > top.offset:
+            state.catching_up[subscriber] = recovery.position.offset
+        else:
+            state.subscribers.add(subscriber)
+        return recovery
+
+    @staticmethod
+    def _merge(recovery: Recovery, buffer: list[Publication]) -> Recovery:
+        """Append what arrived while the broker was being asked."""
+        position, publications, recovered = recovery
+        for pub in buffer:
+            if follows(position, pub):
+                publications.append(pub)
+                position = pub.position
+        return Recovery(position, publications, recovered)
+
+    async def recover(self, channel: str, since: Position | None) -> Recovery:
+        """What a client at ``since`` missed, without subscribing (for polling)."""
+        self.validate_channel(channel)
+        return await self._recover(channel, since)
+
+    async def _recover(self, channel: str, since: Position | None) -> Recovery:
+        if since is None:
+            _, top = await self._broker.history(channel, limit=0)
+            return Recovery(top, [], False)
+        publications, top = await self._broker.history(channel, since=since)
+        if reaches(since, publications, top):
+            return Recovery(top, publications, True)
+        return Recovery(top, [], False)
+
+    def unsubscribe(self, channel: str, subscriber: Subscriber) -> None:
+        """Remove ``subscriber``; the channel goes when its last subscriber does."""
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        state.subscribers.discard(subscriber)
+        state.catching_up.pop(subscriber, None)
+        self._drop_if_unused(channel, state)
+
+    def _drop_if_unused(self, channel: str, state: _Channel) -> None:
+        unused = not (state.subscribers or state.pending or state.catching_up)
+        if unused and self._channels.get(channel) is state:
+            del self._channels[channel]
+            self._broker.unsubscribe(channel)
+
+    # -- reading ---------------------------------------------------------
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> tuple[list[Publication], Position]:
+        self.validate_channel(channel)
+        return await self._broker.history(channel, since=since, limit=limit, reverse=reverse)
+
+    def channels(self) -> Iterator[tuple[str, int]]:
+        """Channels with subscribers on this node, with their subscriber counts."""
+        for name, state in self._channels.items():
+            yield name, len(state.subscribers) + len(state.catching_up)
+
+    def top(self, channel: str) -> Position:
+        """The position of the last publication delivered on this node."""
+        state = self._channels.get(channel)
+        return EMPTY if state is None else state.top
+
+    @property
+    def num_channels(self) -> int:
+        return len(self._channels)
+
+    def num_subscribers(self, channel: str) -> int:
+        state = self._channels.get(channel)
+        return 0 if state is None else len(state.subscribers) + len(state.catching_up)

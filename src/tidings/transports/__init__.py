@@ -1,0 +1,1 @@
+"""Transports: how publications leave the hub, one module each."""

@@ -1,0 +1,202 @@
+"""Server-Sent Events: ``GET /sse?channel=a&channel=b``.
+
+After the response head, the HTTP connection object is dropped and the socket
+belongs to an :class:`SSEStream` — a protocol object with four slots, the
+whole per-connection cost of an idle subscriber besides the transport itself.
+
+Each event's ``id:`` is a cursor holding the position of every channel of the
+stream, so ``Last-Event-ID`` alone resumes all of them. That makes the event
+bytes depend on the stream's channel set, not only on the publication; streams
+with the same channel set share a :class:`Feed`, which encodes each
+publication once for all of them (DESIGN principle 2). Streams are live at the
+head of every channel they follow, so the hub's positions are theirs.
+
+Heartbeats are one comment written to every stream by one periodic task, not a
+timer per connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import TYPE_CHECKING
+
+from ..codec import encode, http_publication_json
+from ..cursor import encode_cursor
+from ..http import Response
+from ..hub import Hub, Publication
+from .common import join, leave, requested_channels, requested_positions
+
+if TYPE_CHECKING:
+    from ..http import HTTPConnection, Request
+    from ..server import Server
+
+log = logging.getLogger("tidings.sse")
+
+HEARTBEAT = b":\n\n"
+
+
+def event(data: bytes, *, id: str | None = None, name: str | None = None) -> bytes:
+    """One SSE event; ``data`` is single-line JSON, so one ``data:`` line suffices."""
+    head = b""
+    if id is not None:
+        head += b"id: " + id.encode("ascii") + b"\n"
+    if name is not None:
+        head += b"event: " + name.encode("ascii") + b"\n"
+    return head + b"data: " + data + b"\n\n"
+
+
+class Feed:
+    """The event bytes shared by every stream that follows the same channels."""
+
+    __slots__ = ("_last_event", "_last_pub", "channels", "hub", "streams")
+
+    def __init__(self, hub: Hub, channels: tuple[str, ...]) -> None:
+        self.hub = hub
+        self.channels = channels
+        self.streams = 0
+        self._last_pub: Publication | None = None
+        self._last_event = b""
+
+    def event(self, pub: Publication) -> bytes:
+        if pub is self._last_pub:
+            return self._last_event
+        top = self.hub.top
+        cursor = encode_cursor({channel: top(channel) for channel in self.channels})
+        self._last_event = event(pub.encoded(http_publication_json), id=cursor)
+        self._last_pub = pub
+        return self._last_event
+
+
+class SSEStream(asyncio.Protocol):
+    """One subscriber's event stream, once its head and backlog are written."""
+
+    __slots__ = ("_backlog", "feed", "sse", "transport")
+
+    def __init__(self, sse: SSETransport, feed: Feed, transport: asyncio.Transport) -> None:
+        self.sse = sse
+        self.feed = feed
+        self.transport = transport
+        # Publications that arrive while the stream is still joining its channels.
+        self._backlog: list[Publication] | None = []
+
+    def deliver(self, pub: Publication) -> None:
+        if self._backlog is not None:
+            self._backlog.append(pub)
+        else:
+            self.transport.write(self.feed.event(pub))
+
+    def go_live(self) -> None:
+        backlog, self._backlog = self._backlog, None
+        for pub in backlog or ():
+            self.deliver(pub)
+
+    def data_received(self, data: bytes) -> None:
+        """A client has nothing to say on an event stream; ignore it."""
+
+    def pause_writing(self) -> None:
+        # A slow reader: it cannot flush what we hold, so cut it off; it
+        # resumes from its last event id and loses nothing within history.
+        log.warning(
+            "closing slow SSE client %s: over %d bytes unsent",
+            self.transport.get_extra_info("peername"),
+            self.sse.server.config.limits.max_write_buffer,
+        )
+        self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.sse.remove(self)
+
+    def shutdown(self) -> None:
+        self.transport.write(self.sse.retry_line)
+        self.transport.close()
+
+
+class SSETransport:
+    """The SSE endpoint and the registry of its live streams."""
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+        self.streams: set[SSEStream] = set()
+        self.feeds: dict[tuple[str, ...], Feed] = {}
+        self.retry_line = b"retry: %d\n\n" % server.config.sse.retry_ms
+        self._heartbeat: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever())
+
+    async def stop(self) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
+
+    async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
+        server = self.server
+        channels = requested_channels(request, server)
+        if request.method == "HEAD":
+            return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
+        since = requested_positions(
+            request.headers.get("last-event-id") or request.query_value("last_event_id")
+        )
+        key = tuple(sorted(channels))
+        feed = self.feeds.get(key)
+        if feed is None:
+            feed = self.feeds[key] = Feed(server.hub, key)
+        assert conn.transport is not None
+        stream = SSEStream(self, feed, conn.transport)
+        feed.streams += 1
+        try:
+            joined = await join(server.hub, channels, since, stream)
+        except BaseException:
+            self._release(feed)
+            raise
+        transport = conn.detach()
+        transport.set_protocol(stream)
+        self.streams.add(stream)
+        head = [
+            b"HTTP/1.1 200 OK",
+            b"Content-Type: text/event-stream; charset=utf-8",
+            b"Cache-Control: no-cache",
+            b"X-Accel-Buffering: no",
+            b"Connection: close",
+            *(f"{name}: {value}".encode("latin-1") for name, value in server.cors.headers(request)),
+        ]
+        parts = [b"\r\n".join(head) + b"\r\n\r\n", self.retry_line]
+        recovered = since is not None and not joined.unrecovered
+        subscribed = encode({"channels": channels, "recovered": recovered})
+        parts.append(event(subscribed, id=encode_cursor(joined.start), name="subscribed"))
+        if joined.unrecovered:
+            parts.append(event(encode({"channels": joined.unrecovered}), name="unrecovered"))
+        for pub, cursor in joined.cursors():
+            parts.append(event(pub.encoded(http_publication_json), id=cursor))
+        transport.write(b"".join(parts))
+        transport.set_write_buffer_limits(high=server.config.limits.max_write_buffer)
+        stream.go_live()
+        return None
+
+    def remove(self, stream: SSEStream) -> None:
+        if stream in self.streams:
+            self.streams.discard(stream)
+            leave(self.server.hub, stream.feed.channels, stream)
+            self._release(stream.feed)
+
+    def _release(self, feed: Feed) -> None:
+        feed.streams -= 1
+        if feed.streams == 0 and self.feeds.get(feed.channels) is feed:
+            del self.feeds[feed.channels]
+
+    def shutdown(self) -> None:
+        for stream in tuple(self.streams):
+            stream.shutdown()
+
+    async def _heartbeat_forever(self) -> None:
+        interval = self.server.config.sse.heartbeat_interval
+        while True:
+            await asyncio.sleep(interval)
+            for stream in tuple(self.streams):
+                stream.transport.write(HEARTBEAT)
+
+
+__all__ = ["Feed", "SSEStream", "SSETransport", "event"]
