@@ -38,6 +38,10 @@ __all__ = ["HTTPConnection", "Held"]
 log = logging.getLogger("tidings.http")
 
 
+#: Seconds a refused connection is drained before it is closed.
+_LINGER = 2.0
+
+
 class Held(Protocol):
     """A response the handler will give later, such as a held long-poll."""
 
@@ -64,6 +68,7 @@ class HTTPConnection(asyncio.Protocol):
         "_busy",
         "_closing",
         "_head_size",
+        "_raw_head",
         "_headers",
         "_held",
         "_in_head",
@@ -86,6 +91,7 @@ class HTTPConnection(asyncio.Protocol):
         self._url = b""
         self._headers: list[tuple[bytes, bytes]] = []
         self._head_size = 0
+        self._raw_head = 0
         self._in_head = False
         self._body: list[bytes] = []
         self._body_size = 0
@@ -139,9 +145,10 @@ class HTTPConnection(asyncio.Protocol):
             else:
                 self._refuse(400, f"malformed HTTP request: {exc}")
         else:
+            # httptools buffers a header until it ends; bound what it may buffer.
             if self._in_head:
-                self._head_size += len(data)
-                if self._head_size > self.server.config.limits.max_request_head:
+                self._raw_head += len(data)
+                if self._raw_head > self.server.config.limits.max_request_head:
                     self._refuse(431, "request line and headers too large")
         self._process()
 
@@ -151,24 +158,27 @@ class HTTPConnection(asyncio.Protocol):
         self._url = b""
         self._headers = []
         self._head_size = 0
+        self._raw_head = 0
         self._in_head = True
         self._body = []
         self._body_size = 0
 
     def on_url(self, url: bytes) -> None:
         self._url += url
-        if len(self._url) > self.server.config.limits.max_request_head:
+        self._head_size += len(url)
+        if self._head_size > self.server.config.limits.max_request_head:
             raise _Refusal(431, "request line too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        self._head_size += len(name) + len(value) + 4
+        if self._head_size > self.server.config.limits.max_request_head:
+            raise _Refusal(431, "request headers too large")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         self._in_head = False
         limits = self.server.config.limits
-        if self._head_size + len(self._url) > limits.max_request_head:
-            raise _Refusal(431, "request line and headers too large")
         url = httptools.parse_url(self._url)
         headers = Headers(self._headers)
         request = Request(
@@ -273,10 +283,19 @@ class HTTPConnection(asyncio.Protocol):
         if self.transport is None:
             return
         self.transport.write(response.encode(head=head, keep_alive=keep_alive, extra=extra))
-        if not keep_alive:
-            self._closing = True
-            self._queue.clear()
+        if keep_alive:
+            return
+        self._closing = True
+        self._queue.clear()
+        if response.status < 400 or not self.transport.can_write_eof():
             self.transport.close()
+            return
+        # A refused client may still be sending: closing now would answer its
+        # bytes with a reset that can destroy our response before it is read.
+        # Half-close, drain and discard for a moment, then close.
+        self.transport.write_eof()
+        self.transport.resume_reading()
+        self._arm(_LINGER, self.transport.close)
 
     def _refuse(self, status: int, message: str) -> None:
         """Stop reading and queue an error answer after those already due."""
