@@ -1,0 +1,577 @@
+"""Centrifugo client protocol v2, JSON form — sans-I/O.
+
+Everything the WebSocket transport needs to speak to the Centrifugo SDKs
+(centrifuge-js, centrifuge-python, the mobile SDKs) that is not I/O lives here:
+
+* the command schema (msgspec Structs mirroring ``client.proto`` of
+  ``centrifugal/protocol``; unknown fields are ignored, as protobuf's JSON
+  mapping does, so newer SDKs sending ``flag``/``delta``/``tf`` still work);
+* reply and push encoding, with publications embedded as the raw JSON they
+  were published as (never decoded and re-encoded);
+* :class:`ClientSession`, the per-connection protocol state machine: it takes
+  a frame's payload, runs the commands in order against the hub and hands
+  back the reply frame payload through :meth:`ClientSession.send_payload`,
+  or a :class:`Disconnect` when the client broke the protocol.
+
+No sockets, no timers: the transport (``transports/websocket.py``) owns those.
+Frames may carry several messages separated by ``\\n``; replies to one frame
+are batched into one frame.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from importlib import metadata
+from typing import Annotated, NamedTuple
+
+import msgspec
+
+from .codec import CentrifugoPublication
+from .errors import DisconnectCode, ErrorCode, ProtocolError
+from .hub import ClientInfo, Hub, Position, Publication
+
+__all__ = [
+    "PING",
+    "ClientSession",
+    "Command",
+    "Disconnect",
+    "SessionOptions",
+    "decode_commands",
+    "encode_reply",
+    "publication_json",
+    "push_json",
+]
+
+log = logging.getLogger("tidings.centrifuge")
+
+try:
+    VERSION = metadata.version("tidings")
+except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
+    VERSION = "0.0.0"
+
+#: The server ping: an empty message. A client answers with an empty command.
+PING = b"{}"
+
+#: ``SubscribeRequest.flag`` bit: reject with error 112 instead of answering
+#: ``recovered: false`` (centrifuge-js/-python set it when the app has getState).
+FLAG_REJECT_UNRECOVERED = 2
+
+
+# --------------------------------------------------------------------------- commands
+
+
+class _Req(msgspec.Struct, kw_only=True):
+    pass
+
+
+#: An absent ``data``/``ping`` (msgspec cannot decode into ``Raw | None``).
+_NO_DATA = msgspec.Raw()
+UInt = Annotated[int, msgspec.Meta(ge=0)]
+
+
+class StreamPosition(_Req):
+    offset: UInt = 0
+    epoch: str = ""
+
+
+class SubscribeRequest(_Req):
+    channel: str = ""
+    token: str = ""
+    recover: bool = False
+    epoch: str = ""
+    offset: UInt = 0
+    data: msgspec.Raw = _NO_DATA
+    positioned: bool = False
+    recoverable: bool = False
+    join_leave: bool = False
+    flag: int = 0
+
+
+class ConnectRequest(_Req):
+    token: str = ""
+    data: msgspec.Raw = _NO_DATA
+    subs: dict[str, SubscribeRequest] | None = None
+    name: str = ""
+    version: str = ""
+
+
+class ChannelRequest(_Req):
+    """unsubscribe, presence, presence_stats: only a channel."""
+
+    channel: str = ""
+
+
+class PublishRequest(_Req):
+    channel: str = ""
+    data: msgspec.Raw = _NO_DATA
+
+
+class HistoryRequest(_Req):
+    channel: str = ""
+    limit: int = 0
+    since: StreamPosition | None = None
+    reverse: bool = False
+
+
+class RPCRequest(_Req):
+    method: str = ""
+    data: msgspec.Raw = _NO_DATA
+
+
+class RefreshRequest(_Req):
+    token: str = ""
+
+
+class SubRefreshRequest(_Req):
+    channel: str = ""
+    token: str = ""
+
+
+class SendRequest(_Req):
+    data: msgspec.Raw = _NO_DATA
+
+
+class Command(_Req):
+    """One client command: an ``id`` and (at most) one request, proto order first."""
+
+    id: UInt = 0
+    connect: ConnectRequest | None = None
+    subscribe: SubscribeRequest | None = None
+    unsubscribe: ChannelRequest | None = None
+    publish: PublishRequest | None = None
+    presence: ChannelRequest | None = None
+    presence_stats: ChannelRequest | None = None
+    history: HistoryRequest | None = None
+    ping: msgspec.Raw = _NO_DATA
+    send: SendRequest | None = None
+    rpc: RPCRequest | None = None
+    refresh: RefreshRequest | None = None
+    sub_refresh: SubRefreshRequest | None = None
+
+
+_command_decoder = msgspec.json.Decoder(Command)
+
+
+class BadRequest(Exception):
+    """The payload is not a sequence of commands: the connection is closed with 3501."""
+
+
+def decode_commands(payload: bytes) -> list[Command]:
+    """Split a frame into commands (one JSON object per ``\\n``-separated line)."""
+    if not payload.strip():
+        raise BadRequest("empty frame")
+    try:
+        if b"\n" not in payload:
+            return [_command_decoder.decode(payload)]
+        return [_command_decoder.decode(line) for line in payload.split(b"\n") if line.strip()]
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadRequest(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- replies
+
+
+class _Res(msgspec.Struct, omit_defaults=True, kw_only=True):
+    pass
+
+
+class Error(_Res):
+    code: int
+    message: str
+    temporary: bool = False
+
+
+class ConnectResult(_Res):
+    client: str
+    version: str = ""
+    expires: bool = False
+    ttl: int = 0
+    data: msgspec.Raw | None = None
+    ping: int = 0
+    pong: bool = False
+
+
+class SubscribeResult(_Res):
+    expires: bool = False
+    ttl: int = 0
+    recoverable: bool = False
+    epoch: str = ""
+    publications: list[msgspec.Raw] | None = None
+    recovered: bool = False
+    offset: int = 0
+    positioned: bool = False
+    was_recovering: bool = False
+
+
+class Empty(_Res):
+    pass
+
+
+class HistoryResult(_Res):
+    publications: list[msgspec.Raw] | None = None
+    epoch: str = ""
+    offset: int = 0
+
+
+class RefreshResult(_Res):
+    client: str = ""
+    version: str = ""
+    expires: bool = False
+    ttl: int = 0
+
+
+class SubRefreshResult(_Res):
+    expires: bool = False
+    ttl: int = 0
+
+
+class Reply(_Res):
+    id: int = 0
+    error: Error | None = None
+    connect: ConnectResult | None = None
+    subscribe: SubscribeResult | None = None
+    unsubscribe: Empty | None = None
+    publish: Empty | None = None
+    history: HistoryResult | None = None
+    ping: Empty | None = None
+    refresh: RefreshResult | None = None
+    sub_refresh: SubRefreshResult | None = None
+
+
+_encode = msgspec.json.Encoder().encode
+
+
+def encode_reply(reply: Reply) -> bytes:
+    return _encode(reply)
+
+
+def error_reply(cmd_id: int, exc: ProtocolError) -> bytes:
+    return _encode(Reply(id=cmd_id, error=Error(int(exc.code), exc.message, exc.temporary)))
+
+
+# --------------------------------------------------------------------------- publications
+
+
+def publication_json(pub: Publication) -> bytes:
+    """Centrifugo's ``Publication`` object; cache it with ``pub.encoded(publication_json)``."""
+    return _encode(CentrifugoPublication.of(pub))
+
+
+def push_json(pub: Publication) -> bytes:
+    """The whole push message for ``pub``: ``{"push":{"channel":..,"pub":{..}}}``.
+
+    Cached per publication (``pub.encoded(push_json)``) and shared by every
+    WebSocket subscriber: the transport frames these bytes once.
+    """
+    return b"".join(
+        (
+            b'{"push":{"channel":',
+            _encode(pub.channel),
+            b',"pub":',
+            pub.encoded(publication_json),
+            b"}}",
+        )
+    )
+
+
+class _Unsubscribe(_Res):
+    code: int
+    reason: str
+
+
+class _UnsubscribePush(_Res):
+    channel: str
+    unsubscribe: _Unsubscribe
+
+
+class _PushEnvelope(_Res):
+    push: _UnsubscribePush
+
+
+def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
+    """``{"push":{"channel":..,"unsubscribe":{"code":..,"reason":..}}}``."""
+    return _encode(_PushEnvelope(_UnsubscribePush(channel, _Unsubscribe(code, reason))))
+
+
+def _raw_publications(pubs: list[Publication]) -> list[msgspec.Raw]:
+    return [msgspec.Raw(pub.encoded(publication_json)) for pub in pubs]
+
+
+# --------------------------------------------------------------------------- the session
+
+
+class Disconnect(NamedTuple):
+    """Close the connection with this WebSocket close code and reason."""
+
+    code: int
+    reason: str
+
+
+BAD_REQUEST = Disconnect(DisconnectCode.BAD_REQUEST, "bad request")
+
+
+class SessionOptions(NamedTuple):
+    """What the protocol needs from the configuration; shared by every session."""
+
+    ping_interval: int = 25
+    max_channels: int = 128
+    version: str = VERSION
+
+
+class ClientSession:
+    """The Centrifugo protocol state of one client connection.
+
+    A transport subclasses it (one object per connection, ``__slots__`` all
+    the way down) and implements :meth:`send_payload` (write one frame),
+    :meth:`deliver` (the hub's fan-out hook) and :meth:`pong`. Replies are
+    collected while a frame's commands run and written as one frame when they
+    are done — or earlier, right before a push, so a client never sees a
+    publication of a channel before the reply that subscribed it.
+    """
+
+    __slots__ = ("_out", "channels", "client_id", "closed", "hub", "options", "user")
+
+    def __init__(self, hub: Hub, options: SessionOptions) -> None:
+        self.hub = hub
+        self.options = options
+        self.client_id = ""  # set by connect; "" means not connected yet
+        self.user = ""
+        self.channels: set[str] | None = None
+        self.closed = False
+        self._out: list[bytes] | None = None
+
+    # -- hooks for the transport -------------------------------------------
+
+    def send_payload(self, payload: bytes) -> None:  # pragma: no cover - abstract
+        """Write one text frame holding ``payload``."""
+        raise NotImplementedError
+
+    def deliver(self, pub: Publication) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def pong(self) -> None:
+        """The client answered a ping (an empty command)."""
+
+    # -- state -------------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.client_id)
+
+    def flush(self) -> None:
+        """Write the replies collected so far as one frame."""
+        out = self._out
+        if out:
+            self._out = None
+            self.send_payload(out[0] if len(out) == 1 else b"\n".join(out))
+
+    def _reply(self, data: bytes) -> None:
+        if self._out is None:
+            self._out = [data]
+        else:
+            self._out.append(data)
+
+    def server_unsubscribe(
+        self, channel: str, code: int = 2000, reason: str = "server unsubscribe"
+    ) -> bool:
+        """Leave ``channel`` on the server's initiative and tell the client (an
+        ``unsubscribe`` push; codes from 2500 make the SDK subscribe again).
+        Returns False when the connection was not subscribed to it.
+        """
+        channels = self.channels
+        if self.closed or channels is None or channel not in channels:
+            return False
+        channels.discard(channel)
+        self.hub.unsubscribe(channel, self)
+        self.flush()
+        self.send_payload(unsubscribe_push(channel, code, reason))
+        return True
+
+    def release(self) -> None:
+        """Leave every channel (the connection is gone). Idempotent."""
+        self.closed = True
+        self._out = None
+        channels, self.channels = self.channels, None
+        if channels:
+            for channel in channels:
+                self.hub.unsubscribe(channel, self)
+
+    # -- commands ----------------------------------------------------------
+
+    async def handle(self, payload: bytes) -> Disconnect | None:
+        """Run every command of one frame in order; write the replies as one frame.
+
+        Returns a :class:`Disconnect` when the client broke the protocol (the
+        replies to the commands before the offending one are still written).
+        """
+        try:
+            commands = decode_commands(payload)
+        except BadRequest as exc:
+            log.info("bad frame from %s: %s", self.client_id or "new client", exc)
+            return BAD_REQUEST
+        try:
+            for cmd in commands:
+                if self.closed:
+                    return None
+                disconnect = await self.handle_command(cmd)
+                if disconnect is not None:
+                    return disconnect
+            return None
+        finally:
+            if not self.closed:
+                self.flush()
+
+    async def handle_command(self, cmd: Command) -> Disconnect | None:
+        cmd_id = cmd.id
+        if cmd_id == 0:
+            return self._handle_no_id(cmd)
+        if not self.client_id and cmd.connect is None:
+            return Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
+        try:
+            if cmd.connect is not None:
+                if self.client_id:
+                    return Disconnect(DisconnectCode.BAD_REQUEST, "already connected")
+                self._reply(self._connect(cmd_id, cmd.connect))
+            elif cmd.subscribe is not None:
+                await self._subscribe(cmd_id, cmd.subscribe)
+            elif cmd.unsubscribe is not None:
+                self._reply(self._unsubscribe(cmd_id, cmd.unsubscribe))
+            elif cmd.publish is not None:
+                self._reply(await self._publish(cmd_id, cmd.publish))
+            elif cmd.presence is not None or cmd.presence_stats is not None:
+                # Presence arrives with namespaces (a later issue): not enabled anywhere yet.
+                raise ProtocolError(ErrorCode.NOT_AVAILABLE)
+            elif cmd.history is not None:
+                self._reply(await self._history(cmd_id, cmd.history))
+            elif cmd.rpc is not None:
+                raise ProtocolError(ErrorCode.NOT_AVAILABLE)  # no RPC handler configured
+            elif cmd.refresh is not None:
+                result = RefreshResult(client=self.client_id, version=self.options.version)
+                self._reply(encode_reply(Reply(id=cmd_id, refresh=result)))
+            elif cmd.sub_refresh is not None:
+                self._reply(self._sub_refresh(cmd_id, cmd.sub_refresh))
+            elif cmd.ping:
+                # A client ping (protocol v1 SDKs); v2 SDKs only answer ours.
+                self._reply(encode_reply(Reply(id=cmd_id, ping=Empty())))
+            elif cmd.send is None:
+                # No method we know: Centrifugo closes the connection too.
+                return Disconnect(DisconnectCode.BAD_REQUEST, "unknown command")
+            # ``send`` carrying an id is still an asynchronous message: no reply.
+        except ProtocolError as exc:
+            if not self.closed:
+                self._reply(error_reply(cmd_id, exc))
+        except Exception:
+            log.exception("command %d of %s failed", cmd_id, self.client_id)
+            if not self.closed:
+                self._reply(error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
+        return None
+
+    def _handle_no_id(self, cmd: Command) -> Disconnect | None:
+        if not self.client_id:
+            return Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
+        if cmd.send is not None:
+            return None  # asynchronous message: no handler yet, and no reply by design
+        if (
+            cmd.connect is None
+            and cmd.subscribe is None
+            and cmd.unsubscribe is None
+            and cmd.publish is None
+            and cmd.presence is None
+            and cmd.presence_stats is None
+            and cmd.history is None
+            and not cmd.ping
+            and cmd.rpc is None
+            and cmd.refresh is None
+            and cmd.sub_refresh is None
+        ):
+            self.pong()
+            return None
+        return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
+
+    def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
+        # Tokens arrive with the auth issue; until then every client is anonymous.
+        self.client_id = str(uuid.uuid4())
+        self.channels = set()
+        result = ConnectResult(
+            client=self.client_id,
+            version=self.options.version,
+            ping=self.options.ping_interval,
+            pong=self.options.ping_interval > 0,
+        )
+        return encode_reply(Reply(id=cmd_id, connect=result))
+
+    async def _subscribe(self, cmd_id: int, req: SubscribeRequest) -> None:
+        channel = req.channel
+        self.hub.validate_channel(channel)
+        channels = self.channels
+        assert channels is not None
+        if channel in channels:
+            raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED)
+        if len(channels) >= self.options.max_channels:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "too many channels")
+        since = Position(req.epoch, req.offset) if req.recover else None
+        channels.add(channel)  # taken before the await: a second subscribe gets 105
+        try:
+            recovery = await self.hub.subscribe(channel, self, since)
+        except BaseException:
+            channels.discard(channel)
+            raise
+        if self.closed:
+            # The connection went away while the hub was being asked.
+            self.hub.unsubscribe(channel, self)
+            return
+        if req.recover and not recovery.recovered and req.flag & FLAG_REJECT_UNRECOVERED:
+            self.hub.unsubscribe(channel, self)
+            channels.discard(channel)
+            raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
+        position = recovery.position
+        result = SubscribeResult(
+            recoverable=True,
+            positioned=True,
+            epoch=position.epoch,
+            offset=position.offset,
+            recovered=recovery.recovered,
+            was_recovering=req.recover,
+            publications=_raw_publications(recovery.publications) or None,
+        )
+        # No await between the hub's answer and this: the reply is queued before
+        # the first live publication can reach deliver(), which flushes it first.
+        self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
+
+    def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> bytes:
+        channels = self.channels
+        if channels is not None and req.channel in channels:
+            channels.discard(req.channel)
+            self.hub.unsubscribe(req.channel, self)
+        return encode_reply(Reply(id=cmd_id, unsubscribe=Empty()))
+
+    async def _publish(self, cmd_id: int, req: PublishRequest) -> bytes:
+        self.hub.validate_channel(req.channel)
+        if not req.data:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "publish without data")
+        info = ClientInfo(user=self.user, client=self.client_id)
+        await self.hub.publish(req.channel, bytes(req.data), info=info)
+        return encode_reply(Reply(id=cmd_id, publish=Empty()))
+
+    async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
+        self.hub.validate_channel(req.channel)
+        since = None
+        if req.since is not None:
+            since = Position(req.since.epoch, req.since.offset)
+        # Centrifugo's limit: 0 = only the stream position, negative = everything.
+        limit = req.limit if req.limit >= 0 else None
+        pubs, top = await self.hub.history(
+            req.channel, since=since, limit=limit, reverse=req.reverse
+        )
+        if since is not None and since.epoch != top.epoch and since.epoch and top.epoch:
+            raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
+        result = HistoryResult(
+            publications=_raw_publications(pubs) or None, epoch=top.epoch, offset=top.offset
+        )
+        return encode_reply(Reply(id=cmd_id, history=result))
+
+    def _sub_refresh(self, cmd_id: int, req: SubRefreshRequest) -> bytes:
+        if self.channels is None or req.channel not in self.channels:
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, "not subscribed")
+        return encode_reply(Reply(id=cmd_id, sub_refresh=SubRefreshResult()))
