@@ -51,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
     serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], help="event loop")
+    serve.add_argument(
+        "--workers", type=int, help="processes sharing the port (needs a redis or nats broker)"
+    )
     serve.set_defaults(run=_serve)
 
     url_help = f"server URL (default $TIDINGS_URL or {DEFAULT_URL})"
@@ -94,12 +97,16 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logging.basicConfig(
         level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
         stream=sys.stderr,
     )
     loop_factory = _loop_factory(config)
     if loop_factory is None:
         return 2
+    if config.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(config, loop_factory)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
             runner.run(_run_server(config))

@@ -83,11 +83,27 @@ class WebSocketConfig(_Section):
     max_message_size: Annotated[int, Meta(ge=125)] = 65536
 
 
+class BrokerConfig(_Section):
+    """Where publications get their offsets and how they reach every process.
+
+    ``memory`` (the default) keeps everything in this process; ``redis`` and
+    ``nats`` let several processes and machines share channels.
+    """
+
+    type: Literal["memory", "redis", "nats"] = "memory"
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    nats_url: str = "nats://127.0.0.1:4222"
+    #: Prefix of every key and subject, so several deployments can share a broker.
+    prefix: str = "tidings"
+
+
 class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
+    #: Processes sharing the port (SO_REUSEPORT); more than one needs a shared broker.
+    workers: Annotated[int, Meta(ge=1, le=256)] = 1
     api_key: str = ""
     allowed_origins: list[str] = msgspec.field(default_factory=list)
     limits: LimitsConfig = msgspec.field(default_factory=LimitsConfig)
@@ -96,10 +112,16 @@ class Config(_Section):
     poll: PollConfig = msgspec.field(default_factory=PollConfig)
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
+    broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
 
     def __post_init__(self) -> None:
         if self.poll.default_timeout > self.poll.max_timeout:
             raise ValueError("poll.default_timeout must not exceed poll.max_timeout")
+        if self.workers > 1 and self.broker.type == "memory":
+            raise ValueError(
+                "workers: more than one process needs a shared broker "
+                '(set broker.type = "redis" or "nats"); the memory broker lives in one process'
+            )
 
 
 def load_config(

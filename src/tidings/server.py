@@ -22,7 +22,7 @@ import time
 from typing import Any, Protocol
 
 from .api import ServerAPI
-from .brokers import Broker, MemoryBroker
+from .brokers import Broker, make_broker
 from .config import Config
 from .http import HTTPConnection, Request, Response, Router, error_response, json_response
 from .http.cors import CORS
@@ -42,11 +42,7 @@ class Connection(Protocol):
 class Server:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
-        self.broker = broker or MemoryBroker(
-            history_size=config.history.size,
-            history_ttl=config.history.ttl,
-            meta_ttl=config.history.meta_ttl,
-        )
+        self.broker = broker or make_broker(config)
         self.hub = Hub(self.broker, max_channel_length=config.limits.max_channel_length)
         self.cors = CORS(config.allowed_origins)
         self.router = Router()
@@ -69,13 +65,15 @@ class Server:
         router.add("GET", "/sse", self.sse.handle)
         router.add("GET", "/poll", self.poll.handle)
         router.add("GET", "/connection/websocket", self._websocket_without_upgrade)
-        for method in self.api.methods:
-            router.add("POST", f"/api/{method}", self.api.handle)
+        router.add_prefix("POST", "/api/", self.api.handle)
 
     # -- lifecycle -------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Start the broker and the transports, then listen."""
+    async def start(self, sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
+        """Start the broker and the transports, then listen.
+
+        ``reuse_port`` lets several worker processes listen on one port.
+        """
         self.loop = loop = asyncio.get_running_loop()
         await self.broker.start()
         self.sse.start()
@@ -90,6 +88,7 @@ class Server:
                 self.config.port,
                 backlog=4096,
                 reuse_address=True,
+                reuse_port=reuse_port or None,
             )
         self.started_at = time.monotonic()
         if not self.config.api_key:

@@ -1,7 +1,39 @@
 """Brokers: where publications get their offsets, where history lives, and how
-they reach every node. Only the in-memory broker exists so far."""
+they reach every node."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .base import Broker
 from .memory import MemoryBroker
 
-__all__ = ["Broker", "MemoryBroker"]
+if TYPE_CHECKING:
+    from ..config import Config
+
+__all__ = ["Broker", "MemoryBroker", "make_broker"]
+
+
+def make_broker(config: Config) -> Broker:
+    """The broker the configuration names; remote ones are imported on demand."""
+    history = config.history
+    kind = config.broker.type
+    if kind == "redis":
+        from .redis import RedisBroker  # type: ignore[import-not-found, unused-ignore]
+
+        broker: Broker = RedisBroker(
+            config.broker.redis_url,
+            prefix=config.broker.prefix,
+            history_size=history.size,
+            history_ttl=history.ttl,
+            meta_ttl=history.meta_ttl,
+        )
+        return broker
+    if kind == "nats":
+        from .nats import NatsBroker  # type: ignore[import-not-found, unused-ignore]
+
+        broker = NatsBroker(config.broker.nats_url, prefix=config.broker.prefix)
+        return broker
+    return MemoryBroker(
+        history_size=history.size, history_ttl=history.ttl, meta_ttl=history.meta_ttl
+    )

@@ -52,7 +52,9 @@ class Broker(ABC):
         """Start receiving the channel's publications on this node.
 
         Returns once delivery is live, so that a history read made afterwards
-        cannot miss a publication.
+        cannot miss a publication. From then on the channel has an epoch
+        (history reports it even before the first publication), because
+        clients remember the epoch of their subscribe reply.
         """
 
     @abstractmethod

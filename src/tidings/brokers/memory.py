@@ -5,8 +5,10 @@ time-to-live. A stream is created by its first publication. When it has no
 subscribers, and no publication for ``meta_ttl`` seconds, it is forgotten; if
 the channel comes back, it gets a new epoch, so a client holding an old
 position learns that it cannot be recovered instead of silently missing what
-happened in between. Reading or subscribing never creates a stream: a channel
-without one is at position ``EMPTY``.
+happened in between. Subscribing creates the stream too, so that a subscriber
+learns the epoch its later publications will carry (the Centrifugo SDKs take
+the epoch from the subscribe reply only). Reading never creates a stream: a
+channel without one is at position ``EMPTY``.
 """
 
 from __future__ import annotations
@@ -99,6 +101,7 @@ class MemoryBroker(Broker):
 
     async def subscribe(self, channel: str) -> None:
         self._interest.add(channel)
+        self._stream(channel)
 
     def unsubscribe(self, channel: str) -> None:
         self._interest.discard(channel)

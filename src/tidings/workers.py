@@ -1,0 +1,78 @@
+"""``--workers N``: N server processes on one port, like uvicorn's and gunicorn's.
+
+Each worker is a full server (its own event loop, hub and connections) with a
+listening socket bound with ``SO_REUSEPORT``, so the kernel spreads new
+connections over the workers without a proxy in front. Workers share channels
+only through the broker, which is why more than one needs Redis or NATS. The
+parent supervises: it forwards SIGTERM/SIGINT, and restarts a worker that dies
+unexpectedly so that one crash does not take a port's capacity away for good.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import signal
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+
+from .config import Config
+
+log = logging.getLogger("tidings.workers")
+
+LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def run_workers(config: Config, loop_factory: LoopFactory) -> int:
+    if config.port == 0:
+        log.error("--workers needs a fixed --port: each worker would otherwise pick its own")
+        return 2
+    context = multiprocessing.get_context("fork")
+    stopping = False
+
+    def start(index: int) -> BaseProcess:
+        process = context.Process(
+            target=_worker, args=(config, loop_factory), name=f"tidings-worker-{index}"
+        )
+        process.start()
+        return process
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for process in workers:
+            if process.pid is not None and process.is_alive():
+                os.kill(process.pid, signal.SIGTERM)
+
+    workers = [start(index) for index in range(config.workers)]
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    log.info("started %d workers on port %d", config.workers, config.port)
+    while not stopping:
+        for index, process in enumerate(workers):
+            if not process.is_alive() and not stopping:
+                log.error("worker %s exited with %s; restarting it", process.pid, process.exitcode)
+                workers[index] = start(index)
+        time.sleep(0.2)
+    deadline = time.monotonic() + config.timeouts.shutdown + 2
+    for process in workers:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.is_alive():
+            process.kill()
+    return 0
+
+
+def _worker(config: Config, loop_factory: LoopFactory) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM stops us
+    from .server import Server
+
+    async def serve() -> None:
+        server = Server(config)
+        await server.start(reuse_port=True)
+        await server.serve_forever()
+
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        runner.run(serve())
