@@ -1,0 +1,286 @@
+"""Fixtures that run a REAL tidings server process.
+
+Every test talks to ``python -m tidings serve`` over loopback sockets with real clients.
+
+* ``server_factory`` -- ``start(config=None, env=None, args=()) -> ServerProcess``; the
+  processes it starts are killed when the test ends.
+* ``server`` -- one server with the default configuration, shared by a test module.
+* ``spawn`` -- ``spawn(argv, **popen_kwargs) -> Popen`` for other child processes (curl,
+  ``tidings subscribe``); they are killed when the test ends.
+
+``TIDINGS_TEST_SERVER_ARGS`` (e.g. ``"--loop asyncio"``) adds flags to every server started,
+to run the whole suite on the other event loop.
+
+No child survives the test run: each is killed at teardown, and on Linux it also gets
+SIGKILL from the kernel if the pytest process itself dies (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+HOST = "127.0.0.1"
+START_TIMEOUT = 15.0
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(Exception):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """The test process environment without TIDINGS_* variables, plus ``env``."""
+    out = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_")}
+    out["PYTHONUNBUFFERED"] = "1"
+    out.update(env or {})
+    return out
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+
+
+class ServerProcess:
+    """A running ``tidings serve`` process listening on 127.0.0.1:port."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], host: str, port: int, log_path: Path) -> None:
+        self.proc = proc
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+        self.url = f"http://{host}:{port}"
+        self.ws_url = f"ws://{host}:{port}"
+
+    def __repr__(self) -> str:
+        return f"<ServerProcess {self.url} pid={self.proc.pid}>"
+
+    def logs(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int:
+        """Send ``sig`` and wait up to ``timeout`` seconds; returns the exit code.
+
+        A process still running after ``timeout`` is killed (its code is then -9).
+        """
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _kill(self.proc)
+        return int(self.proc.returncode)
+
+
+def _answers_health(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/health", timeout=2) as resp:
+            return bool(resp.status == 200)
+    except (OSError, urllib.error.URLError):
+        return False
+
+
+class ServerLauncher:
+    """Starts servers and remembers them so that ``close()`` can kill them all."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.servers: list[ServerProcess] = []
+        self._n = 0
+
+    def start(
+        self,
+        config: str | None = None,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+        *,
+        port: int | None = None,
+        port_flag: bool = True,
+        wait: bool = True,
+    ) -> ServerProcess:
+        """Start ``python -m tidings serve`` and wait until ``GET /health`` answers.
+
+        ``config`` is TOML text written to a file passed with ``--config``. ``env`` is added
+        to the environment (TIDINGS_* variables of the test process are not inherited).
+        ``port_flag=False`` leaves ``--port`` out (the port then comes from config/env and
+        must be given as ``port`` so the fixture knows where to look).
+        """
+        last_error = ""
+        for _attempt in range(3):
+            srv = self._launch(config, env, args, port, port_flag)
+            if not wait:
+                return srv
+            error = self._wait_ready(srv)
+            if error is None:
+                return srv
+            last_error = error
+            # Another process may have taken the free port between probe and bind.
+            if port is None and "in use" in error.lower():
+                continue
+            break
+        raise RuntimeError(last_error)
+
+    def _launch(
+        self,
+        config: str | None,
+        env: dict[str, str] | None,
+        args: Sequence[str],
+        port: int | None,
+        port_flag: bool,
+    ) -> ServerProcess:
+        self._n += 1
+        n = self._n
+        if port is None:
+            if not port_flag:
+                raise ValueError("port_flag=False needs the expected port")
+            port = free_port()
+        cmd = [sys.executable, "-m", "tidings", "serve", "--host", HOST]
+        if port_flag:
+            cmd += ["--port", str(port)]
+        if config is not None:
+            cfg = self.workdir / f"server{n}.toml"
+            cfg.write_text(config)
+            cmd += ["--config", str(cfg)]
+        cmd += shlex.split(os.environ.get("TIDINGS_TEST_SERVER_ARGS", ""))
+        cmd += list(args)
+        log_path = self.workdir / f"server{n}.log"
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=clean_env(env),
+                cwd=self.workdir,
+                preexec_fn=_die_with_parent,
+            )
+        srv = ServerProcess(proc, HOST, port, log_path)
+        self.servers.append(srv)
+        return srv
+
+    def _wait_ready(self, srv: ServerProcess) -> str | None:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if srv.proc.poll() is not None:
+                return (
+                    f"tidings serve exited with code {srv.proc.returncode} before answering "
+                    f"/health; log:\n{srv.logs()}"
+                )
+            if _answers_health(srv.url):
+                return None
+            time.sleep(0.05)
+        srv.stop(signal.SIGKILL)
+        return f"tidings serve did not answer /health within {START_TIMEOUT}s; log:\n{srv.logs()}"
+
+    def close(self) -> None:
+        for srv in self.servers:
+            _kill(srv.proc)
+        self.servers.clear()
+
+
+def _attach_logs(request: pytest.FixtureRequest, servers: Sequence[ServerProcess]) -> None:
+    rep = getattr(request.node, "rep_call", None)
+    if rep is not None and rep.failed:
+        for srv in servers:
+            rep.sections.append((f"tidings log ({srv.url})", srv.logs()[-8000:]))
+
+
+@pytest.fixture
+def server_factory(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., ServerProcess]]:
+    launcher = ServerLauncher(tmp_path)
+    try:
+        yield launcher.start
+    finally:
+        _attach_logs(request, launcher.servers)
+        launcher.close()
+
+
+@pytest.fixture(scope="module")
+def module_server_factory() -> Iterator[Callable[..., ServerProcess]]:
+    with tempfile.TemporaryDirectory(prefix="tidings-test-") as d:
+        launcher = ServerLauncher(Path(d))
+        try:
+            yield launcher.start
+        finally:
+            launcher.close()
+
+
+@pytest.fixture(scope="module")
+def server(module_server_factory: Callable[..., ServerProcess]) -> Iterator[ServerProcess]:
+    """A server with the default configuration, shared by the tests of one module.
+
+    After the module, its log must hold no traceback: whatever the tests threw at it,
+    the server answered without an unhandled exception.
+    """
+    srv = module_server_factory()
+    yield srv
+    logs = srv.logs()
+    assert "Traceback" not in logs, f"unhandled exception in the server log:\n{logs[-8000:]}"
+
+
+@pytest.fixture
+def spawn() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def _spawn(argv: Sequence[str], **kwargs: object) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("preexec_fn", _die_with_parent)
+        proc: subprocess.Popen[bytes] = subprocess.Popen(list(argv), **kwargs)  # type: ignore[call-overload]
+        procs.append(proc)
+        return proc
+
+    try:
+        yield _spawn
+    finally:
+        for proc in procs:
+            _kill(proc)
+
+
+@pytest.fixture(autouse=True)
+def _show_server_logs_on_failure(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Attach the logs of the servers a failing test used to its report."""
+    yield
+    if "server" in request.fixturenames:
+        _attach_logs(request, [request.getfixturevalue("server")])
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    rep = yield
+    setattr(item, "rep_" + rep.when, rep)
+    return rep

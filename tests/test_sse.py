@@ -1,0 +1,320 @@
+"""Server-Sent Events: stream head, publications, several channels, resume, overflow."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from helpers import (
+    LineReader,
+    SSEClient,
+    check_serving,
+    pub_json,
+    publish,
+    unique_channel,
+)
+
+
+def test_stream_head(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as sse:
+        resp = sse.response
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        assert resp.headers["cache-control"] == "no-cache"
+        first = sse.next()
+        assert first.retry == 3000 and first.data is None, first
+        ev = sse.subscribed()
+        assert ev.json == {"channels": [ch], "recovered": False}
+
+
+def test_publication_arrives_with_id_and_position(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as sse:
+        sub = sse.subscribed()
+        data = {"text": "héllo", "n": [1, 2.5, None, True], "nested": {"a": {}}}
+        res = publish(server, ch, data)
+        assert isinstance(res["offset"], int) and isinstance(res["epoch"], str)
+        (ev,) = sse.publications(1)
+        body = pub_json(ev)
+        assert body["channel"] == ch
+        assert body["offset"] == res["offset"]
+        assert body["epoch"] == res["epoch"]
+        assert body["data"] == data
+        assert ev.id and ev.id != sub.id
+
+
+def test_publications_keep_order(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as sse:
+        sse.subscribed()
+        offsets = [publish(server, ch, i)["offset"] for i in range(20)]
+        got = [pub_json(ev) for ev in sse.publications(20)]
+    assert [p["data"] for p in got] == list(range(20))
+    assert [p["offset"] for p in got] == offsets
+    assert offsets == sorted(offsets) and len(set(offsets)) == 20
+
+
+def test_two_channels_in_one_stream(server):
+    a, b = unique_channel("a"), unique_channel("b")
+    other = unique_channel("other")
+    with SSEClient(server, [a, b]) as sse:
+        assert sse.subscribed().json["channels"] == [a, b]
+        publish(server, a, "to a")
+        publish(server, other, "not for this stream")
+        publish(server, b, "to b")
+        got = [pub_json(ev) for ev in sse.publications(2)]
+    assert [(p["channel"], p["data"]) for p in got] == [(a, "to a"), (b, "to b")]
+
+
+def test_two_subscribers_get_the_same_events(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as s1, SSEClient(server, [ch]) as s2:
+        s1.subscribed()
+        s2.subscribed()
+        publish(server, ch, "x")
+        (e1,) = s1.publications(1)
+        (e2,) = s2.publications(1)
+    assert e1.data == e2.data and e1.id == e2.id
+
+
+def _missed_while_away(server, mode):
+    """Subscribe to a and b, read some, go away, publish more, come back with the last id."""
+    a, b = unique_channel("a"), unique_channel("b")
+    with SSEClient(server, [a, b]) as sse:
+        sse.subscribed()
+        publish(server, a, "a0")
+        publish(server, b, "b0")
+        seen = sse.publications(2)
+        last_id = seen[-1].id
+    # Disconnected: publish across both channels.
+    missed = []
+    for i in range(1, 7):
+        ch = a if i % 3 else b
+        res = publish(server, ch, f"{ch[0]}{i}")
+        missed.append((ch, res["offset"], f"{ch[0]}{i}"))
+    kwargs = {"last_event_id": last_id} if mode == "header" else {"query_last_event_id": last_id}
+    return a, b, missed, kwargs
+
+
+@pytest.mark.parametrize("mode", ["header", "query"])
+def test_resume_gets_exactly_the_missed_publications(server, mode):
+    a, b, missed, kwargs = _missed_while_away(server, mode)
+    with SSEClient(server, [a, b], **kwargs) as sse:
+        sub = sse.subscribed()
+        assert sub.json == {"channels": [a, b], "recovered": True}
+        got = [pub_json(ev) for ev in sse.publications(len(missed))]
+        # Nothing else was replayed: the next event is a fresh publication.
+        sentinel = publish(server, a, "sentinel")
+        (nxt,) = sse.publications(1)
+        assert (pub_json(nxt)["data"], pub_json(nxt)["offset"]) == ("sentinel", sentinel["offset"])
+    got_triples = [(p["channel"], p["offset"], p["data"]) for p in got]
+    assert sorted(got_triples) == sorted(missed), "lost or duplicated publications"
+    for ch in (a, b):  # per-channel order
+        assert [t for t in got_triples if t[0] == ch] == [t for t in missed if t[0] == ch]
+
+
+def test_resume_from_the_subscribed_id(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as sse:
+        cursor = sse.subscribed().id
+    offsets = [publish(server, ch, i)["offset"] for i in range(3)]
+    with SSEClient(server, [ch], last_event_id=cursor) as sse:
+        assert sse.subscribed().json["recovered"] is True
+        got = [pub_json(ev) for ev in sse.publications(3)]
+    assert [p["offset"] for p in got] == offsets
+
+
+def test_resume_with_nothing_missed(server):
+    ch = unique_channel()
+    with SSEClient(server, [ch]) as sse:
+        sse.subscribed()
+        publish(server, ch, 1)
+        (ev,) = sse.publications(1)
+    with SSEClient(server, [ch], last_event_id=ev.id) as sse:
+        assert sse.subscribed().json["recovered"] is True
+        publish(server, ch, 2)
+        (nxt,) = sse.publications(1)
+        assert nxt.json["data"] == 2
+
+
+def test_every_id_is_a_resume_point(server):
+    """Resuming from the id of the k-th event replays exactly the events after it."""
+    a, b = unique_channel("a"), unique_channel("b")
+    with SSEClient(server, [a, b]) as sse:
+        sse.subscribed()
+        for i in range(6):
+            publish(server, (a, b)[i % 2], i)
+        events = sse.publications(6)
+    for k in (0, 2, 4):
+        with SSEClient(server, [a, b], last_event_id=events[k].id) as sse:
+            assert sse.subscribed().json["recovered"] is True
+            replay = [ev.json["data"] for ev in sse.publications(5 - k)]
+            assert sorted(replay) == list(range(k + 1, 6))
+
+
+def test_history_overflow_is_reported(server_factory):
+    srv = server_factory("[history]\nsize = 3\n")
+    a, b = unique_channel("a"), unique_channel("b")
+    with SSEClient(srv, [a, b]) as sse:
+        cursor = sse.subscribed().id
+    for i in range(10):
+        publish(srv, a, i)
+    kept = publish(srv, b, "b-missed")
+    with SSEClient(srv, [a, b], last_event_id=cursor) as sse:
+        assert sse.subscribed().json == {"channels": [a, b], "recovered": False}
+        unrec = sse.next_data()
+        assert unrec.event == "unrecovered", unrec
+        assert unrec.json["channels"] == [a]
+        # b was within its history: its missed publication is replayed.
+        (ev,) = sse.publications(1)
+        assert (pub_json(ev)["channel"], pub_json(ev)["offset"]) == (b, kept["offset"])
+        # a continues from now.
+        live = publish(srv, a, "live")
+        (ev,) = sse.publications(1)
+        assert (pub_json(ev)["channel"], pub_json(ev)["offset"]) == (a, live["offset"])
+        # The stream's id now resumes from the new position: nothing is missing.
+        resume_id = ev.id
+    with SSEClient(srv, [a, b], last_event_id=resume_id) as sse:
+        assert sse.subscribed().json["recovered"] is True
+
+
+def test_heartbeat_comments(server_factory):
+    srv = server_factory("[sse]\nheartbeat_interval = 0.5\n")
+    ch = unique_channel()
+    with SSEClient(srv, [ch], read_timeout=5) as sse:
+        sse.subscribed()
+        ev = sse.next()
+        assert ev.comments and ev.data is None and ev.id is None, ev
+        ev = sse.next()
+        assert ev.comments, ev
+
+
+@pytest.mark.parametrize("cursor", ["@@@", "Zm9vYmFy", "x" * 50])
+@pytest.mark.parametrize("where", ["header", "query"])
+def test_malformed_cursor_is_400(server, cursor, where):
+    ch = unique_channel()
+    headers = {"Last-Event-ID": cursor} if where == "header" else {}
+    params = [("channel", ch)] + ([("last_event_id", cursor)] if where == "query" else [])
+    resp = httpx.get(server.url + "/sse", params=params, headers=headers, timeout=5)
+    assert resp.status_code == 400
+    assert isinstance(resp.json()["error"]["code"], int)
+    check_serving(server)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        [],
+        [("channel", "")],
+        [("channel", "x" * 300)],
+        [("channel", f"c{i}") for i in range(129)],
+    ],
+    ids=["no-channel", "empty-channel", "long-channel", "too-many-channels"],
+)
+def test_bad_subscription_is_400(server, params):
+    resp = httpx.get(server.url + "/sse", params=params, timeout=5)
+    assert resp.status_code == 400
+    assert "error" in resp.json()
+
+
+def test_curl_sse_receives_curl_publish(server, spawn):
+    ch = unique_channel()
+    curl = spawn(
+        ["curl", "-sN", f"{server.url}/sse?channel={ch}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    lines = LineReader(curl)
+    lines.until(lambda line: line == "event: subscribed")
+    out = subprocess.run(
+        [
+            "curl", "-sS", "-X", "POST", f"{server.url}/api/publish",
+            "-d", json.dumps({"channel": ch, "data": {"text": "hello"}}),
+        ],
+        capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout)["result"]
+    data_line = lines.until(lambda line: line.startswith("data:") and '"hello"' in line)
+    pub = json.loads(data_line.removeprefix("data:"))
+    assert pub["channel"] == ch
+    assert pub["data"] == {"text": "hello"}
+    assert pub["offset"] == result["offset"]
+    curl.kill()
+
+
+@pytest.mark.parametrize("name", ["chat:room42", "ünïcode/ch&an=nel?%#+"])
+def test_channel_names_are_url_decoded(server, name):
+    ch = name + unique_channel("-")
+    with SSEClient(server, [ch]) as sse:
+        assert sse.subscribed().json["channels"] == [ch]
+        publish(server, ch, "named")
+        (ev,) = sse.publications(1)
+        assert ev.json["channel"] == ch
+
+
+def test_fan_out_to_many_subscribers(server):
+    """One publication reaches 100 concurrent SSE streams (raw sockets)."""
+    import selectors
+    import socket
+
+    from helpers import request_bytes
+
+    ch = unique_channel()
+    n = 100
+    socks = []
+    sel = selectors.DefaultSelector()
+    try:
+        for _ in range(n):
+            s = socket.create_connection((server.host, server.port), timeout=10)
+            s.sendall(request_bytes("GET", f"/sse?channel={ch}"))
+            socks.append(s)
+        bufs = {s: b"" for s in socks}
+
+        def read_until(marker: bytes) -> None:
+            pending = {s for s in socks if marker not in bufs[s]}
+            for s in pending:
+                sel.register(s, selectors.EVENT_READ)
+            deadline = time.monotonic() + 20
+            while pending and time.monotonic() < deadline:
+                for key, _ in sel.select(timeout=1):
+                    s = key.fileobj
+                    chunk = s.recv(65536)
+                    assert chunk, "stream closed"
+                    bufs[s] += chunk
+                    if marker in bufs[s]:
+                        pending.discard(s)
+                        sel.unregister(s)
+            assert not pending, f"{len(pending)} of {n} streams lack {marker!r}"
+
+        read_until(b"event: subscribed")
+        res = publish(server, ch, {"fan": "out"})
+        read_until(b'"offset":%d' % res["offset"])
+    finally:
+        sel.close()
+        for s in socks:
+            s.close()
+
+
+def test_closed_streams_leave_their_channels(server):
+    from helpers import api, wait_subscribers
+
+    a, b = unique_channel("a"), unique_channel("b")
+    with SSEClient(server, [a, b]) as sse:
+        sse.subscribed()
+        wait_subscribers(server, a)
+        wait_subscribers(server, b)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        chans = api(server, "channels").json()["result"]["channels"]
+        if all(chans.get(c, {}).get("num_clients", 0) == 0 for c in (a, b)):
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError(f"subscribers left behind: {chans}")
+    publish(server, a, "no one is here")  # and publishing to it now is harmless
+    check_serving(server)
