@@ -247,7 +247,8 @@ def test_curl_sse_receives_curl_publish(server, spawn):
     curl.kill()
 
 
-@pytest.mark.parametrize("name", ["chat:room42", "ünïcode/ch&an=nel?%#+"])
+# ("#" is left out: it marks a user-limited channel, see test_auth.py.)
+@pytest.mark.parametrize("name", ["chat:room42", "ünïcode/ch&an=nel?%+"])
 def test_channel_names_are_url_decoded(server, name):
     ch = name + unique_channel("-")
     with SSEClient(server, [ch]) as sse:

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tidings.auth import Access
 from tidings.brokers.memory import MemoryBroker
 from tidings.centrifuge import (
     PING,
@@ -22,14 +23,20 @@ from tidings.centrifuge import (
     publication_json,
     push_json,
 )
+from tidings.config import Config
 from tidings.hub import Hub, Publication
+
+#: The development default: no keys, every namespace open.
+DEV_ACCESS = Access(Config())
 
 
 class FakeSession(ClientSession):
     __slots__ = ("frames", "pongs", "pushes")
 
     def __init__(self, hub: Hub, options: SessionOptions | None = None) -> None:
-        super().__init__(hub, options or SessionOptions(ping_interval=25, max_channels=3))
+        super().__init__(
+            hub, options or SessionOptions(access=DEV_ACCESS, ping_interval=25, max_channels=3)
+        )
         self.frames: list[list[dict[str, Any]]] = []
         self.pushes: list[bytes] = []
         self.pongs = 0

@@ -21,12 +21,14 @@ are batched into one frame.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from importlib import metadata
 from typing import Annotated, NamedTuple
 
 import msgspec
 
+from .auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .hub import ClientInfo, Hub, Position, Publication
@@ -314,6 +316,7 @@ BAD_REQUEST = Disconnect(DisconnectCode.BAD_REQUEST, "bad request")
 class SessionOptions(NamedTuple):
     """What the protocol needs from the configuration; shared by every session."""
 
+    access: Access
     ping_interval: int = 25
     max_channels: int = 128
     version: str = VERSION
@@ -330,13 +333,13 @@ class ClientSession:
     publication of a channel before the reply that subscribed it.
     """
 
-    __slots__ = ("_out", "channels", "client_id", "closed", "hub", "options", "user")
+    __slots__ = ("_out", "channels", "client_id", "closed", "credentials", "hub", "options")
 
     def __init__(self, hub: Hub, options: SessionOptions) -> None:
         self.hub = hub
         self.options = options
         self.client_id = ""  # set by connect; "" means not connected yet
-        self.user = ""
+        self.credentials: Credentials = ANONYMOUS
         self.channels: set[str] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
@@ -433,6 +436,8 @@ class ClientSession:
                 if self.client_id:
                     return Disconnect(DisconnectCode.BAD_REQUEST, "already connected")
                 self._reply(self._connect(cmd_id, cmd.connect))
+            elif cmd.refresh is not None:
+                self._reply(self._refresh(cmd_id, cmd.refresh))
             elif cmd.subscribe is not None:
                 await self._subscribe(cmd_id, cmd.subscribe)
             elif cmd.unsubscribe is not None:
@@ -446,9 +451,6 @@ class ClientSession:
                 self._reply(await self._history(cmd_id, cmd.history))
             elif cmd.rpc is not None:
                 raise ProtocolError(ErrorCode.NOT_AVAILABLE)  # no RPC handler configured
-            elif cmd.refresh is not None:
-                result = RefreshResult(client=self.client_id, version=self.options.version)
-                self._reply(encode_reply(Reply(id=cmd_id, refresh=result)))
             elif cmd.sub_refresh is not None:
                 self._reply(self._sub_refresh(cmd_id, cmd.sub_refresh))
             elif cmd.ping:
@@ -458,6 +460,9 @@ class ClientSession:
                 # No method we know: Centrifugo closes the connection too.
                 return Disconnect(DisconnectCode.BAD_REQUEST, "unknown command")
             # ``send`` carrying an id is still an asynchronous message: no reply.
+        except InvalidToken as exc:
+            log.info("closing %s: %s", self.client_id or "new client", exc.message)
+            return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
         except ProtocolError as exc:
             if not self.closed:
                 self._reply(error_reply(cmd_id, exc))
@@ -490,16 +495,39 @@ class ClientSession:
         return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
 
     def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
-        # Tokens arrive with the auth issue; until then every client is anonymous.
+        self.credentials = self.options.access.authenticate(req.token or None)
         self.client_id = str(uuid.uuid4())
         self.channels = set()
+        expires, ttl = _ttl(self.credentials.expires)
         result = ConnectResult(
             client=self.client_id,
             version=self.options.version,
+            expires=expires,
+            ttl=ttl,
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
         )
         return encode_reply(Reply(id=cmd_id, connect=result))
+
+    def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
+        credentials = self.options.access.authenticate(req.token or None)
+        if credentials.user != self.credentials.user:
+            raise InvalidToken("a refreshed token must be for the same user")
+        self.credentials = credentials
+        expires, ttl = _ttl(credentials.expires)
+        result = RefreshResult(
+            client=self.client_id, version=self.options.version, expires=expires, ttl=ttl
+        )
+        return encode_reply(Reply(id=cmd_id, refresh=result))
+
+    def _grant(self, channel: str, token: str) -> Grant | None:
+        """The subscription token's grant, which must name ``channel``."""
+        if not token:
+            return None
+        granted, grant = self.options.access.tokens.subscription(token, self.credentials)
+        if granted != channel:
+            raise InvalidToken("the subscription token is for another channel")
+        return grant
 
     async def _subscribe(self, cmd_id: int, req: SubscribeRequest) -> None:
         channel = req.channel
@@ -508,6 +536,8 @@ class ClientSession:
         assert channels is not None
         if channel in channels:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED)
+        grant = self._grant(channel, req.token)
+        self.options.access.check_subscribe(self.credentials, channel, grant)
         if len(channels) >= self.options.max_channels:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "too many channels")
         since = Position(req.epoch, req.offset) if req.recover else None
@@ -526,7 +556,10 @@ class ClientSession:
             channels.discard(channel)
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         position = recovery.position
+        expires, ttl = _ttl(grant.expires if grant is not None else 0)
         result = SubscribeResult(
+            expires=expires,
+            ttl=ttl,
             recoverable=True,
             positioned=True,
             epoch=position.epoch,
@@ -550,12 +583,16 @@ class ClientSession:
         self.hub.validate_channel(req.channel)
         if not req.data:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "publish without data")
-        info = ClientInfo(user=self.user, client=self.client_id)
+        subscribed = self.channels is not None and req.channel in self.channels
+        self.options.access.check_publish(self.credentials, req.channel, subscribed)
+        info = ClientInfo(user=self.credentials.user, client=self.client_id)
         await self.hub.publish(req.channel, bytes(req.data), info=info)
         return encode_reply(Reply(id=cmd_id, publish=Empty()))
 
     async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
         self.hub.validate_channel(req.channel)
+        subscribed = self.channels is not None and req.channel in self.channels
+        self.options.access.check_history(self.credentials, req.channel, subscribed)
         since = None
         if req.since is not None:
             since = Position(req.since.epoch, req.since.offset)
@@ -574,4 +611,15 @@ class ClientSession:
     def _sub_refresh(self, cmd_id: int, req: SubRefreshRequest) -> bytes:
         if self.channels is None or req.channel not in self.channels:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, "not subscribed")
-        return encode_reply(Reply(id=cmd_id, sub_refresh=SubRefreshResult()))
+        grant = self._grant(req.channel, req.token)
+        expires, ttl = _ttl(grant.expires if grant is not None else 0)
+        return encode_reply(
+            Reply(id=cmd_id, sub_refresh=SubRefreshResult(expires=expires, ttl=ttl))
+        )
+
+
+def _ttl(expires_at: int) -> tuple[bool, int]:
+    """Centrifugo's ``expires``/``ttl`` pair for a token expiring at ``expires_at``."""
+    if not expires_at:
+        return False, 0
+    return True, max(1, int(expires_at - time.time()))

@@ -83,6 +83,48 @@ class WebSocketConfig(_Section):
     max_message_size: Annotated[int, Meta(ge=125)] = 65536
 
 
+class AuthConfig(_Section):
+    """Keys that verify client tokens (JWT). Configuring any key turns on secure defaults.
+
+    Each key accepts exactly one algorithm: ``hmac_secret`` HS256,
+    ``rsa_public_key`` RS256, ``ecdsa_public_key`` ES256 (PEM text or a path
+    to a PEM file). A token signed with any other algorithm, ``none``
+    included, is refused, so an RSA public key can never be used as an HMAC
+    secret.
+    """
+
+    hmac_secret: str = ""
+    rsa_public_key: str = ""
+    ecdsa_public_key: str = ""
+    #: Clock skew tolerated on ``exp``, ``nbf`` and ``iat``, in seconds.
+    leeway: Annotated[float, Meta(ge=0, le=300)] = 5.0
+    #: Cookie that may carry the connection token on the HTTP transports.
+    cookie: str = "tidings_token"
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.hmac_secret or self.rsa_public_key or self.ecdsa_public_key)
+
+
+Who = Literal["nobody", "subscribers", "any"]
+
+
+class NamespaceConfig(_Section):
+    """The policy of a namespace: the part of a channel name before ``:``.
+
+    ``subscribe`` and ``publish`` default to the development values
+    (``anonymous`` and ``subscribers``) when no auth key is configured, and to
+    ``authenticated`` and ``nobody`` once one is.
+    """
+
+    subscribe: Literal["anonymous", "authenticated", "token"] | None = None
+    publish: Who | None = None
+    history: Who = "subscribers"
+    presence: bool = False
+    presence_read: Who = "subscribers"
+    join_leave: bool = False
+
+
 class BrokerConfig(_Section):
     """Where publications get their offsets and how they reach every process.
 
@@ -113,10 +155,17 @@ class Config(_Section):
     history: HistoryConfig = msgspec.field(default_factory=HistoryConfig)
     websocket: WebSocketConfig = msgspec.field(default_factory=WebSocketConfig)
     broker: BrokerConfig = msgspec.field(default_factory=BrokerConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    #: The namespace of channels without ``:`` in their name.
+    channels: NamespaceConfig = msgspec.field(default_factory=NamespaceConfig)
+    namespaces: dict[str, NamespaceConfig] = msgspec.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.poll.default_timeout > self.poll.max_timeout:
             raise ValueError("poll.default_timeout must not exceed poll.max_timeout")
+        for name in self.namespaces:
+            if not name or ":" in name or not name.isprintable():
+                raise ValueError(f"namespaces.{name}: a namespace name is non-empty, without ':'")
         if self.workers > 1 and self.broker.type == "memory":
             raise ValueError(
                 "workers: more than one process needs a shared broker "
@@ -228,6 +277,10 @@ def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
     if unknown:
         key = f"{key}.{unknown['field']}" if key else unknown["field"]
         message = "unknown key"
-    where = origin.get(key)
+    where = None
+    parts = key.split(".")
+    while parts and where is None:  # a whole section may have come from one layer
+        where = origin.get(".".join(parts))
+        parts.pop()
     suffix = f" (from {where})" if where else ""
     return f"{key or 'config'}: {message}{suffix}"

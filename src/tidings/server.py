@@ -22,6 +22,7 @@ import time
 from typing import Any, Protocol
 
 from .api import ServerAPI
+from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
 from .http import HTTPConnection, Request, Response, Router, error_response, json_response
@@ -44,6 +45,7 @@ class Server:
         self.config = config
         self.broker = broker or make_broker(config)
         self.hub = Hub(self.broker, max_channel_length=config.limits.max_channel_length)
+        self.access = Access(config)
         self.cors = CORS(config.allowed_origins)
         self.router = Router()
         self.connections: set[Connection] = set()
@@ -96,10 +98,16 @@ class Server:
                 "no api_key configured: the server API answers loopback clients only "
                 "(set api_key in the config or TIDINGS_API_KEY)"
             )
-        log.warning(
-            "no authentication configured: anonymous clients may subscribe to any channel "
-            "(a development default)"
-        )
+        if not self.access.secure:
+            log.warning(
+                "no auth keys configured: anonymous clients may subscribe to any channel and "
+                "subscribers may publish (a development default; see docs/security.md)"
+            )
+        elif self.access.open_namespaces():
+            log.info(
+                "namespaces open to anonymous subscribers: %s",
+                ", ".join(self.access.open_namespaces()),
+            )
         log.info("tidings listening on %s", self.url)
 
     @property

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
+from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
 
 from ..cursor import decode_cursor, encode_cursor
@@ -23,7 +24,12 @@ if TYPE_CHECKING:
 
 
 def requested_channels(request: Request, server: Server) -> list[str]:
-    """The ``channel`` query parameters, validated, without repeats, in order."""
+    """The ``channel`` query parameters the client may follow, without repeats, in order.
+
+    The connection token comes from ``Authorization: Bearer``, ``?token=`` or
+    the auth cookie; subscription tokens from ``?sub_token=`` (repeatable: each
+    token names its channel). The rules are the WebSocket ones (:mod:`tidings.auth`).
+    """
     names = list(dict.fromkeys(request.query.get("channel", ())))
     if not names:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "at least one channel= parameter is required")
@@ -32,7 +38,32 @@ def requested_channels(request: Request, server: Server) -> list[str]:
         raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"more than {limit} channels requested")
     for name in names:
         server.hub.validate_channel(name)
+    access = server.access
+    credentials = access.authenticate(connection_token(request, access.cookie))
+    grants = access.subscription_grants(request.query.get("sub_token", []), credentials)
+    for name in names:
+        access.check_subscribe(credentials, name, grants.get(name))
     return names
+
+
+def connection_token(request: Request, cookie_name: str) -> str | None:
+    scheme, _, value = (request.headers.get("authorization") or "").partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip()
+    token = request.query_value("token")
+    if token:
+        return token
+    header = request.headers.get("cookie")
+    if header:
+        cookies = SimpleCookie()
+        try:
+            cookies.load(header)
+        except CookieError:
+            return None
+        morsel = cookies.get(cookie_name)
+        if morsel is not None and morsel.value:
+            return morsel.value
+    return None
 
 
 def requested_positions(token: str | None) -> dict[str, Position] | None:

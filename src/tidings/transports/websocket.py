@@ -162,6 +162,7 @@ class WebSocketContext:
         self.compression = ws.compression
         self.threshold = ws.compression_threshold
         self.options = SessionOptions(
+            access=server.access,
             ping_interval=max(1, round(ws.ping_interval)),
             max_channels=config.limits.max_channels_per_connection,
         )

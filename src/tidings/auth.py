@@ -1,0 +1,268 @@
+"""Who may do what: tokens, namespaces and user-limited channels.
+
+One :class:`Access` object per server answers every permission question, so
+WebSocket, SSE, long-poll and poll enforce the same rules with the same codes:
+
+- a channel's namespace (the part before ``:``) must be configured, else
+  error 102 (HTTP 404) — except in the zero-configuration development mode
+  (no auth key and no namespace configured), where every namespace follows
+  the default policy;
+- ``dialog#42,43`` may be subscribed only by users 42 and 43, no token needed;
+- a subscription token for the channel, or the connection token's
+  ``channels`` claim, grants a subscription in any namespace;
+- otherwise the namespace's ``subscribe`` policy decides: ``anonymous``
+  (anyone), ``authenticated`` (a connection token with a non-empty ``sub``),
+  ``token`` (a subscription token only);
+- an expired token is error 109 (HTTP 401), which SDKs answer by refreshing;
+  any other invalid token is :class:`InvalidToken` (WebSocket close 3500).
+
+Token verification is PyJWT's; this module only fixes which key and which
+single algorithm may verify a token, so that ``alg: none`` and HS/RS
+confusion cannot pass.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jwt
+import msgspec
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+from .config import AuthConfig, Config, ConfigError, NamespaceConfig
+from .errors import ErrorCode, ProtocolError
+
+__all__ = ["ANONYMOUS", "Access", "Credentials", "InvalidToken", "Policy", "TokenVerifier"]
+
+
+class InvalidToken(ProtocolError):
+    """A token that is not merely expired: forged, malformed, for another channel."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(ErrorCode.UNAUTHORIZED, f"invalid token: {message}")
+
+
+class Credentials(NamedTuple):
+    """What a connection token says about a client."""
+
+    user: str
+    info: bytes | None = None
+    #: Unix time the token expires at; 0 for never.
+    expires: int = 0
+    #: Channels the server subscribes the client to (the ``channels`` claim).
+    channels: tuple[str, ...] = ()
+
+
+ANONYMOUS = Credentials("")
+
+
+class Grant(NamedTuple):
+    """A subscription allowed, with what a subscription token added."""
+
+    info: bytes | None = None
+    expires: int = 0
+
+
+def _json(value: Any) -> bytes | None:
+    return None if value is None else msgspec.json.encode(value)
+
+
+class TokenVerifier:
+    """Verifies connection and subscription tokens with the configured keys."""
+
+    def __init__(self, config: AuthConfig) -> None:
+        self._leeway = config.leeway
+        self._keys: dict[str, Any] = {}
+        if config.hmac_secret:
+            self._keys["HS256"] = config.hmac_secret.encode()
+        if config.rsa_public_key:
+            self._keys["RS256"] = _public_key(config.rsa_public_key, "auth.rsa_public_key")
+        if config.ecdsa_public_key:
+            self._keys["ES256"] = _public_key(config.ecdsa_public_key, "auth.ecdsa_public_key")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._keys)
+
+    @property
+    def algorithms(self) -> list[str]:
+        return sorted(self._keys)
+
+    def _decode(self, token: str, required: list[str]) -> dict[str, Any]:
+        if not self._keys:
+            raise InvalidToken("this server has no keys configured to verify tokens")
+        try:
+            algorithm = jwt.get_unverified_header(token).get("alg")
+        except jwt.InvalidTokenError as exc:
+            raise InvalidToken(str(exc)) from None
+        if not isinstance(algorithm, str) or algorithm not in self._keys:
+            raise InvalidToken(f"algorithm {algorithm!r} is not accepted")
+        key = self._keys[algorithm]
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                key,
+                algorithms=[algorithm],
+                leeway=self._leeway,
+                options={"require": required, "verify_aud": False},
+            )
+        except jwt.ExpiredSignatureError:
+            raise ProtocolError(ErrorCode.TOKEN_EXPIRED) from None
+        except jwt.InvalidTokenError as exc:
+            raise InvalidToken(str(exc)) from None
+        return claims
+
+    def connection(self, token: str) -> Credentials:
+        claims = self._decode(token, ["sub"])
+        user, channels = claims["sub"], claims.get("channels", [])
+        if not isinstance(user, str):
+            raise InvalidToken("sub must be a string")
+        if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
+            raise InvalidToken("channels must be a list of strings")
+        return Credentials(user, _json(claims.get("info")), _expiry(claims), tuple(channels))
+
+    def subscription(self, token: str, credentials: Credentials) -> tuple[str, Grant]:
+        """The channel a subscription token grants, checked against the holder."""
+        claims = self._decode(token, ["sub", "channel"])
+        channel = claims["channel"]
+        if not isinstance(channel, str) or not channel:
+            raise InvalidToken("channel must be a non-empty string")
+        if claims["sub"] != credentials.user:
+            raise InvalidToken("the subscription token belongs to another user")
+        return channel, Grant(_json(claims.get("info")), _expiry(claims))
+
+
+def _expiry(claims: dict[str, Any]) -> int:
+    exp = claims.get("exp")
+    return int(exp) if isinstance(exp, int | float) else 0
+
+
+def _public_key(value: str, key: str) -> Any:
+    text = value if value.lstrip().startswith("-----BEGIN") else _read(value, key)
+    try:
+        return load_pem_public_key(text.encode())
+    except ValueError as exc:
+        raise ConfigError(f"{key}: not a PEM public key ({exc})") from None
+
+
+def _read(path: str, key: str) -> str:
+    try:
+        return Path(path).read_text()
+    except OSError as exc:
+        raise ConfigError(f"{key}: cannot read {path}: {exc.strerror}") from None
+
+
+class Policy(NamedTuple):
+    """A namespace's rules with the defaults filled in."""
+
+    subscribe: str
+    publish: str
+    history: str
+    presence: bool
+    presence_read: str
+    join_leave: bool
+
+    @classmethod
+    def of(cls, config: NamespaceConfig, secure: bool) -> Policy:
+        return cls(
+            config.subscribe or ("authenticated" if secure else "anonymous"),
+            config.publish or ("nobody" if secure else "subscribers"),
+            config.history,
+            config.presence,
+            config.presence_read,
+            config.join_leave,
+        )
+
+
+def user_boundary(channel: str) -> frozenset[str] | None:
+    """The users of a user-limited channel (``dialog#42,43``), or None."""
+    _, hash_, users = channel.rpartition("#")
+    return frozenset(u for u in users.split(",") if u) if hash_ else None
+
+
+def namespace_of(channel: str) -> str:
+    name, colon, _ = channel.partition(":")
+    return name if colon else ""
+
+
+class Access:
+    """Every permission decision of one server. See the module docstring."""
+
+    def __init__(self, config: Config) -> None:
+        self.tokens = TokenVerifier(config.auth)
+        self.cookie = config.auth.cookie
+        secure = self.tokens.enabled
+        self._default = Policy.of(config.channels, secure)
+        self._namespaces = {
+            name: Policy.of(namespace, secure) for name, namespace in config.namespaces.items()
+        }
+        self._strict = secure or bool(config.namespaces)
+
+    @property
+    def secure(self) -> bool:
+        return self.tokens.enabled
+
+    def open_namespaces(self) -> list[str]:
+        """Namespaces anyone may subscribe to (logged as a warning at start)."""
+        named = [("(default)", self._default), *self._namespaces.items()]
+        return [name for name, policy in named if policy.subscribe == "anonymous"]
+
+    def policy(self, channel: str) -> Policy:
+        namespace = namespace_of(channel)
+        if not namespace:
+            return self._default
+        policy = self._namespaces.get(namespace)
+        if policy is None:
+            if not self._strict:
+                return self._default
+            raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown namespace {namespace!r}")
+        return policy
+
+    def authenticate(self, token: str | None) -> Credentials:
+        """The client behind a connection token; anonymous without one."""
+        return self.tokens.connection(token) if token else ANONYMOUS
+
+    def subscription_grants(self, tokens: list[str], credentials: Credentials) -> dict[str, Grant]:
+        """Subscription tokens by the channel each one grants (HTTP transports)."""
+        return dict(self.tokens.subscription(token, credentials) for token in tokens)
+
+    def check_subscribe(
+        self, credentials: Credentials, channel: str, grant: Grant | None = None
+    ) -> None:
+        policy = self.policy(channel)
+        users = user_boundary(channel)
+        if users is not None:
+            if credentials.user and credentials.user in users:
+                return
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED, "channel limited to other users")
+        if grant is not None or channel in credentials.channels:
+            if grant is not None and grant.expires and grant.expires < time.time():
+                raise ProtocolError(ErrorCode.TOKEN_EXPIRED)
+            return
+        if policy.subscribe == "anonymous":
+            return
+        if policy.subscribe == "authenticated" and credentials.user:
+            return
+        needed = "a subscription token" if policy.subscribe == "token" else "a connection token"
+        raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"subscribing to {channel} needs {needed}")
+
+    def check_publish(self, credentials: Credentials, channel: str, subscribed: bool) -> None:
+        _allow(self.policy(channel).publish, subscribed, "publishing")
+
+    def check_history(self, credentials: Credentials, channel: str, subscribed: bool) -> None:
+        _allow(self.policy(channel).history, subscribed, "reading history")
+
+    def check_presence(self, credentials: Credentials, channel: str, subscribed: bool) -> None:
+        policy = self.policy(channel)
+        if not policy.presence:
+            raise ProtocolError(ErrorCode.NOT_AVAILABLE, "presence is not enabled here")
+        _allow(policy.presence_read, subscribed, "reading presence")
+
+
+def _allow(who: str, subscribed: bool, what: str) -> None:
+    if who == "any" or (who == "subscribers" and subscribed):
+        return
+    detail = "is not allowed here" if who == "nobody" else "is for subscribers only"
+    raise ProtocolError(ErrorCode.PERMISSION_DENIED, f"{what} {detail}")

@@ -1,0 +1,524 @@
+"""The Redis broker: several processes and machines share channels through Redis.
+
+Layout, per channel ``C`` under the prefix ``P`` (the ``{C}`` hash tag keeps a
+channel's two keys in one Redis Cluster slot):
+
+``P:{C}:m``  a hash ``{e: epoch, o: offset}``, the channel's position. Expires
+             ``meta_ttl`` after the last publication (refreshed while some node
+             has subscribers), like the memory broker's stream.
+``P:{C}:h``  a stream of the last ``history_size`` publications; entry ID
+             ``<offset>-0``, so history reads are ``XRANGE`` by offset.
+             Expires ``history_ttl`` after the last publication.
+``P:p:C``    the pub/sub channel every node interested in ``C`` subscribes to.
+
+One Lua script stamps a publication: it creates the epoch if the hash is
+missing (and drops any history left from an older epoch), increments the
+offset, appends to the stream, sets both TTLs and publishes — atomically, so
+offsets are strictly increasing per channel and the pub/sub order is the
+offset order. The all-or-nothing recovery promise follows from the epoch: if
+Redis loses a channel's position (restart without persistence, expiry,
+eviction), the next publication or subscribe creates a new epoch, history
+reads with the old epoch return nothing, and the hub answers "not recovered".
+
+Fan-out uses one dedicated pub/sub connection per node, read by one task. When
+it breaks, the node reconnects with exponential backoff, resubscribes every
+channel it has subscribers for, and then fills the hole in its live stream
+from history: for each channel it reads what came after the last publication
+it delivered and delivers it in order (the hub drops duplicates by offset).
+If Redis lost the channel (new epoch), the node delivers the new epoch's
+history from its start when history still holds all of it; when history does
+not reach (more was published during the outage than history keeps), nothing
+is delivered for the hole and a WARNING says so — a client that resumes with
+its position is then told "not recovered", never handed a silent gap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import secrets
+import time
+from typing import Any
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from ..errors import ErrorCode, ProtocolError
+from ..hub import EMPTY, ClientInfo, Position, Publication, reaches
+from .base import Broker
+
+__all__ = ["RedisBroker"]
+
+log = logging.getLogger("tidings.brokers.redis")
+
+# KEYS: meta, history. ARGV: new epoch, history size, history ttl (ms),
+# meta ttl (ms), pub/sub channel, payload.
+_PUBLISH = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch)
+end
+local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if tonumber(ARGV[2]) > 0 then
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'p', ARGV[6])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+end
+redis.call('PUBLISH', ARGV[5], offset .. '\\n' .. epoch .. '\\n' .. ARGV[6])
+return {offset, epoch}
+"""
+
+# KEYS: meta, history. ARGV: new epoch, meta ttl (ms). Returns the position.
+_ENSURE = """
+local epoch = redis.call('HGET', KEYS[1], 'e')
+if not epoch then
+  epoch = ARGV[1]
+  redis.call('DEL', KEYS[2])
+  redis.call('HSET', KEYS[1], 'e', epoch, 'o', 0)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return {tonumber(redis.call('HGET', KEYS[1], 'o') or '0'), epoch}
+"""
+
+
+class _Body(msgspec.Struct, array_like=True):
+    """A publication without its position: what the stream and pub/sub carry.
+
+    ``info`` is kept as JSON bytes because :class:`ClientInfo` holds raw JSON.
+    """
+
+    data: bytes
+    info: bytes | None
+    tags: dict[str, str] | None
+    time: int
+
+
+_encode_body = msgspec.msgpack.Encoder().encode
+_decode_body = msgspec.msgpack.Decoder(_Body).decode
+_decode_info = msgspec.json.Decoder(ClientInfo).decode
+
+
+def _new_epoch() -> str:
+    return secrets.token_urlsafe(6)
+
+
+def _unavailable(exc: BaseException) -> ProtocolError:
+    return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {exc}")
+
+
+class RedisBroker(Broker):
+    """Channels shared through one Redis. See the module docstring."""
+
+    def __init__(
+        self,
+        url: str = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = "tidings",
+        history_size: int = 100,
+        history_ttl: float = 300.0,
+        meta_ttl: float = 3600.0,
+        subscribe_timeout: float = 5.0,
+        ping_interval: float = 5.0,
+        max_backoff: float = 5.0,
+    ) -> None:
+        self._url = url
+        self._prefix = prefix
+        self._history_size = history_size
+        self._history_ttl_ms = max(1, int(history_ttl * 1000))
+        self._meta_ttl_ms = max(self._history_ttl_ms, int(meta_ttl * 1000))
+        self._subscribe_timeout = subscribe_timeout
+        self._ping_interval = ping_interval
+        self._max_backoff = max_backoff
+        no_retry = Retry(NoBackoff(), 0)
+        self._redis: aioredis.Redis = aioredis.Redis.from_url(
+            url, socket_timeout=10, socket_connect_timeout=5, retry=no_retry
+        )
+        self._publish_script = self._redis.register_script(_PUBLISH)
+        self._ensure_script = self._redis.register_script(_ENSURE)
+        self._pool: ConnectionPool = ConnectionPool.from_url(
+            # RESP2: pub/sub replies arrive as ordinary replies, which we read
+            # ourselves (RESP3 routes them to push handlers instead).
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=5,
+            retry=no_retry,
+            protocol=2,
+        )
+        # Channels with subscribers on this node -> last position delivered here.
+        self._interest: dict[str, Position] = {}
+        self._confirmed: dict[str, asyncio.Future[None]] = {}
+        self._conn: AbstractConnection | None = None
+        self._connected = asyncio.Event()
+        self._write_lock = asyncio.Lock()
+        self._last_read = 0.0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closing = False
+        self._ever_connected = False
+
+    # -- names -------------------------------------------------------------
+
+    def _keys(self, channel: str) -> list[str]:
+        base = f"{self._prefix}:{{{channel}}}:"
+        return [base + "m", base + "h"]
+
+    def _pubsub_name(self, channel: str) -> bytes:
+        return f"{self._prefix}:p:{channel}".encode()
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def healthy(self) -> bool:
+        return self._connected.is_set()
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._run(), name="tidings-redis-pubsub"),
+            loop.create_task(self._keep_meta(), name="tidings-redis-meta"),
+        ]
+        # Start-up waits briefly for Redis so the first requests find it, but a
+        # Redis that is down does not stop the server: /health says so.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._connected.wait(), self._subscribe_timeout)
+        if not self._connected.is_set():
+            log.warning("redis at %s is not reachable yet; retrying in the background", self._url)
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self._drop_connection()
+        await self._redis.aclose()
+        await self._pool.disconnect()
+
+    # -- publishing and reading -------------------------------------------
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Publication:
+        now_ms = int(time.time() * 1000)
+        info_json = msgspec.json.encode(info) if info is not None else None
+        payload = _encode_body(_Body(data, info_json, tags, now_ms))
+        try:
+            offset, epoch = await self._publish_script(
+                keys=self._keys(channel),
+                args=[
+                    _new_epoch(),
+                    self._history_size,
+                    self._history_ttl_ms,
+                    self._meta_ttl_ms,
+                    self._pubsub_name(channel),
+                    payload,
+                ],
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return Publication(channel, int(offset), epoch.decode(), data, info, tags, now_ms)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> tuple[list[Publication], Position]:
+        meta_key, history_key = self._keys(channel)
+        count = limit if limit is not None and limit > 0 else None
+        low = f"{since.offset + 1}-0" if since is not None else "-"
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hmget(meta_key, ["e", "o"])
+                if limit != 0:
+                    if reverse:
+                        pipe.xrevrange(history_key, "+", low, count=count)
+                    else:
+                        pipe.xrange(history_key, low, "+", count=count)
+                results: list[Any] = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        epoch_raw, offset_raw = results[0]
+        if epoch_raw is None:
+            return [], EMPTY
+        top = Position(epoch_raw.decode(), int(offset_raw or 0))
+        if limit == 0 or (since is not None and since.epoch != top.epoch and since != EMPTY):
+            return [], top
+        return [self._decode_entry(channel, top.epoch, e) for e in results[1]], top
+
+    @staticmethod
+    def _decode_entry(
+        channel: str, epoch: str, entry: tuple[bytes, dict[bytes, bytes]]
+    ) -> Publication:
+        entry_id, fields = entry
+        offset = int(entry_id.split(b"-", 1)[0])
+        return _publication(channel, offset, epoch, fields[b"p"])
+
+    # -- subscribing -------------------------------------------------------
+
+    async def subscribe(self, channel: str) -> None:
+        if channel not in self._interest:
+            self._interest[channel] = EMPTY
+        waiter = self._confirmed.get(channel)
+        if waiter is None or waiter.done():
+            waiter = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            if self._connected.is_set():
+                # If this fails, the reader notices the broken connection and
+                # subscribes every channel of interest again on reconnect.
+                with contextlib.suppress(RedisError, OSError):
+                    await self._send(b"SUBSCRIBE", self._pubsub_name(channel))
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout)
+        except TimeoutError:
+            raise ProtocolError(
+                ErrorCode.INTERNAL, "broker unavailable: redis did not confirm the subscription"
+            ) from None
+        try:
+            top = await self._ensure(channel)
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        self._advance(channel, top)
+
+    def unsubscribe(self, channel: str) -> None:
+        if self._interest.pop(channel, None) is None:
+            return
+        self._confirmed.pop(channel, None)
+        if self._connected.is_set() and not self._closing:
+            task = asyncio.get_running_loop().create_task(self._unsubscribe_later(channel))
+            self._tasks.append(task)
+            task.add_done_callback(self._forget_task)
+
+    def _forget_task(self, task: asyncio.Task[None]) -> None:
+        with contextlib.suppress(ValueError):
+            self._tasks.remove(task)
+
+    async def _unsubscribe_later(self, channel: str) -> None:
+        async with self._write_lock:
+            # Subscribed again meanwhile: keep the subscription.
+            if channel in self._interest or self._conn is None:
+                return
+            with contextlib.suppress(RedisError, OSError):
+                await self._write(b"UNSUBSCRIBE", self._pubsub_name(channel))
+
+    async def _ensure(self, channel: str) -> Position:
+        offset, epoch = await self._ensure_script(
+            keys=self._keys(channel), args=[_new_epoch(), self._meta_ttl_ms]
+        )
+        return Position(epoch.decode(), int(offset))
+
+    def _advance(self, channel: str, top: Position) -> None:
+        """Remember ``top`` as delivered when nothing newer was delivered here."""
+        last = self._interest.get(channel)
+        if last is None:
+            return
+        if last == EMPTY or last.epoch != top.epoch or last.offset < top.offset:
+            self._interest[channel] = top
+
+    # -- the pub/sub connection --------------------------------------------
+
+    async def _send(self, *args: bytes) -> None:
+        async with self._write_lock:
+            await self._write(*args)
+
+    async def _write(self, *args: bytes) -> None:
+        conn = self._conn
+        if conn is None:
+            raise ConnectionError("not connected")
+        await conn.send_command(*args, check_health=False)
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                await conn.disconnect()
+
+    async def _run(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                await self._connect_and_resubscribe()
+                failures = 0
+                await self._read_forever()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                was_connected = self._connected.is_set()
+                self._connected.clear()
+                await self._drop_connection()
+                if self._closing:
+                    return
+                if was_connected:
+                    log.warning("lost the redis pub/sub connection (%s); reconnecting", exc)
+                elif failures == 0:
+                    log.warning("cannot reach redis at %s (%s); retrying", self._url, exc)
+                failures += 1
+                delay = min(self._max_backoff, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
+                await asyncio.sleep(delay)
+
+    async def _connect_and_resubscribe(self) -> None:
+        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
+        await conn.connect()  # type: ignore[no-untyped-call]
+        self._conn = conn
+        self._last_read = time.monotonic()
+        channels = list(self._interest)
+        if channels:
+            async with self._write_lock:
+                for start in range(0, len(channels), 1000):
+                    names = [self._pubsub_name(c) for c in channels[start : start + 1000]]
+                    await self._write(b"SUBSCRIBE", *names)
+            # Wait for every confirmation before reading history, so that what
+            # we read and the live stream overlap instead of leaving a hole.
+            pending = set(channels)
+            while pending:
+                message = await self._read(conn)
+                kind = message[0] if isinstance(message, list) else None
+                if kind == b"subscribe":
+                    channel = self._channel_of(message[1])
+                    pending.discard(channel)
+                    self._confirm(channel)
+                elif kind == b"message":
+                    self._on_message(message[1], message[2])
+        self._connected.set()
+        # Channels whose subscribe() came while we were connecting.
+        known = set(channels)
+        late = [self._pubsub_name(c) for c in self._interest if c not in known]
+        if late:
+            await self._send(b"SUBSCRIBE", *late)
+        if self._ever_connected:
+            log.info("reconnected to redis; resubscribed %d channels", len(channels))
+            await self._catch_up(channels)
+        else:
+            log.info("connected to redis at %s", self._url)
+        self._ever_connected = True
+
+    async def _catch_up(self, channels: list[str]) -> None:
+        """Deliver what each channel published while the connection was down."""
+        for channel in channels:
+            last = self._interest.get(channel)
+            if last is None:
+                continue
+            top = await self._ensure(channel)
+            if last.epoch == top.epoch and last.offset >= top.offset:
+                continue
+            since = last if last.epoch == top.epoch else Position(top.epoch, 0)
+            pubs, top = await self.history(channel, since=since)
+            if not reaches(since, pubs, top):
+                log.warning(
+                    "channel %r: publications made while redis was unreachable are no longer "
+                    "in history; subscribers here missed them and resuming clients will be "
+                    "told they were not recovered",
+                    channel,
+                )
+                self._advance(channel, top)
+                continue
+            if since is not last:
+                log.warning(
+                    "channel %r: redis lost its position (epoch %s -> %s)",
+                    channel,
+                    last.epoch,
+                    top.epoch,
+                )
+            for pub in pubs:
+                self._deliver_once(pub)
+
+    async def _read_forever(self) -> None:
+        conn = self._conn
+        assert conn is not None
+        watchdog = asyncio.get_running_loop().create_task(self._watch(conn))
+        try:
+            while True:
+                message = await self._read(conn)
+                if not isinstance(message, list):
+                    continue
+                kind = message[0]
+                if kind == b"message":
+                    self._on_message(message[1], message[2])
+                elif kind == b"subscribe":
+                    self._confirm(self._channel_of(message[1]))
+        finally:
+            watchdog.cancel()
+
+    async def _read(self, conn: AbstractConnection) -> Any:
+        """The next message; a connection silent for three ping intervals is dead."""
+        try:
+            async with asyncio.timeout(3 * self._ping_interval):
+                message = await conn.read_response(disable_decoding=True)
+        except TimeoutError:
+            raise ConnectionError("redis did not answer a ping") from None
+        self._last_read = time.monotonic()
+        return message
+
+    async def _watch(self, conn: AbstractConnection) -> None:
+        """Ping the connection when it has been idle, so that _read hears from Redis."""
+        while True:
+            await asyncio.sleep(self._ping_interval / 2)
+            if time.monotonic() - self._last_read >= self._ping_interval:
+                with contextlib.suppress(RedisError, OSError):
+                    await self._send(b"PING")
+
+    def _channel_of(self, name: bytes) -> str:
+        return name.decode()[len(self._prefix) + 3 :]
+
+    def _confirm(self, channel: str) -> None:
+        waiter = self._confirmed.get(channel)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _on_message(self, name: bytes, message: bytes) -> None:
+        channel = self._channel_of(name)
+        if channel not in self._interest:
+            return
+        try:
+            offset, epoch, payload = message.split(b"\n", 2)
+            pub = _publication(channel, int(offset), epoch.decode(), payload)
+        except (ValueError, msgspec.DecodeError):
+            log.error("dropped a malformed message on %r", name)
+            return
+        self._deliver_once(pub)
+
+    def _deliver_once(self, pub: Publication) -> None:
+        last = self._interest.get(pub.channel)
+        if last is None or (last.epoch == pub.epoch and pub.offset <= last.offset):
+            return
+        self._interest[pub.channel] = pub.position
+        if self._deliver is not None:
+            self._deliver(pub)
+
+    async def _keep_meta(self) -> None:
+        """Keep the position of channels with subscribers here from expiring."""
+        interval = min(60.0, self._meta_ttl_ms / 3000)
+        while True:
+            await asyncio.sleep(interval)
+            channels = list(self._interest)
+            if not channels or not self._connected.is_set():
+                continue
+            try:
+                for start in range(0, len(channels), 1000):
+                    async with self._redis.pipeline(transaction=False) as pipe:
+                        for channel in channels[start : start + 1000]:
+                            pipe.pexpire(self._keys(channel)[0], self._meta_ttl_ms)
+                        await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("could not refresh channel positions in redis: %s", exc)
+
+
+def _publication(channel: str, offset: int, epoch: str, payload: bytes) -> Publication:
+    body = _decode_body(payload)
+    info = _decode_info(body.info) if body.info is not None else None
+    return Publication(channel, offset, epoch, body.data, info, body.tags, body.time)

@@ -1,0 +1,357 @@
+"""Tokens, namespaces and user-limited channels: the same rules on every transport.
+
+Unit tests attack the token verifier directly; the matrix below runs each rule
+against a real server over SSE, long-poll/poll and WebSocket.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+
+from helpers import TIMEOUT, publish, unique_channel
+from tidings.auth import Access, InvalidToken, user_boundary
+from tidings.config import load_config
+from tidings.errors import ErrorCode, ProtocolError
+from ws_support import RawClient
+
+SECRET = "unit-test-secret-of-sufficient-length"
+
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+RSA_PUBLIC = (
+    RSA_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+EC_PUBLIC = (
+    EC_KEY.public_key()
+    .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    .decode()
+)
+
+CONFIG = f"""
+[auth]
+hmac_secret = "{SECRET}"
+rsa_public_key = '''{RSA_PUBLIC}'''
+ecdsa_public_key = '''{EC_PUBLIC}'''
+
+[channels]
+subscribe = "authenticated"
+
+[namespaces.public]
+subscribe = "anonymous"
+
+[namespaces.private]
+subscribe = "token"
+
+[namespaces.chat]
+subscribe = "authenticated"
+publish = "subscribers"
+history = "subscribers"
+"""
+
+
+def hs256(claims: dict[str, Any], secret: str = SECRET) -> str:
+    return jwt.encode({"exp": int(time.time()) + 600, **claims}, secret, algorithm="HS256")
+
+
+def access() -> Access:
+    path = "/tmp/tidings-test-auth.toml"
+    with open(path, "w") as file:
+        file.write(CONFIG)
+    return Access(load_config(path))
+
+
+# --------------------------------------------------------------------------- attacks
+
+
+def _b64(data: dict[str, Any]) -> str:
+    return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
+
+
+def test_valid_tokens_in_each_accepted_algorithm() -> None:
+    verifier = access().tokens
+    assert verifier.algorithms == ["ES256", "HS256", "RS256"]
+    claims = {"sub": "42", "exp": int(time.time()) + 60, "info": {"name": "Ann"}}
+    for key, alg in [(SECRET, "HS256"), (RSA_KEY, "RS256"), (EC_KEY, "ES256")]:
+        creds = verifier.connection(jwt.encode(claims, key, algorithm=alg))
+        assert creds.user == "42" and creds.info == b'{"name":"Ann"}'
+
+
+ATTACKS: dict[str, Callable[[], str]] = {
+    "alg none": lambda: _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "42"}) + ".",
+    "HS256 signed with the RSA public key": lambda: (
+        _b64({"alg": "HS256", "typ": "JWT"})
+        + "."
+        + _b64({"sub": "42"})
+        + "."
+        + base64.urlsafe_b64encode(
+            __import__("hmac").new(RSA_PUBLIC.encode(), b"x", "sha256").digest()
+        )
+        .rstrip(b"=")
+        .decode()
+    ),
+    "wrong key": lambda: hs256({"sub": "42"}, secret="another-secret-of-sufficient-length!"),
+    "tampered payload": lambda: (
+        lambda t: (
+            t.split(".")[0] + "." + _b64({"sub": "1", "exp": 9999999999}) + "." + t.split(".")[2]
+        )
+    )(hs256({"sub": "42"})),
+    "not yet valid": lambda: hs256({"sub": "42", "nbf": int(time.time()) + 3600}),
+    "missing sub": lambda: jwt.encode({"exp": int(time.time()) + 60}, SECRET, algorithm="HS256"),
+    "unsupported algorithm": lambda: jwt.encode({"sub": "42"}, SECRET * 2, algorithm="HS512"),
+    "garbage": lambda: "not-a-token",
+}
+
+
+@pytest.mark.parametrize("attack", list(ATTACKS))
+def test_forged_connection_tokens_are_invalid(attack: str) -> None:
+    with pytest.raises(InvalidToken):
+        access().tokens.connection(ATTACKS[attack]())
+
+
+def test_expired_token_is_109_not_invalid() -> None:
+    token = hs256({"sub": "42", "exp": int(time.time()) - 60})
+    with pytest.raises(ProtocolError) as info:
+        access().tokens.connection(token)
+    assert info.value.code == ErrorCode.TOKEN_EXPIRED
+    assert not isinstance(info.value, InvalidToken)
+
+
+def test_leeway_accepts_a_token_expired_a_moment_ago() -> None:
+    token = hs256({"sub": "42", "exp": int(time.time()) - 2})
+    assert access().tokens.connection(token).user == "42"
+
+
+def test_subscription_token_must_match_user_and_name_its_channel() -> None:
+    acc = access()
+    alice = acc.authenticate(hs256({"sub": "alice"}))
+    token = hs256({"sub": "alice", "channel": "private:x"})
+    channel, grant = acc.tokens.subscription(token, alice)
+    assert channel == "private:x"
+    acc.check_subscribe(alice, "private:x", grant)
+    bob = acc.authenticate(hs256({"sub": "bob"}))
+    with pytest.raises(InvalidToken):
+        acc.tokens.subscription(token, bob)
+    with pytest.raises(InvalidToken):
+        acc.tokens.subscription(hs256({"sub": "alice"}), alice)  # no channel claim
+
+
+def test_policy_decisions() -> None:
+    acc = access()
+    anon = acc.authenticate(None)
+    user = acc.authenticate(hs256({"sub": "42", "channels": ["private:granted"]}))
+    acc.check_subscribe(anon, "public:news")
+    acc.check_subscribe(user, "chat:room")
+    acc.check_subscribe(user, "private:granted")  # the connection token's channels claim
+    acc.check_subscribe(user, "dialog#42,43")
+    denied = [(anon, "chat:room"), (anon, "news"), (user, "private:other"), (user, "dialog#1,2")]
+    for creds, channel in denied:
+        with pytest.raises(ProtocolError) as info:
+            acc.check_subscribe(creds, channel)
+        assert info.value.code == ErrorCode.PERMISSION_DENIED, channel
+    with pytest.raises(ProtocolError) as info:
+        acc.check_subscribe(user, "nowhere:x")
+    assert info.value.code == ErrorCode.UNKNOWN_CHANNEL
+    acc.check_publish(user, "chat:room", subscribed=True)
+    with pytest.raises(ProtocolError):
+        acc.check_publish(user, "chat:room", subscribed=False)
+    with pytest.raises(ProtocolError):
+        acc.check_publish(user, "public:news", subscribed=True)  # secure default: nobody
+
+
+def test_user_boundary_parsing() -> None:
+    assert user_boundary("dialog#42,43") == {"42", "43"}
+    assert user_boundary("chat:dm#7") == {"7"}
+    assert user_boundary("plain") is None
+
+
+# --------------------------------------------------------------------------- the matrix
+
+Check = Callable[[Any, str, str | None, list[str]], int]
+
+
+def sse_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
+    params = [("channel", channel)] + [("sub_token", t) for t in sub_tokens]
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with httpx.stream(
+        "GET", f"{srv.url}/sse", params=params, headers=headers, timeout=TIMEOUT
+    ) as resp:
+        return resp.status_code
+
+
+def poll_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
+    params = [("channel", channel), ("timeout", "0")] + [("sub_token", t) for t in sub_tokens]
+    if token:
+        params.append(("token", token))
+    return httpx.get(f"{srv.url}/poll", params=params, timeout=TIMEOUT).status_code
+
+
+def poll_cookie_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
+    params = [("channel", channel), ("timeout", "0")] + [("sub_token", t) for t in sub_tokens]
+    cookies = {"tidings_token": token} if token else {}
+    with httpx.Client(cookies=cookies) as client:
+        return client.get(f"{srv.url}/poll", params=params, timeout=TIMEOUT).status_code
+
+
+#: The HTTP status each WebSocket error code corresponds to, for one matrix.
+WS_TO_HTTP = {None: 200, 102: 404, 103: 403, 109: 401, 3500: 401}
+
+
+def ws_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
+    client = RawClient(srv.ws_url)
+    try:
+        connect: dict[str, Any] = {"token": token} if token else {}
+        sub: dict[str, Any] = {"channel": channel}
+        if sub_tokens:
+            sub["token"] = sub_tokens[0]
+        client.send({"id": 1, "connect": connect})
+        try:
+            reply = client.wait_for(lambda m: m.get("id") == 1)
+        except AssertionError:
+            return WS_TO_HTTP[client.read_until_closed()]
+        if "error" not in reply:
+            client.send({"id": 2, "subscribe": sub})
+            reply = client.wait_for(lambda m: m.get("id") == 2)
+        return WS_TO_HTTP[reply.get("error", {}).get("code")]
+    finally:
+        client.close()
+
+
+TRANSPORTS: dict[str, Check] = {
+    "sse": sse_status,
+    "poll": poll_status,
+    "poll-cookie": poll_cookie_status,
+    "websocket": ws_status,
+}
+
+
+@pytest.fixture(scope="module")
+def secure(module_server_factory: Any) -> Any:
+    return module_server_factory(CONFIG)
+
+
+RULES: list[tuple[str, str, Callable[[str], tuple[str | None, list[str]]], int]] = [
+    ("anonymous in an open namespace", "public:{}", lambda ch: (None, []), 200),
+    ("anonymous where auth is needed", "chat:{}", lambda ch: (None, []), 403),
+    ("anonymous in the default namespace", "{}", lambda ch: (None, []), 403),
+    ("authenticated", "chat:{}", lambda ch: (hs256({"sub": "42"}), []), 200),
+    ("token namespace without token", "private:{}", lambda ch: (hs256({"sub": "42"}), []), 403),
+    (
+        "token namespace with subscription token",
+        "private:{}",
+        lambda ch: (hs256({"sub": "42"}), [hs256({"sub": "42", "channel": ch})]),
+        200,
+    ),
+    (
+        "channels claim of the connection token",
+        "private:{}",
+        lambda ch: (hs256({"sub": "42", "channels": [ch]}), []),
+        200,
+    ),
+    (
+        "user-limited channel, a listed user",
+        "dm{}#42,43",
+        lambda ch: (hs256({"sub": "43"}), []),
+        200,
+    ),
+    ("user-limited channel, another user", "dm{}#42,43", lambda ch: (hs256({"sub": "7"}), []), 403),
+    ("unknown namespace", "nowhere:{}", lambda ch: (hs256({"sub": "42"}), []), 404),
+    (
+        "expired connection token",
+        "chat:{}",
+        lambda ch: (hs256({"sub": "42", "exp": int(time.time()) - 60}), []),
+        401,
+    ),
+    (
+        "forged connection token",
+        "chat:{}",
+        lambda ch: (hs256({"sub": "42"}, secret="forged-secret-of-sufficient-len!"), []),
+        401,
+    ),
+]
+
+
+@pytest.mark.parametrize("transport", list(TRANSPORTS))
+@pytest.mark.parametrize("rule", [rule[0] for rule in RULES])
+def test_rule_on_transport(secure: Any, transport: str, rule: str) -> None:
+    _, pattern, credentials, expected = next(r for r in RULES if r[0] == rule)
+    channel = pattern.format(unique_channel())
+    token, sub_tokens = credentials(channel)
+    assert TRANSPORTS[transport](secure, channel, token, sub_tokens) == expected
+
+
+def test_websocket_forged_token_closes_with_3500(secure: Any) -> None:
+    client = RawClient(secure.ws_url)
+    try:
+        client.send({"id": 1, "connect": {"token": hs256({"sub": "1"}, secret="x" * 40)}})
+        assert client.read_until_closed() == 3500
+    finally:
+        client.close()
+
+
+def test_websocket_client_publish_follows_the_namespace(secure: Any) -> None:
+    channel = f"chat:{unique_channel()}"
+    client = RawClient(secure.ws_url)
+    try:
+        client.send(
+            {"id": 1, "connect": {"token": hs256({"sub": "42"})}},
+            {"id": 2, "publish": {"channel": channel, "data": {"early": True}}},
+            {"id": 3, "subscribe": {"channel": channel}},
+            {"id": 4, "publish": {"channel": channel, "data": {"n": 1}}},
+            {"id": 5, "publish": {"channel": f"public:{unique_channel()}", "data": 1}},
+        )
+        replies = {
+            m["id"]: m
+            for m in (client.wait_for(lambda m, i=i: m.get("id") == i) for i in (2, 4, 5))
+        }
+        assert replies[2]["error"]["code"] == 103  # not subscribed yet
+        assert "error" not in replies[4]
+        assert replies[5]["error"]["code"] == 103  # nobody publishes in public
+        push = client.wait_for(lambda m: "push" in m)
+        assert push["push"]["pub"]["data"] == {"n": 1}
+        assert push["push"]["pub"]["info"]["user"] == "42"
+    finally:
+        client.close()
+
+
+def test_refresh_keeps_the_user_and_refuses_another(secure: Any) -> None:
+    client = RawClient(secure.ws_url)
+    try:
+        client.send({"id": 1, "connect": {"token": hs256({"sub": "42"})}})
+        connect = client.wait_for(lambda m: m.get("id") == 1)["connect"]
+        assert connect["expires"] is True and 0 < connect["ttl"] <= 600
+        client.send({"id": 2, "refresh": {"token": hs256({"sub": "42"})}})
+        assert client.wait_for(lambda m: m.get("id") == 2)["refresh"]["expires"] is True
+        client.send({"id": 3, "refresh": {"token": hs256({"sub": "99"})}})
+        assert client.read_until_closed() == 3500
+    finally:
+        client.close()
+
+
+def test_server_api_publish_reaches_an_authorised_sse_subscriber(secure: Any) -> None:
+    channel = f"chat:{unique_channel()}"
+    token = hs256({"sub": "42"})
+    with httpx.stream(
+        "GET",
+        f"{secure.url}/sse",
+        params={"channel": channel},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=TIMEOUT,
+    ) as resp:
+        assert resp.status_code == 200
+        lines = resp.iter_lines()
+        assert any(line.startswith("event: subscribed") for line in lines)
+        publish(secure, channel, {"hello": "auth"})
+        data = next(line for line in lines if line.startswith('data: {"channel"'))
+        assert json.loads(data[6:])["data"] == {"hello": "auth"}
