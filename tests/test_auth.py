@@ -355,3 +355,100 @@ def test_server_api_publish_reaches_an_authorised_sse_subscriber(secure: Any) ->
         publish(secure, channel, {"hello": "auth"})
         data = next(line for line in lines if line.startswith('data: {"channel"'))
         assert json.loads(data[6:])["data"] == {"hello": "auth"}
+
+
+# --------------------------------------------------------------------------- presence
+
+PRESENCE_CONFIG = """
+[namespaces.room]
+presence = true
+join_leave = true
+presence_read = "any"
+
+[namespaces.quiet]
+"""
+
+
+@pytest.fixture(scope="module")
+def rooms(module_server_factory: Any) -> Any:
+    return module_server_factory(PRESENCE_CONFIG)
+
+
+def api_result(srv: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    body: dict[str, Any] = httpx.post(
+        f"{srv.url}/api/{method}", json=params, timeout=TIMEOUT
+    ).json()
+    return body
+
+
+def wait_presence(srv: Any, channel: str, clients: int) -> dict[str, Any]:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        result = api_result(srv, "presence", {"channel": channel})["result"]["presence"]
+        if len(result) == clients or time.monotonic() > deadline:
+            return dict(result)
+        time.sleep(0.05)
+
+
+def joined(srv: Any, channel: str, token_user: str | None = None) -> tuple[RawClient, str]:
+    client = RawClient(srv.ws_url)
+    client.send({"id": 1, "connect": {}}, {"id": 2, "subscribe": {"channel": channel}})
+    client_id = client.wait_for(lambda m: m.get("id") == 1)["connect"]["client"]
+    client.wait_for(lambda m: m.get("id") == 2)
+    return client, client_id
+
+
+def test_presence_tracks_clients_through_normal_and_abnormal_leaving(rooms: Any) -> None:
+    channel = f"room:{unique_channel()}"
+    first, first_id = joined(rooms, channel)
+    second, second_id = joined(rooms, channel)
+    try:
+        entries = wait_presence(rooms, channel, 2)
+        assert set(entries) == {first_id, second_id}
+        assert entries[first_id]["client"] == first_id
+        stats = api_result(rooms, "presence_stats", {"channel": channel})["result"]
+        assert stats == {"num_clients": 2, "num_users": 1}  # both anonymous: user ""
+        # The first client hears the second's leave when it unsubscribes...
+        second.send({"id": 3, "unsubscribe": {"channel": channel}})
+        leave = first.wait_for(lambda m: "leave" in m.get("push", {}))
+        assert leave["push"]["leave"]["info"]["client"] == second_id
+        assert set(wait_presence(rooms, channel, 1)) == {first_id}
+        # ...and an abnormal drop (socket closed without a close frame) clears it too.
+        first.sock.close()
+        assert wait_presence(rooms, channel, 0) == {}
+    finally:
+        first.close()
+        second.close()
+
+
+def test_join_is_pushed_to_other_subscribers(rooms: Any) -> None:
+    channel = f"room:{unique_channel()}"
+    first, _ = joined(rooms, channel)
+    try:
+        second, second_id = joined(rooms, channel)
+        join = first.wait_for(lambda m: "join" in m.get("push", {}))
+        assert join["push"]["channel"] == channel
+        assert join["push"]["join"]["info"]["client"] == second_id
+        second.close()
+    finally:
+        first.close()
+
+
+def test_presence_over_websocket_and_not_available_where_disabled(rooms: Any) -> None:
+    channel = f"room:{unique_channel()}"
+    client, client_id = joined(rooms, channel)
+    try:
+        client.send(
+            {"id": 3, "presence": {"channel": channel}},
+            {"id": 4, "presence_stats": {"channel": channel}},
+            {"id": 5, "presence": {"channel": f"quiet:{unique_channel()}"}},
+        )
+        presence = client.wait_for(lambda m: m.get("id") == 3)["presence"]["presence"]
+        assert list(presence) == [client_id]
+        stats = client.wait_for(lambda m: m.get("id") == 4)["presence_stats"]
+        assert stats == {"num_clients": 1, "num_users": 1}
+        assert client.wait_for(lambda m: m.get("id") == 5)["error"]["code"] == 108
+    finally:
+        client.close()
+    off = api_result(rooms, "presence", {"channel": f"quiet:{unique_channel()}"})
+    assert off["error"]["code"] == 108

@@ -56,6 +56,10 @@ class HistoryParams(_Body):
     reverse: bool = False
 
 
+class ChannelParams(_Body):
+    channel: str
+
+
 class ChannelsParams(_Body):
     pattern: str = ""
 
@@ -76,6 +80,8 @@ class ServerAPI:
             "broadcast": (BroadcastParams, self.broadcast),
             "history": (HistoryParams, self.history),
             "channels": (ChannelsParams, self.channels),
+            "presence": (ChannelParams, self.presence),
+            "presence_stats": (ChannelParams, self.presence_stats),
             "info": (InfoParams, self.info),
         }
         self._decoders = {
@@ -149,6 +155,20 @@ class ServerAPI:
             "epoch": top.epoch,
             "offset": top.offset,
         }
+
+    def _check_presence(self, channel: str) -> None:
+        self.server.hub.validate_channel(channel)
+        if not self.server.access.policy(channel).presence:
+            raise ProtocolError(ErrorCode.NOT_AVAILABLE, "presence is not enabled for this channel")
+
+    async def presence(self, params: ChannelParams) -> dict[str, Any]:
+        self._check_presence(params.channel)
+        return {"presence": await self.server.hub.presence(params.channel)}
+
+    async def presence_stats(self, params: ChannelParams) -> dict[str, Any]:
+        self._check_presence(params.channel)
+        clients, users = await self.server.hub.presence_stats(params.channel)
+        return {"num_clients": clients, "num_users": users}
 
     async def channels(self, params: ChannelsParams) -> dict[str, Any]:
         pattern = params.pattern

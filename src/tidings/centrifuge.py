@@ -31,7 +31,7 @@ import msgspec
 from .auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
-from .hub import ClientInfo, Hub, Position, Publication
+from .hub import ClientInfo, Hub, Position, PresenceEvent, Publication
 
 __all__ = [
     "PING",
@@ -228,6 +228,15 @@ class SubRefreshResult(_Res):
     ttl: int = 0
 
 
+class PresenceResult(_Res):
+    presence: dict[str, ClientInfo] = msgspec.field(default_factory=dict)
+
+
+class PresenceStatsResult(_Res):
+    num_clients: int = 0
+    num_users: int = 0
+
+
 class Reply(_Res):
     id: int = 0
     error: Error | None = None
@@ -235,6 +244,8 @@ class Reply(_Res):
     subscribe: SubscribeResult | None = None
     unsubscribe: Empty | None = None
     publish: Empty | None = None
+    presence: PresenceResult | None = None
+    presence_stats: PresenceStatsResult | None = None
     history: HistoryResult | None = None
     ping: Empty | None = None
     refresh: RefreshResult | None = None
@@ -272,6 +283,23 @@ def push_json(pub: Publication) -> bytes:
             _encode(pub.channel),
             b',"pub":',
             pub.encoded(publication_json),
+            b"}}",
+        )
+    )
+
+
+class _Info(_Res):
+    info: ClientInfo
+
+
+def presence_push_json(event: PresenceEvent) -> bytes:
+    """``{"push":{"channel":..,"join"|"leave":{"info":{..}}}}``; cache with ``event.encoded``."""
+    return b"".join(
+        (
+            b'{"push":{"channel":',
+            _encode(event.channel),
+            b',"' + event.kind.encode() + b'":',
+            _encode(_Info(event.info)),
             b"}}",
         )
     )
@@ -386,7 +414,7 @@ class ClientSession:
         if self.closed or channels is None or channel not in channels:
             return False
         channels.discard(channel)
-        self.hub.unsubscribe(channel, self)
+        self._leave(channel)
         self.flush()
         self.send_payload(unsubscribe_push(channel, code, reason))
         return True
@@ -398,7 +426,34 @@ class ClientSession:
         channels, self.channels = self.channels, None
         if channels:
             for channel in channels:
-                self.hub.unsubscribe(channel, self)
+                self._leave(channel)
+
+    def deliver_presence(self, event: PresenceEvent) -> None:
+        """A join/leave push; rare enough to be framed per connection."""
+        if not self.closed and event.info.client != self.client_id:
+            self.flush()
+            self.send_payload(event.encoded(presence_push_json))
+
+    def _leave(self, channel: str) -> None:
+        """Unsubscribe, and take the client out of the channel's presence."""
+        self.hub.unsubscribe(channel, self)
+        try:
+            policy = self.options.access.policy(channel)
+        except ProtocolError:
+            return
+        if policy.presence:
+            self.hub.remove_presence(channel, self.client_id)
+        if policy.join_leave:
+            self.hub.announce(channel, "leave", self._info())
+
+    def _info(self, chan_info: bytes | None = None) -> ClientInfo:
+        conn_info = self.credentials.info
+        return ClientInfo(
+            user=self.credentials.user,
+            client=self.client_id,
+            conn_info=msgspec.Raw(conn_info) if conn_info else None,
+            chan_info=msgspec.Raw(chan_info) if chan_info else None,
+        )
 
     # -- commands ----------------------------------------------------------
 
@@ -444,9 +499,10 @@ class ClientSession:
                 self._reply(self._unsubscribe(cmd_id, cmd.unsubscribe))
             elif cmd.publish is not None:
                 self._reply(await self._publish(cmd_id, cmd.publish))
-            elif cmd.presence is not None or cmd.presence_stats is not None:
-                # Presence arrives with namespaces (a later issue): not enabled anywhere yet.
-                raise ProtocolError(ErrorCode.NOT_AVAILABLE)
+            elif cmd.presence is not None:
+                self._reply(await self._presence(cmd_id, cmd.presence))
+            elif cmd.presence_stats is not None:
+                self._reply(await self._presence_stats(cmd_id, cmd.presence_stats))
             elif cmd.history is not None:
                 self._reply(await self._history(cmd_id, cmd.history))
             elif cmd.rpc is not None:
@@ -571,12 +627,27 @@ class ClientSession:
         # No await between the hub's answer and this: the reply is queued before
         # the first live publication can reach deliver(), which flushes it first.
         self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
+        await self._join(channel, grant)
+
+    async def _join(self, channel: str, grant: Grant | None) -> None:
+        """Enter the channel's presence and announce the join, where the namespace says so."""
+        policy = self.options.access.policy(channel)
+        if not (policy.presence or policy.join_leave):
+            return
+        info = self._info(grant.info if grant is not None else None)
+        if policy.presence:
+            await self.hub.add_presence(channel, self.client_id, info)
+            if self.closed or self.channels is None or channel not in self.channels:
+                self.hub.remove_presence(channel, self.client_id)  # left while we waited
+                return
+        if policy.join_leave:
+            self.hub.announce(channel, "join", info)
 
     def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> bytes:
         channels = self.channels
         if channels is not None and req.channel in channels:
             channels.discard(req.channel)
-            self.hub.unsubscribe(req.channel, self)
+            self._leave(req.channel)
         return encode_reply(Reply(id=cmd_id, unsubscribe=Empty()))
 
     async def _publish(self, cmd_id: int, req: PublishRequest) -> bytes:
@@ -607,6 +678,22 @@ class ClientSession:
             publications=_raw_publications(pubs) or None, epoch=top.epoch, offset=top.offset
         )
         return encode_reply(Reply(id=cmd_id, history=result))
+
+    async def _presence(self, cmd_id: int, req: ChannelRequest) -> bytes:
+        self._check_presence(req.channel)
+        result = PresenceResult(presence=await self.hub.presence(req.channel))
+        return encode_reply(Reply(id=cmd_id, presence=result))
+
+    async def _presence_stats(self, cmd_id: int, req: ChannelRequest) -> bytes:
+        self._check_presence(req.channel)
+        clients, users = await self.hub.presence_stats(req.channel)
+        result = PresenceStatsResult(num_clients=clients, num_users=users)
+        return encode_reply(Reply(id=cmd_id, presence_stats=result))
+
+    def _check_presence(self, channel: str) -> None:
+        self.hub.validate_channel(channel)
+        subscribed = self.channels is not None and channel in self.channels
+        self.options.access.check_presence(self.credentials, channel, subscribed)
 
     def _sub_refresh(self, cmd_id: int, req: SubRefreshRequest) -> bytes:
         if self.channels is None or req.channel not in self.channels:

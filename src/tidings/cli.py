@@ -77,6 +77,25 @@ def _parser() -> argparse.ArgumentParser:
     )
     subscribe.add_argument("--cursor", help="resume from this cursor (an SSE event id)")
     subscribe.set_defaults(run=_subscribe)
+
+    token = commands.add_parser(
+        "token", help="mint a connection or subscription token (for development)"
+    )
+    token.add_argument("--user", required=True, help="the user id (the sub claim)")
+    token.add_argument("--channel", help="make a subscription token for this channel")
+    token.add_argument("--ttl", default="1h", help="lifetime: 3600, 90s, 30m, 12h, 7d (default 1h)")
+    token.add_argument("--info", help="JSON info attached to the user")
+    token.add_argument("--config", metavar="FILE", help="TOML file with [auth] hmac_secret")
+    token.add_argument(
+        "--private-key", metavar="PEM", help="sign with this RSA or EC private key instead"
+    )
+    token.set_defaults(run=_token)
+
+    check = commands.add_parser(
+        "check-config", help="validate the configuration and print it, secrets masked"
+    )
+    check.add_argument("--config", metavar="FILE", help="TOML configuration file")
+    check.set_defaults(run=_check_config)
     return parser
 
 
@@ -242,3 +261,95 @@ def _sse_events(response: http.client.HTTPResponse) -> Any:
                 name = value
             elif field == "id":
                 event_id = value
+
+
+# -- token and check-config ------------------------------------------------
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+SECRET_KEYS = ("api_key", "hmac_secret")
+
+
+def _seconds(text: str) -> int:
+    unit = _UNITS.get(text[-1:].lower())
+    number = text[:-1] if unit else text
+    if not number.isdigit() or int(number) <= 0:
+        raise ValueError(f"--ttl {text!r}: expected a positive number with s, m, h or d")
+    return int(number) * (unit or 1)
+
+
+def _token(args: argparse.Namespace) -> int:
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import ec, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        config = load_config(args.config, os.environ)
+        ttl = _seconds(args.ttl)
+        info = json.loads(args.info) if args.info else None
+    except (ConfigError, ValueError) as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 2
+    now = int(time.time())
+    claims: dict[str, Any] = {"sub": args.user, "iat": now, "exp": now + ttl}
+    if info is not None:
+        claims["info"] = info
+    if args.channel:
+        claims["channel"] = args.channel
+    key: Any
+    if args.private_key:
+        try:
+            with open(args.private_key, "rb") as file:
+                key = load_pem_private_key(file.read(), password=None)
+        except (OSError, ValueError) as exc:
+            print(f"tidings: cannot load {args.private_key}: {exc}", file=sys.stderr)
+            return 2
+        if isinstance(key, rsa.RSAPrivateKey):
+            algorithm = "RS256"
+        elif isinstance(key, ec.EllipticCurvePrivateKey):
+            algorithm = "ES256"
+        else:
+            print("tidings: --private-key must be an RSA or EC key", file=sys.stderr)
+            return 2
+    elif config.auth.hmac_secret:
+        key, algorithm = config.auth.hmac_secret, "HS256"
+    else:
+        print(
+            "tidings: no [auth] hmac_secret in the configuration (or TIDINGS_AUTH__HMAC_SECRET);"
+            " pass --private-key to sign with RS256 or ES256",
+            file=sys.stderr,
+        )
+        return 2
+    print(jwt.encode(claims, key, algorithm=algorithm))
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    import msgspec
+
+    from .auth import Access
+
+    try:
+        config = load_config(args.config, os.environ)
+        access = Access(config)
+    except ConfigError as exc:
+        print(f"tidings: config error: {exc}", file=sys.stderr)
+        return 2
+    settings = msgspec.to_builtins(config)
+    settings["auth"]["rsa_public_key"] = _masked(settings["auth"]["rsa_public_key"], pem=True)
+    settings["auth"]["ecdsa_public_key"] = _masked(settings["auth"]["ecdsa_public_key"], pem=True)
+    for section in (settings, settings["auth"]):
+        for key in SECRET_KEYS:
+            if key in section:
+                section[key] = _masked(section[key])
+    print(json.dumps(settings, indent=2, sort_keys=True))
+    mode = "secure: " + ", ".join(access.tokens.algorithms) if access.secure else "development"
+    print(f"tidings: configuration is valid ({mode} mode)", file=sys.stderr)
+    return 0
+
+
+def _masked(value: str, pem: bool = False) -> str:
+    if not value:
+        return ""
+    if pem and not value.lstrip().startswith("-----BEGIN"):
+        return value  # a file path is not a secret
+    return "***" if not pem else "<PEM key>"

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import msgspec
 
@@ -33,8 +33,10 @@ if TYPE_CHECKING:
 __all__ = [
     "EMPTY",
     "ClientInfo",
+    "EncodedOnce",
     "Hub",
     "Position",
+    "PresenceEvent",
     "Publication",
     "Recovery",
     "Subscriber",
@@ -70,10 +72,34 @@ class ClientInfo(msgspec.Struct, omit_defaults=True):
     chan_info: msgspec.Raw | None = None
 
 
-class Publication:
+class EncodedOnce:
+    """Something every subscriber receives in the same bytes, per wire format."""
+
+    __slots__ = ("_encoded",)
+
+    def __init__(self) -> None:
+        self._encoded: dict[Callable[[Any], bytes], bytes] | None = None
+
+    def encoded(self, encoder: Callable[[Any], bytes]) -> bytes:
+        """This object in one wire format, built once and shared.
+
+        The first subscriber of a format pays for the encoding; every other
+        subscriber of that format gets the same ``bytes`` object.
+        """
+        cache = self._encoded
+        if cache is None:
+            cache = self._encoded = {}
+        try:
+            return cache[encoder]
+        except KeyError:
+            value = cache[encoder] = encoder(self)
+            return value
+
+
+class Publication(EncodedOnce):
     """One event in one channel, immutable once the broker has stamped it."""
 
-    __slots__ = ("_encoded", "channel", "data", "epoch", "info", "offset", "tags", "time")
+    __slots__ = ("channel", "data", "epoch", "info", "offset", "tags", "time")
 
     def __init__(
         self,
@@ -92,29 +118,26 @@ class Publication:
         self.info = info
         self.tags = tags
         self.time = int(time.time() * 1000) if time_ms is None else time_ms
-        self._encoded: dict[Callable[[Publication], bytes], bytes] | None = None
+        super().__init__()
 
     @property
     def position(self) -> Position:
         return Position(self.epoch, self.offset)
 
-    def encoded(self, encoder: Callable[[Publication], bytes]) -> bytes:
-        """This publication in one wire format, built once and shared.
-
-        The first subscriber of a format pays for the encoding; every other
-        subscriber of that format gets the same ``bytes`` object.
-        """
-        cache = self._encoded
-        if cache is None:
-            cache = self._encoded = {}
-        try:
-            return cache[encoder]
-        except KeyError:
-            value = cache[encoder] = encoder(self)
-            return value
-
     def __repr__(self) -> str:
         return f"<Publication {self.channel}@{self.epoch}:{self.offset}>"
+
+
+class PresenceEvent(EncodedOnce):
+    """A client joined or left a channel whose namespace announces it."""
+
+    __slots__ = ("channel", "info", "kind")
+
+    def __init__(self, channel: str, kind: Literal["join", "leave"], info: ClientInfo) -> None:
+        super().__init__()
+        self.channel = channel
+        self.kind = kind
+        self.info = info
 
 
 class Subscriber(Protocol):
@@ -178,6 +201,7 @@ class Hub:
         self._channels: dict[str, _Channel] = {}
         self._max_channel_length = max_channel_length
         broker.bind(self._deliver)
+        broker.bind_presence(self._deliver_presence)
 
     @property
     def broker(self) -> Broker:
@@ -312,6 +336,40 @@ class Hub:
         if unused and self._channels.get(channel) is state:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
+
+    # -- presence --------------------------------------------------------
+
+    async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
+        await self._broker.add_presence(channel, client, info)
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        self._broker.remove_presence(channel, client)
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        self.validate_channel(channel)
+        return await self._broker.presence(channel)
+
+    async def presence_stats(self, channel: str) -> tuple[int, int]:
+        """``(num_clients, num_users)`` present in the channel."""
+        entries = await self.presence(channel)
+        return len(entries), len({info.user for info in entries.values()})
+
+    def announce(self, channel: str, kind: Literal["join", "leave"], info: ClientInfo) -> None:
+        """Tell the channel's subscribers on every node that a client came or went."""
+        self._broker.announce(PresenceEvent(channel, kind, info))
+
+    def _deliver_presence(self, event: PresenceEvent) -> None:
+        state = self._channels.get(event.channel)
+        if state is None:
+            return
+        for subscriber in tuple(state.subscribers):
+            # Only protocols that carry join/leave (WebSocket) take them.
+            take = getattr(subscriber, "deliver_presence", None)
+            if take is not None:
+                try:
+                    take(event)
+                except Exception:
+                    log.exception("subscriber %r failed to take %s", subscriber, event.kind)
 
     # -- reading ---------------------------------------------------------
 

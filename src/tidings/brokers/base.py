@@ -12,19 +12,26 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from ..hub import ClientInfo, Position, Publication
+from ..errors import ErrorCode, ProtocolError
+from ..hub import ClientInfo, Position, PresenceEvent, Publication
 
 Deliver = Callable[[Publication], None]
+DeliverPresence = Callable[[PresenceEvent], None]
 
 
 class Broker(ABC):
     """Stamps publications with ``(epoch, offset)``, keeps history, fans out to nodes."""
 
     _deliver: Deliver | None = None
+    _deliver_presence: DeliverPresence | None = None
 
     def bind(self, deliver: Deliver) -> None:
         """Register the node's fan-out; called once by the hub."""
         self._deliver = deliver
+
+    def bind_presence(self, deliver: DeliverPresence) -> None:
+        """Register the node's join/leave fan-out; called once by the hub."""
+        self._deliver_presence = deliver
 
     async def start(self) -> None:
         """Connect and start background work; the default has none."""
@@ -75,3 +82,22 @@ class Broker(ABC):
         ``limit=None`` means no limit, ``0`` only the position. With ``since``
         of another epoch, no publications are returned.
         """
+
+    # Presence. A broker that cannot share presence between nodes says so:
+    # clients then get error 108 (not available) rather than a partial answer.
+
+    async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
+        """Record ``client`` as present in ``channel``."""
+        raise ProtocolError(ErrorCode.NOT_AVAILABLE, "this broker keeps no presence")
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        """Forget ``client`` in ``channel``; must not block."""
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        """Everyone present in ``channel``, by client id."""
+        raise ProtocolError(ErrorCode.NOT_AVAILABLE, "this broker keeps no presence")
+
+    def announce(self, event: PresenceEvent) -> None:
+        """Deliver a join/leave event to every node; the default reaches this node only."""
+        if self._deliver_presence is not None:
+            self._deliver_presence(event)

@@ -55,6 +55,7 @@ class MemoryBroker(Broker):
         self._sweep_interval = sweep_interval
         self._streams: dict[str, _Stream] = {}
         self._interest: set[str] = set()
+        self._presence: dict[str, dict[str, ClientInfo]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -129,6 +130,19 @@ class MemoryBroker(Broker):
         if limit is not None and limit > 0:
             pubs = pubs[:limit]
         return pubs, top
+
+    async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
+        self._presence.setdefault(channel, {})[client] = info
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        entries = self._presence.get(channel)
+        if entries is not None:
+            entries.pop(client, None)
+            if not entries:
+                del self._presence[channel]
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        return dict(self._presence.get(channel, {}))
 
     def sweep(self, now: float | None = None) -> None:
         """Expire old history; forget streams nobody uses or publishes to."""
