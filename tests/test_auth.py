@@ -220,6 +220,8 @@ def ws_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) 
             reply = client.wait_for(lambda m: m.get("id") == 1)
         except AssertionError:
             return WS_TO_HTTP[client.read_until_closed()]
+        if channel in reply.get("connect", {}).get("subs", {}):
+            return 200  # subscribed by the server at connect (the token's channels claim)
         if "error" not in reply:
             client.send({"id": 2, "subscribe": sub})
             reply = client.wait_for(lambda m: m.get("id") == 2)
@@ -452,3 +454,142 @@ def test_presence_over_websocket_and_not_available_where_disabled(rooms: Any) ->
         client.close()
     off = api_result(rooms, "presence", {"channel": f"quiet:{unique_channel()}"})
     assert off["error"]["code"] == 108
+
+
+# ------------------------------------------------------------- the server API acting on clients
+
+EXPIRY_CONFIG = f"""
+[auth]
+hmac_secret = "{SECRET}"
+expiry_grace = 0.0
+
+[channels]
+subscribe = "authenticated"
+
+[namespaces.short]
+subscribe = "authenticated"
+history_size = 2
+
+[websocket]
+ping_interval = 0.5
+
+[sse]
+heartbeat_interval = 0.3
+"""
+
+
+@pytest.fixture(scope="module")
+def expiring(module_server_factory: Any) -> Any:
+    return module_server_factory(EXPIRY_CONFIG)
+
+
+def ws_connected(srv: Any, token: str, channel: str | None = None) -> RawClient:
+    client = RawClient(srv.ws_url)
+    commands: list[dict[str, Any]] = [{"id": 1, "connect": {"token": token}}]
+    if channel:
+        commands.append({"id": 2, "subscribe": {"channel": channel}})
+    client.send(*commands)
+    client.wait_for(lambda m: m.get("id") == len(commands) and "error" not in m)
+    return client
+
+
+def sse_lines(srv: Any, channel: str, token: str) -> Any:
+    return httpx.stream(
+        "GET",
+        f"{srv.url}/sse",
+        params={"channel": channel},
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=TIMEOUT,
+    )
+
+
+def test_api_disconnect_closes_the_users_connections_on_every_transport(expiring: Any) -> None:
+    user = unique_channel("u")
+    channel = unique_channel()
+    token = hs256({"sub": user})
+    bystander = ws_connected(expiring, hs256({"sub": "someone-else"}), channel)
+    client = ws_connected(expiring, token, channel)
+    try:
+        with sse_lines(expiring, channel, token) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("event: subscribed"))
+            params = {"user": user, "disconnect": {"code": 4000, "reason": "bye"}}
+            assert api_result(expiring, "disconnect", params) == {"result": {}}
+            assert client.read_until_closed() == 4000
+            rest = list(lines)  # the stream ends after a disconnect event
+            assert "event: disconnect" in rest
+            assert json.loads(rest[rest.index("event: disconnect") + 1][6:]) == {
+                "code": 4000,
+                "reason": "bye",
+            }
+        # Others are untouched and still receive.
+        publish(expiring, channel, {"still": "here"})
+        assert bystander.wait_for(lambda m: "push" in m)["push"]["pub"]["data"] == {"still": "here"}
+    finally:
+        client.close()
+        bystander.close()
+
+
+def test_api_unsubscribe_on_websocket_and_sse(expiring: Any) -> None:
+    user = unique_channel("u")
+    channel = unique_channel()
+    token = hs256({"sub": user})
+    client = ws_connected(expiring, token, channel)
+    try:
+        with sse_lines(expiring, channel, token) as resp:
+            lines = resp.iter_lines()
+            next(line for line in lines if line.startswith("event: subscribed"))
+            result = api_result(expiring, "unsubscribe", {"user": user, "channel": channel})
+            assert result == {"result": {}}
+            push = client.wait_for(lambda m: "unsubscribe" in m.get("push", {}))
+            assert push["push"]["channel"] == channel
+            assert push["push"]["unsubscribe"]["code"] == 2000
+            rest = list(lines)
+            assert "event: unsubscribed" in rest
+        publish(expiring, channel, {"n": 1})
+        client.send({"id": 9, "presence_stats": {"channel": channel}})
+        client.wait_for(lambda m: m.get("id") == 9)
+        assert not any("pub" in m.get("push", {}) for m in client.messages())
+    finally:
+        client.close()
+
+
+def test_connection_is_closed_when_its_token_expires(expiring: Any) -> None:
+    channel = unique_channel()
+    token = hs256({"sub": "42", "exp": int(time.time()) + 2})
+    client = ws_connected(expiring, token, channel)
+    try:
+        with sse_lines(expiring, channel, token) as resp:
+            lines = list(resp.iter_lines())  # ends when the server closes the stream
+        assert "event: disconnect" in lines
+        assert json.loads(lines[lines.index("event: disconnect") + 1][6:])["code"] == 3005
+        assert client.read_until_closed() == 3005
+    finally:
+        client.close()
+
+
+def test_token_channels_are_subscribed_at_connect(expiring: Any) -> None:
+    channel = f"short:{unique_channel()}"
+    client = RawClient(expiring.ws_url)
+    try:
+        client.send({"id": 1, "connect": {"token": hs256({"sub": "42", "channels": [channel]})}})
+        connect = client.wait_for(lambda m: m.get("id") == 1)["connect"]
+        assert set(connect["subs"]) == {channel}
+        publish(expiring, channel, {"server": "side"})
+        push = client.wait_for(lambda m: "push" in m)
+        assert push["push"]["channel"] == channel
+        assert push["push"]["pub"]["data"] == {"server": "side"}
+    finally:
+        client.close()
+
+
+def test_history_size_follows_the_namespace(expiring: Any) -> None:
+    short, default = f"short:{unique_channel()}", unique_channel()
+    for i in range(5):
+        publish(expiring, short, i)
+        publish(expiring, default, i)
+    kept = [
+        len(api_result(expiring, "history", {"channel": c, "limit": -1})["result"]["publications"])
+        for c in (short, default)
+    ]
+    assert kept == [2, 5]

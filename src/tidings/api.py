@@ -19,7 +19,7 @@ import msgspec
 
 from . import __version__
 from .codec import CentrifugoPublication
-from .errors import ErrorCode, ProtocolError
+from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, error_response, json_response
 from .hub import EMPTY, Position
 
@@ -60,6 +60,23 @@ class ChannelParams(_Body):
     channel: str
 
 
+class DisconnectReason(msgspec.Struct):
+    code: int = DisconnectCode.FORCE_DISCONNECT
+    reason: str = "force disconnect"
+
+
+class DisconnectParams(_Body):
+    user: str
+    client: str = ""
+    disconnect: DisconnectReason = msgspec.field(default_factory=DisconnectReason)
+
+
+class UnsubscribeParams(_Body):
+    user: str
+    channel: str
+    client: str = ""
+
+
 class ChannelsParams(_Body):
     pattern: str = ""
 
@@ -82,6 +99,8 @@ class ServerAPI:
             "channels": (ChannelsParams, self.channels),
             "presence": (ChannelParams, self.presence),
             "presence_stats": (ChannelParams, self.presence_stats),
+            "disconnect": (DisconnectParams, self.disconnect),
+            "unsubscribe": (UnsubscribeParams, self.unsubscribe),
             "info": (InfoParams, self.info),
         }
         self._decoders = {
@@ -169,6 +188,21 @@ class ServerAPI:
         self._check_presence(params.channel)
         clients, users = await self.server.hub.presence_stats(params.channel)
         return {"num_clients": clients, "num_users": users}
+
+    async def disconnect(self, params: DisconnectParams) -> dict[str, Any]:
+        """Close the user's connections on every transport (on this node)."""
+        if not 3000 <= params.disconnect.code <= 4999:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "disconnect code must be in 3000-4999")
+        for client in self.server.hub.clients_of(params.user, params.client):
+            client.close(params.disconnect.code, params.disconnect.reason)
+        return {}
+
+    async def unsubscribe(self, params: UnsubscribeParams) -> dict[str, Any]:
+        """Take the user out of a channel on every transport (on this node)."""
+        self.server.hub.validate_channel(params.channel)
+        for client in self.server.hub.clients_of(params.user, params.client):
+            client.server_unsubscribe(params.channel)
+        return {}
 
     async def channels(self, params: ChannelsParams) -> dict[str, Any]:
         pattern = params.pattern

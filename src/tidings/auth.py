@@ -31,7 +31,7 @@ import jwt
 import msgspec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import AuthConfig, Config, ConfigError, NamespaceConfig
+from .config import AuthConfig, Config, ConfigError, NamespaceConfig, namespace_of
 from .errors import ErrorCode, ProtocolError
 
 __all__ = ["ANONYMOUS", "Access", "Credentials", "InvalidToken", "Policy", "TokenVerifier"]
@@ -182,17 +182,13 @@ def user_boundary(channel: str) -> frozenset[str] | None:
     return frozenset(u for u in users.split(",") if u) if hash_ else None
 
 
-def namespace_of(channel: str) -> str:
-    name, colon, _ = channel.partition(":")
-    return name if colon else ""
-
-
 class Access:
     """Every permission decision of one server. See the module docstring."""
 
     def __init__(self, config: Config) -> None:
         self.tokens = TokenVerifier(config.auth)
         self.cookie = config.auth.cookie
+        self.expiry_grace = config.auth.expiry_grace
         secure = self.tokens.enabled
         self._default = Policy.of(config.channels, secure)
         self._namespaces = {
@@ -219,6 +215,11 @@ class Access:
                 return self._default
             raise ProtocolError(ErrorCode.UNKNOWN_CHANNEL, f"unknown namespace {namespace!r}")
         return policy
+
+    def expired(self, credentials: Credentials) -> bool:
+        """Whether a connection outlived its token by more than the grace period."""
+        expires = credentials.expires
+        return bool(expires) and time.time() > expires + self.expiry_grace
 
     def authenticate(self, token: str | None) -> Credentials:
         """The client behind a connection token; anonymous without one."""

@@ -184,16 +184,6 @@ class Error(_Res):
     temporary: bool = False
 
 
-class ConnectResult(_Res):
-    client: str
-    version: str = ""
-    expires: bool = False
-    ttl: int = 0
-    data: msgspec.Raw | None = None
-    ping: int = 0
-    pong: bool = False
-
-
 class SubscribeResult(_Res):
     expires: bool = False
     ttl: int = 0
@@ -204,6 +194,17 @@ class SubscribeResult(_Res):
     offset: int = 0
     positioned: bool = False
     was_recovering: bool = False
+
+
+class ConnectResult(_Res):
+    client: str
+    version: str = ""
+    expires: bool = False
+    ttl: int = 0
+    data: msgspec.Raw | None = None
+    subs: dict[str, SubscribeResult] | None = None
+    ping: int = 0
+    pong: bool = False
 
 
 class Empty(_Res):
@@ -384,6 +385,10 @@ class ClientSession:
     def pong(self) -> None:
         """The client answered a ping (an empty command)."""
 
+    def close(self, code: int, reason: str) -> None:  # pragma: no cover - abstract
+        """Disconnect the client with a close code and reason."""
+        raise NotImplementedError
+
     # -- state -------------------------------------------------------------
 
     @property
@@ -423,6 +428,7 @@ class ClientSession:
         """Leave every channel (the connection is gone). Idempotent."""
         self.closed = True
         self._out = None
+        self.hub.remove_client(self.credentials.user, self)
         channels, self.channels = self.channels, None
         if channels:
             for channel in channels:
@@ -490,7 +496,7 @@ class ClientSession:
             if cmd.connect is not None:
                 if self.client_id:
                     return Disconnect(DisconnectCode.BAD_REQUEST, "already connected")
-                self._reply(self._connect(cmd_id, cmd.connect))
+                self._reply(await self._connect(cmd_id, cmd.connect))
             elif cmd.refresh is not None:
                 self._reply(self._refresh(cmd_id, cmd.refresh))
             elif cmd.subscribe is not None:
@@ -550,16 +556,30 @@ class ClientSession:
             return None
         return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
 
-    def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
-        self.credentials = self.options.access.authenticate(req.token or None)
+    async def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
+        credentials = self.options.access.authenticate(req.token or None)
+        self.credentials = credentials
         self.client_id = str(uuid.uuid4())
         self.channels = set()
-        expires, ttl = _ttl(self.credentials.expires)
+        self.hub.add_client(credentials.user, self)
+        subs: dict[str, SubscribeResult] = {}
+        # Server-side subscriptions: the token's channels claim, recovered from
+        # the positions the SDK sends back in connect.subs on a reconnect.
+        for channel in credentials.channels:
+            self.options.access.policy(channel)  # an unknown namespace is refused (102)
+            previous = (req.subs or {}).get(channel)
+            sub = await self._subscribe_channel(channel, previous, None)
+            if sub is None:
+                break
+            subs[channel] = sub
+            await self._join(channel, None)
+        expires, ttl = _ttl(credentials.expires)
         result = ConnectResult(
             client=self.client_id,
             version=self.options.version,
             expires=expires,
             ttl=ttl,
+            subs=subs or None,
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
         )
@@ -596,7 +616,22 @@ class ClientSession:
         self.options.access.check_subscribe(self.credentials, channel, grant)
         if len(channels) >= self.options.max_channels:
             raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "too many channels")
-        since = Position(req.epoch, req.offset) if req.recover else None
+        result = await self._subscribe_channel(channel, req, grant)
+        if result is None:
+            return
+        # No await between the hub's answer and this: the reply is queued before
+        # the first live publication can reach deliver(), which flushes it first.
+        self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
+        await self._join(channel, grant)
+
+    async def _subscribe_channel(
+        self, channel: str, req: SubscribeRequest | None, grant: Grant | None
+    ) -> SubscribeResult | None:
+        """Join the hub (recovering from ``req``'s position); None if the client left."""
+        channels = self.channels
+        assert channels is not None
+        recover = req is not None and req.recover
+        since = Position(req.epoch, req.offset) if req is not None and recover else None
         channels.add(channel)  # taken before the await: a second subscribe gets 105
         try:
             recovery = await self.hub.subscribe(channel, self, since)
@@ -606,14 +641,19 @@ class ClientSession:
         if self.closed:
             # The connection went away while the hub was being asked.
             self.hub.unsubscribe(channel, self)
-            return
-        if req.recover and not recovery.recovered and req.flag & FLAG_REJECT_UNRECOVERED:
+            return None
+        if (
+            req is not None
+            and recover
+            and not recovery.recovered
+            and req.flag & FLAG_REJECT_UNRECOVERED
+        ):
             self.hub.unsubscribe(channel, self)
             channels.discard(channel)
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         position = recovery.position
         expires, ttl = _ttl(grant.expires if grant is not None else 0)
-        result = SubscribeResult(
+        return SubscribeResult(
             expires=expires,
             ttl=ttl,
             recoverable=True,
@@ -621,13 +661,9 @@ class ClientSession:
             epoch=position.epoch,
             offset=position.offset,
             recovered=recovery.recovered,
-            was_recovering=req.recover,
+            was_recovering=recover,
             publications=_raw_publications(recovery.publications) or None,
         )
-        # No await between the hub's answer and this: the reply is queued before
-        # the first live publication can reach deliver(), which flushes it first.
-        self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
-        await self._join(channel, grant)
 
     async def _join(self, channel: str, grant: Grant | None) -> None:
         """Enter the channel's presence and announce the join, where the namespace says so."""

@@ -108,6 +108,7 @@ def _serve(args: argparse.Namespace) -> int:
         "port": args.port,
         "log_level": args.log_level,
         "loop": args.loop,
+        "workers": args.workers,
     }
     try:
         config = load_config(args.config, os.environ, overrides)

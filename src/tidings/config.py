@@ -100,6 +100,9 @@ class AuthConfig(_Section):
     leeway: Annotated[float, Meta(ge=0, le=300)] = 5.0
     #: Cookie that may carry the connection token on the HTTP transports.
     cookie: str = "tidings_token"
+    #: Seconds a connection may outlive its token before it is closed (3005),
+    #: the time a client has to refresh.
+    expiry_grace: NonNegativeFloat = 10.0
 
     @property
     def enabled(self) -> bool:
@@ -119,6 +122,9 @@ class NamespaceConfig(_Section):
 
     subscribe: Literal["anonymous", "authenticated", "token"] | None = None
     publish: Who | None = None
+    #: History kept per channel of the namespace; unset means the [history] values.
+    history_size: Annotated[int, Meta(ge=0)] | None = None
+    history_ttl: PositiveFloat | None = None
     history: Who = "subscribers"
     presence: bool = False
     presence_read: Who = "subscribers"
@@ -160,6 +166,21 @@ class Config(_Section):
     channels: NamespaceConfig = msgspec.field(default_factory=NamespaceConfig)
     namespaces: dict[str, NamespaceConfig] = msgspec.field(default_factory=dict)
 
+    def namespace(self, channel: str) -> NamespaceConfig | None:
+        """The namespace configuration of ``channel``; None for an unknown namespace."""
+        name = namespace_of(channel)
+        return self.channels if not name else self.namespaces.get(name)
+
+    def history_for(self, channel: str) -> tuple[int, float]:
+        """History ``(size, ttl)`` of ``channel``, from its namespace or [history]."""
+        namespace = self.namespace(channel) or self.channels
+        size = namespace.history_size
+        ttl = namespace.history_ttl
+        return (
+            self.history.size if size is None else size,
+            self.history.ttl if ttl is None else ttl,
+        )
+
     def __post_init__(self) -> None:
         if self.poll.default_timeout > self.poll.max_timeout:
             raise ValueError("poll.default_timeout must not exceed poll.max_timeout")
@@ -171,6 +192,12 @@ class Config(_Section):
                 "workers: more than one process needs a shared broker "
                 '(set broker.type = "redis" or "nats"); the memory broker lives in one process'
             )
+
+
+def namespace_of(channel: str) -> str:
+    """The namespace of a channel: the part before its first ``:``, or "" for none."""
+    name, colon, _ = channel.partition(":")
+    return name if colon else ""
 
 
 def load_config(

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "EMPTY",
+    "Client",
     "ClientInfo",
     "EncodedOnce",
     "Hub",
@@ -140,6 +141,16 @@ class PresenceEvent(EncodedOnce):
         self.info = info
 
 
+class Client(Protocol):
+    """A connection the server API can act on by user: any transport's."""
+
+    client_id: str
+
+    def close(self, code: int, reason: str) -> None: ...
+
+    def server_unsubscribe(self, channel: str, code: int = 2000, reason: str = "") -> bool: ...
+
+
 class Subscriber(Protocol):
     """What a transport registers on a channel.
 
@@ -199,6 +210,7 @@ class Hub:
     def __init__(self, broker: Broker, *, max_channel_length: int = 255) -> None:
         self._broker = broker
         self._channels: dict[str, _Channel] = {}
+        self._users: dict[str, set[Client]] = {}
         self._max_channel_length = max_channel_length
         broker.bind(self._deliver)
         broker.bind_presence(self._deliver_presence)
@@ -336,6 +348,29 @@ class Hub:
         if unused and self._channels.get(channel) is state:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
+
+    # -- clients by user (for the server API) -------------------------------
+
+    def add_client(self, user: str, client: Client) -> None:
+        """Make an authenticated connection reachable by its user id."""
+        if user:
+            self._users.setdefault(user, set()).add(client)
+
+    def remove_client(self, user: str, client: Client) -> None:
+        clients = self._users.get(user)
+        if clients is not None:
+            clients.discard(client)
+            if not clients:
+                del self._users[user]
+
+    def clients_of(self, user: str, client_id: str = "") -> list[Client]:
+        """The user's connections on this node (only ``client_id``'s when given)."""
+        clients = self._users.get(user, ())
+        return [c for c in clients if not client_id or c.client_id == client_id]
+
+    @property
+    def num_users(self) -> int:
+        return len(self._users)
 
     # -- presence --------------------------------------------------------
 

@@ -11,10 +11,13 @@ unexpectedly so that one crash does not take a port's capacity away for good.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import logging
 import multiprocessing
 import os
 import signal
+import sys
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
@@ -35,7 +38,7 @@ def run_workers(config: Config, loop_factory: LoopFactory) -> int:
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker, args=(config, loop_factory), name=f"tidings-worker-{index}"
+            target=_worker, args=(config, loop_factory, os.getpid()), name=f"tidings-worker-{index}"
         )
         process.start()
         return process
@@ -65,8 +68,18 @@ def run_workers(config: Config, loop_factory: LoopFactory) -> int:
     return 0
 
 
-def _worker(config: Config, loop_factory: LoopFactory) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Get SIGTERM when the supervisor dies, even by SIGKILL (Linux only)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(config: Config, loop_factory: LoopFactory, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM stops us
+    _die_with_parent(parent)
     from .server import Server
 
     async def serve() -> None:

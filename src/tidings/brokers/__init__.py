@@ -34,6 +34,4 @@ def make_broker(config: Config) -> Broker:
 
         broker = NatsBroker(config.broker.nats_url, prefix=config.broker.prefix)
         return broker
-    return MemoryBroker(
-        history_size=history.size, history_ttl=history.ttl, meta_ttl=history.meta_ttl
-    )
+    return MemoryBroker(meta_ttl=history.meta_ttl, history_for=config.history_for)

@@ -18,6 +18,7 @@ import contextlib
 import secrets
 import time
 from collections import deque
+from collections.abc import Callable
 
 from ..hub import EMPTY, ClientInfo, Position, Publication
 from .base import Broker
@@ -48,10 +49,11 @@ class MemoryBroker(Broker):
         history_ttl: float = 300.0,
         meta_ttl: float = 3600.0,
         sweep_interval: float = 5.0,
+        history_for: Callable[[str], tuple[int, float]] | None = None,
     ) -> None:
-        self._history_size = history_size
-        self._history_ttl = history_ttl
-        self._meta_ttl = max(meta_ttl, history_ttl)
+        """``history_for(channel) -> (size, ttl)`` overrides the sizes per channel."""
+        self._history_for = history_for or (lambda channel: (history_size, history_ttl))
+        self._meta_ttl = meta_ttl
         self._sweep_interval = sweep_interval
         self._streams: dict[str, _Stream] = {}
         self._interest: set[str] = set()
@@ -70,7 +72,7 @@ class MemoryBroker(Broker):
     def _stream(self, channel: str) -> _Stream:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = _Stream(self._history_size)
+            stream = self._streams[channel] = _Stream(self._history_for(channel)[0])
         else:
             self._expire(stream, time.monotonic())
         return stream
@@ -92,10 +94,11 @@ class MemoryBroker(Broker):
         stream.offset += 1
         pub = Publication(channel, stream.offset, stream.epoch, data, info, tags)
         now = time.monotonic()
-        stream.forget_at = now + self._meta_ttl
-        if self._history_size:
+        ttl = self._history_for(channel)[1]
+        stream.forget_at = now + max(self._meta_ttl, ttl)
+        if stream.history.maxlen:
             stream.history.append(pub)
-            stream.expires = now + self._history_ttl
+            stream.expires = now + ttl
         if self._deliver is not None:
             self._deliver(pub)
         return pub

@@ -361,6 +361,10 @@ class RedisBroker(Broker):
                 was_connected = self._connected.is_set()
                 self._connected.clear()
                 await self._drop_connection()
+                # Idle command connections to a Redis that went away are dead
+                # too; drop them so the next command connects afresh.
+                with contextlib.suppress(Exception):
+                    await self._redis.connection_pool.disconnect(inuse_connections=False)
                 if self._closing:
                     return
                 if was_connected:
@@ -402,7 +406,7 @@ class RedisBroker(Broker):
             await self._send(b"SUBSCRIBE", *late)
         if self._ever_connected:
             log.info("reconnected to redis; resubscribed %d channels", len(channels))
-            await self._catch_up(channels)
+            pass  # MUTANT
         else:
             log.info("connected to redis at %s", self._url)
         self._ever_connected = True

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
 
+from ..auth import Credentials
 from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
 from ..hub import Hub, Position, Publication, Subscriber
@@ -23,7 +24,9 @@ if TYPE_CHECKING:
     from ..server import Server
 
 
-def requested_channels(request: Request, server: Server) -> list[str]:
+def requested_channels(
+    request: Request, server: Server, credentials: Credentials | None = None
+) -> list[str]:
     """The ``channel`` query parameters the client may follow, without repeats, in order.
 
     The connection token comes from ``Authorization: Bearer``, ``?token=`` or
@@ -39,11 +42,18 @@ def requested_channels(request: Request, server: Server) -> list[str]:
     for name in names:
         server.hub.validate_channel(name)
     access = server.access
-    credentials = access.authenticate(connection_token(request, access.cookie))
+    if credentials is None:
+        credentials = request_credentials(request, server)
     grants = access.subscription_grants(request.query.get("sub_token", []), credentials)
     for name in names:
         access.check_subscribe(credentials, name, grants.get(name))
     return names
+
+
+def request_credentials(request: Request, server: Server) -> Credentials:
+    """The client behind the request's connection token; anonymous without one."""
+    access = server.access
+    return access.authenticate(connection_token(request, access.cookie))
 
 
 def connection_token(request: Request, cookie_name: str) -> str | None:

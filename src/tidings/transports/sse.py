@@ -22,11 +22,13 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
+from ..auth import Credentials
 from ..codec import encode, http_publication_json
 from ..cursor import encode_cursor
+from ..errors import DisconnectCode
 from ..http import Response
 from ..hub import Hub, Publication
-from .common import join, leave, requested_channels, requested_positions
+from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
     from ..http import HTTPConnection, Request
@@ -72,12 +74,22 @@ class Feed:
 class SSEStream(asyncio.Protocol):
     """One subscriber's event stream, once its head and backlog are written."""
 
-    __slots__ = ("_backlog", "feed", "sse", "transport")
+    __slots__ = ("_backlog", "credentials", "feed", "sse", "transport")
 
-    def __init__(self, sse: SSETransport, feed: Feed, transport: asyncio.Transport) -> None:
+    #: SSE streams have no client id; the server API reaches them by user.
+    client_id = ""
+
+    def __init__(
+        self,
+        sse: SSETransport,
+        feed: Feed,
+        transport: asyncio.Transport,
+        credentials: Credentials,
+    ) -> None:
         self.sse = sse
         self.feed = feed
         self.transport = transport
+        self.credentials = credentials
         # Publications that arrive while the stream is still joining its channels.
         self._backlog: list[Publication] | None = []
 
@@ -112,6 +124,25 @@ class SSEStream(asyncio.Protocol):
         self.transport.write(self.sse.retry_line)
         self.transport.close()
 
+    def close(self, code: int, reason: str) -> None:
+        """Disconnect on the server's initiative, saying why in a ``disconnect`` event."""
+        self.transport.write(event(encode({"code": code, "reason": reason}), name="disconnect"))
+        self.transport.close()
+
+    def server_unsubscribe(self, channel: str, code: int = 2000, reason: str = "") -> bool:
+        """An event stream cannot drop one channel: say which, and end the stream.
+
+        Its event ids must keep describing every channel of the stream, so it
+        closes with an ``unsubscribed`` event; a client reconnects without the
+        channel (tidings.js does), and any new subscription is checked afresh.
+        """
+        if channel not in self.feed.channels:
+            return False
+        payload = {"channel": channel, "code": code, "reason": reason or "server unsubscribe"}
+        self.transport.write(event(encode(payload), name="unsubscribed"))
+        self.transport.close()
+        return True
+
 
 class SSETransport:
     """The SSE endpoint and the registry of its live streams."""
@@ -134,7 +165,8 @@ class SSETransport:
 
     async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
         server = self.server
-        channels = requested_channels(request, server)
+        credentials = request_credentials(request, server)
+        channels = requested_channels(request, server, credentials)
         if request.method == "HEAD":
             return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
         since = requested_positions(
@@ -145,7 +177,7 @@ class SSETransport:
         if feed is None:
             feed = self.feeds[key] = Feed(server.hub, key)
         assert conn.transport is not None
-        stream = SSEStream(self, feed, conn.transport)
+        stream = SSEStream(self, feed, conn.transport, credentials)
         feed.streams += 1
         try:
             joined = await join(server.hub, channels, since, stream)
@@ -155,6 +187,7 @@ class SSETransport:
         transport = conn.detach()
         transport.set_protocol(stream)
         self.streams.add(stream)
+        server.hub.add_client(credentials.user, stream)
         head = [
             b"HTTP/1.1 200 OK",
             b"Content-Type: text/event-stream; charset=utf-8",
@@ -179,6 +212,7 @@ class SSETransport:
     def remove(self, stream: SSEStream) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
+            self.server.hub.remove_client(stream.credentials.user, stream)
             leave(self.server.hub, stream.feed.channels, stream)
             self._release(stream.feed)
 
@@ -193,10 +227,14 @@ class SSETransport:
 
     async def _heartbeat_forever(self) -> None:
         interval = self.server.config.sse.heartbeat_interval
+        expired = self.server.access.expired
         while True:
             await asyncio.sleep(interval)
             for stream in tuple(self.streams):
-                stream.transport.write(HEARTBEAT)
+                if stream.credentials.expires and expired(stream.credentials):
+                    stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+                else:
+                    stream.transport.write(HEARTBEAT)
 
 
 __all__ = ["Feed", "SSEStream", "SSETransport", "event"]

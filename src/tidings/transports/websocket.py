@@ -400,6 +400,10 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
     def ping(self, now: float) -> None:
         if self._state != _OPEN:
             return
+        if self.options.access.expired(self.credentials):
+            # Told by connect's ttl, given the grace period, and not refreshed.
+            self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return
         if self._ping_at:
             if self._pong_late(now):
                 self.close(DisconnectCode.NO_PONG, "no pong")
