@@ -470,6 +470,9 @@ subscribe = "authenticated"
 subscribe = "authenticated"
 history_size = 2
 
+[namespaces.vip]
+subscribe = "token"
+
 [websocket]
 ping_interval = 0.5
 
@@ -593,3 +596,50 @@ def test_history_size_follows_the_namespace(expiring: Any) -> None:
         for c in (short, default)
     ]
     assert kept == [2, 5]
+
+
+def test_subscription_ends_with_2501_when_its_token_expires_unrefreshed(expiring: Any) -> None:
+    channel = f"vip:{unique_channel()}"
+    soon = int(time.time()) + 2
+    client = RawClient(expiring.ws_url)
+    try:
+        client.send(
+            {"id": 1, "connect": {"token": hs256({"sub": "42"})}},
+            {
+                "id": 2,
+                "subscribe": {
+                    "channel": channel,
+                    "token": hs256({"sub": "42", "channel": channel, "exp": soon}),
+                },
+            },
+        )
+        sub = client.wait_for(lambda m: m.get("id") == 2)["subscribe"]
+        assert sub["expires"] is True and 0 < sub["ttl"] <= 2
+        push = client.wait_for(lambda m: "unsubscribe" in m.get("push", {}))
+        assert push["push"] == {
+            "channel": channel,
+            "unsubscribe": {"code": 2501, "reason": "subscription expired"},
+        }
+    finally:
+        client.close()
+
+
+def test_sub_refresh_extends_a_subscription(expiring: Any) -> None:
+    channel = f"vip:{unique_channel()}"
+    client = RawClient(expiring.ws_url)
+    try:
+        short = hs256({"sub": "42", "channel": channel, "exp": int(time.time()) + 2})
+        client.send(
+            {"id": 1, "connect": {"token": hs256({"sub": "42"})}},
+            {"id": 2, "subscribe": {"channel": channel, "token": short}},
+        )
+        client.wait_for(lambda m: m.get("id") == 2)
+        longer = hs256({"sub": "42", "channel": channel, "exp": int(time.time()) + 600})
+        client.send({"id": 3, "sub_refresh": {"channel": channel, "token": longer}})
+        assert client.wait_for(lambda m: m.get("id") == 3)["sub_refresh"]["ttl"] > 500
+        time.sleep(3)  # past the first token's expiry: the subscription must still be live
+        publish(expiring, channel, {"still": "subscribed"})
+        push = client.wait_for(lambda m: "push" in m)
+        assert push["push"]["pub"]["data"] == {"still": "subscribed"}
+    finally:
+        client.close()

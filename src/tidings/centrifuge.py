@@ -362,13 +362,24 @@ class ClientSession:
     publication of a channel before the reply that subscribed it.
     """
 
-    __slots__ = ("_out", "channels", "client_id", "closed", "credentials", "hub", "options")
+    __slots__ = (
+        "_out",
+        "channels",
+        "client_id",
+        "closed",
+        "credentials",
+        "hub",
+        "options",
+        "sub_expiries",
+    )
 
     def __init__(self, hub: Hub, options: SessionOptions) -> None:
         self.hub = hub
         self.options = options
         self.client_id = ""  # set by connect; "" means not connected yet
         self.credentials: Credentials = ANONYMOUS
+        # Unix expiry of subscriptions granted by expiring subscription tokens.
+        self.sub_expiries: dict[str, int] | None = None
         self.channels: set[str] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
@@ -440,9 +451,36 @@ class ClientSession:
             self.flush()
             self.send_payload(event.encoded(presence_push_json))
 
+    def check_expiry(self) -> None:
+        """Enforce token lifetimes; the transport calls this on its periodic turn.
+
+        A connection past its token (plus the grace period) is closed with
+        3005; a subscription past its subscription token is ended with 2501,
+        which makes the SDKs subscribe again with a fresh token.
+        """
+        access = self.options.access
+        if access.expired(self.credentials):
+            self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return
+        expiries = self.sub_expiries
+        if expiries:
+            deadline = time.time() - access.expiry_grace
+            for channel in [c for c, expires in expiries.items() if expires < deadline]:
+                self.server_unsubscribe(channel, 2501, "subscription expired")
+
+    def _remember_expiry(self, channel: str, grant: Grant | None) -> None:
+        if grant is not None and grant.expires:
+            if self.sub_expiries is None:
+                self.sub_expiries = {}
+            self.sub_expiries[channel] = grant.expires
+        elif self.sub_expiries is not None:
+            self.sub_expiries.pop(channel, None)
+
     def _leave(self, channel: str) -> None:
         """Unsubscribe, and take the client out of the channel's presence."""
         self.hub.unsubscribe(channel, self)
+        if self.sub_expiries is not None:
+            self.sub_expiries.pop(channel, None)
         try:
             policy = self.options.access.policy(channel)
         except ProtocolError:
@@ -622,6 +660,7 @@ class ClientSession:
         # No await between the hub's answer and this: the reply is queued before
         # the first live publication can reach deliver(), which flushes it first.
         self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
+        self._remember_expiry(channel, grant)
         await self._join(channel, grant)
 
     async def _subscribe_channel(
@@ -735,6 +774,7 @@ class ClientSession:
         if self.channels is None or req.channel not in self.channels:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, "not subscribed")
         grant = self._grant(req.channel, req.token)
+        self._remember_expiry(req.channel, grant)
         expires, ttl = _ttl(grant.expires if grant is not None else 0)
         return encode_reply(
             Reply(id=cmd_id, sub_refresh=SubRefreshResult(expires=expires, ttl=ttl))

@@ -400,9 +400,8 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
     def ping(self, now: float) -> None:
         if self._state != _OPEN:
             return
-        if self.options.access.expired(self.credentials):
-            # Told by connect's ttl, given the grace period, and not refreshed.
-            self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+        self.check_expiry()
+        if self._state != _OPEN:
             return
         if self._ping_at:
             if self._pong_late(now):
