@@ -27,6 +27,7 @@ def make_broker(config: Config) -> Broker:
             history_size=history.size,
             history_ttl=history.ttl,
             meta_ttl=history.meta_ttl,
+            history_for=config.history_for,
         )
         return broker
     if kind == "nats":

@@ -40,6 +40,7 @@ import logging
 import random
 import secrets
 import time
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -128,12 +129,13 @@ class RedisBroker(Broker):
         subscribe_timeout: float = 5.0,
         ping_interval: float = 5.0,
         max_backoff: float = 5.0,
+        history_for: Callable[[str], tuple[int, float]] | None = None,
     ) -> None:
+        """``history_for(channel) -> (size, ttl)`` overrides the history sizes per channel."""
         self._url = url
         self._prefix = prefix
-        self._history_size = history_size
-        self._history_ttl_ms = max(1, int(history_ttl * 1000))
-        self._meta_ttl_ms = max(self._history_ttl_ms, int(meta_ttl * 1000))
+        self._history_for = history_for or (lambda channel: (history_size, history_ttl))
+        self._meta_ttl_ms = max(1, int(meta_ttl * 1000))
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
         self._max_backoff = max_backoff
@@ -216,14 +218,16 @@ class RedisBroker(Broker):
         now_ms = int(time.time() * 1000)
         info_json = msgspec.json.encode(info) if info is not None else None
         payload = _encode_body(_Body(data, info_json, tags, now_ms))
+        size, ttl = self._history_for(channel)
+        ttl_ms = max(1, int(ttl * 1000))
         try:
             offset, epoch = await self._publish_script(
                 keys=self._keys(channel),
                 args=[
                     _new_epoch(),
-                    self._history_size,
-                    self._history_ttl_ms,
-                    self._meta_ttl_ms,
+                    size,
+                    ttl_ms,
+                    max(self._meta_ttl_ms, ttl_ms),
                     self._pubsub_name(channel),
                     payload,
                 ],
@@ -406,7 +410,7 @@ class RedisBroker(Broker):
             await self._send(b"SUBSCRIBE", *late)
         if self._ever_connected:
             log.info("reconnected to redis; resubscribed %d channels", len(channels))
-            pass  # MUTANT
+            await self._catch_up(channels)
         else:
             log.info("connected to redis at %s", self._url)
         self._ever_connected = True

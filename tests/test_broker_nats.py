@@ -1,0 +1,162 @@
+"""NatsBroker against a real nats-server: fan-out only, node-local positions, honest refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tidings.brokers.nats import NatsBroker
+from tidings.errors import ErrorCode, ProtocolError
+from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
+
+if TYPE_CHECKING:
+    from brokers_support import NatsServer
+
+pytest_plugins = ["brokers_support"]  # the redis_server / nats_server fixtures
+
+WAIT = 10.0
+
+
+class Node:
+    def __init__(self, url: str, **kw: Any) -> None:
+        kw.setdefault("reconnect_wait", 0.2)
+        self.broker = NatsBroker(url, prefix=kw.pop("prefix", "t.n"), **kw)
+        self.got: list[Publication] = []
+        self.broker.bind(self.got.append)
+
+    async def wait_for(self, n: int) -> list[Publication]:
+        async with asyncio.timeout(WAIT):
+            while len(self.got) < n:
+                await asyncio.sleep(0.01)
+        return self.got
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def run(server: NatsServer, body: Callable[..., Awaitable[None]], nodes: int = 1) -> None:
+    async def main() -> None:
+        made = [Node(server.url) for _ in range(nodes)]
+        for node in made:
+            await node.broker.start()
+        try:
+            await body(*made)
+        finally:
+            for node in made:
+                await node.broker.close()
+
+    asyncio.run(main())
+
+
+def test_fan_out_between_nodes_with_odd_channel_names(nats_server: NatsServer) -> None:
+    names = ["room", "ns:a.b", "x*y>z", "sp ace", "é/ü", ".", ">"]
+
+    async def body(a: Node, b: Node) -> None:
+        assert a.broker.healthy and b.broker.healthy
+        for name in names:
+            await b.broker.subscribe(name)
+        info = ClientInfo(user="u")
+        for name in names:
+            pub = await a.broker.publish(name, b'{"k":1}', info=info, tags={"t": "1"})
+            assert (pub.offset, pub.epoch) == (0, "")  # no shared position with NATS
+        got = await b.wait_for(len(names))
+        assert sorted(p.channel for p in got) == sorted(names)
+        assert all(p.offset == 1 and p.info == info and p.tags == {"t": "1"} for p in got)
+        assert a.got == []
+
+    run(nats_server, body, nodes=2)
+
+
+def test_positions_are_node_local_and_history_is_refused(nats_server: NatsServer) -> None:
+    async def body(a: Node, b: Node) -> None:
+        assert await a.broker.history("c", limit=0) == ([], EMPTY)
+        await a.broker.subscribe("c")
+        _, start = await a.broker.history("c", limit=0)
+        assert start.epoch and start.offset == 0
+        for n in range(3):
+            await b.broker.publish("c", str(n).encode())
+        got = await a.wait_for(3)
+        assert [p.offset for p in got] == [1, 2, 3] and {p.epoch for p in got} == {start.epoch}
+        with pytest.raises(ProtocolError) as err:
+            await a.broker.history("c")
+        assert err.value.code == ErrorCode.NOT_AVAILABLE
+        with pytest.raises(ProtocolError):
+            await a.broker.history("c", limit=10, reverse=True)
+        # Recovery: only a client that missed nothing is recovered.
+        top = Position(start.epoch, 3)
+        pubs, now = await a.broker.history("c", since=top)
+        assert reaches(top, pubs, now)
+        behind = Position(start.epoch, 1)
+        pubs, now = await a.broker.history("c", since=behind)
+        assert not reaches(behind, pubs, now)
+
+    run(nats_server, body, nodes=2)
+
+
+def test_disconnect_starts_a_new_epoch(nats_server: NatsServer) -> None:
+    class Sub:
+        def __init__(self) -> None:
+            self.got: list[Publication] = []
+
+        def deliver(self, pub: Publication) -> None:
+            self.got.append(pub)
+
+    async def body(a: Node, b: Node) -> None:
+        hub = Hub(a.broker)
+        sub = Sub()
+        await hub.subscribe("d", sub)
+        await b.broker.publish("d", b"1")
+        await until(lambda: len(sub.got) == 1, "first publication")
+        before = sub.got[0].position
+        nats_server.stop()
+        await until(lambda: not a.broker.healthy, "a unhealthy")
+        with pytest.raises(ProtocolError):
+            await b.broker.publish("d", b"lost")
+        nats_server.start()
+        await until(lambda: a.broker.healthy and b.broker.healthy, "both reconnected")
+        await b.broker.publish("d", b"2")
+        await until(lambda: len(sub.got) == 2, "publication after reconnect")
+        assert sub.got[1].epoch != before.epoch
+        # A client at the position from before the outage is not recovered.
+        rec = await hub.recover("d", before)
+        assert not rec.recovered
+
+    run(nats_server, body, nodes=2)
+
+
+def test_subscribe_without_nats_is_a_clear_error(nats_server: NatsServer) -> None:
+    nats_server.stop()
+
+    async def main() -> None:
+        node = Node(nats_server.url, subscribe_timeout=0.5)
+        await node.broker.start()
+        try:
+            assert not node.broker.healthy
+            with pytest.raises(ProtocolError) as err:
+                await node.broker.subscribe("x")
+            assert err.value.temporary
+            nats_server.start()
+            await until(lambda: node.broker.healthy, "connected")
+            await node.broker.subscribe("x")
+            await node.broker.publish("x", b"1")
+            await node.wait_for(1)
+        finally:
+            await node.broker.close()
+
+    asyncio.run(main())
+
+
+def test_bad_prefix_is_refused() -> None:
+    with pytest.raises(ValueError):
+        NatsBroker("nats://127.0.0.1:1", prefix="a b")
+    with pytest.raises(ValueError):
+        NatsBroker("nats://127.0.0.1:1", prefix="a..b")

@@ -1,0 +1,274 @@
+"""RedisBroker against a real redis-server: the memory broker's semantics, across nodes.
+
+Each "node" is a RedisBroker instance with its own connections, as a separate
+tidings process would have; the server-level tests are in test_scaleout.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tidings.brokers.redis import RedisBroker
+from tidings.errors import ProtocolError
+from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
+
+if TYPE_CHECKING:
+    from brokers_support import RedisServer
+
+pytest_plugins = ["brokers_support"]  # the redis_server / nats_server fixtures
+
+WAIT = 10.0
+
+
+class Node:
+    """A broker plus what it delivered, in order."""
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        kw.setdefault("ping_interval", 0.5)
+        kw.setdefault("max_backoff", 0.3)
+        self.broker = RedisBroker(url, prefix=kw.pop("prefix", "t"), **kw)
+        self.got: list[Publication] = []
+        self.broker.bind(self.got.append)
+
+    async def wait_for(self, n: int) -> list[Publication]:
+        async with asyncio.timeout(WAIT):
+            while len(self.got) < n:
+                await asyncio.sleep(0.01)
+        return self.got
+
+
+async def until(predicate: Callable[[], bool], what: str) -> None:
+    try:
+        async with asyncio.timeout(WAIT):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None
+
+
+def run(
+    redis: RedisServer, body: Callable[..., Awaitable[None]], nodes: int = 1, **kw: Any
+) -> None:
+    async def main() -> None:
+        made = [Node(redis.url, **kw) for _ in range(nodes)]
+        for node in made:
+            await node.broker.start()
+        try:
+            await body(*made)
+        finally:
+            for node in made:
+                await node.broker.close()
+
+    asyncio.run(main())
+
+
+def test_publish_stamps_offsets_and_history_reads_them(redis_server: RedisServer) -> None:
+    async def body(a: Node) -> None:
+        assert a.broker.healthy
+        assert await a.broker.history("c") == ([], EMPTY)  # reading creates nothing
+        info = ClientInfo(user="u1", client="c1")
+        p1 = await a.broker.publish("c", b'{"n":1}', info=info, tags={"k": "v"})
+        p2 = await a.broker.publish("c", b'{"n":2}')
+        assert (p1.offset, p2.offset) == (1, 2) and p1.epoch == p2.epoch
+        pubs, top = await a.broker.history("c")
+        assert top == Position(p1.epoch, 2)
+        assert [(p.offset, p.data) for p in pubs] == [(1, b'{"n":1}'), (2, b'{"n":2}')]
+        assert pubs[0].info == info and pubs[0].tags == {"k": "v"} and pubs[0].time == p1.time
+        assert pubs[0].channel == "c"
+        # since / limit / reverse as the memory broker has them
+        since_one, _ = await a.broker.history("c", since=Position(p1.epoch, 1))
+        assert [p.offset for p in since_one] == [2]
+        assert (await a.broker.history("c", limit=0)) == ([], top)
+        rev, _ = await a.broker.history("c", reverse=True, limit=1)
+        assert [p.offset for p in rev] == [2]
+        assert (await a.broker.history("c", since=Position("other", 0))) == ([], top)
+        from_empty, _ = await a.broker.history("c", since=EMPTY)
+        assert reaches(EMPTY, from_empty, top)
+
+    run(redis_server, body)
+
+
+def test_history_is_bounded_and_gap_is_detected(redis_server: RedisServer) -> None:
+    async def body(a: Node) -> None:
+        for n in range(5):
+            await a.broker.publish("c", str(n).encode())
+        pubs, top = await a.broker.history("c")
+        assert [p.offset for p in pubs] == [3, 4, 5] and top.offset == 5
+        since = Position(top.epoch, 1)
+        got, top = await a.broker.history("c", since=since)
+        assert not reaches(since, got, top)  # offsets 2 is gone: not recovered
+
+    run(redis_server, body, history_size=3)
+
+
+def test_subscribe_creates_epoch_and_fans_out_across_nodes(redis_server: RedisServer) -> None:
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("room")
+        _, top = await b.broker.history("room", limit=0)
+        assert top.epoch and top.offset == 0
+        pub = await a.broker.publish("room", b'"hi"')
+        assert pub.epoch == top.epoch  # the epoch a subscriber learned is the one used
+        (got,) = await b.wait_for(1)
+        assert (got.channel, got.offset, got.data) == ("room", 1, b'"hi"')
+        assert a.got == []  # a has no interest in "room"
+        b.broker.unsubscribe("room")
+        await asyncio.sleep(0.2)
+        await a.broker.publish("room", b'"after"')
+        await asyncio.sleep(0.3)
+        assert len(b.got) == 1
+
+    run(redis_server, body, nodes=2)
+
+
+def test_order_is_offset_order_under_concurrent_publishers(redis_server: RedisServer) -> None:
+    async def body(a: Node, b: Node, c: Node) -> None:
+        await c.broker.subscribe("x")
+        await asyncio.gather(
+            *(node.broker.publish("x", str(i).encode()) for i in range(50) for node in (a, b))
+        )
+        got = await c.wait_for(100)
+        assert [p.offset for p in got] == list(range(1, 101))
+
+    run(redis_server, body, nodes=3, history_size=200)
+
+
+def test_channel_names_with_odd_characters(redis_server: RedisServer) -> None:
+    async def body(a: Node, b: Node) -> None:
+        names = ["ns:room", "a{b}c", "with\nnewline?", "é/ü*>.", "}{"]
+        for name in names:
+            await b.broker.subscribe(name)
+        for name in names:
+            await a.broker.publish(name, b"1")
+        got = await b.wait_for(len(names))
+        assert sorted(p.channel for p in got) == sorted(names)
+        for name in names:
+            pubs, top = await a.broker.history(name)
+            assert [p.channel for p in pubs] == [name] and top.offset == 1
+
+    run(redis_server, body, nodes=2)
+
+
+def test_with_a_hub_recovery_works_from_another_node(redis_server: RedisServer) -> None:
+    class Sub:
+        def __init__(self) -> None:
+            self.got: list[Publication] = []
+
+        def deliver(self, pub: Publication) -> None:
+            self.got.append(pub)
+
+    async def body(a: Node, b: Node) -> None:
+        hub_a, hub_b = Hub(a.broker), Hub(b.broker)
+        sub = Sub()
+        first = await hub_a.subscribe("ch", sub)
+        for n in range(3):
+            await hub_b.publish("ch", str(n).encode())
+        await until(lambda: len(sub.got) == 3, "three live publications")
+        hub_a.unsubscribe("ch", sub)
+        position = sub.got[0].position
+        await hub_b.publish("ch", b"3")
+        # Resume on the other node from the position seen on the first one.
+        again = Sub()
+        rec = await hub_b.subscribe("ch", again, position)
+        assert rec.recovered and [p.offset for p in rec.publications] == [2, 3, 4]
+        assert first.position.epoch == rec.position.epoch
+
+    run(redis_server, body, nodes=2)
+
+
+def test_redis_restart_new_epoch_and_no_silent_gap(redis_server: RedisServer) -> None:
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("r")
+        p1 = await a.broker.publish("r", b"1")
+        await b.wait_for(1)
+        redis_server.restart()  # no persistence: every key is gone
+        await until(lambda: not b.broker.healthy, "b to notice the restart")
+        await until(lambda: a.broker.healthy and b.broker.healthy, "both to reconnect")
+        p2 = await a.broker.publish("r", b"2")
+        assert p2.epoch != p1.epoch and p2.offset == 1
+        got = await b.wait_for(2)
+        assert got[1].position == p2.position
+        # A client holding the old position is told it was not recovered.
+        pubs, top = await b.broker.history("r", since=p1.position)
+        assert pubs == [] and not reaches(p1.position, pubs, top)
+
+    run(redis_server, body, nodes=2)
+
+
+def test_reconnect_catches_up_from_history(redis_server: RedisServer) -> None:
+    """Publications made while a node's pub/sub link was down reach it after reconnect."""
+
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("g")
+        await a.broker.publish("g", b"1")
+        await b.wait_for(1)
+        # Cut only b's pub/sub connection (Redis keeps running and keeps data).
+        await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        for n in range(2, 6):
+            await a.broker.publish("g", str(n).encode())
+        got = await b.wait_for(5)
+        await asyncio.sleep(0.3)
+        assert [p.offset for p in got] == [1, 2, 3, 4, 5]  # in order, none twice
+
+    run(redis_server, body, nodes=2)
+
+
+def test_unreachable_redis_is_unhealthy_and_errors_are_protocol_errors(
+    redis_server: RedisServer,
+) -> None:
+    async def body(a: Node) -> None:
+        await a.broker.subscribe("d")
+        redis_server.stop()
+        await until(lambda: not a.broker.healthy, "unhealthy")
+        with pytest.raises(ProtocolError) as err:
+            await a.broker.publish("d", b"1")
+        assert err.value.temporary
+        with pytest.raises(ProtocolError):
+            await a.broker.subscribe("other")
+        with pytest.raises(ProtocolError):
+            await a.broker.history("d")
+        redis_server.start()
+        await until(lambda: a.broker.healthy, "healthy again")
+        await a.broker.subscribe("other")
+        await a.broker.publish("other", b"1")
+        await a.wait_for(1)
+
+    run(redis_server, body, subscribe_timeout=1.0)
+
+
+def test_start_with_redis_down_then_up(redis_server: RedisServer) -> None:
+    redis_server.stop()
+
+    async def main() -> None:
+        node = Node(redis_server.url, subscribe_timeout=0.5)
+        await node.broker.start()  # does not raise: /health tells
+        try:
+            assert not node.broker.healthy
+            redis_server.start()
+            await until(lambda: node.broker.healthy, "connected")
+            await node.broker.subscribe("late")
+            await node.broker.publish("late", b"1")
+            await node.wait_for(1)
+        finally:
+            await node.broker.close()
+
+    asyncio.run(main())
+
+
+def test_history_size_per_channel(redis_server: RedisServer) -> None:
+    def history_for(channel: str) -> tuple[int, float]:
+        return (0, 60.0) if channel.startswith("none:") else (2, 60.0)
+
+    async def body(a: Node) -> None:
+        for channel in ("none:x", "two:x"):
+            for n in range(3):
+                await a.broker.publish(channel, str(n).encode())
+        pubs, top = await a.broker.history("none:x")
+        assert pubs == [] and top.offset == 3
+        pubs, top = await a.broker.history("two:x")
+        assert [p.offset for p in pubs] == [2, 3] and top.offset == 3
+
+    run(redis_server, body, history_for=history_for)
