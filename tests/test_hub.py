@@ -223,3 +223,28 @@ def test_cursor_round_trip_and_malformed_cursor() -> None:
     for bad in ["!!!", "bm90IGpzb24", encode_cursor({})[:-1] + "x"]:
         with pytest.raises(ProtocolError):
             decode_cursor(bad)
+
+
+class Resyncing(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.resyncs = 0
+
+    def insufficient_state(self) -> None:
+        self.resyncs += 1
+
+
+def test_a_skip_in_the_live_stream_makes_subscribers_resync() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        hub = Hub(broker)
+        sub = Resyncing()
+        await hub.subscribe("a", sub)
+        first = await hub.publish("a", b"1")
+        # A remote broker that lost a message (or its data) hands the hub a gap.
+        hub._deliver(Publication("a", first.offset + 2, first.epoch, b"3"))
+        hub._deliver(Publication("a", 1, "new-epoch", b"x"))
+        assert offsets(sub.received) == [1]
+        assert sub.resyncs == 2
+
+    run(scenario())

@@ -156,6 +156,9 @@ class Subscriber(Protocol):
 
     ``deliver`` is called synchronously from the fan-out loop, in offset order.
     It must not raise and must not block: it writes bytes and returns.
+    A subscriber may also have ``insufficient_state()``, called instead when
+    the channel's live stream skipped (the subscriber should make its client
+    reconnect and resume), and ``deliver_presence(event)`` for join/leave.
     """
 
     def deliver(self, pub: Publication) -> None: ...
@@ -257,9 +260,17 @@ class Hub:
             return
         for buffer in state.pending:
             buffer.append(pub)
-        if pub.epoch == state.top.epoch and pub.offset <= state.top.offset:
+        top = state.top
+        if pub.epoch == top.epoch and pub.offset <= top.offset:
             return  # already delivered (a broker may replay after a reconnect)
         state.top = Position(pub.epoch, pub.offset)
+        if top != EMPTY and not follows(top, pub):
+            # The live stream skipped: a remote broker lost history (new epoch)
+            # or a message. Subscribers cannot be caught up here; make them
+            # reconnect, so that their resume says plainly what was lost.
+            log.warning("%s jumped from %s to %s: subscribers must resync", pub.channel, top, pub)
+            self._lost_state(state)
+            return
         if state.catching_up:
             self._promote(state, pub)
         # A copy, because a subscriber may leave while we iterate.
@@ -268,6 +279,16 @@ class Hub:
                 subscriber.deliver(pub)
             except Exception:
                 log.exception("subscriber %r failed to take %r", subscriber, pub)
+
+    @staticmethod
+    def _lost_state(state: _Channel) -> None:
+        for subscriber in (*state.subscribers, *state.catching_up):
+            resync = getattr(subscriber, "insufficient_state", None)
+            if resync is not None:
+                try:
+                    resync()
+                except Exception:
+                    log.exception("subscriber %r failed to resync", subscriber)
 
     @staticmethod
     def _promote(state: _Channel, pub: Publication) -> None:

@@ -124,6 +124,11 @@ class SSEStream(asyncio.Protocol):
         self.transport.write(self.sse.retry_line)
         self.transport.close()
 
+    def insufficient_state(self) -> None:
+        """A channel's stream skipped: reconnecting with the last id reports the loss."""
+        self.transport.write(self.sse.retry_line)
+        self.transport.close()
+
     def close(self, code: int, reason: str) -> None:
         """Disconnect on the server's initiative, saying why in a ``disconnect`` event."""
         self.transport.write(event(encode({"code": code, "reason": reason}), name="disconnect"))

@@ -395,6 +395,10 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
         """Graceful server shutdown: clients reconnect (to another node) and recover."""
         self.close(DisconnectCode.SHUTDOWN, "shutdown")
 
+    def insufficient_state(self) -> None:
+        """A channel's stream skipped: the client reconnects and learns what it lost."""
+        self.close(DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
+
     # -- timers (called by the context's wheel) -----------------------------
 
     def ping(self, now: float) -> None:
