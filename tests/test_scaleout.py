@@ -271,3 +271,57 @@ def test_nats_restart_reconnects(server_factory: Factory, nats_server: NatsServe
         publish(a, ch, {"n": 3})
         assert pub_json(sse.publications(1)[0])["data"] == {"n": 3}
     assert_clean(a, b)
+
+
+# --------------------------------------------------------------------------- presence
+
+PRESENCE_NS = '[namespaces.room]\npresence = true\njoin_leave = true\npresence_read = "any"\n'
+
+
+def presence_of(srv: ServerProcess, channel: str) -> dict[str, Any]:
+    body = api(srv, "presence", {"channel": channel}).json()
+    result: dict[str, Any] = body["result"]["presence"]
+    return result
+
+
+def wait_presence_count(srv: ServerProcess, channel: str, count: int) -> dict[str, Any]:
+    deadline = time.monotonic() + WAIT
+    while True:
+        entries = presence_of(srv, channel)
+        if len(entries) == count:
+            return entries
+        assert time.monotonic() < deadline, f"presence stayed {entries}, wanted {count}"
+        time.sleep(0.1)
+
+
+def test_presence_across_processes_and_a_crashed_node_expires(
+    server_factory: Factory, redis_server: RedisServer
+) -> None:
+    from ws_support import RawClient
+
+    config = redis_config(redis_server, extra=PRESENCE_NS) + "presence_ttl = 1.5\n"
+    a, b = server_factory(config), server_factory(config)
+    channel = f"room:{unique_channel()}"
+    on_a, on_b = RawClient(a.ws_url), RawClient(b.ws_url)
+    try:
+        ids = []
+        for client in (on_a, on_b):
+            client.send({"id": 1, "connect": {}}, {"id": 2, "subscribe": {"channel": channel}})
+            ids.append(client.wait_for(lambda m: m.get("id") == 1)["connect"]["client"])
+            client.wait_for(lambda m: m.get("id") == 2)
+        # Both processes see both clients, whichever holds them.
+        assert set(wait_presence_count(a, channel, 2)) == set(ids)
+        assert set(presence_of(b, channel)) == set(ids)
+        stats = api(b, "presence_stats", {"channel": channel}).json()["result"]
+        assert stats == {"num_clients": 2, "num_users": 1}
+        # A normal leave on B is gone at once, everywhere.
+        on_b.close()
+        assert set(wait_presence_count(a, channel, 1)) == {ids[0]}
+        # A crash of A (no goodbye at all): its client expires after presence_ttl.
+        a.proc.kill()
+        a.proc.wait(timeout=WAIT)
+        assert wait_presence_count(b, channel, 0) == {}
+    finally:
+        on_a.close()
+        on_b.close()
+    assert_clean(b)

@@ -143,6 +143,9 @@ class BrokerConfig(_Section):
     nats_url: str = "nats://127.0.0.1:4222"
     #: Prefix of every key and subject, so several deployments can share a broker.
     prefix: str = "tidings"
+    #: Seconds a presence entry outlives the last refresh of its node (Redis):
+    #: how long a crashed node's clients stay listed.
+    presence_ttl: Annotated[float, Meta(ge=1.0)] = 60.0
 
 
 class Config(_Section):
@@ -165,6 +168,8 @@ class Config(_Section):
     #: The namespace of channels without ``:`` in their name.
     channels: NamespaceConfig = msgspec.field(default_factory=NamespaceConfig)
     namespaces: dict[str, NamespaceConfig] = msgspec.field(default_factory=dict)
+    #: Serve the demo page at ``/demo``.
+    demo: bool = False
 
     def namespace(self, channel: str) -> NamespaceConfig | None:
         """The namespace configuration of ``channel``; None for an unknown namespace."""

@@ -28,6 +28,7 @@ def make_broker(config: Config) -> Broker:
             history_ttl=history.ttl,
             meta_ttl=history.meta_ttl,
             history_for=config.history_for,
+            presence_ttl=config.broker.presence_ttl,
         )
         return broker
     if kind == "nats":

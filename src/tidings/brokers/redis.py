@@ -10,6 +10,11 @@ channel's two keys in one Redis Cluster slot):
              ``<offset>-0``, so history reads are ``XRANGE`` by offset.
              Expires ``history_ttl`` after the last publication.
 ``P:p:C``    the pub/sub channel every node interested in ``C`` subscribes to.
+``P:{C}:pz`` presence: a sorted set of client ids scored by the time (ms) their
+             entry expires, and ``P:{C}:ph`` a hash of their ``ClientInfo``.
+             Each node refreshes its own clients' scores every third of
+             ``presence_ttl``; a crashed node's clients expire within
+             ``presence_ttl`` and are swept when presence is read.
 
 One Lua script stamps a publication: it creates the epoch if the hash is
 missing (and drops any history left from an older epoch), increments the
@@ -115,6 +120,17 @@ def _unavailable(exc: BaseException) -> ProtocolError:
     return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {exc}")
 
 
+# KEYS: presence zset, presence hash. ARGV: now (ms). Sweeps, then lists.
+_PRESENCE = """
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+for i = 1, #expired, 1000 do
+  local last = math.min(i + 999, #expired)
+  redis.call('HDEL', KEYS[2], unpack(expired, i, last))
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+return redis.call('HGETALL', KEYS[2])
+"""
+
 class RedisBroker(Broker):
     """Channels shared through one Redis. See the module docstring."""
 
@@ -130,8 +146,12 @@ class RedisBroker(Broker):
         ping_interval: float = 5.0,
         max_backoff: float = 5.0,
         history_for: Callable[[str], tuple[int, float]] | None = None,
+        presence_ttl: float = 60.0,
     ) -> None:
         """``history_for(channel) -> (size, ttl)`` overrides the history sizes per channel."""
+        self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
+        # This node's present clients: (channel, client) -> ClientInfo JSON.
+        self._present: dict[tuple[str, str], bytes] = {}
         self._url = url
         self._prefix = prefix
         self._history_for = history_for or (lambda channel: (history_size, history_ttl))
@@ -145,6 +165,7 @@ class RedisBroker(Broker):
         )
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._ensure_script = self._redis.register_script(_ENSURE)
+        self._presence_script = self._redis.register_script(_PRESENCE)
         self._pool: ConnectionPool = ConnectionPool.from_url(
             # RESP2: pub/sub replies arrive as ordinary replies, which we read
             # ourselves (RESP3 routes them to push handlers instead).
@@ -185,6 +206,7 @@ class RedisBroker(Broker):
         self._tasks = [
             loop.create_task(self._run(), name="tidings-redis-pubsub"),
             loop.create_task(self._keep_meta(), name="tidings-redis-meta"),
+            loop.create_task(self._keep_presence(), name="tidings-redis-presence"),
         ]
         # Start-up waits briefly for Redis so the first requests find it, but a
         # Redis that is down does not stop the server: /health says so.
@@ -524,6 +546,72 @@ class RedisBroker(Broker):
                         await pipe.execute()
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh channel positions in redis: %s", exc)
+
+    # -- presence ------------------------------------------------------------
+
+    def _presence_keys(self, channel: str) -> list[str]:
+        base = f"{self._prefix}:{{{channel}}}:"
+        return [base + "pz", base + "ph"]
+
+    async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
+        encoded = msgspec.json.encode(info)
+        self._present[(channel, client)] = encoded
+        try:
+            await self._write_presence([(channel, client, encoded)])
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+
+    async def _write_presence(self, entries: list[tuple[str, str, bytes]]) -> None:
+        expires = int(time.time() * 1000) + self._presence_ttl_ms
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel, client, encoded in entries:
+                zset, table = self._presence_keys(channel)
+                pipe.zadd(zset, {client: expires})
+                pipe.hset(table, client, encoded)
+                pipe.pexpire(zset, 2 * self._presence_ttl_ms)
+                pipe.pexpire(table, 2 * self._presence_ttl_ms)
+            await pipe.execute()
+
+    def remove_presence(self, channel: str, client: str) -> None:
+        if self._present.pop((channel, client), None) is None or self._closing:
+            return
+        task = asyncio.get_running_loop().create_task(self._remove_presence(channel, client))
+        self._tasks.append(task)
+        task.add_done_callback(self._forget_task)
+
+    async def _remove_presence(self, channel: str, client: str) -> None:
+        zset, table = self._presence_keys(channel)
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zrem(zset, client)
+                pipe.hdel(table, client)
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            # The entry expires within presence_ttl anyway.
+            log.info("could not remove %s from %s presence now: %s", client, channel, exc)
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        try:
+            flat = await self._presence_script(
+                keys=self._presence_keys(channel), args=[int(time.time() * 1000)]
+            )
+        except (RedisError, OSError) as exc:
+            raise _unavailable(exc) from exc
+        return {flat[i].decode(): _decode_info(flat[i + 1]) for i in range(0, len(flat), 2)}
+
+    async def _keep_presence(self) -> None:
+        """Refresh this node's clients so their entries outlive it only if it dies."""
+        interval = self._presence_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            entries = [(ch, cl, info) for (ch, cl), info in self._present.items()]
+            if not entries or not self._connected.is_set():
+                continue
+            try:
+                for start in range(0, len(entries), 1000):
+                    await self._write_presence(entries[start : start + 1000])
+            except (RedisError, OSError) as exc:
+                log.warning("could not refresh presence in redis: %s", exc)
 
 
 def _publication(channel: str, offset: int, epoch: str, payload: bytes) -> Publication:
