@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 
 from . import __version__
+from .auth import PRESENCE_OFF
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, error_response, json_response
@@ -134,7 +135,13 @@ class ServerAPI:
             return json_response({"error": {"code": int(exc.code), "message": exc.message}})
         return json_response({"result": result})
 
+    def _known(self, channel: str) -> None:
+        """Refuse a channel of an unknown namespace (102), as every transport does."""
+        self.server.hub.validate_channel(channel)
+        self.server.access.policy(channel)
+
     async def publish(self, params: PublishParams) -> dict[str, Any]:
+        self._known(params.channel)
         position = await self.server.hub.publish(
             params.channel, bytes(params.data), tags=params.tags
         )
@@ -147,6 +154,7 @@ class ServerAPI:
         responses: list[dict[str, Any]] = []
         for channel in params.channels:
             try:
+                self._known(channel)
                 position = await self.server.hub.publish(channel, data, tags=params.tags)
             except ProtocolError as exc:
                 responses.append({"error": {"code": int(exc.code), "message": exc.message}})
@@ -158,6 +166,7 @@ class ServerAPI:
         limit = params.limit or 0
         if limit < -1:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be -1, 0 or positive")
+        self._known(params.channel)
         since = None
         if params.since is not None:
             since = Position(params.since.epoch, params.since.offset)
@@ -176,9 +185,9 @@ class ServerAPI:
         }
 
     def _check_presence(self, channel: str) -> None:
-        self.server.hub.validate_channel(channel)
+        self._known(channel)
         if not self.server.access.policy(channel).presence:
-            raise ProtocolError(ErrorCode.NOT_AVAILABLE, "presence is not enabled for this channel")
+            raise ProtocolError(ErrorCode.NOT_AVAILABLE, PRESENCE_OFF)
 
     async def presence(self, params: ChannelParams) -> dict[str, Any]:
         self._check_presence(params.channel)

@@ -595,7 +595,16 @@ class ClientSession:
         return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
 
     async def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
-        credentials = self.options.access.authenticate(req.token or None)
+        access = self.options.access
+        credentials = access.authenticate(req.token or None)
+        # The token's channels obey the rules of any subscription (a claim grants
+        # a namespace's token requirement, not a user-limited channel of others),
+        # and are all checked before the client counts as connected.
+        if len(credentials.channels) > self.options.max_channels:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, "too many channels in the token")
+        for channel in credentials.channels:
+            self.hub.validate_channel(channel)
+            access.check_subscribe(credentials, channel)
         self.credentials = credentials
         self.client_id = str(uuid.uuid4())
         self.channels = set()
@@ -604,7 +613,6 @@ class ClientSession:
         # Server-side subscriptions: the token's channels claim, recovered from
         # the positions the SDK sends back in connect.subs on a reconnect.
         for channel in credentials.channels:
-            self.options.access.policy(channel)  # an unknown namespace is refused (102)
             previous = (req.subs or {}).get(channel)
             sub = await self._subscribe_channel(channel, previous, None)
             if sub is None:
@@ -711,7 +719,13 @@ class ClientSession:
             return
         info = self._info(grant.info if grant is not None else None)
         if policy.presence:
-            await self.hub.add_presence(channel, self.client_id, info)
+            try:
+                await self.hub.add_presence(channel, self.client_id, info)
+            except ProtocolError as exc:
+                # The subscription stands (its reply is sent); presence is what
+                # the broker cannot keep, and presence queries will say so.
+                log.warning("presence of %s in %s not recorded: %s", self, channel, exc.message)
+                return
             if self.closed or self.channels is None or channel not in self.channels:
                 self.hub.remove_presence(channel, self.client_id)  # left while we waited
                 return

@@ -1,9 +1,10 @@
-"""The ``tidings`` command: ``serve``, ``publish`` and ``subscribe``.
+"""tidings: a realtime event server (WebSocket, SSE, long-polling, polling).
 
-``serve`` behaves like uvicorn (``--host``, ``--port``, ``--log-level``,
-``--loop``); ``publish`` and ``subscribe`` are the curl of tidings, for trying
-things from a shell. Exit codes: 0 success, 1 runtime failure (server
-unreachable, port taken, API error), 2 usage or configuration error.
+``serve`` behaves like uvicorn (--host, --port, --log-level, --loop,
+--workers); ``publish`` and ``subscribe`` are the curl of tidings, for trying
+things from a shell; ``token`` and ``check-config`` help secure a deployment.
+Exit codes: 0 success, 1 runtime failure (server unreachable, port taken, API
+error), 2 usage or configuration error.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--workers", type=int, help="processes sharing the port (needs a redis or nats broker)"
     )
+    serve.add_argument(
+        "--demo", action="store_true", default=None, help="serve the demo page at /demo"
+    )
     serve.set_defaults(run=_serve)
 
     url_help = f"server URL (default $TIDINGS_URL or {DEFAULT_URL})"
@@ -83,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     token.add_argument("--user", required=True, help="the user id (the sub claim)")
     token.add_argument("--channel", help="make a subscription token for this channel")
+    token.add_argument(
+        "--channels", help="comma-separated channels the server subscribes the client to"
+    )
     token.add_argument("--ttl", default="1h", help="lifetime: 3600, 90s, 30m, 12h, 7d (default 1h)")
     token.add_argument("--info", help="JSON info attached to the user")
     token.add_argument("--config", metavar="FILE", help="TOML file with [auth] hmac_secret")
@@ -109,6 +116,7 @@ def _serve(args: argparse.Namespace) -> int:
         "log_level": args.log_level,
         "loop": args.loop,
         "workers": args.workers,
+        "demo": args.demo,
     }
     try:
         config = load_config(args.config, os.environ, overrides)
@@ -130,6 +138,9 @@ def _serve(args: argparse.Namespace) -> int:
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
             runner.run(_run_server(config))
+        except ConfigError as exc:  # found while building the server (e.g. a key file)
+            print(f"tidings: config error: {exc}", file=sys.stderr)
+            return 2
         except OSError as exc:
             logging.getLogger("tidings").error(
                 "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
@@ -296,6 +307,8 @@ def _token(args: argparse.Namespace) -> int:
         claims["info"] = info
     if args.channel:
         claims["channel"] = args.channel
+    if args.channels:
+        claims["channels"] = [c.strip() for c in args.channels.split(",") if c.strip()]
     key: Any
     if args.private_key:
         try:
@@ -336,6 +349,13 @@ def _check_config(args: argparse.Namespace) -> int:
         print(f"tidings: config error: {exc}", file=sys.stderr)
         return 2
     settings = msgspec.to_builtins(config)
+    # Show the policy in force, not "unset": the defaults depend on the mode.
+    named = [("", settings["channels"]), *settings["namespaces"].items()]
+    for name, section in named:
+        policy = access.policy(f"{name}:x" if name else "x")
+        section.update(subscribe=policy.subscribe, publish=policy.publish)
+    settings["broker"]["redis_url"] = _without_password(settings["broker"]["redis_url"])
+    settings["broker"]["nats_url"] = _without_password(settings["broker"]["nats_url"])
     settings["auth"]["rsa_public_key"] = _masked(settings["auth"]["rsa_public_key"], pem=True)
     settings["auth"]["ecdsa_public_key"] = _masked(settings["auth"]["ecdsa_public_key"], pem=True)
     for section in (settings, settings["auth"]):
@@ -346,6 +366,16 @@ def _check_config(args: argparse.Namespace) -> int:
     mode = "secure: " + ", ".join(access.tokens.algorithms) if access.secure else "development"
     print(f"tidings: configuration is valid ({mode} mode)", file=sys.stderr)
     return 0
+
+
+def _without_password(url: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    if not parts.password:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (
+        f":{parts.port}" if parts.port else ""
+    )
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def _masked(value: str, pem: bool = False) -> str:

@@ -13,6 +13,7 @@ and the server object it is given. Embed tidings in a program with::
 from __future__ import annotations
 
 import asyncio
+import importlib.resources
 import logging
 import os
 import secrets
@@ -59,6 +60,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._listener: asyncio.base_events.Server | None = None
         self._stopped = asyncio.Event()
+        self._static = _read_static("tidings.js", "demo.html")
         self._add_routes()
 
     def _add_routes(self) -> None:
@@ -68,6 +70,8 @@ class Server:
         router.add("GET", "/poll", self.poll.handle)
         router.add("GET", "/connection/websocket", self._websocket_without_upgrade)
         router.add_prefix("POST", "/api/", self.api.handle)
+        router.add("GET", "/tidings.js", self._tidings_js)
+        router.add("GET", "/demo", self._demo)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -97,6 +101,10 @@ class Server:
             log.warning(
                 "no api_key configured: the server API answers loopback clients only "
                 "(set api_key in the config or TIDINGS_API_KEY)"
+            )
+        if 0 < len(self.config.auth.hmac_secret.encode()) < 32:
+            log.warning(
+                "auth.hmac_secret is shorter than 32 bytes: HS256 tokens can be brute-forced"
             )
         if not self.access.secure:
             log.warning(
@@ -185,6 +193,14 @@ class Server:
         }
         return json_response(payload, 200 if healthy else 503)
 
+    async def _tidings_js(self, request: Request, conn: HTTPConnection) -> Response:
+        return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")
+
+    async def _demo(self, request: Request, conn: HTTPConnection) -> Response:
+        if not self.config.demo:
+            return error_response(404, "the demo is off: start the server with --demo")
+        return _static_response(self._static["demo.html"], "text/html; charset=utf-8")
+
     async def _websocket_without_upgrade(self, request: Request, conn: HTTPConnection) -> Response:
         response = error_response(426, "this endpoint speaks WebSocket: send an Upgrade request")
         response.headers.append(("Upgrade", "websocket"))
@@ -204,6 +220,17 @@ class Server:
             return
         transport = conn.detach()
         websocket.upgrade(self, transport, request, rest)
+
+
+def _read_static(*names: str) -> dict[str, bytes]:
+    """The browser files shipped in the package, read once at start."""
+    files = importlib.resources.files("tidings") / "static"
+    return {name: (files / name).read_bytes() for name in names}
+
+
+def _static_response(body: bytes, content_type: str) -> Response:
+    headers = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
+    return Response(200, body=body, headers=headers)
 
 
 __all__ = ["Connection", "Server"]

@@ -131,6 +131,7 @@ redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 return redis.call('HGETALL', KEYS[2])
 """
 
+
 class RedisBroker(Broker):
     """Channels shared through one Redis. See the module docstring."""
 

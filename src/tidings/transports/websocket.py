@@ -70,7 +70,7 @@ from websockets.extensions.permessage_deflate import (
 from websockets.frames import Close
 from websockets.http11 import Request as WSRequest
 from websockets.server import ServerProtocol
-from websockets.typing import Origin, Subprotocol
+from websockets.typing import Subprotocol
 
 from ..centrifuge import PING, ClientSession, Disconnect, SessionOptions, push_json
 from ..errors import DisconnectCode
@@ -165,13 +165,6 @@ class WebSocketContext:
             access=server.access,
             ping_interval=max(1, round(ws.ping_interval)),
             max_channels=config.limits.max_channels_per_connection,
-        )
-        allowed = list(config.allowed_origins)
-        # Empty = any origin (development); "*" = any; else exact matches. A
-        # request without Origin does not come from a browser page, so it
-        # cannot be a cross-site hijack: it is let through.
-        self.origins: list[Origin | None] | None = (
-            None if not allowed or "*" in allowed else [Origin(o) for o in allowed] + [None]
         )
         self._deflater = _Deflater()
         # Encoders are bound methods of this context: Publication.encoded caches
@@ -299,7 +292,6 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
             )
         ]
     handshake = ServerProtocol(
-        origins=ctx.origins,
         extensions=extensions,
         subprotocols=[SUBPROTOCOL],
         select_subprotocol=_select_subprotocol,
@@ -309,6 +301,9 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
     target = request.target.decode("latin-1")
     if getattr(server, "stopping", False):
         response = handshake.reject(503, "Server shutting down\n")
+    elif not server.cors.allows_websocket(request):
+        # Cross-site WebSocket hijacking: see tidings.http.cors for the rule.
+        response = handshake.reject(403, "Origin not allowed\n")
     else:
         response = handshake.accept(WSRequest(target, headers))
     handshake.send_response(response)

@@ -1,0 +1,805 @@
+// tidings.js — the browser client of tidings. An ES module, no build step, no dependencies.
+//
+//   import { Tidings } from "/tidings.js";
+//   const t = new Tidings("http://localhost:8000");
+//   const sub = t.subscribe(["news"], (pub) => console.log(pub.channel, pub.data), {
+//     onUnrecovered: (channels) => reloadState(channels),
+//     onTransport: (name) => console.log("now on", name),
+//   });
+//   await t.publish("news", { text: "hi" });     // over WebSocket
+//   sub.unsubscribe();
+//
+// Transports, in order of preference: WebSocket (Centrifugo client protocol v2, JSON),
+// SSE (EventSource), long-poll and poll (fetch). A transport that cannot be established
+// while the server answers /health is considered blocked and the next one is tried; the
+// per-channel position (epoch, offset) is carried over, so nothing is missed within the
+// server's history window, and a channel that cannot be recovered is reported.
+
+const ALL_TRANSPORTS = ["websocket", "sse", "longpoll", "poll"];
+const TERMINAL = (code) => (code >= 3500 && code < 4000) || (code >= 4500 && code < 5000);
+
+const DEFAULTS = {
+  token: null, // connection token (JWT), or use getToken
+  getToken: null, // async () => token: called on connect and before the token expires
+  getSubscriptionToken: null, // async (channel) => token or null
+  transports: ALL_TRANSPORTS,
+  wsUrl: null, // default: baseUrl with ws(s): + /connection/websocket
+  sseUrl: null, // default: baseUrl + /sse
+  pollUrl: null, // default: baseUrl + /poll
+  healthUrl: null, // default: baseUrl + /health
+  openTimeout: 5000, // ms for a WebSocket to connect / an SSE stream to say "subscribed"
+  requestTimeout: 10000, // ms for one HTTP request (beyond the long-poll hold)
+  longPollTimeout: 25, // seconds the server may hold a long-poll
+  pollInterval: 2000, // ms between polls
+  minBackoff: 250, // ms, doubled per failed attempt, with jitter
+  maxBackoff: 20000,
+  refreshMargin: 0.2, // refresh tokens when this fraction of their lifetime remains
+  debug: false,
+};
+
+// -- small helpers --------------------------------------------------------
+
+function sleep(ms, signal) {
+  return new Promise((resolve) => {
+    const t = setTimeout(resolve, ms);
+    if (signal) signal.addEventListener("abort", () => { clearTimeout(t); resolve(); }, { once: true });
+  });
+}
+
+function b64urlEncode(text) {
+  const bytes = new TextEncoder().encode(text);
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "");
+}
+
+function b64urlDecode(text) {
+  const b64 = text.replace(/-/g, "+").replace(/_/g, "/") + "===".slice((text.length + 3) % 4);
+  const bin = atob(b64);
+  const bytes = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+  return new TextDecoder().decode(bytes);
+}
+
+/** A cursor (as used by /sse and /poll) from positions: Map channel -> {epoch, offset}. */
+export function encodeCursor(positions) {
+  const entries = [];
+  for (const [channel, pos] of positions) entries.push([channel, pos.epoch, pos.offset]);
+  return b64urlEncode(JSON.stringify(entries));
+}
+
+/** Positions (Map channel -> {epoch, offset}) from a cursor; null when it cannot be read. */
+export function decodeCursor(cursor) {
+  try {
+    const out = new Map();
+    for (const [channel, epoch, offset] of JSON.parse(b64urlDecode(cursor))) {
+      out.set(channel, { epoch, offset });
+    }
+    return out;
+  } catch (e) {
+    return null;
+  }
+}
+
+/** Seconds until a JWT expires (from its exp claim), or null when it has none. */
+function tokenTtl(token) {
+  if (!token) return null;
+  try {
+    const claims = JSON.parse(b64urlDecode(token.split(".")[1]));
+    return typeof claims.exp === "number" ? claims.exp - Date.now() / 1000 : null;
+  } catch (e) {
+    return null;
+  }
+}
+
+/** The delay before the next attempt: exponential with full jitter over the upper half. */
+export function backoff(attempt, min, max) {
+  const ceiling = Math.min(max, min * 2 ** Math.min(attempt, 16));
+  return ceiling / 2 + Math.random() * (ceiling / 2);
+}
+
+class TidingsError extends Error {
+  constructor(code, message, temporary = false) {
+    super(message || `error ${code}`);
+    this.code = code;
+    this.temporary = temporary;
+  }
+}
+export { TidingsError };
+
+// An attempt that ends this way was never established: maybe the transport is blocked.
+class NotEstablished extends Error {}
+// The server said stop (terminal disconnect code or permanent refusal).
+class Terminal extends Error {
+  constructor(code, reason) {
+    super(reason || `terminal disconnect ${code}`);
+    this.code = code;
+  }
+}
+
+// -- the client ------------------------------------------------------------
+
+export class Tidings {
+  constructor(baseUrl, options = {}) {
+    this.baseUrl = (baseUrl || (typeof location !== "undefined" ? location.origin : "")).replace(/\/+$/, "");
+    this.options = { ...DEFAULTS, ...options };
+    const o = this.options;
+    const ws = this.baseUrl.replace(/^http/, "ws");
+    this.urls = {
+      websocket: o.wsUrl || `${ws}/connection/websocket`,
+      sse: o.sseUrl || `${this.baseUrl}/sse`,
+      poll: o.pollUrl || `${this.baseUrl}/poll`,
+      health: o.healthUrl || `${this.baseUrl}/health`,
+    };
+    this._token = o.token || null;
+    this._subs = new Set();
+    this._commands = null; // a WebSocket session for publish/history/presence
+  }
+
+  _log(...args) {
+    if (this.options.debug) console.debug("[tidings]", ...args);
+  }
+
+  /** The connection token: the last one, or a fresh one from getToken when due. */
+  async connectionToken(force = false) {
+    const o = this.options;
+    if (o.getToken) {
+      const ttl = tokenTtl(this._token);
+      if (force || !this._token || (ttl !== null && ttl < 5)) {
+        this._token = (await o.getToken()) || null;
+      }
+    }
+    return this._token;
+  }
+
+  async subscriptionToken(channel) {
+    return this.options.getSubscriptionToken ? (await this.options.getSubscriptionToken(channel)) || null : null;
+  }
+
+  /** Does the server answer? Tells a blocked transport from a server that is down. */
+  async healthy() {
+    try {
+      const ctl = new AbortController();
+      const t = setTimeout(() => ctl.abort(), this.options.requestTimeout);
+      const resp = await fetch(this.urls.health, { cache: "no-store", signal: ctl.signal });
+      clearTimeout(t);
+      return resp.ok;
+    } catch (e) {
+      return false;
+    }
+  }
+
+  /**
+   * Follow channels. onPublication({channel, data, offset, epoch, info, tags, time}) is called
+   * once per publication, in order per channel, whatever the transport.
+   * handlers: onUnrecovered(channels), onTransport(name), onState(state), onError(err),
+   * transports (overrides the client's list for this subscription).
+   */
+  subscribe(channels, onPublication, handlers = {}) {
+    if (typeof channels === "string") channels = [channels];
+    const sub = new Subscription(this, [...new Set(channels)], onPublication, handlers);
+    this._subs.add(sub);
+    sub._start();
+    return sub;
+  }
+
+  /** Publish data to a channel over WebSocket (the namespace must allow client publishing). */
+  async publish(channel, data) {
+    return this._command(channel, "publish", { channel, data });
+  }
+
+  /** A channel's history over WebSocket: {publications, epoch, offset}. */
+  async history(channel, { limit = -1, since = null, reverse = false } = {}) {
+    const req = { channel, limit };
+    if (since) req.since = since;
+    if (reverse) req.reverse = true;
+    return this._command(channel, "history", req);
+  }
+
+  /** Who is subscribed to a channel (over WebSocket): {clientId: {user, client, ...}}. */
+  async presence(channel) {
+    return (await this._command(channel, "presence", { channel })).presence || {};
+  }
+
+  async presenceStats(channel) {
+    return this._command(channel, "presence_stats", { channel });
+  }
+
+  async _command(channel, method, body) {
+    // Reuse a subscription's WebSocket when it follows the channel (policies often
+    // require the publisher to be a subscriber); else a command session of our own.
+    for (const sub of this._subs) {
+      const session = sub._session;
+      if (session && session.kind === "websocket" && session.ready && sub.channels.includes(channel)) {
+        return session.call(method, body);
+      }
+    }
+    if (!this._commands || this._commands.closed) {
+      this._commands = new CommandSession(this);
+    }
+    return this._commands.run(channel, method, body);
+  }
+
+  /** Stop every subscription and the command session. */
+  close() {
+    for (const sub of [...this._subs]) sub.unsubscribe();
+    if (this._commands) this._commands.close();
+  }
+}
+
+// -- a subscription: one stream of publications over whichever transport works ----
+
+class Subscription {
+  constructor(client, channels, onPublication, handlers) {
+    this.client = client;
+    this.channels = channels;
+    this.onPublication = onPublication;
+    this.handlers = handlers;
+    this.transports = (handlers.transports || client.options.transports).filter((t) => ALL_TRANSPORTS.includes(t));
+    if (!this.transports.length) throw new Error("no known transport in " + JSON.stringify(handlers.transports));
+    this.positions = new Map(); // channel -> {epoch, offset}
+    this.transport = null; // the name of the transport in use
+    this.state = "connecting";
+    this._index = 0;
+    this._abort = new AbortController();
+    this._session = null;
+    this._wake = null;
+  }
+
+  _emit(name, ...args) {
+    const fn = this.handlers[name];
+    if (fn) {
+      try { fn(...args); } catch (e) { console.error(e); }
+    }
+  }
+
+  _setState(state) {
+    if (this.state !== state) {
+      this.state = state;
+      this._emit("onState", state);
+    }
+  }
+
+  /** Stop following the channels. */
+  unsubscribe() {
+    this._abort.abort();
+    if (this._session) this._session.close();
+    this.client._subs.delete(this);
+    this._setState("closed");
+  }
+
+  /** Switch to another transport now (e.g. the user forces one). */
+  useTransport(name) {
+    const i = this.transports.indexOf(name);
+    if (i < 0) throw new Error(`transport ${name} is not enabled for this subscription`);
+    this._index = i;
+    if (this._session) this._session.close();
+  }
+
+  /** A publication from any transport: dropped if already delivered, else handed to the app. */
+  _deliver(pub) {
+    const last = this.positions.get(pub.channel);
+    if (last && last.epoch === pub.epoch && pub.offset <= last.offset) return;
+    this.positions.set(pub.channel, { epoch: pub.epoch, offset: pub.offset });
+    try {
+      this.onPublication(pub);
+    } catch (e) {
+      console.error(e);
+    }
+  }
+
+  _setPosition(channel, epoch, offset) {
+    this.positions.set(channel, { epoch, offset });
+  }
+
+  _unrecovered(channels) {
+    if (channels.length) this._emit("onUnrecovered", channels);
+  }
+
+  /** The cursor of the current positions, or null when none is known yet. */
+  cursor() {
+    const known = new Map();
+    for (const ch of this.channels) if (this.positions.has(ch)) known.set(ch, this.positions.get(ch));
+    return known.size ? encodeCursor(known) : null;
+  }
+
+  async _start() {
+    const client = this.client;
+    const o = client.options;
+    const signal = this._abort.signal;
+    let failures = 0;
+    while (!signal.aborted) {
+      const name = this.transports[this._index];
+      const Session = SESSIONS[name];
+      const session = new Session(this);
+      this._session = session;
+      let established = false;
+      try {
+        await session.run(() => {
+          established = true;
+          failures = 0;
+          if (this.transport !== name) {
+            this.transport = name;
+            this._emit("onTransport", name);
+          }
+          this._setState("connected");
+        });
+      } catch (err) {
+        if (err instanceof Terminal) {
+          this._emit("onError", err);
+          this._setState("closed");
+          client._subs.delete(this);
+          return;
+        }
+        client._log(name, "ended:", err && err.message);
+        if (!established && !signal.aborted && !session.closedByUs) {
+          // Never established: blocked transport, or the server is down?
+          if (this._index < this.transports.length - 1 && (await client.healthy())) {
+            client._log(name, "cannot be established while the server answers: falling back");
+            this._index += 1;
+            continue;
+          }
+        }
+        if (err && !(err instanceof NotEstablished)) this._emit("onError", err);
+      } finally {
+        this._session = null;
+      }
+      if (signal.aborted) break;
+      if (session.closedByUs) continue; // useTransport(): switch at once
+      this._setState("connecting");
+      const delay = established ? backoff(0, o.minBackoff, o.maxBackoff) : backoff(failures, o.minBackoff, o.maxBackoff);
+      failures += 1;
+      await sleep(delay, signal);
+    }
+  }
+}
+
+// -- WebSocket: the Centrifugo client protocol ----------------------------------
+
+class WebSocketSession {
+  constructor(sub, { channels } = {}) {
+    this.kind = "websocket";
+    this.sub = sub;
+    this.client = sub ? sub.client : null;
+    this.ready = false;
+    this.closedByUs = false;
+    this._nextId = 1;
+    this._pending = new Map();
+    this._epochs = new Map();
+    this._timers = [];
+    this.channels = channels || (sub ? sub.channels : []);
+  }
+
+  close() {
+    this.closedByUs = true;
+    if (this.ws) {
+      try { this.ws.close(1000); } catch (e) { /* already closed */ }
+    }
+  }
+
+  call(method, body) {
+    return new Promise((resolve, reject) => {
+      if (!this.ws || this.ws.readyState !== 1) {
+        reject(new TidingsError(0, "not connected"));
+        return;
+      }
+      const id = this._nextId++;
+      this._pending.set(id, { resolve, reject });
+      this.ws.send(JSON.stringify({ id, [method]: body }));
+    });
+  }
+
+  _onMessage(text) {
+    for (const line of text.split("\n")) {
+      if (!line) continue;
+      let msg;
+      try { msg = JSON.parse(line); } catch (e) { continue; }
+      if (msg.id) {
+        const waiter = this._pending.get(msg.id);
+        if (!waiter) continue;
+        this._pending.delete(msg.id);
+        if (msg.error) waiter.reject(new TidingsError(msg.error.code, msg.error.message, msg.error.temporary));
+        else {
+          const key = Object.keys(msg).find((k) => k !== "id");
+          waiter.resolve(key ? msg[key] : {});
+        }
+      } else if (msg.push) {
+        this._onPush(msg.push);
+      } else if (Object.keys(msg).length === 0) {
+        this.ws.send("{}"); // ping -> pong
+      }
+    }
+  }
+
+  _onPush(push) {
+    const channel = push.channel;
+    if (push.pub && this.sub) {
+      this.sub._deliver(toPublication(channel, this._epochs.get(channel) || "", push.pub));
+    } else if (push.unsubscribe && this.sub) {
+      const code = push.unsubscribe.code || 0;
+      if (code >= 2500) {
+        this._resubscribe(channel);
+      } else {
+        this.sub.channels = this.sub.channels.filter((c) => c !== channel);
+        if (!this.sub.channels.length) this.sub.unsubscribe();
+      }
+    } else if (push.disconnect) {
+      this._disconnect = push.disconnect;
+    }
+  }
+
+  async _subscribeChannel(channel) {
+    const req = { channel };
+    const token = await this.client.subscriptionToken(channel);
+    if (token) req.token = token;
+    const pos = this.sub ? this.sub.positions.get(channel) : null;
+    if (pos) {
+      req.recover = true;
+      req.epoch = pos.epoch;
+      req.offset = pos.offset;
+    }
+    const res = await this.call("subscribe", req);
+    this._epochs.set(channel, res.epoch || "");
+    if (this.sub) {
+      if (res.was_recovering && !res.recovered) this.sub._unrecovered([channel]);
+      for (const p of res.publications || []) this.sub._deliver(toPublication(channel, res.epoch || "", p));
+      const cur = this.sub.positions.get(channel);
+      if (!cur || cur.epoch !== (res.epoch || "") || cur.offset < (res.offset || 0)) {
+        this.sub._setPosition(channel, res.epoch || "", res.offset || 0);
+      }
+    }
+    this._scheduleSubRefresh(channel, res.ttl, token);
+    return res;
+  }
+
+  async _resubscribe(channel) {
+    try {
+      await this._subscribeChannel(channel);
+    } catch (e) {
+      this.close();
+    }
+  }
+
+  _schedule(seconds, fn) {
+    const o = this.client.options;
+    const ms = Math.max(1000, seconds * 1000 * (1 - o.refreshMargin));
+    this._timers.push(setTimeout(fn, ms));
+  }
+
+  _scheduleRefresh(ttl) {
+    if (!ttl || !this.client.options.getToken) return;
+    this._schedule(ttl, async () => {
+      try {
+        const token = await this.client.connectionToken(true);
+        const res = await this.call("refresh", { token });
+        this._scheduleRefresh(res.ttl || tokenTtl(token));
+      } catch (e) {
+        this.close();
+      }
+    });
+  }
+
+  _scheduleSubRefresh(channel, ttl, token) {
+    ttl = ttl || tokenTtl(token);
+    if (!ttl || !token || !this.client.options.getSubscriptionToken) return;
+    this._schedule(ttl, async () => {
+      try {
+        const fresh = await this.client.subscriptionToken(channel);
+        const res = await this.call("sub_refresh", { channel, token: fresh });
+        this._scheduleSubRefresh(channel, res.ttl, fresh);
+      } catch (e) {
+        this.close();
+      }
+    });
+  }
+
+  /** Open, connect, subscribe; resolves/rejects when the connection ends. */
+  run(onEstablished) {
+    const client = this.client;
+    const o = client.options;
+    return new Promise((resolve, reject) => {
+      let established = false;
+      let ws;
+      try {
+        ws = new WebSocket(client.urls.websocket);
+      } catch (e) {
+        reject(new NotEstablished(e.message));
+        return;
+      }
+      this.ws = ws;
+      const openTimer = setTimeout(() => {
+        if (!established) {
+          try { ws.close(); } catch (e) { /* ignore */ }
+          finish(new NotEstablished("WebSocket not connected in time"));
+        }
+      }, o.openTimeout);
+      let done = false;
+      const finish = (err) => {
+        if (done) return;
+        done = true;
+        this.ready = false;
+        clearTimeout(openTimer);
+        for (const t of this._timers) clearTimeout(t);
+        for (const w of this._pending.values()) w.reject(new TidingsError(0, "connection closed"));
+        this._pending.clear();
+        if (err) reject(err);
+        else resolve();
+      };
+      ws.onmessage = (ev) => this._onMessage(typeof ev.data === "string" ? ev.data : "");
+      ws.onclose = (ev) => {
+        const code = (this._disconnect && this._disconnect.code) || ev.code;
+        const reason = (this._disconnect && this._disconnect.reason) || ev.reason;
+        if (TERMINAL(code) && !this.closedByUs) finish(new Terminal(code, reason));
+        else if (!established) finish(new NotEstablished(`WebSocket closed (${code}) before connect`));
+        else finish(null);
+      };
+      ws.onopen = async () => {
+        try {
+          let token = await client.connectionToken();
+          const req = { name: "tidings-js" };
+          if (token) req.token = token;
+          let res;
+          try {
+            res = await this.call("connect", req);
+          } catch (e) {
+            if (e.code !== 109 || !o.getToken) throw e;
+            token = await client.connectionToken(true); // expired: refresh once
+            res = await this.call("connect", { ...req, token });
+          }
+          this._scheduleRefresh(res.ttl || tokenTtl(token));
+          for (const channel of this.channels) await this._subscribeChannel(channel);
+          established = true;
+          this.ready = true;
+          clearTimeout(openTimer);
+          onEstablished();
+        } catch (e) {
+          if (e.code === 101 || e.code === 103 || e.code === 102) finish(new Terminal(e.code, e.message));
+          else finish(new NotEstablished(e.message));
+          try { ws.close(); } catch (x) { /* ignore */ }
+        }
+      };
+    });
+  }
+}
+
+function toPublication(channel, epoch, p) {
+  const pub = { channel, data: p.data, offset: p.offset || 0, epoch };
+  if (p.info) pub.info = p.info;
+  if (p.tags) pub.tags = p.tags;
+  if (p.time) pub.time = p.time;
+  return pub;
+}
+
+// A WebSocket session of the client for publish/history/presence, kept open for reuse.
+class CommandSession {
+  constructor(client) {
+    this.client = client;
+    this.session = null;
+    this.subscribed = new Set();
+    this.closed = false;
+    this._ready = null;
+  }
+
+  async _connect() {
+    const fake = { client: this.client, positions: new Map(), channels: [], _deliver() {}, _unrecovered() {}, _setPosition() {} };
+    const session = new WebSocketSession(fake, { channels: [] });
+    this.session = session;
+    await new Promise((resolve, reject) => {
+      session.run(resolve).then(
+        () => { this.closed = true; reject(new TidingsError(0, "connection closed")); },
+        (e) => { this.closed = true; reject(e); },
+      );
+    });
+  }
+
+  async run(channel, method, body) {
+    if (!this._ready) this._ready = this._connect();
+    await this._ready;
+    if (!this.subscribed.has(channel)) {
+      try {
+        await this.session._subscribeChannel(channel);
+      } catch (e) {
+        if (e.code !== 105) throw e;
+      }
+      this.subscribed.add(channel);
+    }
+    return this.session.call(method, body);
+  }
+
+  close() {
+    this.closed = true;
+    if (this.session) this.session.close();
+  }
+}
+
+// -- SSE: EventSource, reconnected by us so that we choose the cursor -------------
+
+class SSESession {
+  constructor(sub) {
+    this.kind = "sse";
+    this.sub = sub;
+    this.client = sub.client;
+    this.closedByUs = false;
+    this._stop = null;
+  }
+
+  close() {
+    this.closedByUs = true;
+    if (this._stop) this._stop(null);
+  }
+
+  async run(onEstablished) {
+    const sub = this.sub;
+    const client = this.client;
+    const o = client.options;
+    const params = new URLSearchParams();
+    for (const ch of sub.channels) params.append("channel", ch);
+    const cursor = sub.cursor();
+    if (cursor) params.set("last_event_id", cursor);
+    const token = await client.connectionToken();
+    if (token) params.set("token", token);
+    for (const ch of sub.channels) {
+      const st = await client.subscriptionToken(ch);
+      if (st) params.append("sub_token", st);
+    }
+    if (this.closedByUs) return;
+    const url = client.urls.sse + (client.urls.sse.includes("?") ? "&" : "?") + params;
+    return new Promise((resolve, reject) => {
+      const es = new EventSource(url);
+      let established = false;
+      let refreshTimer = null;
+      const finish = (err) => {
+        es.close();
+        clearTimeout(openTimer);
+        clearTimeout(refreshTimer);
+        this._stop = null;
+        if (err) reject(err);
+        else resolve();
+      };
+      this._stop = finish;
+      const openTimer = setTimeout(() => {
+        if (!established) finish(new NotEstablished("SSE stream delivered nothing in time"));
+      }, o.openTimeout);
+      es.addEventListener("subscribed", (ev) => {
+        const start = decodeCursor(ev.lastEventId || "");
+        if (start) {
+          for (const [ch, pos] of start) {
+            const cur = sub.positions.get(ch);
+            if (!cur || cur.epoch !== pos.epoch) sub._setPosition(ch, pos.epoch, pos.offset);
+          }
+        }
+        established = true;
+        clearTimeout(openTimer);
+        onEstablished();
+        // HTTP transports refresh a token by reconnecting with a new one.
+        const ttl = tokenTtl(token);
+        if (ttl && o.getToken) {
+          refreshTimer = setTimeout(() => {
+            client.connectionToken(true).then(() => finish(null), () => finish(null));
+          }, Math.max(1000, ttl * 1000 * (1 - o.refreshMargin)));
+        }
+      });
+      es.addEventListener("unrecovered", (ev) => {
+        try {
+          const channels = JSON.parse(ev.data).channels || [];
+          // Continue from "now" on those: forget the stale position.
+          sub._unrecovered(channels);
+        } catch (e) { /* ignore */ }
+      });
+      es.onmessage = (ev) => {
+        let pub;
+        try { pub = JSON.parse(ev.data); } catch (e) { return; }
+        sub._deliver(pub);
+      };
+      es.addEventListener("disconnect", (ev) => {
+        let info = {};
+        try { info = JSON.parse(ev.data); } catch (e) { /* ignore */ }
+        if (TERMINAL(info.code)) finish(new Terminal(info.code, info.reason));
+        else finish(null);
+      });
+      es.addEventListener("unsubscribed", (ev) => {
+        try {
+          const { channel, code } = JSON.parse(ev.data);
+          if (!(code >= 2500)) sub.channels = sub.channels.filter((c) => c !== channel);
+        } catch (e) { /* ignore */ }
+        if (!sub.channels.length) { sub.unsubscribe(); finish(null); } else finish(null);
+      });
+      es.onerror = () => {
+        // We reconnect ourselves (with the cursor of what we delivered), not EventSource.
+        finish(established ? null : new NotEstablished("SSE stream failed"));
+      };
+    });
+  }
+}
+
+// -- long-poll and poll: fetch with the cursor --------------------------------------
+
+class PollSession {
+  constructor(sub, long) {
+    this.kind = long ? "longpoll" : "poll";
+    this.long = long;
+    this.sub = sub;
+    this.client = sub.client;
+    this.closedByUs = false;
+    this._ctl = null;
+    this._stopped = new AbortController();
+  }
+
+  close() {
+    this.closedByUs = true;
+    this._stopped.abort();
+    if (this._ctl) this._ctl.abort();
+  }
+
+  async _request(cursor) {
+    const client = this.client;
+    const o = client.options;
+    const params = new URLSearchParams();
+    for (const ch of this.sub.channels) params.append("channel", ch);
+    if (cursor) params.set("cursor", cursor);
+    params.set("timeout", this.long && cursor ? String(o.longPollTimeout) : "0");
+    const token = await client.connectionToken();
+    if (token) params.set("token", token);
+    for (const ch of this.sub.channels) {
+      const st = await client.subscriptionToken(ch);
+      if (st) params.append("sub_token", st);
+    }
+    const ctl = new AbortController();
+    this._ctl = ctl;
+    const limit = o.requestTimeout + (this.long ? o.longPollTimeout * 1000 : 0);
+    const timer = setTimeout(() => ctl.abort(), limit);
+    try {
+      const url = client.urls.poll + (client.urls.poll.includes("?") ? "&" : "?") + params;
+      const resp = await fetch(url, { cache: "no-store", signal: ctl.signal });
+      const body = await resp.json().catch(() => ({}));
+      if (!resp.ok) {
+        const err = body.error || {};
+        if (err.code === 109 && o.getToken) {
+          await client.connectionToken(true);
+          throw new TidingsError(109, "token expired", true);
+        }
+        if (resp.status === 401 || resp.status === 403) throw new Terminal(err.code || resp.status, err.message);
+        throw new TidingsError(err.code || resp.status, err.message || `HTTP ${resp.status}`);
+      }
+      return body;
+    } finally {
+      clearTimeout(timer);
+      this._ctl = null;
+    }
+  }
+
+  async run(onEstablished) {
+    const sub = this.sub;
+    const o = this.client.options;
+    let established = false;
+    while (!this.closedByUs) {
+      let body;
+      try {
+        body = await this._request(sub.cursor());
+      } catch (e) {
+        if (this.closedByUs) return;
+        if (e instanceof Terminal) throw e;
+        throw established ? e : new NotEstablished(e.message);
+      }
+      if (!established) {
+        established = true;
+        onEstablished();
+      }
+      if (body.unrecovered && body.unrecovered.length) sub._unrecovered(body.unrecovered);
+      for (const pub of body.publications || []) sub._deliver(pub);
+      const next = decodeCursor(body.cursor || "");
+      if (next) for (const [ch, pos] of next) sub._setPosition(ch, pos.epoch, pos.offset);
+      if (!this.long) await sleep(o.pollInterval, this._stopped.signal);
+    }
+  }
+}
+
+const SESSIONS = {
+  websocket: WebSocketSession,
+  sse: SSESession,
+  longpoll: class extends PollSession { constructor(sub) { super(sub, true); } },
+  poll: class extends PollSession { constructor(sub) { super(sub, false); } },
+};
+
+export { ALL_TRANSPORTS as TRANSPORTS };
+export default Tidings;
