@@ -1,0 +1,317 @@
+"""tidings.js in a real browser: headless Debian chromium driven by Playwright.
+
+The page is loaded through a TCP proxy (tests/browser_support.py) that can cut
+every connection, refuse WebSocket upgrades or stall, so that each transport,
+resume and fallback is exercised the way a real network would break it.
+Skipped, with the reason, when chromium or playwright is missing and ``CI`` is
+not set; under ``CI=true`` they must run.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from browser_support import Proxy, launch_browser
+from conftest import ServerProcess, free_port
+from helpers import api, publish, unique_channel
+
+WAIT_MS = 20_000
+
+# Short timeouts so that fallbacks and reconnects happen quickly in the tests.
+FAST = {
+    "openTimeout": 3000,
+    "minBackoff": 100,
+    "maxBackoff": 1000,
+    "pollInterval": 300,
+    "longPollTimeout": 5,
+}
+
+SETUP = """async ({channels, options, transports}) => {
+  const m = await import('/tidings.js');
+  window.got = []; window.seen = []; window.unrecovered = []; window.errors = [];
+  window.client = new m.Tidings(location.origin, options);
+  window.sub = window.client.subscribe(channels, (p) => window.got.push(p), {
+    transports: transports || undefined,
+    onTransport: (n) => window.seen.push(n),
+    onUnrecovered: (c) => window.unrecovered.push(...c),
+    onError: (e) => window.errors.push(String(e && e.message)),
+  });
+}"""
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with launch_browser(tmp_path_factory.mktemp("chromium")) as context:
+        yield context
+
+
+@pytest.fixture
+def proxies() -> Iterator[Callable[..., Proxy]]:
+    made: list[Proxy] = []
+
+    def make(upstream: int | None, **kw: Any) -> Proxy:
+        proxy = Proxy(upstream, **kw)
+        made.append(proxy)
+        return proxy
+
+    yield make
+    for proxy in made:
+        proxy.close()
+
+
+@pytest.fixture
+def page(browser: Any) -> Iterator[Any]:
+    page = browser.new_page()
+    page.set_default_timeout(WAIT_MS)
+    yield page
+    page.close()
+
+
+def start(
+    page: Any,
+    origin: str,
+    channels: list[str],
+    transports: list[str] | None = None,
+    **options: Any,
+) -> None:
+    page.goto(origin + "/health")
+    page.evaluate(
+        SETUP, {"channels": channels, "options": {**FAST, **options}, "transports": transports}
+    )
+
+
+def wait_connected(page: Any, transport: str | None = None) -> None:
+    page.wait_for_function(
+        "(t) => window.sub.state === 'connected' && (!t || window.sub.transport === t)",
+        arg=transport,
+    )
+
+
+def wait_got(page: Any, n: int) -> list[dict[str, Any]]:
+    try:
+        page.wait_for_function("(n) => window.got.length >= n", arg=n)
+    except Exception as exc:
+        state = page.evaluate(
+            "() => ({got: window.got, seen: window.seen, errors: window.errors,"
+            " state: window.sub.state})"
+        )
+        raise AssertionError(f"fewer than {n} publications: {json.dumps(state)}") from exc
+    got: list[dict[str, Any]] = page.evaluate("() => window.got")
+    return got
+
+
+def data_of(got: list[dict[str, Any]]) -> list[Any]:
+    return [p["data"] for p in got]
+
+
+TRANSPORTS = ["websocket", "sse", "longpoll", "poll"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_forced_transport_delivers_and_resumes_after_a_drop(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy], transport: str
+) -> None:
+    proxy = proxies(server.port)
+    ch = unique_channel(f"br-{transport}-")
+    start(page, proxy.url, [ch], [transport])
+    wait_connected(page, transport)
+    publish(server, ch, {"n": 1})
+    assert data_of(wait_got(page, 1)) == [{"n": 1}]
+
+    # The network drops every connection and refuses new ones for a while; what is
+    # published meanwhile comes back from history on reconnect, exactly once, in order.
+    proxy.refuse = True
+    proxy.cut()
+    for n in (2, 3, 4):
+        publish(server, ch, {"n": n})
+    proxy.refuse = False
+    got = wait_got(page, 4)
+    publish(server, ch, {"n": 5})
+    got = wait_got(page, 5)
+    assert data_of(got) == [{"n": n} for n in range(1, 6)]
+    assert [p["offset"] for p in got] == sorted({p["offset"] for p in got})
+    assert page.evaluate("() => window.unrecovered") == []
+    assert page.evaluate("() => window.seen") == [transport]
+
+
+def test_websocket_blocked_falls_back_to_sse(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy]
+) -> None:
+    proxy = proxies(server.port)
+    proxy.block_websocket = True
+    ch = unique_channel("br-fallback-")
+    start(page, proxy.url, [ch])
+    wait_connected(page, "sse")
+    publish(server, ch, "hello")
+    assert data_of(wait_got(page, 1)) == ["hello"]
+    assert page.evaluate("() => window.seen") == ["sse"]
+
+
+def test_websocket_at_a_dead_address_falls_back_to_sse(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy]
+) -> None:
+    dead_port = free_port()  # nothing listens there
+    ch = unique_channel("br-deadws-")
+    start(page, server.url, [ch], wsUrl=f"ws://127.0.0.1:{dead_port}/connection/websocket")
+    wait_connected(page, "sse")
+    publish(server, ch, 1)
+    assert data_of(wait_got(page, 1)) == [1]
+
+
+def test_stalled_sse_falls_back_to_long_poll(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy]
+) -> None:
+    proxy = proxies(server.port)
+    proxy.block_websocket = True
+    buffering = proxies(server.port, stall=True)  # accepts, then never answers
+    ch = unique_channel("br-stall-")
+    start(page, proxy.url, [ch], sseUrl=f"{buffering.url}/sse")
+    wait_connected(page, "longpoll")
+    publish(server, ch, {"x": 1})
+    publish(server, ch, {"x": 2})
+    assert data_of(wait_got(page, 2)) == [{"x": 1}, {"x": 2}]
+    assert page.evaluate("() => window.seen") == ["longpoll"]
+    assert buffering.accepted >= 1
+
+
+def test_runtime_switch_resumes_without_loss(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy]
+) -> None:
+    """WebSocket works, then gets blocked mid-stream: SSE takes over from the same position."""
+    proxy = proxies(server.port)
+    ch = unique_channel("br-switch-")
+    start(page, proxy.url, [ch])
+    wait_connected(page, "websocket")
+    publish(server, ch, 1)
+    wait_got(page, 1)
+    proxy.block_websocket = True
+    proxy.refuse = True
+    proxy.cut()
+    publish(server, ch, 2)
+    proxy.refuse = False
+    wait_connected(page, "sse")
+    publish(server, ch, 3)
+    got = wait_got(page, 3)
+    assert data_of(got) == [1, 2, 3]
+    assert page.evaluate("() => window.seen") == ["websocket", "sse"]
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_server_restart_is_survived(
+    page: Any,
+    server_factory: Callable[..., ServerProcess],
+    tmp_path: Path,
+    transport: str,
+) -> None:
+    """The memory broker loses history on restart: the app is told, and the stream goes on."""
+    srv = server_factory()
+    ch = unique_channel("br-restart-")
+    start(page, srv.url, [ch], [transport])
+    wait_connected(page, transport)
+    publish(srv, ch, "before")
+    wait_got(page, 1)
+    srv.stop()
+    srv2 = server_factory(port=srv.port)
+    page.wait_for_function(f"() => window.unrecovered.includes({json.dumps(ch)})")
+    wait_connected(page, transport)
+    publish(srv2, ch, "after")
+    got = wait_got(page, 2)
+    assert data_of(got) == ["before", "after"]
+
+
+def test_publish_history_presence_over_websocket(
+    page: Any, server_factory: Callable[..., ServerProcess]
+) -> None:
+    srv = server_factory("[namespaces.room]\npresence = true\n")
+    ch = "room:" + unique_channel("p")
+    start(page, srv.url, [ch])
+    wait_connected(page, "websocket")
+    page.evaluate(f"() => window.client.publish({json.dumps(ch)}, {{text: 'from the page'}})")
+    assert data_of(wait_got(page, 1)) == [{"text": "from the page"}]
+    history = page.evaluate(f"() => window.client.history({json.dumps(ch)})")
+    assert [p["data"] for p in history["publications"]] == [{"text": "from the page"}]
+    presence = page.evaluate(f"() => window.client.presence({json.dumps(ch)})")
+    assert len(presence) >= 1
+
+
+def test_token_callback_and_refresh(
+    page: Any, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """Short-lived tokens from getToken: the connection is refreshed before expiry."""
+    import time
+
+    import jwt
+
+    secret = "browser-test-secret-of-32-bytes!!"
+    srv = server_factory(f'[auth]\nhmac_secret = "{secret}"\nexpiry_grace = 1\n')
+    ch = unique_channel("br-token-")
+
+    def mint() -> str:
+        return jwt.encode({"sub": "u1", "exp": int(time.time()) + 4}, secret, algorithm="HS256")
+
+    page.expose_function("mintToken", mint)
+    page.goto(srv.url + "/health")
+    page.evaluate(
+        """async ({ch, fast}) => {
+      const m = await import('/tidings.js');
+      window.got = []; window.seen = []; window.unrecovered = []; window.errors = [];
+      window.minted = 0;
+      window.client = new m.Tidings(location.origin, {...fast,
+        getToken: async () => { window.minted++; return await window.mintToken(); }});
+      window.states = [];
+      window.sub = window.client.subscribe([ch], (p) => window.got.push(p), {
+        onState: (s) => window.states.push(s),
+        onError: (e) => window.errors.push(String(e && e.message)) });
+    }""",
+        {"ch": ch, "fast": FAST},
+    )
+    wait_connected(page, "websocket")
+    # Stay connected past the first token's lifetime (plus the grace); refreshes keep it alive.
+    page.wait_for_function("() => window.minted >= 3", timeout=WAIT_MS)
+    publish(srv, ch, "still here")
+    assert data_of(wait_got(page, 1)) == ["still here"]
+    assert page.evaluate("() => window.errors") == []
+    assert page.evaluate("() => window.states") == ["connected"]  # refreshed, never dropped
+
+
+def test_demo_page(page: Any, server_factory: Callable[..., ServerProcess]) -> None:
+    srv = server_factory(args=["--demo"])
+    page.goto(srv.url + "/demo?channel=demo:test")
+    page.wait_for_function("() => document.getElementById('transport').textContent === 'websocket'")
+    page.fill("#name", "ann")
+    page.fill("#text", "hello demo")
+    page.click("text=Send")
+    page.wait_for_function(
+        "() => document.getElementById('log').textContent.includes('ann: hello demo')"
+    )
+    publish(srv, "demo:test", {"user": "api", "text": "from the API"})
+    page.wait_for_function(
+        "() => document.getElementById('log').textContent.includes('api: from the API')"
+    )
+    for transport in ("sse", "longpoll", "poll"):
+        page.select_option("#force", transport)
+        page.wait_for_function(
+            "(t) => document.getElementById('transport').textContent === t", arg=transport
+        )
+        page.wait_for_function("() => window.demoSubscription.state === 'connected'")
+        text = f"on {transport}"
+        publish(srv, "demo:test", {"user": "api", "text": text})
+        page.wait_for_function(
+            "(t) => document.getElementById('log').textContent.includes(t)", arg=text
+        )
+
+
+def test_demo_is_off_by_default(server: ServerProcess) -> None:
+    assert api(server, "info").status_code == 200
+    import httpx
+
+    assert httpx.get(server.url + "/demo").status_code == 404
+    js = httpx.get(server.url + "/tidings.js")
+    assert js.status_code == 200
+    assert js.headers["content-type"].startswith("application/javascript")
+    assert b"export class Tidings" in js.content
