@@ -643,3 +643,38 @@ def test_sub_refresh_extends_a_subscription(expiring: Any) -> None:
         assert push["push"]["pub"]["data"] == {"still": "subscribed"}
     finally:
         client.close()
+
+
+def test_token_channels_are_checked_before_connecting(secure: Any) -> None:
+    foreign = f"dm{unique_channel()}#1,2"
+    fine = f"private:{unique_channel()}"
+    client = RawClient(secure.ws_url)
+    try:
+        token = hs256({"sub": "42", "channels": [fine, foreign]})
+        client.send({"id": 1, "connect": {"token": token}})
+        reply = client.wait_for(lambda m: m.get("id") == 1)
+        assert reply["error"]["code"] == 103
+        # Not connected, and nothing was subscribed: the next command is refused.
+        client.send({"id": 2, "subscribe": {"channel": fine}})
+        assert client.read_until_closed() == 3501
+    finally:
+        client.close()
+    channels = httpx.post(f"{secure.url}/api/channels", json={}, timeout=TIMEOUT).json()
+    assert fine not in channels["result"]["channels"]
+
+
+def test_server_api_refuses_unknown_namespaces(secure: Any) -> None:
+    for method, params in [
+        ("publish", {"channel": "nowhere:x", "data": 1}),
+        ("history", {"channel": "nowhere:x", "limit": -1}),
+        ("presence", {"channel": "nowhere:x"}),
+    ]:
+        body = httpx.post(f"{secure.url}/api/{method}", json=params, timeout=TIMEOUT).json()
+        assert body["error"]["code"] == 102, (method, body)
+    body = httpx.post(
+        f"{secure.url}/api/broadcast",
+        json={"channels": ["nowhere:x", "public:ok"], "data": 1},
+        timeout=TIMEOUT,
+    ).json()
+    responses = body["result"]["responses"]
+    assert responses[0]["error"]["code"] == 102 and "result" in responses[1]

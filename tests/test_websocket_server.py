@@ -13,6 +13,7 @@ import socket
 import time
 from typing import Any
 
+import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
@@ -292,6 +293,40 @@ def test_origin_allowlist(server_factory: Any) -> None:
         await no_origin.close()
 
     asyncio.run(main())
+
+
+def test_default_origin_rule_is_same_origin(server: Any) -> None:
+    """With allowed_origins empty, a page of another site cannot open a socket."""
+    host = f"{server.host}:{server.port}"
+
+    async def main() -> None:
+        with pytest.raises(InvalidStatus) as err:
+            await ws_connect(server, origin="https://evil.example")
+        assert err.value.response.status_code == 403
+        same = await ws_connect(server, origin=f"http://{host}")
+        await command(same, {"id": 1, "connect": {}})
+        await same.close()
+
+    asyncio.run(main())
+
+
+def test_wildcard_origin_and_trailing_slash(server_factory: Any) -> None:
+    anyone = server_factory('allowed_origins = ["*"]\n')
+    listed = server_factory('allowed_origins = ["https://good.example/"]\n')
+
+    async def main() -> None:
+        ws = await ws_connect(anyone, origin="https://whatever.example")
+        await ws.close()
+        ws = await ws_connect(listed, origin="https://good.example")
+        await ws.close()
+
+    asyncio.run(main())
+    # CORS: "*" answers any origin, but never lets the browser send cookies.
+    resp = httpx.get(anyone.url + "/health", headers={"Origin": "https://whatever.example"})
+    assert resp.headers["access-control-allow-origin"] == "https://whatever.example"
+    assert "access-control-allow-credentials" not in resp.headers
+    resp = httpx.get(listed.url + "/health", headers={"Origin": "https://good.example"})
+    assert resp.headers["access-control-allow-credentials"] == "true"
 
 
 def test_bad_handshake_gets_400(server: Any) -> None:
