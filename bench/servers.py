@@ -1,0 +1,197 @@
+"""The servers under test: how to start each, subscribe to it and publish to it.
+
+Every server implements the same scenario: subscribers join channel ``bench``
+over SSE, WebSocket or long-poll; an HTTP POST publishes one message that
+every subscriber receives. Each entry says which transports it has, the
+command line that starts it on a given port, the subscribe request per
+transport (a ``load.Spec``) and the publish request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from load import Spec
+
+HERE = Path(__file__).resolve().parent
+PEERS = HERE / "peers"
+HOST = "127.0.0.1"
+NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+CENTRIFUGE_SUBSCRIBE = b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"bench"}}'
+
+
+def tidings_body(data: dict[str, Any]) -> bytes:
+    """tidings' ``/api/publish`` body (the peers written here accept it too)."""
+    return json.dumps({"channel": "bench", "data": data}, separators=(",", ":")).encode()
+
+
+def raw_body(data: dict[str, Any]) -> bytes:
+    """Nchan publishes the request body itself as the message."""
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+@dataclass
+class ServerDef:
+    """One server under test."""
+
+    name: str
+    transports: tuple[str, ...]
+    command: Callable[[int, Path], list[str]]
+    specs: Callable[[int], dict[str, Spec]]
+    publish_path: str = "/api/publish"
+    publish_body: Callable[[dict[str, Any]], bytes] = tidings_body
+    publish_port_offset: int = 0
+    needs: tuple[str, ...] = ()  # importable modules
+    max_n: int | None = None  # larger N is capped (and reported)
+    note: str = ""
+    setup: Callable[[int, Path], None] | None = field(default=None)
+
+    def unavailable(self) -> str | None:
+        """Why this server cannot run here, or ``None``."""
+        for mod in self.needs:
+            if importlib.util.find_spec(mod) is None:
+                return f"python module {mod!r} missing (run bench/setup.sh)"
+        if self.name == "nchan":
+            if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
+                return "nginx not installed (run bench/setup.sh)"
+            if not os.path.exists(NCHAN_MODULE):
+                return "libnginx-mod-nchan not installed (run bench/setup.sh)"
+        return None
+
+
+def _py(script: str) -> Callable[[int, Path], list[str]]:
+    return lambda port, _wd: [sys.executable, str(PEERS / script), str(port)]
+
+
+def _tidings_cmd(port: int, wd: Path) -> list[str]:
+    cfg = wd / "tidings.toml"
+    cmd = [sys.executable, "-m", "tidings", "serve", "--host", HOST, "--port", str(port)]
+    if cfg.exists():
+        cmd += ["--config", str(cfg)]
+    return [*cmd, "--log-level", "warning"]
+
+
+def _tidings_setup(port: int, wd: Path) -> None:
+    """Optional settings for the run, from TIDINGS_BENCH_CONFIG (a TOML path)."""
+    src = os.environ.get("TIDINGS_BENCH_CONFIG")
+    if src:
+        shutil.copy(src, wd / "tidings.toml")
+
+
+def _centrifuge_like(port: int) -> dict[str, Spec]:
+    """tidings' own endpoints (the floor speaks the same ones)."""
+    return {
+        "sse": Spec("sse", HOST, port, "/sse?channel=bench", ready=b"event: subscribed"),
+        "ws": Spec(
+            "ws",
+            HOST,
+            port,
+            "/connection/websocket",
+            ready=b'"id":2',
+            ws_first=CENTRIFUGE_SUBSCRIBE,
+        ),
+        "poll": Spec("poll", HOST, port, "/poll?channel=bench&timeout=60"),
+    }
+
+
+def _nchan_cmd(port: int, wd: Path) -> list[str]:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    return [nginx, "-p", str(wd), "-c", str(wd / "nginx.conf"), "-g", "daemon off;"]
+
+
+def _nchan_setup(port: int, wd: Path) -> None:
+    conf = (PEERS / "nchan.conf.in").read_text()
+    conf = conf.replace("@PORT@", str(port)).replace("@MODULE@", f"load_module {NCHAN_MODULE};")
+    (wd / "nginx.conf").write_text(conf)
+
+
+SERVERS: dict[str, ServerDef] = {
+    s.name: s
+    for s in [
+        ServerDef(
+            "tidings",
+            ("sse", "ws", "poll"),
+            _tidings_cmd,
+            _centrifuge_like,
+            needs=("tidings",),
+            setup=_tidings_setup,
+        ),
+        ServerDef(
+            "floor",
+            ("sse", "ws", "poll"),
+            _py("floor.py"),
+            _centrifuge_like,
+            needs=("uvloop",),
+            note="raw asyncio Protocol on uvloop writing pre-built bytes",
+        ),
+        ServerDef(
+            "nchan",
+            ("sse", "ws", "poll"),
+            _nchan_cmd,
+            lambda port: {
+                "sse": Spec("sse", HOST, port, "/sub/bench", ready=b": hi"),
+                "ws": Spec("ws", HOST, port, "/sub/bench"),
+                "poll": Spec("poll", HOST, port, "/sub/bench", poll_style="nchan"),
+            },
+            publish_path="/pub/bench",
+            publish_body=raw_body,
+            setup=_nchan_setup,
+            note="nginx + Nchan, 1 worker",
+        ),
+        ServerDef(
+            "socketio",
+            ("ws",),
+            _py("socketio_peer.py"),
+            lambda port: {
+                "ws": Spec(
+                    "ws",
+                    HOST,
+                    port,
+                    "/socket.io/?EIO=4&transport=websocket",
+                    ready=b"40{",
+                    ws_first=b"40",
+                ),
+            },
+            needs=("socketio", "uvicorn"),
+            note="python-socketio AsyncServer under uvicorn",
+        ),
+        ServerDef(
+            "sse-starlette",
+            ("sse",),
+            _py("sse_starlette_peer.py"),
+            lambda port: {
+                "sse": Spec("sse", HOST, port, "/sse", ready=b"event: subscribed"),
+            },
+            needs=("sse_starlette", "uvicorn"),
+            note="Starlette + sse-starlette under uvicorn",
+        ),
+        ServerDef(
+            "websockets",
+            ("ws",),
+            _py("websockets_peer.py"),
+            lambda port: {
+                "ws": Spec("ws", HOST, port, "/", ready=b'"id":2', ws_first=CENTRIFUGE_SUBSCRIBE),
+            },
+            publish_port_offset=1,
+            needs=("websockets", "uvloop"),
+            note="websockets asyncio server + broadcast()",
+        ),
+        ServerDef(
+            "threaded",
+            ("sse",),
+            _py("threaded_sse.py"),
+            lambda port: {
+                "sse": Spec("sse", HOST, port, "/sse", ready=b"event: subscribed"),
+            },
+            note="stdlib ThreadingHTTPServer, one OS thread per subscriber",
+        ),
+    ]
+}

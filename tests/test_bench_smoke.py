@@ -1,0 +1,87 @@
+"""Smoke test of the benchmark harness: quick mode, tiny N, tidings alone.
+
+Keeps ``bench/`` from rotting without making a benchmark part of the test
+suite: it asserts that every phase produced numbers and that every published
+message reached every subscriber, never how fast (no duration is asserted).
+Peers are not started here (they need apt packages the tests must not install).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+N = 50
+K = 3
+
+
+def run_bench(tmp_path: Path, transport: str) -> dict[str, Any]:
+    """``bench/run.py --quick`` for one transport; returns its single result."""
+    out = tmp_path / f"{transport}.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--quick",
+        "--n",
+        str(N),
+        "--servers",
+        "tidings",
+        "--transports",
+        transport,
+        "--broadcasts",
+        str(K),
+        "--latency-seconds",
+        "0.5",
+        "--no-charts",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert len(results) == 1, results
+    result: dict[str, Any] = results[0]
+    return result
+
+
+def check(result: dict[str, Any]) -> None:
+    assert result.get("error") is None, result.get("error")
+    assert result["ok"] is True
+    assert result["connect"]["ok"] == N
+    assert result["connect"]["per_s"] > 0
+    assert result["idle"]["connections"] == N
+    assert isinstance(result["idle"]["rss_per_conn_b"], float)
+    fan = result["fanout"]
+    assert fan["expected"] == K * N
+    assert fan["delivered"] == fan["expected"]
+    assert fan["cpu_us_per_delivery"] > 0
+    assert fan["ttl_ms_median"] > 0
+    lat = result["latency"]
+    assert lat["published"] > 0
+    assert lat["expected"] == lat["published"] * N
+    assert lat["delivered"] == lat["expected"]
+    assert lat["p50_ms"] <= lat["p99_ms"] <= lat["max_ms"]
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_sse(tmp_path: Path) -> None:
+    check(run_bench(tmp_path, "sse"))
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_poll(tmp_path: Path) -> None:
+    check(run_bench(tmp_path, "poll"))
+
+
+@pytest.mark.timeout(180)
+def test_bench_quick_websocket(tmp_path: Path) -> None:
+    result = run_bench(tmp_path, "ws")
+    if "status 404" in str(result.get("error")):
+        pytest.skip("server answers 404 on /connection/websocket (WebSocket transport missing)")
+    check(result)
