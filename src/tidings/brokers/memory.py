@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import secrets
 import time
 from collections import deque
@@ -125,9 +126,14 @@ class MemoryBroker(Broker):
         top = stream.top
         if limit == 0 or (since is not None and since.epoch != stream.epoch and since != EMPTY):
             return [], top
-        pubs = list(stream.history)
-        if since is not None:
-            pubs = [pub for pub in pubs if pub.offset > since.offset]
+        history = stream.history
+        if since is None or not history:
+            pubs = list(history)
+        else:
+            # The ring holds consecutive offsets: slice instead of scanning, since
+            # every long-poll re-poll reads from its cursor.
+            skip = max(0, since.offset - history[0].offset + 1)
+            pubs = list(itertools.islice(history, skip, None)) if skip < len(history) else []
         if reverse:
             pubs.reverse()
         if limit is not None and limit > 0:

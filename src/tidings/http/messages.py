@@ -43,7 +43,17 @@ class Headers:
 class Request:
     """One parsed HTTP request."""
 
-    __slots__ = ("body", "client", "headers", "keep_alive", "method", "path", "query", "target")
+    __slots__ = (
+        "_query",
+        "_query_text",
+        "body",
+        "client",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "target",
+    )
 
     def __init__(
         self,
@@ -58,11 +68,34 @@ class Request:
         self.method = method
         self.target = target
         self.path = path
-        self.query: dict[str, list[str]] = parse_qs(query, keep_blank_values=True)
+        self._query_text = query
+        self._query: dict[str, list[str]] | None = None
         self.headers = headers
         self.client = client
         self.keep_alive = keep_alive
         self.body = b""
+
+    @property
+    def query(self) -> dict[str, list[str]]:
+        """Query parameters, parsed on first use.
+
+        Long-poll clients re-poll after every publication, so this is on a hot
+        path: a query with nothing escaped (curl, our clients' cursors) is split
+        directly; anything else goes through ``parse_qs``.
+        """
+        query = self._query
+        if query is None:
+            text = self._query_text
+            if "%" in text or "+" in text:
+                query = parse_qs(text, keep_blank_values=True)
+            else:
+                query = {}
+                for part in text.split("&"):
+                    if part:
+                        name, _, value = part.partition("=")
+                        query.setdefault(name, []).append(value)
+            self._query = query
+        return query
 
     def query_value(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -78,9 +111,13 @@ class Request:
 
 
 class Response:
-    """A complete response; :meth:`encode` renders it for one request."""
+    """A complete response; :meth:`encode` renders it for one request.
 
-    __slots__ = ("body", "close", "headers", "status")
+    One response may answer many requests (held long-polls woken by the same
+    publication): its plain keep-alive rendering is kept and reused.
+    """
+
+    __slots__ = ("_plain", "body", "close", "headers", "status")
 
     def __init__(
         self,
@@ -94,8 +131,18 @@ class Response:
         self.body = body
         self.headers = headers or []
         self.close = close
+        self._plain: bytes | None = None
 
     def encode(self, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]) -> bytes:
+        plain = not head and keep_alive and not extra
+        if plain and self._plain is not None:
+            return self._plain
+        data = self._render(head=head, keep_alive=keep_alive, extra=extra)
+        if plain:
+            self._plain = data
+        return data
+
+    def _render(self, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]) -> bytes:
         reason = HTTPStatus(self.status).phrase
         lines = [f"HTTP/1.1 {self.status} {reason}", f"Date: {http_date()}", "Server: tidings"]
         lines.extend(f"{name}: {value}" for name, value in self.headers)

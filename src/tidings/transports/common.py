@@ -139,7 +139,10 @@ async def join(
             for channel in done:
                 hub.unsubscribe(channel, subscriber)
         raise
-    joined.publications = list(heapq.merge(*per_channel, key=lambda pub: pub.time))
+    if len(per_channel) == 1:
+        joined.publications = per_channel[0]
+    else:
+        joined.publications = list(heapq.merge(*per_channel, key=lambda pub: pub.time))
     return joined
 
 

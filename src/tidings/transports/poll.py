@@ -1,17 +1,26 @@
 """Long-polling and polling: ``GET /poll?channel=a&cursor=C&timeout=30``.
 
-A held long-poll is a :class:`PollWaiter` registered on its channels plus one
-timer — no task and no coroutine while it waits. The first publication wakes
-it; it answers on the next loop iteration, so publications of the same moment
-(a broadcast) travel in one response. ``timeout=0`` is plain polling.
-
 The response is ``{"publications": [...], "cursor": "...", "unrecovered": [...]}``
-with the same cursor as SSE, so the two can be mixed.
+with the same cursor as SSE, so the two can be mixed. ``timeout=0`` is plain
+polling.
+
+A held long-poll is small on purpose (the benchmark holds tens of thousands):
+a :class:`PollWaiter` of five slots registered on its channels, and nothing
+else — no task, no coroutine, no timer and not the request (the connection
+keeps only how to answer it). Deadlines are grouped by the second they fall
+in, one loop timer per second that has any. A held poll is at the head of
+every channel it follows (it would have been answered at once otherwise), so
+its cursor when answered is the hub's current position of those channels, and
+every waiter of the same channels gets the same bytes: they are encoded once
+per wake-up (DESIGN principle 2). The first publication wakes a waiter; it is
+answered on the next loop iteration, so publications of one moment (a
+broadcast) travel in one response.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 from typing import TYPE_CHECKING
 
 from ..codec import encode, http_publication_json
@@ -25,9 +34,13 @@ if TYPE_CHECKING:
     from ..http import HTTPConnection, Request
     from ..server import Server
 
+Answers = dict[tuple[str, ...], tuple[tuple[Publication, ...], Response]]
+
 
 def poll_response(
-    publications: list[Publication], positions: dict[str, Position], unrecovered: list[str]
+    publications: list[Publication] | tuple[Publication, ...],
+    positions: dict[str, Position],
+    unrecovered: list[str],
 ) -> Response:
     """The poll body, built from each publication's shared HTTP encoding."""
     body = b"".join(
@@ -47,49 +60,38 @@ def poll_response(
 
 
 class PollWaiter:
-    """A held long-poll: answers on the first publication or at its deadline."""
+    """A held long-poll: answered on the first publication or at its deadline."""
 
-    __slots__ = ("channels", "conn", "poll", "positions", "publications", "request", "timer")
+    __slots__ = ("channels", "conn", "deadline", "poll", "publications")
 
-    def __init__(
-        self, poll: PollTransport, conn: HTTPConnection, request: Request, channels: list[str]
-    ) -> None:
+    def __init__(self, poll: PollTransport, conn: HTTPConnection, channels: tuple[str, ...]):
         self.poll = poll
         self.conn = conn
-        self.request = request
         self.channels = channels
-        self.positions: dict[str, Position] = {}
-        self.publications: list[Publication] = []
-        self.timer: asyncio.TimerHandle | None = None
+        self.publications: list[Publication] | None = None
+        #: The second whose timer answers this waiter; 0 once it has left.
+        self.deadline = 0
 
     def deliver(self, pub: Publication) -> None:
-        self.publications.append(pub)
-        self.positions[pub.channel] = pub.position
-        if len(self.publications) == 1:
-            asyncio.get_running_loop().call_soon(self.answer_now)
+        if self.publications is None:
+            self.publications = [pub]
+            if self.deadline:
+                self.poll.wake(self)
+        else:
+            self.publications.append(pub)
 
     def answer_now(self) -> None:
-        if self._release():
-            self.conn.respond(self.request, poll_response(self.publications, self.positions, []))
+        self.poll.answer(self, {})
 
     def cancel(self) -> None:
-        self._release()
-
-    def _release(self) -> bool:
-        """Leave the channels once; False if that already happened."""
-        if self.timer is None:
-            return False
-        self.timer.cancel()
-        self.timer = None
-        leave(self.poll.server.hub, self.channels, self)
-        self.poll.waiters.discard(self)
-        return True
+        self.poll.release(self)
 
 
 class PollTransport:
     def __init__(self, server: Server) -> None:
         self.server = server
-        self.waiters: set[PollWaiter] = set()
+        self._buckets: dict[int, set[PollWaiter]] = {}
+        self._woken: list[PollWaiter] = []
 
     def _timeout(self, request: Request) -> float:
         config = self.server.config.poll
@@ -99,9 +101,8 @@ class PollTransport:
         try:
             timeout = float(text)
         except ValueError:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"timeout={text!r} is not a number"
-            ) from None
+            message = f"timeout={text!r} is not a number"
+            raise ProtocolError(ErrorCode.BAD_REQUEST, message) from None
         if not 0 <= timeout <= config.max_timeout:
             raise ProtocolError(
                 ErrorCode.BAD_REQUEST, f"timeout must be between 0 and {config.max_timeout:g}"
@@ -116,16 +117,74 @@ class PollTransport:
         if since is None or timeout == 0 or self.server.stopping:
             joined = await join(hub, channels, since, None)
             return poll_response(joined.publications, joined.positions, joined.unrecovered)
-        waiter = PollWaiter(self, conn, request, channels)
+        waiter = PollWaiter(self, conn, tuple(sorted(channels)))
         joined = await join(hub, channels, since, waiter)
         # With a remote broker, publications can reach the waiter mid-join.
-        early = waiter.publications
-        positions = joined.positions | {pub.channel: pub.position for pub in early}
+        early = waiter.publications or []
         if joined.publications or joined.unrecovered or early:
             leave(hub, channels, waiter)
+            positions = joined.positions | {pub.channel: pub.position for pub in early}
             return poll_response(joined.publications + early, positions, joined.unrecovered)
-        waiter.positions = positions
-        waiter.timer = asyncio.get_running_loop().call_later(timeout, waiter.answer_now)
-        self.waiters.add(waiter)
-        conn.hold(waiter)
+        conn.hold(waiter, request)
+        self._hold(waiter, timeout)
         return None
+
+    # -- held polls --------------------------------------------------------
+
+    def _hold(self, waiter: PollWaiter, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        second = math.ceil(loop.time() + timeout)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = set()
+            loop.call_at(second, self._expire, second)
+        bucket.add(waiter)
+        waiter.deadline = second
+
+    def _expire(self, second: int) -> None:
+        answers: Answers = {}
+        for waiter in self._buckets.pop(second, ()):
+            self.answer(waiter, answers)
+
+    def wake(self, waiter: PollWaiter) -> None:
+        self._woken.append(waiter)
+        if len(self._woken) == 1:
+            asyncio.get_running_loop().call_soon(self._answer_woken)
+
+    def _answer_woken(self) -> None:
+        woken, self._woken = self._woken, []
+        answers: Answers = {}
+        for waiter in woken:
+            self.answer(waiter, answers)
+
+    def release(self, waiter: PollWaiter) -> bool:
+        """Take the waiter off its channels and its deadline; False if already done."""
+        if not waiter.deadline:
+            return False
+        bucket = self._buckets.get(waiter.deadline)
+        if bucket is not None:
+            bucket.discard(waiter)
+        waiter.deadline = 0
+        leave(self.server.hub, waiter.channels, waiter)
+        return True
+
+    def answer(self, waiter: PollWaiter, answers: Answers) -> None:
+        """Answer a held poll with what it got; ``answers`` shares bytes between waiters."""
+        if not waiter.deadline:
+            return  # answered or gone already
+        publications = tuple(waiter.publications or ())
+        cached = answers.get(waiter.channels)
+        if cached is not None and _same(cached[0], publications):
+            response = cached[1]
+        else:
+            top = self.server.hub.top
+            positions = {channel: top(channel) for channel in waiter.channels}
+            response = poll_response(publications, positions, [])
+            answers[waiter.channels] = (publications, response)
+        # Leave only now: the hub forgets a channel's position with its last subscriber.
+        self.release(waiter)
+        waiter.conn.respond_held(response)
+
+
+def _same(a: tuple[Publication, ...], b: tuple[Publication, ...]) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
