@@ -19,6 +19,11 @@ Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]
 
 
+def unavailable(cause: object) -> ProtocolError:
+    """The error for a broker that cannot be reached: temporary (100), so clients retry."""
+    return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {cause}")
+
+
 class Broker(ABC):
     """Stamps publications with ``(epoch, offset)``, keeps history, fans out to nodes."""
 

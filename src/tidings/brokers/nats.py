@@ -41,7 +41,7 @@ from nats.errors import Error as NatsError
 
 from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, Position, Publication
-from .base import Broker
+from .base import Broker, unavailable
 
 __all__ = ["NatsBroker"]
 
@@ -69,10 +69,6 @@ class _Stream:
         self.epoch = secrets.token_urlsafe(6)
         self.offset = 0
         self.sub: Subscription | None = None
-
-
-def _unavailable(what: object) -> ProtocolError:
-    return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {what}")
 
 
 class NatsBroker(Broker):
@@ -195,7 +191,7 @@ class NatsBroker(Broker):
     ) -> Publication:
         nc = self._nc
         if nc is None or not nc.is_connected:
-            raise _unavailable("not connected to nats")
+            raise unavailable("not connected to nats")
         now_ms = int(time.time() * 1000)
         info_json = msgspec.json.encode(info) if info is not None else None
         try:
@@ -203,7 +199,7 @@ class NatsBroker(Broker):
                 self._subject(channel), _encode_body(_Body(data, info_json, tags, now_ms))
             )
         except (NatsError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         return Publication(channel, 0, "", data, info, tags, now_ms)
 
     async def history(
@@ -229,7 +225,7 @@ class NatsBroker(Broker):
     async def subscribe(self, channel: str) -> None:
         nc = self._nc
         if nc is None or not self.healthy:
-            raise _unavailable("not connected to nats")
+            raise unavailable("not connected to nats")
         stream = self._streams.get(channel)
         if stream is None:
             stream = self._streams[channel] = _Stream()
@@ -243,7 +239,7 @@ class NatsBroker(Broker):
             # The server has our SUB once it answers a PING sent after it.
             await nc.flush(timeout=self._subscribe_timeout)  # type: ignore[arg-type]
         except (NatsError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     def unsubscribe(self, channel: str) -> None:
         stream = self._streams.pop(channel, None)

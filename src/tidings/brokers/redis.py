@@ -57,7 +57,7 @@ from redis.exceptions import RedisError
 
 from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, Position, Publication, reaches
-from .base import Broker
+from .base import Broker, unavailable
 
 __all__ = ["RedisBroker"]
 
@@ -114,10 +114,6 @@ _decode_info = msgspec.json.Decoder(ClientInfo).decode
 
 def _new_epoch() -> str:
     return secrets.token_urlsafe(6)
-
-
-def _unavailable(exc: BaseException) -> ProtocolError:
-    return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {exc}")
 
 
 # KEYS: presence zset, presence hash. ARGV: now (ms). Sweeps, then lists.
@@ -256,7 +252,7 @@ class RedisBroker(Broker):
                 ],
             )
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         return Publication(channel, int(offset), epoch.decode(), data, info, tags, now_ms)
 
     async def history(
@@ -280,7 +276,7 @@ class RedisBroker(Broker):
                         pipe.xrange(history_key, low, "+", count=count)
                 results: list[Any] = await pipe.execute()
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         epoch_raw, offset_raw = results[0]
         if epoch_raw is None:
             return [], EMPTY
@@ -319,7 +315,7 @@ class RedisBroker(Broker):
         try:
             top = await self._ensure(channel)
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         self._advance(channel, top)
 
     def unsubscribe(self, channel: str) -> None:
@@ -560,7 +556,7 @@ class RedisBroker(Broker):
         try:
             await self._write_presence([(channel, client, encoded)])
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
 
     async def _write_presence(self, entries: list[tuple[str, str, bytes]]) -> None:
         expires = int(time.time() * 1000) + self._presence_ttl_ms
@@ -597,7 +593,7 @@ class RedisBroker(Broker):
                 keys=self._presence_keys(channel), args=[int(time.time() * 1000)]
             )
         except (RedisError, OSError) as exc:
-            raise _unavailable(exc) from exc
+            raise unavailable(exc) from exc
         return {flat[i].decode(): _decode_info(flat[i + 1]) for i in range(0, len(flat), 2)}
 
     async def _keep_presence(self) -> None:
