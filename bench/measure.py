@@ -58,6 +58,79 @@ def rss_kib(pids: Sequence[int]) -> int:
     return total
 
 
+def pss_kib(pids: Sequence[int]) -> int:
+    """Sum of proportional set size (KiB) over ``pids``.
+
+    Processes forked from one parent (``tidings serve --workers``) share their
+    parent's pages until they write them, and each one's RSS counts those pages
+    in full, so a sum of RSS overstates the tree; PSS splits shared pages among
+    their sharers and sums to what the tree really occupies.
+    """
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        total += int(line.split()[1])
+                        break
+        except OSError:
+            pass
+    return total
+
+
+def open_files(pid: int) -> int:
+    """Open file descriptors of ``pid`` (0 if it is gone): its connections, plus a few."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return 0
+
+
+def accepted_connections(pids: Sequence[int], port: int) -> list[int]:
+    """Per pid, its established TCP connections whose local port is ``port``.
+
+    Open files alone overcount: a worker also holds its Redis connections,
+    whose number grows with concurrent requests. So: the inodes of established
+    sockets on ``port`` (``/proc/net/tcp``), matched against each pid's fds.
+    """
+    inodes: set[bytes] = set()
+    with open("/proc/net/tcp", "rb") as f:
+        next(f)
+        for line in f:
+            fields = line.split(None, 10)
+            if fields[3] == b"01" and int(fields[1].rsplit(b":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    counts = []
+    for pid in pids:
+        n = 0
+        try:
+            fds = os.listdir(f"/proc/{pid}/fd")
+        except OSError:
+            fds = []
+        for fd in fds:
+            try:
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:[") and link[8:-1].encode() in inodes:
+                n += 1
+        counts.append(n)
+    return counts
+
+
+def listening_sockets(port: int) -> int:
+    """IPv4 sockets in LISTEN on ``port``: one per ``SO_REUSEPORT`` worker that is up."""
+    count = 0
+    with open("/proc/net/tcp") as f:
+        next(f)  # header
+        for line in f:
+            fields = line.split(None, 4)
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                count += 1
+    return count
+
+
 def cpu_seconds(pids: Sequence[int]) -> float:
     """CPU seconds (user + system) consumed so far by ``pids``, all their threads.
 

@@ -301,3 +301,77 @@ def machine(label: str, mode: dict[str, Any], seconds: float) -> dict[str, Any]:
         "kernel": platform.release(),
         "python": sys.version.split()[0],
     }
+
+
+def _mib(kib: float | None) -> str:
+    return "-" if kib is None else f"{kib / 1024:,.1f} MiB"
+
+
+def scale_table(r: Result) -> str:
+    """The scale-out run: a summary, then one row per worker process."""
+    n, k = r["n"], r["broadcasts"]
+    mem, fan, conn = r.get("memory", {}), r.get("fanout", {}), r.get("connect", {})
+    lost = fan.get("lost_connections")
+    ttl = [_get("fanout", key)(r) for key in ("ttl_ms_median", "ttl_ms_p99", "ttl_ms_max")]
+    rows = [
+        ["subscribers (subscribed / asked)", f"{r.get('subscribed', 0):,} / {n:,} SSE"],
+        ["processes", f"{r['workers']} tidings workers + Redis; {r['client_processes']} clients"],
+        [
+            "connect rate (connect + subscribe)",
+            f"{fmt(conn.get('per_s'))} conn/s ({fmt(conn.get('seconds'))} s)"
+            + (f", failures {conn['failures']}" if conn.get("failures") else ""),
+        ],
+        [
+            "workers' memory, held",
+            f"RSS {_mib(mem.get('workers_rss_kib'))} (sum), "
+            f"PSS {_mib(mem.get('workers_pss_kib'))}; supervisor "
+            f"{_mib(r.get('supervisor_rss_kib'))}",
+        ],
+        ["workers' RSS per connection", f"{fmt(mem.get('rss_per_conn_b'))} B (sum of deltas / N)"],
+        ["kernel slab per connection", f"{fmt(mem.get('slab_per_conn_b'))} B (both ends)"],
+        [
+            "Redis RSS",
+            f"{_mib(mem.get('redis_rss_kib'))} held, "
+            f"{_mib(mem.get('redis_rss_after_broadcasts_kib'))} after the broadcasts",
+        ],
+        [
+            f"broadcast: publish to last delivery (K = {k})",
+            "p50 {} / p99 {} / max {} ms".format(*(fmt(v) for v in ttl)),
+        ],
+        [
+            "deliveries counted / N x K",
+            f"{fan.get('delivered', 0):,} / {n * k:,}"
+            + (f" (lost connections: {lost})" if lost else ""),
+        ],
+        [
+            "server CPU per delivery",
+            f"{fmt(fan.get('cpu_us_per_delivery'))} µs (median of rounds, all processes)",
+        ],
+    ]
+    out = [f"\n### Scale-out: N = {n:,}, {r['workers']} workers + Redis\n"]
+    out.append(_md_table(["figure", "value"], rows))
+    workers = r.get("workers_detail", [])
+    if workers:
+        body = [
+            [
+                str(w["pid"]),
+                f"{w['connections']:,}",
+                _mib(w["rss_base_kib"]),
+                _mib(w["rss_kib"]),
+                fmt(w["rss_per_conn_b"]),
+                _mib(w.get("rss_after_broadcasts_kib")),
+            ]
+            for w in workers
+        ]
+        out.append("")
+        out.append(
+            _md_table(
+                ["worker pid", "connections", "RSS base", "RSS held", "B/conn", "RSS after K"],
+                body,
+            )
+        )
+    if r.get("error"):
+        out.append(f"\nERROR: {r['error'][:500]}")
+    if r.get("leftover_pids"):
+        out.append(f"\nprocesses still alive after cleanup: {r['leftover_pids']}")
+    return "\n".join(out)

@@ -9,6 +9,7 @@ transport (a ``load.Spec``) and the publish request.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -25,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 PEERS = HERE / "peers"
 HOST = "127.0.0.1"
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
+SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")  # Debian puts nginx and redis-server here
 CENTRIFUGE_SUBSCRIBE = b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"bench"}}'
 
 
@@ -50,6 +52,7 @@ class ServerDef:
     publish_body: Callable[[dict[str, Any]], bytes] = tidings_body
     publish_port_offset: int = 0
     needs: tuple[str, ...] = ()  # importable modules
+    binaries: tuple[tuple[str, str], ...] = ()  # (executable, Debian package providing it)
     max_n: int | None = None  # larger N is capped (and reported)
     note: str = ""
     setup: Callable[[int, Path], None] | None = field(default=None)
@@ -59,12 +62,17 @@ class ServerDef:
         for mod in self.needs:
             if importlib.util.find_spec(mod) is None:
                 return f"python module {mod!r} missing (run bench/setup.sh)"
-        if self.name == "nchan":
-            if not shutil.which("nginx") and not os.path.exists("/usr/sbin/nginx"):
-                return "nginx not installed (run bench/setup.sh)"
-            if not os.path.exists(NCHAN_MODULE):
-                return "libnginx-mod-nchan not installed (run bench/setup.sh)"
+        for exe, package in self.binaries:
+            if not binary(exe):
+                return f"{exe} not installed (apt package {package}; run bench/setup.sh)"
+        if self.name == "nchan" and not os.path.exists(NCHAN_MODULE):
+            return "libnginx-mod-nchan not installed (run bench/setup.sh)"
         return None
+
+
+def binary(name: str) -> str | None:
+    """Path of an executable, also looking in sbin directories a user's PATH may lack."""
+    return shutil.which(name) or shutil.which(name, path=os.pathsep.join(SBIN))
 
 
 def _py(script: str) -> Callable[[int, Path], list[str]]:
@@ -103,7 +111,7 @@ def _centrifuge_like(port: int) -> dict[str, Spec]:
 
 
 def _nchan_cmd(port: int, wd: Path) -> list[str]:
-    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    nginx = binary("nginx") or "nginx"
     return [nginx, "-p", str(wd), "-c", str(wd / "nginx.conf"), "-g", "daemon off;"]
 
 
@@ -143,6 +151,7 @@ SERVERS: dict[str, ServerDef] = {
             },
             publish_path="/pub/bench",
             publish_body=raw_body,
+            binaries=(("nginx", "nginx"),),
             setup=_nchan_setup,
             note="nginx + Nchan, 1 worker",
         ),
@@ -195,3 +204,60 @@ SERVERS: dict[str, ServerDef] = {
         ),
     ]
 }
+
+
+# --------------------------------------------------------------------------- scale-out
+
+
+def _redis_cmd(port: int, wd: Path) -> list[str]:
+    """Persistence off, as in tests/brokers_support.py: nothing may touch the disk mid-run."""
+    return [
+        binary("redis-server") or "redis-server",
+        "--port",
+        str(port),
+        "--bind",
+        HOST,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+        str(wd),
+        "--daemonize",
+        "no",
+        "--protected-mode",
+        "no",
+    ]
+
+
+REDIS = ServerDef(
+    "redis",
+    (),
+    _redis_cmd,
+    lambda port: {},
+    binaries=(("redis-server", "redis-server"),),
+    note="redis-server, persistence off (the broker of the scale-out scenario)",
+)
+
+
+def tidings_scaled(workers: int, redis_port: int) -> ServerDef:
+    """tidings with ``workers`` processes on one port sharing channels through Redis.
+
+    Same command, endpoints and publish request as the ``tidings`` entry; only
+    its config differs, so TIDINGS_BENCH_CONFIG does not apply here.
+    """
+
+    def setup(port: int, wd: Path) -> None:
+        (wd / "tidings.toml").write_text(
+            f"workers = {workers}\n"
+            "[broker]\n"
+            'type = "redis"\n'
+            f'redis_url = "redis://{HOST}:{redis_port}/0"\n'
+            'prefix = "bench"\n'
+        )
+
+    return dataclasses.replace(
+        SERVERS["tidings"],
+        setup=setup,
+        note=f"tidings, {workers} workers (SO_REUSEPORT) + Redis broker",
+    )

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from brokers_support import find_binary
+
 ROOT = Path(__file__).resolve().parent.parent
 N = 50
 K = 3
@@ -85,3 +87,34 @@ def test_bench_quick_websocket(tmp_path: Path) -> None:
     if "status 404" in str(result.get("error")):
         pytest.skip("server answers 404 on /connection/websocket (WebSocket transport missing)")
     check(result)
+
+
+@pytest.mark.timeout(180)
+def test_bench_scale(tmp_path: Path) -> None:
+    """``--scale`` at tiny N: 2 workers + Redis, every broadcast counted, nothing left running."""
+    find_binary("redis-server", "redis-server")  # the scenario starts its own
+    out = tmp_path / "scale.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--scale",
+        "--n",
+        str(N),
+        "--workers",
+        "2",
+        "--broadcasts",
+        str(K),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    runs = json.loads(out.read_text())["runs"]
+    assert len(runs) == 1, runs
+    result = runs[0]["result"]
+    assert result.get("error") is None, result.get("error")
+    assert result["ok"] is True
+    assert result["subscribed"] == N
+    assert sum(w["connections"] for w in result["workers_detail"]) == N
+    assert result["fanout"]["delivered"] == N * K
+    assert result["leftover_pids"] == []
