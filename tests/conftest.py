@@ -34,6 +34,10 @@ from pathlib import Path
 
 import pytest
 
+#: The redis_server / nats_server fixtures (registered here, so that pytest
+#: rewrites their asserts).
+pytest_plugins = ["brokers_support"]
+
 HOST = "127.0.0.1"
 START_TIMEOUT = 15.0
 

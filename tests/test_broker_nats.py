@@ -15,7 +15,6 @@ from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
 if TYPE_CHECKING:
     from brokers_support import NatsServer
 
-pytest_plugins = ["brokers_support"]  # the redis_server / nats_server fixtures
 
 WAIT = 10.0
 

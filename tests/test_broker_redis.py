@@ -19,7 +19,6 @@ from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
 if TYPE_CHECKING:
     from brokers_support import RedisServer
 
-pytest_plugins = ["brokers_support"]  # the redis_server / nats_server fixtures
 
 WAIT = 10.0
 

@@ -22,7 +22,6 @@ from helpers import SSEClient, api, pub_json, publish, unique_channel, wait_subs
 if TYPE_CHECKING:
     from brokers_support import NatsServer, RedisServer
 
-pytest_plugins = ["brokers_support"]  # the redis_server / nats_server fixtures
 
 WAIT = 15.0
 Factory = Callable[..., ServerProcess]
