@@ -9,13 +9,14 @@ because a skipped broker test would hide a broken scale-out.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -175,3 +176,13 @@ def nats_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatsServer
     server = NatsServer(binary, tmp_path_factory.mktemp("nats"))
     with running(server):
         yield server
+
+
+async def until(predicate: Callable[[], bool], what: str, wait: float = 15.0) -> None:
+    """Wait (bounded) until ``predicate()`` holds; fail naming ``what``."""
+    try:
+        async with asyncio.timeout(wait):
+            while not predicate():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"timed out waiting for {what}") from None

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from brokers_support import until
 from tidings.brokers.nats import NatsBroker
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
@@ -31,15 +32,6 @@ class Node:
             while len(self.got) < n:
                 await asyncio.sleep(0.01)
         return self.got
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def run(server: NatsServer, body: Callable[..., Awaitable[None]], nodes: int = 1) -> None:

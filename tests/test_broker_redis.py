@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from brokers_support import until
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import ProtocolError
 from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
@@ -38,15 +39,6 @@ class Node:
             while len(self.got) < n:
                 await asyncio.sleep(0.01)
         return self.got
-
-
-async def until(predicate: Callable[[], bool], what: str) -> None:
-    try:
-        async with asyncio.timeout(WAIT):
-            while not predicate():
-                await asyncio.sleep(0.02)
-    except TimeoutError:
-        raise AssertionError(f"timed out waiting for {what}") from None
 
 
 def run(

@@ -14,7 +14,6 @@ library; ``"sse"`` reads ``/sse`` with httpx.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import random
@@ -22,6 +21,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from .. import cursor
+from ..errors import ProtocolError
+from ..hub import Position as HubPosition
 from .api import APIError
 
 __all__ = ["Publication", "SubscriptionClosed", "decode_cursor", "encode_cursor", "subscribe"]
@@ -46,15 +48,17 @@ class SubscriptionClosed(APIError):
 
 
 def encode_cursor(positions: dict[str, Position]) -> str:
-    """The ``/sse`` and ``/poll`` cursor of per-channel positions."""
-    entries = [[channel, epoch, offset] for channel, (epoch, offset) in positions.items()]
-    raw = json.dumps(entries, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+    """The ``/sse`` and ``/poll`` cursor of per-channel positions (the server's codec)."""
+    return cursor.encode_cursor({ch: HubPosition(e, o) for ch, (e, o) in positions.items()})
 
 
-def decode_cursor(cursor: str) -> dict[str, Position]:
-    raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-    return {str(ch): (str(epoch), int(offset)) for ch, epoch, offset in json.loads(raw)}
+def decode_cursor(token: str) -> dict[str, Position]:
+    """Per-channel positions of a cursor; raises ``ValueError`` if it is malformed."""
+    try:
+        decoded = cursor.decode_cursor(token)
+    except ProtocolError as exc:
+        raise ValueError(exc.message) from None
+    return {channel: (pos.epoch, pos.offset) for channel, pos in decoded.items()}
 
 
 def _terminal(code: int) -> bool:
