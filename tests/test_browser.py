@@ -224,6 +224,38 @@ def test_server_restart_is_survived(
     assert data_of(got) == ["before", "after"]
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll"])
+def test_server_restart_with_redis_resumes_without_loss(
+    page: Any,
+    server_factory: Callable[..., ServerProcess],
+    redis_server: Any,
+    transport: str,
+) -> None:
+    """History outlives the server in Redis: what was published while the page's
+    server was down arrives after the restart, once, in order, and nothing is
+    reported unrecovered."""
+    config = (
+        f'[broker]\ntype = "redis"\nredis_url = "{redis_server.url}"\n'
+        f'prefix = "{unique_channel("b")}"\n'
+    )
+    srv = server_factory(config)
+    other = server_factory(config)  # a second node that stays up
+    ch = unique_channel("br-redis-")
+    start(page, srv.url, [ch], [transport])
+    wait_connected(page, transport)
+    publish(srv, ch, "before")
+    wait_got(page, 1)
+    srv.stop()
+    publish(other, ch, "missed 1")
+    publish(other, ch, "missed 2")
+    srv2 = server_factory(config, port=srv.port)
+    wait_got(page, 3)
+    publish(srv2, ch, "after")
+    got = wait_got(page, 4)
+    assert data_of(got) == ["before", "missed 1", "missed 2", "after"]
+    assert page.evaluate("() => window.unrecovered") == []
+
+
 def test_publish_history_presence_over_websocket(
     page: Any, server_factory: Callable[..., ServerProcess]
 ) -> None:
