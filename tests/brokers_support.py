@@ -16,8 +16,9 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,3 +187,34 @@ async def until(predicate: Callable[[], bool], what: str, wait: float = 15.0) ->
                 await asyncio.sleep(0.02)
     except TimeoutError:
         raise AssertionError(f"timed out waiting for {what}") from None
+
+
+class Node:
+    """A broker under test plus what it delivered to its node, in order."""
+
+    def __init__(self, broker: Any) -> None:
+        self.broker = broker
+        self.got: list[Any] = []
+        broker.bind(self.got.append)
+
+    async def wait_for(self, n: int, wait: float = 10.0) -> list[Any]:
+        await until(lambda: len(self.got) >= n, f"{n} publications", wait)
+        return self.got
+
+
+def run_nodes(
+    make: Callable[[], Node], body: Callable[..., Awaitable[None]], nodes: int = 1
+) -> None:
+    """Start ``nodes`` brokers, run ``body(*nodes)``, and close them whatever happens."""
+
+    async def main() -> None:
+        made = [make() for _ in range(nodes)]
+        for node in made:
+            await node.broker.start()
+        try:
+            await body(*made)
+        finally:
+            for node in made:
+                await node.broker.close()
+
+    asyncio.run(main())

@@ -423,3 +423,16 @@ class LineReader:
             line = self.next(timeout=max(0.01, deadline - time.monotonic()))
             if pred(line):
                 return line
+
+
+def curl_publish(srv: Any, channel: str, data: Any) -> dict[str, Any]:
+    """Publish with the curl command line, as the README does; returns the result."""
+    out = subprocess.run(
+        [
+            "curl", "-sS", "-X", "POST", f"{srv.url}/api/publish",
+            "-d", json.dumps({"channel": channel, "data": data}),
+        ],
+        capture_output=True, timeout=30, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.stdout)["result"]
+    return result

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import json
 import re
-import subprocess
 
 import httpx
 import pytest
 
-from helpers import SSEClient, api, check_serving, publish, unique_channel, wait_subscribers
+from helpers import (
+    SSEClient,
+    api,
+    check_serving,
+    curl_publish,
+    publish,
+    unique_channel,
+    wait_subscribers,
+)
 
 
 def test_publish_result_shape(server):
@@ -27,14 +33,7 @@ def test_publish_result_shape(server):
 
 def test_publish_with_curl(server):
     ch = unique_channel()
-    out = subprocess.run(
-        [
-            "curl", "-sS", "-X", "POST", f"{server.url}/api/publish",
-            "-d", json.dumps({"channel": ch, "data": {"text": "hello"}}),
-        ],
-        capture_output=True, timeout=30, check=True,
-    )  # fmt: skip
-    result = json.loads(out.stdout)["result"]
+    result = curl_publish(server, ch, {"text": "hello"})
     hist = api(server, "history", {"channel": ch, "limit": -1}).json()["result"]
     assert [(p["data"], p["offset"]) for p in hist["publications"]] == [
         ({"text": "hello"}, result["offset"])

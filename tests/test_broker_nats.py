@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from brokers_support import until
+from brokers_support import Node, run_nodes, until
 from tidings.brokers.nats import NatsBroker
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
@@ -20,32 +20,13 @@ if TYPE_CHECKING:
 WAIT = 10.0
 
 
-class Node:
-    def __init__(self, url: str, **kw: Any) -> None:
-        kw.setdefault("reconnect_wait", 0.2)
-        self.broker = NatsBroker(url, prefix=kw.pop("prefix", "t.n"), **kw)
-        self.got: list[Publication] = []
-        self.broker.bind(self.got.append)
-
-    async def wait_for(self, n: int) -> list[Publication]:
-        async with asyncio.timeout(WAIT):
-            while len(self.got) < n:
-                await asyncio.sleep(0.01)
-        return self.got
+def nats_node(url: str, **kw: Any) -> Node:
+    kw.setdefault("reconnect_wait", 0.2)
+    return Node(NatsBroker(url, prefix=kw.pop("prefix", "t.n"), **kw))
 
 
 def run(server: NatsServer, body: Callable[..., Awaitable[None]], nodes: int = 1) -> None:
-    async def main() -> None:
-        made = [Node(server.url) for _ in range(nodes)]
-        for node in made:
-            await node.broker.start()
-        try:
-            await body(*made)
-        finally:
-            for node in made:
-                await node.broker.close()
-
-    asyncio.run(main())
+    run_nodes(lambda: nats_node(server.url), body, nodes)
 
 
 def test_fan_out_between_nodes_with_odd_channel_names(nats_server: NatsServer) -> None:
@@ -135,7 +116,7 @@ def test_subscribe_without_nats_is_a_clear_error(nats_server: NatsServer) -> Non
     nats_server.stop()
 
     async def main() -> None:
-        node = Node(nats_server.url, subscribe_timeout=0.5)
+        node = nats_node(nats_server.url, subscribe_timeout=0.5)
         await node.broker.start()
         try:
             assert not node.broker.healthy

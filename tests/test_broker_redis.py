@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from brokers_support import until
+from brokers_support import Node, run_nodes, until
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import ProtocolError
 from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
@@ -24,37 +24,16 @@ if TYPE_CHECKING:
 WAIT = 10.0
 
 
-class Node:
-    """A broker plus what it delivered, in order."""
-
-    def __init__(self, url: str, **kw: Any) -> None:
-        kw.setdefault("ping_interval", 0.5)
-        kw.setdefault("max_backoff", 0.3)
-        self.broker = RedisBroker(url, prefix=kw.pop("prefix", "t"), **kw)
-        self.got: list[Publication] = []
-        self.broker.bind(self.got.append)
-
-    async def wait_for(self, n: int) -> list[Publication]:
-        async with asyncio.timeout(WAIT):
-            while len(self.got) < n:
-                await asyncio.sleep(0.01)
-        return self.got
+def redis_node(url: str, **kw: Any) -> Node:
+    kw.setdefault("ping_interval", 0.5)
+    kw.setdefault("max_backoff", 0.3)
+    return Node(RedisBroker(url, prefix=kw.pop("prefix", "t"), **kw))
 
 
 def run(
     redis: RedisServer, body: Callable[..., Awaitable[None]], nodes: int = 1, **kw: Any
 ) -> None:
-    async def main() -> None:
-        made = [Node(redis.url, **kw) for _ in range(nodes)]
-        for node in made:
-            await node.broker.start()
-        try:
-            await body(*made)
-        finally:
-            for node in made:
-                await node.broker.close()
-
-    asyncio.run(main())
+    run_nodes(lambda: redis_node(redis.url, **kw), body, nodes)
 
 
 def test_publish_stamps_offsets_and_history_reads_them(redis_server: RedisServer) -> None:
@@ -234,7 +213,7 @@ def test_start_with_redis_down_then_up(redis_server: RedisServer) -> None:
     redis_server.stop()
 
     async def main() -> None:
-        node = Node(redis_server.url, subscribe_timeout=0.5)
+        node = redis_node(redis_server.url, subscribe_timeout=0.5)
         await node.broker.start()  # does not raise: /health tells
         try:
             assert not node.broker.healthy

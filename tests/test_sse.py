@@ -13,6 +13,7 @@ from helpers import (
     LineReader,
     SSEClient,
     check_serving,
+    curl_publish,
     pub_json,
     publish,
     unique_channel,
@@ -231,14 +232,7 @@ def test_curl_sse_receives_curl_publish(server, spawn):
     )
     lines = LineReader(curl)
     lines.until(lambda line: line == "event: subscribed")
-    out = subprocess.run(
-        [
-            "curl", "-sS", "-X", "POST", f"{server.url}/api/publish",
-            "-d", json.dumps({"channel": ch, "data": {"text": "hello"}}),
-        ],
-        capture_output=True, timeout=30, check=True,
-    )  # fmt: skip
-    result = json.loads(out.stdout)["result"]
+    result = curl_publish(server, ch, {"text": "hello"})
     data_line = lines.until(lambda line: line.startswith("data:") and '"hello"' in line)
     pub = json.loads(data_line.removeprefix("data:"))
     assert pub["channel"] == ch

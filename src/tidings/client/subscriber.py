@@ -221,9 +221,7 @@ async def _run_ws(
             queue.put_nowait(SubscriptionClosed(code, reason))
             return
         queue.put_nowait(exc)
-    except SubscriptionClosed as exc:
-        queue.put_nowait(exc)
-    except Exception as exc:
+    except Exception as exc:  # SubscriptionClosed included: the consumer raises it
         queue.put_nowait(exc)
 
 
@@ -313,9 +311,7 @@ async def _run_sse(
                     _on_event(name, "\n".join(data), event_id, state, queue, established)
                 name, data, event_id = "", [], ""
         queue.put_nowait(_Retry("stream ended"))
-    except SubscriptionClosed as exc:
-        queue.put_nowait(exc)
-    except Exception as exc:
+    except Exception as exc:  # SubscriptionClosed included: the consumer raises it
         queue.put_nowait(exc)
 
 
