@@ -43,6 +43,10 @@ START_TIMEOUT = 15.0
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    # A suite started in the background of a non-interactive shell inherits
+    # SIGINT ignored, and so would every child: then `proc.send_signal(SIGINT)`
+    # (how the tests stop a CLI, as a user's Ctrl-C would) does nothing.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     if sys.platform.startswith("linux"):
         with contextlib.suppress(Exception):
             libc = ctypes.CDLL(None, use_errno=True)
