@@ -261,7 +261,10 @@ class ServerProc:
         if sdef.setup:
             sdef.setup(port, workdir)
         self.log = open(workdir / "server.log", "wb")  # noqa: SIM115 - closed in stop()
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # The bench's own settings (TIDINGS_BENCH_*) are not server settings:
+        # tidings refuses unknown TIDINGS_* variables.
+        env = {k: v for k, v in os.environ.items() if not k.startswith("TIDINGS_BENCH_")}
+        env["PYTHONUNBUFFERED"] = "1"
         self.proc = subprocess.Popen(
             sdef.command(port, workdir),
             cwd=workdir,

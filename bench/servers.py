@@ -206,6 +206,32 @@ SERVERS: dict[str, ServerDef] = {
 }
 
 
+def _baseline() -> ServerDef | None:
+    """tidings from another source tree, to measure a change before and after in one run.
+
+    ``TIDINGS_BENCH_BASELINE=/path/to/checkout`` (e.g. a ``git worktree`` of the
+    commit before the change) adds the server ``tidings-baseline``: the same
+    command, config and endpoints as ``tidings``, importing that tree's
+    ``src/`` first.
+    """
+    root = os.environ.get("TIDINGS_BENCH_BASELINE")
+    if not root:
+        return None
+    src = str(Path(root).resolve() / "src")
+    tidings = SERVERS["tidings"]
+    return dataclasses.replace(
+        tidings,
+        name="tidings-baseline",
+        command=lambda port, wd: ["env", f"PYTHONPATH={src}", *tidings.command(port, wd)],
+        note=f"tidings from {root}",
+    )
+
+
+_baseline_def = _baseline()
+if _baseline_def is not None:
+    SERVERS[_baseline_def.name] = _baseline_def
+
+
 # --------------------------------------------------------------------------- scale-out
 
 
