@@ -45,6 +45,8 @@ class LimitsConfig(_Section):
     max_write_buffer: Annotated[int, Meta(ge=4096)] = 1024 * 1024
     max_channel_length: Annotated[int, Meta(ge=1, le=1024)] = 255
     max_pipelined_requests: Size = 32
+    #: Channels the memory broker holds at once (published to or subscribed); past it, 106.
+    max_channels: Size = 100_000
 
 
 class TimeoutsConfig(_Section):

@@ -36,4 +36,8 @@ def make_broker(config: Config) -> Broker:
 
         broker = NatsBroker(config.broker.nats_url, prefix=config.broker.prefix)
         return broker
-    return MemoryBroker(meta_ttl=history.meta_ttl, history_for=config.history_for)
+    return MemoryBroker(
+        meta_ttl=history.meta_ttl,
+        history_for=config.history_for,
+        max_channels=config.limits.max_channels,
+    )

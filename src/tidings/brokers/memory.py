@@ -9,6 +9,9 @@ happened in between. Subscribing creates the stream too, so that a subscriber
 learns the epoch its later publications will carry (the Centrifugo SDKs take
 the epoch from the subscribe reply only). Reading never creates a stream: a
 channel without one is at position ``EMPTY``.
+
+The number of streams is capped (``limits.max_channels``): see
+:meth:`MemoryBroker._create`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import secrets
 import time
 from collections import deque
 from collections.abc import Callable
 
+from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, Position, Publication
 from .base import Broker
+
+log = logging.getLogger("tidings.broker")
 
 
 class _Stream:
@@ -51,11 +58,16 @@ class MemoryBroker(Broker):
         meta_ttl: float = 3600.0,
         sweep_interval: float = 5.0,
         history_for: Callable[[str], tuple[int, float]] | None = None,
+        max_channels: int = 100_000,
     ) -> None:
         """``history_for(channel) -> (size, ttl)`` overrides the sizes per channel."""
         self._history_for = history_for or (lambda channel: (history_size, history_ttl))
         self._meta_ttl = meta_ttl
         self._sweep_interval = sweep_interval
+        self._max_channels = max_channels
+        # Whether the cap has refused a stream since the last sweep left room:
+        # the operator is warned once per episode, not once per refusal.
+        self._full = False
         self._streams: dict[str, _Stream] = {}
         self._interest: set[str] = set()
         self._presence: dict[str, dict[str, ClientInfo]] = {}
@@ -73,9 +85,44 @@ class MemoryBroker(Broker):
     def _stream(self, channel: str) -> _Stream:
         stream = self._streams.get(channel)
         if stream is None:
-            stream = self._streams[channel] = _Stream(self._history_for(channel)[0])
-        else:
-            self._expire(stream, time.monotonic())
+            return self._create(channel)
+        self._expire(stream, time.monotonic())
+        return stream
+
+    def _create(self, channel: str) -> _Stream:
+        """A new stream for ``channel``, unless the broker already holds ``max_channels``.
+
+        Every stream counts, whether a publication or a subscription created
+        it: the cap is then one invariant (``len(streams) <= max_channels``)
+        that no order of commands can get around. Counting only streams with
+        history would not be enough: a subscription's stream outlives it until
+        the next sweep (so that a client reconnecting at once keeps its
+        epoch), so subscribe/unsubscribe churn would grow the table bounded
+        only by time; and a subscribed stream turns into a history-bearing one
+        at its first publication, which the cap would then have to refuse on a
+        channel that already exists. So creating a stream past the cap, by
+        publishing or by subscribing, is error 106, while channels that exist
+        keep working. A stream counts until it is forgotten: ``meta_ttl`` (or
+        its history's ttl, if longer) after its last publication, once nobody
+        on this node is subscribed; sweeping is what frees slots.
+
+        The hub's own per-channel state needs no cap of its own: it exists
+        only for channels with subscribers on this node, each of which has a
+        stream here.
+        """
+        if len(self._streams) >= self._max_channels:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "refusing new channels: limits.max_channels (%d) reached; "
+                    "slots free as channels expire (history.meta_ttl)",
+                    self._max_channels,
+                )
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"too many channels on this server (limits.max_channels = {self._max_channels})",
+            )
+        stream = self._streams[channel] = _Stream(self._history_for(channel)[0])
         return stream
 
     @staticmethod
@@ -105,8 +152,8 @@ class MemoryBroker(Broker):
         return pub
 
     async def subscribe(self, channel: str) -> None:
+        self._stream(channel)  # first: a refused stream must leave no interest behind
         self._interest.add(channel)
-        self._stream(channel)
 
     def unsubscribe(self, channel: str) -> None:
         self._interest.discard(channel)
@@ -160,6 +207,8 @@ class MemoryBroker(Broker):
             self._expire(stream, now)
             if now >= stream.forget_at and channel not in self._interest:
                 del self._streams[channel]
+        if len(self._streams) < self._max_channels:
+            self._full = False
 
     async def _sweep_forever(self) -> None:
         while True:
