@@ -30,27 +30,53 @@ from tidings.hub import Hub, Publication
 DEV_ACCESS = Access(Config())
 
 
-class FakeSession(ClientSession):
-    __slots__ = ("frames", "pongs", "pushes")
+class FakeTransport:
+    """The session's transport: what it writes, as parsed JSON."""
 
-    def __init__(self, hub: Hub, options: SessionOptions | None = None) -> None:
-        super().__init__(
-            hub, options or SessionOptions(access=DEV_ACCESS, ping_interval=25, max_channels=3)
-        )
+    def __init__(self) -> None:
         self.frames: list[list[dict[str, Any]]] = []
         self.pushes: list[bytes] = []
         self.pongs = 0
+        self.closed: tuple[int, str] | None = None
 
-    def send_payload(self, payload: bytes) -> None:
+    def write_payload(self, payload: bytes) -> None:
         self.frames.append([json.loads(line) for line in payload.split(b"\n")])
 
-    def deliver(self, pub: Publication) -> None:
-        self.flush()
+    def write_publication(self, pub: Publication) -> None:
         self.pushes.append(pub.encoded(push_json))
         self.frames.append([json.loads(pub.encoded(push_json))])
 
     def pong(self) -> None:
         self.pongs += 1
+
+    def close(self, code: int, reason: str) -> None:
+        self.closed = (code, reason)
+
+
+class FakeSession(ClientSession):
+    """A session over a :class:`FakeTransport`, with helpers to send commands."""
+
+    __slots__ = ("fake",)
+
+    def __init__(self, hub: Hub, options: SessionOptions | None = None) -> None:
+        self.fake = FakeTransport()
+        super().__init__(
+            hub,
+            options or SessionOptions(access=DEV_ACCESS, ping_interval=25, max_channels=3),
+            self.fake,
+        )
+
+    @property
+    def frames(self) -> list[list[dict[str, Any]]]:
+        return self.fake.frames
+
+    @property
+    def pushes(self) -> list[bytes]:
+        return self.fake.pushes
+
+    @property
+    def pongs(self) -> int:
+        return self.fake.pongs
 
     async def send(self, *commands: dict[str, Any]) -> Disconnect | None:
         return await self.handle(b"\n".join(json.dumps(c).encode() for c in commands))

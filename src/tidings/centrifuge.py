@@ -24,7 +24,7 @@ import logging
 import time
 import uuid
 from importlib import metadata
-from typing import Annotated, NamedTuple
+from typing import Annotated, NamedTuple, Protocol
 
 import msgspec
 
@@ -39,6 +39,7 @@ __all__ = [
     "Command",
     "Disconnect",
     "SessionOptions",
+    "SessionTransport",
     "decode_commands",
     "encode_reply",
     "publication_json",
@@ -351,15 +352,37 @@ class SessionOptions(NamedTuple):
     version: str = VERSION
 
 
+class SessionTransport(Protocol):
+    """What a session needs from the connection it speaks through.
+
+    The session *is held* by its connection and holds it back through this
+    narrow interface (as a ``centrifuge`` Client holds its Transport with
+    ``Write``/``Close``), so the protocol state machine knows nothing of
+    frames, sockets or timers, and a test can stand in for the transport.
+    """
+
+    def write_payload(self, payload: bytes) -> None:
+        """Write one message (a reply batch or a per-connection push)."""
+
+    def write_publication(self, pub: Publication) -> None:
+        """Write ``pub``'s push in the bytes shared by every connection of its wire format."""
+
+    def pong(self) -> None:
+        """The client answered a ping."""
+
+    def close(self, code: int, reason: str) -> None:
+        """Close the connection with a disconnect code and reason."""
+
+
 class ClientSession:
     """The Centrifugo protocol state of one client connection.
 
-    A transport subclasses it (one object per connection, ``__slots__`` all
-    the way down) and implements :meth:`send_payload` (write one frame),
-    :meth:`deliver` (the hub's fan-out hook) and :meth:`pong`. Replies are
-    collected while a frame's commands run and written as one frame when they
-    are done — or earlier, right before a push, so a client never sees a
-    publication of a channel before the reply that subscribed it.
+    The hub and the server API see the session (it is what subscribes to
+    channels and what :meth:`Hub.add_client` registers); it writes through
+    the :class:`SessionTransport` it is given. Replies are collected while a
+    frame's commands run and written as one message when they are done — or
+    earlier, right before a push, so a client never sees a publication of a
+    channel before the reply that subscribed it.
     """
 
     __slots__ = (
@@ -371,11 +394,13 @@ class ClientSession:
         "hub",
         "options",
         "sub_expiries",
+        "transport",
     )
 
-    def __init__(self, hub: Hub, options: SessionOptions) -> None:
+    def __init__(self, hub: Hub, options: SessionOptions, transport: SessionTransport) -> None:
         self.hub = hub
         self.options = options
+        self.transport = transport
         self.client_id = ""  # set by connect; "" means not connected yet
         self.credentials: Credentials = ANONYMOUS
         # Unix expiry of subscriptions granted by expiring subscription tokens.
@@ -384,21 +409,34 @@ class ClientSession:
         self.closed = False
         self._out: list[bytes] | None = None
 
-    # -- hooks for the transport -------------------------------------------
+    def __repr__(self) -> str:
+        return f"<ClientSession {self.client_id or 'unconnected'}>"
 
-    def send_payload(self, payload: bytes) -> None:  # pragma: no cover - abstract
-        """Write one text frame holding ``payload``."""
-        raise NotImplementedError
+    # -- hooks: the hub and the server API call these -----------------------
 
-    def deliver(self, pub: Publication) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    def send_payload(self, payload: bytes) -> None:
+        """Write one message holding ``payload``."""
+        self.transport.write_payload(payload)
+
+    def deliver(self, pub: Publication) -> None:
+        """The fan-out path: the pending replies first, then the shared push bytes."""
+        if self.closed:
+            return
+        if self._out:
+            self.flush()
+        self.transport.write_publication(pub)
+
+    def insufficient_state(self) -> None:
+        """A channel's stream skipped: the client reconnects and learns what it lost."""
+        self.close(DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
 
     def pong(self) -> None:
         """The client answered a ping (an empty command)."""
+        self.transport.pong()
 
-    def close(self, code: int, reason: str) -> None:  # pragma: no cover - abstract
+    def close(self, code: int, reason: str) -> None:
         """Disconnect the client with a close code and reason."""
-        raise NotImplementedError
+        self.transport.close(code, reason)
 
     # -- state -------------------------------------------------------------
 

@@ -1,37 +1,37 @@
-"""WebSocket transport: the thin asyncio shell around :mod:`tidings.centrifuge`.
+"""WebSocket transport: the thin asyncio shell around two sans-I/O objects.
 
 The HTTP server hands over a socket whose request head asked for
-``Upgrade: websocket`` (:func:`upgrade`). From there:
+``Upgrade: websocket`` (:func:`upgrade`). From there a
+:class:`WebSocketConnection` *holds* a :class:`~tidings.frames.FrameReader`
+(RFC 6455/7692 framing: bytes in, messages out) and a
+:class:`~tidings.centrifuge.ClientSession` (the Centrifugo protocol: messages
+in, replies out), and does only the I/O between them:
 
 * **Handshake** — the ``websockets`` sans-I/O :class:`~websockets.server.ServerProtocol`
   checks the request (key, version, ``Origin`` allowlist, subprotocol
   ``centrifuge-json``, permessage-deflate negotiation) and builds the 101
   response. An *empty* ``Sec-WebSocket-Protocol`` header, which some
   centrifuge-js builds send and which ``websockets`` rejects, is dropped first.
-  The ``ServerProtocol`` object is then thrown away.
-
-* **Frames** — parsed here, by hand. Why not keep ``ServerProtocol`` for the
-  life of the connection: it holds a stream reader, a parser generator, event
-  and output lists and, with compression, a zlib decompressor per connection —
-  several KiB per idle connection (and ~40 KiB with deflate), against a budget
-  of about 4 KiB per idle subscribed connection. Parsing RFC 6455 client frames
-  is a few lines of ``struct``; unmasking still uses websockets' C
-  ``apply_mask`` and close payloads its :class:`~websockets.frames.Close`.
-  An idle connection holds no read buffer at all.
+  The ``ServerProtocol`` object is then thrown away: it keeps a stream reader,
+  a parser generator and (with compression) zlib objects per connection —
+  several KiB per idle connection against a budget of about 2 KiB, where a
+  ``FrameReader`` holds a few integers.
 
 * **Encode once** — a publication's push is framed once per wire variant
-  (plain, or deflated) via ``pub.encoded(...)``; every subscriber of that
-  variant gets the same ``bytes`` object, so ``deliver`` is one
-  ``transport.write``.
+  (plain, or deflated with one window size) by a :class:`PushEncoder`, via
+  ``pub.encoded(encoder)``; every subscriber of that variant gets the same
+  ``bytes`` object, so a delivery is one ``transport.write``.
 
 * **Compression** — permessage-deflate is negotiated with
-  ``server_no_context_takeover`` (so one compressed frame decodes in every
-  client: each message is a standalone deflate stream, produced by ONE shared
-  compressor reset with ``Z_FULL_FLUSH``) and ``client_no_context_takeover``
-  (RFC 7692 §7.1.1.2 lets a server require it), so decompressing what a client
-  sends needs no state kept between messages: a decompressor exists only
-  while a compressed message is being read. Frames under
-  ``websocket.compression_threshold`` bytes go uncompressed.
+  ``server_no_context_takeover`` (each compressed message is a standalone
+  deflate stream, so one frame decodes in every client) and
+  ``client_no_context_takeover`` (RFC 7692 §7.1.1.2 lets a server require it;
+  no decompressor outlives a message). The server window is whatever the
+  client asked for (``server_max_window_bits``, 9 to 15; an offer of 8 is
+  declined, zlib cannot produce it): one shared compressor per window size
+  actually negotiated, so the server never uses a window it did not agree to
+  (RFC 7692 §7.1.2.1). Frames under ``websocket.compression_threshold`` bytes
+  go uncompressed.
 
 * **Timers** — no task and no timer per connection. One periodic callback per
   server walks a timing wheel: each tick pings one slot of connections with
@@ -41,12 +41,15 @@ The HTTP server hands over a socket whose request head asked for
   ``websocket.connect_timeout`` (3502), or a close handshake that did not
   finish within ``websocket.handshake_timeout`` (then the socket is aborted).
 
-* **Bounds** — a message over ``websocket.max_message_size`` closes with 1009;
-  a write buffer over ``limits.max_write_buffer`` closes with 3008 (the client
-  reconnects and recovers from history).
+* **Bounds and errors** — every :class:`~tidings.frames.FrameError` (1002,
+  1007, 1009: see :mod:`tidings.frames` for which byte decides what) becomes a
+  close with its code in :meth:`WebSocketConnection._frame_error`; then
+  nothing more is read and the socket is closed. A write buffer over
+  ``limits.max_write_buffer`` closes with 3008 (the client reconnects and
+  recovers from history).
 
-Commands of a frame run in a short-lived task (they may await the hub); frames
-arriving meanwhile wait in a small queue, so commands run strictly in order.
+Commands of a message run in a short-lived task (they may await the hub);
+messages arriving meanwhile wait in a small queue, so commands run strictly in order.
 """
 
 from __future__ import annotations
@@ -54,39 +57,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import struct
 import weakref
-import zlib
 from collections import deque
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from websockets.datastructures import Headers as WSHeaders
-from websockets.exceptions import ProtocolError as WSProtocolError
 from websockets.extensions.permessage_deflate import (
     PerMessageDeflate,
     ServerPerMessageDeflateFactory,
 )
-from websockets.frames import Close
 from websockets.http11 import Request as WSRequest
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from ..centrifuge import PING, ClientSession, Disconnect, SessionOptions, push_json
 from ..errors import DisconnectCode
+from ..frames import (
+    CLOSE_NORMAL,
+    OP_PONG,
+    OP_TEXT,
+    CloseReceived,
+    Deflater,
+    FrameError,
+    FrameReader,
+    Message,
+    Ping,
+    close_frame,
+    frame,
+)
 from ..hub import Publication
-
-try:  # websockets' C speedup; same fallback as websockets.frames
-    from websockets.speedups import apply_mask
-except ImportError:  # pragma: no cover
-    from websockets.utils import apply_mask
 
 if TYPE_CHECKING:
     from ..config import Config
     from ..http import Request
     from ..server import Server
 
-__all__ = ["SUBPROTOCOL", "WebSocketConnection", "upgrade"]
+__all__ = ["SUBPROTOCOL", "PushEncoder", "WebSocketConnection", "upgrade"]
 
 log = logging.getLogger("tidings.websocket")
 # websockets logs every handshake ("connection open") at INFO: too chatty for a
@@ -96,53 +102,51 @@ _handshake_log.setLevel(logging.WARNING)
 
 SUBPROTOCOL = Subprotocol("centrifuge-json")
 
-# Frame opcodes (RFC 6455 §5.2).
-OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
-
-# Close codes of RFC 6455 §7.4.1.
-CLOSE_NORMAL = 1000
-CLOSE_PROTOCOL_ERROR = 1002
-CLOSE_TOO_BIG = 1009
-
-_DEFLATE_TAIL = b"\x00\x00\xff\xff"
-_MAX_QUEUED_FRAMES = 16  # frames waiting for the running commands before we stop reading
+_MAX_QUEUED_MESSAGES = 16  # messages waiting for the running commands before we stop reading
 
 # Connection states: open; close frame sent (still reading, for the client's close);
 # transport closing (nothing more is read); lost.
 _OPEN, _CLOSING, _DRAINING, _CLOSED = 0, 1, 2, 3
 
-_pack_short = struct.Struct("!BBH").pack
-_pack_long = struct.Struct("!BBQ").pack
-_unpack_short = struct.Struct("!H").unpack_from
-_unpack_long = struct.Struct("!Q").unpack_from
-
-
-def frame(first_byte: int, payload: bytes) -> bytes:
-    """One unmasked (server-to-client) frame: ``first_byte`` is FIN|RSV1|opcode."""
-    n = len(payload)
-    if n < 126:
-        return bytes((first_byte, n)) + payload
-    if n < 65536:
-        return _pack_short(first_byte, 126, n) + payload
-    return _pack_long(first_byte, 127, n) + payload
-
-
 PING_FRAME = frame(0x80 | OP_TEXT, PING)
 
 
-class _Deflater:
-    """The one compressor of a server: each message comes out a standalone stream."""
+class PushEncoder:
+    """Frames for every connection of one wire variant: plain, or deflated with one window.
 
-    __slots__ = ("_z",)
+    Instances are the keys of ``Publication.encoded``'s cache (they are
+    callable), so a push is framed once per variant and shared.
+    """
 
-    def __init__(self) -> None:
-        self._z = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -15, 8)
+    __slots__ = ("_deflater", "_plain", "_threshold")
 
-    def compress(self, data: bytes) -> bytes:
-        # Z_FULL_FLUSH resets the dictionary: no message refers to an earlier
-        # one, which is what server_no_context_takeover promises the client.
-        out = self._z.compress(data) + self._z.flush(zlib.Z_FULL_FLUSH)
-        return out[:-4] if out.endswith(_DEFLATE_TAIL) else out
+    def __init__(
+        self, deflater: Deflater | None = None, threshold: int = 0, plain: PushEncoder | None = None
+    ) -> None:
+        self._deflater = deflater
+        self._threshold = threshold
+        # Pushes too small (or too random) to compress share the plain frame.
+        self._plain = plain if plain is not None else self
+
+    def __call__(self, pub: Publication) -> bytes:
+        if self._deflater is None:
+            return frame(0x80 | OP_TEXT, pub.encoded(push_json))
+        compressed = self._compress(pub.encoded(push_json))
+        return compressed if compressed is not None else pub.encoded(self._plain)
+
+    def text_frame(self, payload: bytes) -> bytes:
+        """A frame for one connection (replies, per-connection pushes)."""
+        compressed = self._compress(payload)
+        return compressed if compressed is not None else frame(0x80 | OP_TEXT, payload)
+
+    def _compress(self, payload: bytes) -> bytes | None:
+        deflater = self._deflater
+        if deflater is None or len(payload) < self._threshold:
+            return None
+        compressed = deflater.compress(payload)
+        if len(compressed) >= len(payload):
+            return None
+        return frame(0xC0 | OP_TEXT, compressed)
 
 
 class WebSocketContext:
@@ -166,11 +170,9 @@ class WebSocketContext:
             ping_interval=max(1, round(ws.ping_interval)),
             max_channels=config.limits.max_channels_per_connection,
         )
-        self._deflater = _Deflater()
-        # Encoders are bound methods of this context: Publication.encoded caches
-        # by encoder, so the plain and deflated frames are each built once.
-        self.push_plain: Callable[[Publication], bytes] = self._push_plain
-        self.push_deflate: Callable[[Publication], bytes] = self._push_deflate
+        self.plain = PushEncoder()
+        # One compressor per server window size in use (at most 7: 9 to 15 bits).
+        self._deflate_encoders: dict[int, PushEncoder] = {}
         # Timer wheel: a tick every `tick` seconds pings one slot.
         self.tick = max(0.05, min(1.0, ws.ping_interval, ws.pong_timeout / 2))
         self.slots: list[set[WebSocketConnection]] = [
@@ -181,27 +183,13 @@ class WebSocketContext:
         self.count = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    # -- encoders (the fan-out path) -----------------------------------------
-
-    def _push_plain(self, pub: Publication) -> bytes:
-        return frame(0x80 | OP_TEXT, pub.encoded(push_json))
-
-    def _push_deflate(self, pub: Publication) -> bytes:
-        payload = pub.encoded(push_json)
-        if len(payload) < self.threshold:
-            return pub.encoded(self.push_plain)
-        compressed = self._deflater.compress(payload)
-        if len(compressed) >= len(payload):
-            return pub.encoded(self.push_plain)
-        return frame(0xC0 | OP_TEXT, compressed)
-
-    def text_frame(self, payload: bytes, deflate: bool) -> bytes:
-        """A reply frame for one connection."""
-        if deflate and len(payload) >= self.threshold:
-            compressed = self._deflater.compress(payload)
-            if len(compressed) < len(payload):
-                return frame(0xC0 | OP_TEXT, compressed)
-        return frame(0x80 | OP_TEXT, payload)
+    def deflate_encoder(self, window_bits: int) -> PushEncoder:
+        """The shared encoder of connections whose server window is ``window_bits``."""
+        encoder = self._deflate_encoders.get(window_bits)
+        if encoder is None:
+            encoder = PushEncoder(Deflater(window_bits), self.threshold, self.plain)
+            self._deflate_encoders[window_bits] = encoder
+        return encoder
 
     # -- registry and timers ------------------------------------------------
 
@@ -216,6 +204,7 @@ class WebSocketContext:
     def activate(self, conn: WebSocketConnection) -> None:
         """``conn`` is connected: from waiting for connect to the ping wheel."""
         self.watched.discard(conn)
+        conn._deadline = 0.0  # the shared constant: an idle connection keeps no float
         # The slot pinged last: its next ping comes a whole interval from now.
         conn._slot = (self.slot_index - 1) % len(self.slots)
         self.slots[conn._slot].add(conn)
@@ -286,6 +275,9 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
         headers[key] = text
     extensions = None
     if ctx.compression:
+        # server_max_window_bits left open: websockets then agrees to the
+        # window the client asks for (9-15; it declines 8) and says so in the
+        # response, and upgrade() picks the compressor of that window.
         extensions = [
             ServerPerMessageDeflateFactory(
                 server_no_context_takeover=True, client_no_context_takeover=True
@@ -318,8 +310,17 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
         transport.write(head)
         transport.close()
         return
-    deflate = any(isinstance(ext, PerMessageDeflate) for ext in handshake.extensions)
-    conn = WebSocketConnection(ctx, transport, deflate)
+    negotiated = [ext for ext in handshake.extensions if isinstance(ext, PerMessageDeflate)]
+    if negotiated:
+        ext = negotiated[0]
+        encoder = ctx.deflate_encoder(ext.local_max_window_bits)
+        reader = FrameReader(
+            ctx.max_message_size, deflate=True, client_window_bits=ext.remote_max_window_bits
+        )
+    else:
+        encoder = ctx.plain
+        reader = FrameReader(ctx.max_message_size)
+    conn = WebSocketConnection(ctx, transport, reader, encoder)
     transport.set_protocol(conn)
     transport.set_write_buffer_limits(high=ctx.max_write_buffer)
     transport.write(head)
@@ -331,35 +332,41 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
         conn.data_received(rest)
 
 
-class WebSocketConnection(ClientSession, asyncio.Protocol):
-    """One client connection after the handshake. Small on purpose: see the module docstring."""
+class WebSocketConnection(asyncio.Protocol):
+    """One client connection after the handshake: holds its frame reader and its session.
+
+    It is the session's :class:`~tidings.centrifuge.SessionTransport`; the hub
+    and the server API talk to the session. Small on purpose: see the module
+    docstring.
+    """
 
     __slots__ = (
-        "_buf",
         "_ctx",
         "_deadline",
-        "_deflate",
         "_encoder",
-        "_frag",
-        "_frag_deflated",
         "_ping_at",
         "_queue",
+        "_reader",
         "_slot",
         "_state",
         "_task",
+        "session",
         "transport",
     )
 
-    def __init__(self, ctx: WebSocketContext, transport: asyncio.Transport, deflate: bool) -> None:
-        super().__init__(ctx.hub, ctx.options)
+    def __init__(
+        self,
+        ctx: WebSocketContext,
+        transport: asyncio.Transport,
+        reader: FrameReader,
+        encoder: PushEncoder,
+    ) -> None:
         self._ctx = ctx
         self.transport = transport
-        self._deflate = deflate
-        self._encoder = ctx.push_deflate if deflate else ctx.push_plain
+        self._reader = reader
+        self._encoder = encoder
+        self.session = ClientSession(ctx.hub, ctx.options, self)
         self._state = _OPEN
-        self._buf: bytearray | None = None  # unparsed bytes; None when idle
-        self._frag: bytearray | None = None  # a fragmented message being assembled
-        self._frag_deflated = False
         self._task: asyncio.Task[None] | None = None
         self._queue: deque[bytes] | None = None
         self._slot = -1
@@ -367,39 +374,45 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
         self._deadline = 0.0
 
     def __repr__(self) -> str:
-        return f"<WebSocketConnection {self.client_id or 'unconnected'}>"
+        return f"<WebSocketConnection {self.session.client_id or 'unconnected'}>"
 
-    # -- hub and server hooks -------------------------------------------------
+    # -- SessionTransport: what the session writes through --------------------
 
-    def deliver(self, pub: Publication) -> None:
-        """The fan-out path: write the shared frame bytes (after any pending replies)."""
-        if self._state != _OPEN:
-            return
-        if self._out:
-            self.flush()
-        self.transport.write(pub.encoded(self._encoder))
-
-    def send_payload(self, payload: bytes) -> None:
+    def write_publication(self, pub: Publication) -> None:
+        """The fan-out path: the frame bytes shared by every connection of this encoder."""
         if self._state == _OPEN:
-            self.transport.write(self._ctx.text_frame(payload, self._deflate))
+            self.transport.write(pub.encoded(self._encoder))
+
+    def write_payload(self, payload: bytes) -> None:
+        if self._state == _OPEN:
+            self.transport.write(self._encoder.text_frame(payload))
 
     def pong(self) -> None:
         self._ping_at = 0.0
 
+    def close(self, code: int, reason: str) -> None:
+        """Send a close frame, leave every channel, and wait (bounded) for the client's close."""
+        if self._state != _OPEN:
+            return
+        self._state = _CLOSING
+        self.session.release()
+        self._queue = None
+        self.transport.write(close_frame(int(code), reason))
+        self._ctx.closing(self)
+        log.debug("closing %r: %d %s", self, code, reason)
+
+    # -- server hooks ---------------------------------------------------------
+
     def shutdown(self) -> None:
         """Graceful server shutdown: clients reconnect (to another node) and recover."""
         self.close(DisconnectCode.SHUTDOWN, "shutdown")
-
-    def insufficient_state(self) -> None:
-        """A channel's stream skipped: the client reconnects and learns what it lost."""
-        self.close(DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
 
     # -- timers (called by the context's wheel) -----------------------------
 
     def ping(self, now: float) -> None:
         if self._state != _OPEN:
             return
-        self.check_expiry()
+        self.session.check_expiry()
         if self._state != _OPEN:
             return
         if self._ping_at:
@@ -421,29 +434,22 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
 
     # -- closing ------------------------------------------------------------
 
-    def close(self, code: int, reason: str) -> None:
-        """Send a close frame, leave every channel, and wait (bounded) for the client's close."""
-        if self._state != _OPEN:
-            return
-        self._state = _CLOSING
-        self.release()
-        self._queue = None
-        self._frag = None
-        payload = Close(int(code), reason).serialize()
-        self.transport.write(frame(0x80 | OP_CLOSE, payload))
-        self._ctx.closing(self)
-        log.debug("closing %r: %d %s", self, code, reason)
+    def _frame_error(self, error: FrameError) -> None:
+        """The one place a framing error becomes a close: its code, then stop reading."""
+        log.info("websocket protocol error from %r: %d %s", self, error.code, error.reason)
+        self.close(error.code, error.reason)
+        self._drain()
 
-    def _fail(self, code: int, reason: str) -> None:
-        """Close for a protocol error and stop reading: nothing more from this client counts."""
-        self.close(code, reason)
+    def _close_received(self, event: CloseReceived) -> None:
+        if self._state == _OPEN:
+            # The client closes: answer with its code (RFC 6455 §5.5.1).
+            self.close(event.code if event.code is not None else CLOSE_NORMAL, "")
         self._drain()
 
     def _drain(self) -> None:
         """Flush what is written, then close the socket (aborted at the deadline if stuck)."""
         if self._state < _DRAINING:
             self._state = _DRAINING
-            self._buf = None
             self.transport.close()
 
     # -- asyncio.Protocol ---------------------------------------------------
@@ -457,9 +463,7 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
         self._state = _CLOSED
         if exc is not None:
             log.debug("%r lost: %s", self, exc)
-        self.release()
-        self._buf = None
-        self._frag = None
+        self.session.release()
         self._queue = None
         self._ctx.remove(self)
 
@@ -477,118 +481,28 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         self._state = max(self._state, _DRAINING)
-        self.release()
+        self.session.release()
         return False  # close the transport
 
     def data_received(self, data: bytes | bytearray) -> None:
         if self._state >= _DRAINING:
             return
-        if self._buf is not None:
-            self._buf += data
-            data = self._buf
-            self._buf = None
-        pos = 0
-        end = len(data)
-        max_size = self._ctx.max_message_size
-        while end - pos >= 2:
-            b0 = data[pos]
-            b1 = data[pos + 1]
-            length = b1 & 0x7F
-            head = 2
-            if length == 126:
-                if end - pos < 4:
-                    break
-                length = _unpack_short(data, pos + 2)[0]
-                head = 4
-            elif length == 127:
-                if end - pos < 10:
-                    break
-                length = _unpack_long(data, pos + 2)[0]
-                head = 10
-            if not b1 & 0x80:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-            opcode = b0 & 0x0F
-            if length > max_size and opcode < OP_CLOSE:
-                return self._fail(CLOSE_TOO_BIG, "message too big")
-            if end - pos < head + 4 + length:
-                break
-            mask = data[pos + head : pos + head + 4]
-            start = pos + head + 4
-            pos = start + length
-            payload = apply_mask(data[start:pos], mask)
-            self._on_frame(b0, opcode, payload)
-            if self._state >= _DRAINING:
-                return
-        if pos < end:
-            self._buf = bytearray(data[pos:])
-
-    # -- frames ---------------------------------------------------------------
-
-    def _on_frame(self, b0: int, opcode: int, payload: bytes) -> None:
-        fin = b0 & 0x80
-        rsv1 = b0 & 0x40
-        if b0 & 0x30 or (rsv1 and (not self._deflate or opcode in (OP_CONT,) or opcode >= 8)):
-            return self._fail(CLOSE_PROTOCOL_ERROR, "reserved bits set")
-        if opcode >= OP_CLOSE:
-            if not fin or len(payload) > 125:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "bad control frame")
-            if opcode == OP_CLOSE:
-                return self._on_close(payload)
-            if opcode == OP_PING:
+        try:
+            events = self._reader.feed(data)
+        except FrameError as error:
+            self._frame_error(error)
+            return
+        for event in events:
+            if type(event) is Message:
+                if self._state == _OPEN:  # closing: only the client's close matters now
+                    self._on_message(event.payload)
+            elif type(event) is Ping:
                 if self._state == _OPEN:
-                    self.transport.write(frame(0x80 | OP_PONG, payload))
-                return None
-            if opcode == OP_PONG:
-                return None
-            return self._fail(CLOSE_PROTOCOL_ERROR, "unknown opcode")
-        if self._state != _OPEN:
-            return None  # closing: only the client's close frame matters now
-        if opcode == OP_CONT:
-            frag = self._frag
-            if frag is None:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "unexpected continuation")
-            frag += payload
-            if len(frag) > self._ctx.max_message_size:
-                return self._fail(CLOSE_TOO_BIG, "message too big")
-            if not fin:
-                return None
-            self._frag = None
-            payload = bytes(frag)
-            rsv1 = self._frag_deflated
-        elif opcode in (OP_TEXT, OP_BINARY):
-            if self._frag is not None:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "expected a continuation")
-            if not fin:
-                self._frag = bytearray(payload)
-                self._frag_deflated = bool(rsv1)
-                return None
-        else:
-            return self._fail(CLOSE_PROTOCOL_ERROR, "unknown opcode")
-        if rsv1:
-            # client_no_context_takeover: every message decompresses on its own,
-            # so the decompressor lives only for this message.
-            inflater = zlib.decompressobj(-15)
-            limit = self._ctx.max_message_size
-            try:
-                payload = inflater.decompress(payload + _DEFLATE_TAIL, limit + 1)
-            except zlib.error:
-                return self._fail(CLOSE_PROTOCOL_ERROR, "bad compressed data")
-            if len(payload) > limit:
-                return self._fail(CLOSE_TOO_BIG, "message too big")
-        self._on_message(payload)
-        return None
-
-    def _on_close(self, payload: bytes) -> None:
-        if self._state == _OPEN:
-            # The client closes: answer with its code (RFC 6455 §5.5.1).
-            try:
-                code = Close.parse(payload).code if payload else CLOSE_NORMAL
-            except (WSProtocolError, UnicodeDecodeError):
-                code = CLOSE_PROTOCOL_ERROR
-            if code in (1005, 1006, 1015):
-                code = CLOSE_NORMAL
-            self.close(code, "")
-        self._drain()
+                    self.transport.write(frame(0x80 | OP_PONG, event.payload))
+            elif type(event) is CloseReceived:
+                self._close_received(event)
+                return
+            # Pong: an unsolicited or late pong needs no answer (RFC 6455 §5.5.3).
 
     # -- messages -----------------------------------------------------------
 
@@ -599,27 +513,27 @@ class WebSocketConnection(ClientSession, asyncio.Protocol):
             if queue is None:
                 queue = self._queue = deque()
             queue.append(payload)
-            if len(queue) >= _MAX_QUEUED_FRAMES:
+            if len(queue) >= _MAX_QUEUED_MESSAGES:
                 self.transport.pause_reading()
             return
-        if payload == PING and self.client_id:
-            self.pong()  # the hot path: a pong needs no task
-            return
+        if payload == PING and self.session.client_id:
+            return  # the hot path: the answer to our ping needs no task
         self._task = self._ctx.loop.create_task(self._run(payload))
 
     async def _run(self, payload: bytes) -> None:
+        session = self.session
         try:
             while self._state == _OPEN:
-                disconnect = await self.handle(payload)
+                disconnect = await session.handle(payload)
                 if disconnect is not None:
                     self._disconnect(disconnect)
                     return
-                if self._slot < 0 and self.client_id and self._state == _OPEN:
+                if self._slot < 0 and session.client_id and self._state == _OPEN:
                     self._ctx.activate(self)
                 queue = self._queue
                 if not queue:
                     return
-                if len(queue) == _MAX_QUEUED_FRAMES:
+                if len(queue) == _MAX_QUEUED_MESSAGES:
                     self.transport.resume_reading()
                 payload = queue.popleft()
         except Exception:  # pragma: no cover - handle() answers errors itself
