@@ -53,6 +53,8 @@ class TimeoutsConfig(_Section):
     keepalive: PositiveFloat = 5.0
     request: PositiveFloat = 10.0
     shutdown: PositiveFloat = 5.0
+    #: Seconds an HTTP client may leave limits.max_write_buffer unsent before it is aborted.
+    write: PositiveFloat = 30.0
 
 
 class SSEConfig(_Section):
