@@ -112,3 +112,36 @@ def test_check_raises_on_a_broken_promise() -> None:
     """The invariant helper is what makes every target able to fail."""
     with pytest.raises(InvariantBroken, match="the promise"):
         check(False, "the promise")
+
+
+#: Minimal inputs the campaign found, with what each one broke. They replay
+#: through the same targets, so each finding stays fixed once it is.
+REPRODUCERS = [
+    pytest.param(
+        "commands",
+        b'{"id":1,"connect":{"name":"\xff"}}',
+        id="invalid-utf8-string-field-escapes-decode_commands",
+    ),
+    pytest.param(
+        "session",
+        b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"news"}}\n'
+        b'{"id":3,"publish":{"channel":"news","data":{"text":"\xe9"}}}',
+        id="invalid-utf8-publish-data-pushed-to-subscribers",
+    ),
+    pytest.param(
+        "http",
+        b"\x02POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 31\r\n\r\n"
+        b'{"channel":"n\xd6","data":{"t":1}}',
+        id="invalid-utf8-api-body-500-with-traceback",
+    ),
+    pytest.param(
+        "http",
+        b"\x01" + b"GET /tidings.js HTTP/1.1\r\nHost: x\r\n\r\n" * 60,
+        id="pipelined-requests-queued-past-the-limit",
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "data"), REPRODUCERS)
+def test_reproducer(name: str, data: bytes) -> None:
+    TARGETS[name].run(data)
