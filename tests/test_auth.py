@@ -7,6 +7,8 @@ against a real server over SSE, long-poll/poll and WebSocket.
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import json
 import time
 from collections.abc import Callable
@@ -79,28 +81,46 @@ def _b64(data: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
 
+def confusion_token(public_pem: str, claims: dict[str, Any]) -> str:
+    """The algorithm-confusion forgery: HS256 keyed with a public key's PEM text.
+
+    HMAC-SHA256 over ``base64url(header) + "." + base64url(payload)``, as a real
+    HS256 token is signed, so that a verifier keying HS256 with the public key
+    would accept it.
+    """
+    signing_input = _b64({"alg": "HS256", "typ": "JWT"}) + "." + _b64(claims)
+    mac = hmac.new(public_pem.encode(), signing_input.encode(), hashlib.sha256).digest()
+    return signing_input + "." + base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def test_confusion_tokens_are_hs256_signatures_by_the_public_keys() -> None:
+    """Keyed with the public key as an HMAC secret, the forged token verifies.
+
+    So a verifier that let the header pick the algorithm for a public key would
+    accept it, and the refusal below shows that ours does not.
+    """
+    for public in (RSA_PUBLIC, EC_PUBLIC):
+        token = confusion_token(public, {"sub": "42"})
+        signing_input, _, signature = token.rpartition(".")
+        expected = hmac.new(public.encode(), signing_input.encode(), hashlib.sha256).digest()
+        assert base64.urlsafe_b64decode(signature + "=" * (-len(signature) % 4)) == expected
+        assert jwt.get_unverified_header(token)["alg"] == "HS256"
+
+
 def test_valid_tokens_in_each_accepted_algorithm() -> None:
     verifier = access().tokens
     assert verifier.algorithms == ["ES256", "HS256", "RS256"]
     claims = {"sub": "42", "exp": int(time.time()) + 60, "info": {"name": "Ann"}}
-    for key, alg in [(SECRET, "HS256"), (RSA_KEY, "RS256"), (EC_KEY, "ES256")]:
+    keys: list[tuple[Any, str]] = [(SECRET, "HS256"), (RSA_KEY, "RS256"), (EC_KEY, "ES256")]
+    for key, alg in keys:
         creds = verifier.connection(jwt.encode(claims, key, algorithm=alg))
         assert creds.user == "42" and creds.info == b'{"name":"Ann"}'
 
 
 ATTACKS: dict[str, Callable[[], str]] = {
     "alg none": lambda: _b64({"alg": "none", "typ": "JWT"}) + "." + _b64({"sub": "42"}) + ".",
-    "HS256 signed with the RSA public key": lambda: (
-        _b64({"alg": "HS256", "typ": "JWT"})
-        + "."
-        + _b64({"sub": "42"})
-        + "."
-        + base64.urlsafe_b64encode(
-            __import__("hmac").new(RSA_PUBLIC.encode(), b"x", "sha256").digest()
-        )
-        .rstrip(b"=")
-        .decode()
-    ),
+    "HS256 signed with the RSA public key": lambda: confusion_token(RSA_PUBLIC, {"sub": "42"}),
+    "HS256 signed with the EC public key": lambda: confusion_token(EC_PUBLIC, {"sub": "42"}),
     "wrong key": lambda: hs256({"sub": "42"}, secret="another-secret-of-sufficient-length!"),
     "tampered payload": lambda: (
         lambda t: (
@@ -145,6 +165,11 @@ def test_subscription_token_must_match_user_and_name_its_channel() -> None:
         acc.tokens.subscription(token, bob)
     with pytest.raises(InvalidToken):
         acc.tokens.subscription(hs256({"sub": "alice"}), alice)  # no channel claim
+    assert acc.subscription_grant(token, alice, "private:x") == grant
+    with pytest.raises(InvalidToken):
+        acc.subscription_grant(token, alice, "private:y")  # presented for another channel
+    with pytest.raises(InvalidToken):
+        acc.subscription_grants([token], alice, ["private:y", "private:z"])
 
 
 def test_policy_decisions() -> None:
@@ -171,18 +196,20 @@ def test_policy_decisions() -> None:
 
 
 def test_user_boundary_parsing() -> None:
-    assert user_boundary("dialog#42,43") == {"42", "43"}
-    assert user_boundary("chat:dm#7") == {"7"}
+    assert user_boundary("dialog#42,43") == frozenset({"42", "43"})
+    assert user_boundary("chat:dm#7") == frozenset({"7"})
     assert user_boundary("plain") is None
 
 
 # --------------------------------------------------------------------------- the matrix
 
 Check = Callable[[Any, str, str | None, list[str]], int]
+#: Query parameters as httpx takes them.
+Params = list[tuple[str, str | int | float | bool | None]]
 
 
 def sse_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
-    params = [("channel", channel)] + [("sub_token", t) for t in sub_tokens]
+    params: Params = [("channel", channel), *(("sub_token", t) for t in sub_tokens)]
     headers = {"Authorization": f"Bearer {token}"} if token else {}
     with httpx.stream(
         "GET", f"{srv.url}/sse", params=params, headers=headers, timeout=TIMEOUT
@@ -191,14 +218,16 @@ def sse_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str])
 
 
 def poll_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
-    params = [("channel", channel), ("timeout", "0")] + [("sub_token", t) for t in sub_tokens]
+    params: Params = [("channel", channel), ("timeout", "0")]
+    params += [("sub_token", t) for t in sub_tokens]
     if token:
         params.append(("token", token))
     return httpx.get(f"{srv.url}/poll", params=params, timeout=TIMEOUT).status_code
 
 
 def poll_cookie_status(srv: Any, channel: str, token: str | None, sub_tokens: list[str]) -> int:
-    params = [("channel", channel), ("timeout", "0")] + [("sub_token", t) for t in sub_tokens]
+    params: Params = [("channel", channel), ("timeout", "0")]
+    params += [("sub_token", t) for t in sub_tokens]
     cookies = {"tidings_token": token} if token else {}
     with httpx.Client(cookies=cookies) as client:
         return client.get(f"{srv.url}/poll", params=params, timeout=TIMEOUT).status_code

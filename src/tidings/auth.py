@@ -24,6 +24,7 @@ confusion cannot pass.
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -236,9 +237,31 @@ class Access:
         """The client behind a connection token; anonymous without one."""
         return self.tokens.connection(token) if token else ANONYMOUS
 
-    def subscription_grants(self, tokens: list[str], credentials: Credentials) -> dict[str, Grant]:
-        """Subscription tokens by the channel each one grants (HTTP transports)."""
-        return dict(self.tokens.subscription(token, credentials) for token in tokens)
+    def subscription_grant(self, token: str, credentials: Credentials, channel: str) -> Grant:
+        """The grant of a subscription token presented to subscribe to ``channel``.
+
+        A token names the one channel it grants; presented for another, it is
+        invalid (3500 / 401), not merely insufficient (403): the client holds a
+        token that does not say what it claims.
+        """
+        return self.subscription_grants([token], credentials, (channel,))[channel]
+
+    def subscription_grants(
+        self, tokens: list[str], credentials: Credentials, channels: Collection[str]
+    ) -> dict[str, Grant]:
+        """Subscription tokens by the channel each one grants, all among ``channels``.
+
+        The HTTP transports take tokens and channels as separate lists
+        (``?sub_token=`` repeated), so each token must name one of the
+        channels requested: see :meth:`subscription_grant`.
+        """
+        grants: dict[str, Grant] = {}
+        for token in tokens:
+            granted, grant = self.tokens.subscription(token, credentials)
+            if granted not in channels:
+                raise InvalidToken("the subscription token is for another channel")
+            grants[granted] = grant
+        return grants
 
     def check_subscribe(
         self, credentials: Credentials, channel: str, grant: Grant | None = None

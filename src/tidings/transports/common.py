@@ -44,7 +44,7 @@ def requested_channels(
     access = server.access
     if credentials is None:
         credentials = request_credentials(request, server)
-    grants = access.subscription_grants(request.query.get("sub_token", []), credentials)
+    grants = access.subscription_grants(request.query.get("sub_token", []), credentials, names)
     for name in names:
         access.check_subscribe(credentials, name, grants.get(name))
     return names
