@@ -7,21 +7,26 @@ play the client that creates channels without end, over the server API, a
 WebSocket (the ``websockets`` client) and SSE, and check that the server
 refuses the channel past the cap with error 106, keeps serving the channels
 that exist, frees slots as channels expire, and does not grow while refusing.
+A unit test of the broker alone pins down what holds a slot and what frees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
 from helpers import TIMEOUT, SSEClient, api, pub_json, unique_channel
+from tidings.brokers.memory import MemoryBroker
+from tidings.errors import ErrorCode, ProtocolError
+from tidings.hub import EMPTY, Hub, Publication
 
 CAP = 50
 LIMIT_EXCEEDED = 106
@@ -45,7 +50,7 @@ meta_ttl = 2.0
 """
 )
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux only")
+linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux only")
 
 
 def rss_kib(pid: int) -> int:
@@ -188,6 +193,7 @@ def flood(ws: ClientConnection, names: list[str], batch: int = 500) -> list[int]
     return codes
 
 
+@linux_only
 def test_rss_stays_flat_while_a_client_tries_20000_channels(server_factory: Any) -> None:
     srv = server_factory(CAPPED)
     channels = [unique_channel("cap") for _ in range(CAP)]
@@ -208,3 +214,49 @@ def test_rss_stays_flat_while_a_client_tries_20000_channels(server_factory: Any)
         (event,) = bystander.publications(1)
         assert pub_json(event)["data"] == {"after": "flood"}
     assert "Traceback" not in srv.logs()
+
+
+# --------------------------------------------------------------------------- the broker alone
+
+
+class Recorder:
+    """A subscriber that keeps nothing: the broker's bookkeeping is under test."""
+
+    def deliver(self, pub: Publication) -> None:
+        pass
+
+
+async def refused(action: Awaitable[object]) -> None:
+    with pytest.raises(ProtocolError) as info:
+        await action
+    assert info.value.code == ErrorCode.LIMIT_EXCEEDED
+
+
+def test_broker_counts_every_stream_and_the_sweep_frees_unsubscribed_ones() -> None:
+    async def scenario() -> None:
+        broker = MemoryBroker(max_channels=3, history_ttl=10.0, meta_ttl=60.0)
+        hub = Hub(broker)
+        subscriber = Recorder()
+        await hub.publish("a", b"1")
+        await hub.publish("b", b"1")
+        await hub.subscribe("c", subscriber)  # a subscription holds a slot too
+        await refused(hub.publish("d", b"1"))
+        await refused(hub.subscribe("e", Recorder()))
+        assert hub.num_channels == 1  # the refused subscription left nothing behind
+        assert (await hub.publish("a", b"2")).offset == 2  # existing channels work
+        assert (await hub.publish("c", b"1")).offset == 1
+        # Past meta_ttl, the sweep forgets a and b; c stays while subscribed.
+        later = time.monotonic() + 61.0
+        broker.sweep(later)
+        assert (await broker.history("a"))[1] == EMPTY
+        assert (await broker.history("c"))[1].offset == 1
+        await hub.publish("d", b"1")
+        await hub.publish("e", b"1")  # refused to subscribe before: no interest kept
+        await refused(hub.publish("f", b"1"))
+        hub.unsubscribe("c", subscriber)
+        broker.sweep(later + 61.0)
+        for channel in "cde":
+            assert (await broker.history(channel))[1] == EMPTY, channel
+        await hub.publish("f", b"1")
+
+    asyncio.run(scenario())
