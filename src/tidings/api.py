@@ -5,15 +5,21 @@ as ``cent``) work: ``{"result": {...}}`` on success; a request that parses but
 cannot be served is HTTP 200 with ``{"error": {"code", "message"}}``; a body
 that is not valid JSON for the method is HTTP 400 with code 107; a wrong key is
 HTTP 401 with code 101.
+
+Nothing invalid is stored: the body is checked as UTF-8 whole before it is
+decoded (``data`` is kept as the raw JSON it arrived as, and msgspec does not
+look inside it), and integers are bounded to what the brokers and the SDKs
+can hold.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import hmac
+import logging
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
@@ -23,10 +29,19 @@ from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, error_response, json_response
 from .hub import EMPTY, Position
+from .logs import log_client_error
+from .utf8 import check_utf8, invalid_utf8_field
 
 if TYPE_CHECKING:
     from .http import HTTPConnection, Request
     from .server import Server
+
+log = logging.getLogger("tidings.api")
+
+#: Centrifugo's types: an offset is a uint64 (bounded at 2**63 - 1, the most
+#: msgspec checks), a history limit an int32.
+Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+Limit = Annotated[int, msgspec.Meta(le=2**31 - 1)]
 
 
 class _Body(msgspec.Struct):
@@ -46,13 +61,13 @@ class BroadcastParams(_Body):
 
 
 class StreamPosition(msgspec.Struct):
-    offset: int = 0
+    offset: Offset = 0
     epoch: str = ""
 
 
 class HistoryParams(_Body):
     channel: str
-    limit: int | None = None
+    limit: Limit | None = None
     since: StreamPosition | None = None
     reverse: bool = False
 
@@ -120,15 +135,17 @@ class ServerAPI:
 
     async def handle(self, request: Request, conn: HTTPConnection) -> Response:
         if not self.authorized(request):
+            log_client_error(log, "API request refused from %s: wrong or missing key", conn.client)
             return error_response(401, "unauthorized: missing or wrong API key")
         name = request.path.removeprefix("/api/")
         entry = self.methods.get(name)
         if entry is None:
             return error_response(404, f"method not found: {name}")
         try:
-            params = self._decoders[name].decode(request.body or b"{}")
-        except msgspec.DecodeError as exc:
-            return error_response(400, f"bad request: {exc}")
+            params = decode_params(self._decoders[name], request.body or b"{}")
+        except ProtocolError as exc:
+            log_client_error(log, "bad API request from %s: %s", conn.client, exc.message)
+            return error_response(exc)
         try:
             result = await entry[1](params)
         except ProtocolError as exc:
@@ -237,3 +254,25 @@ class ServerAPI:
                 }
             ]
         }
+
+
+def decode_params(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:
+    """Decode a method's parameters; the one place where decoder errors become the API's 400.
+
+    Invalid UTF-8 anywhere in the body is refused naming the field that holds
+    it; what msgspec refuses (malformed JSON, a lone surrogate escape such as
+    ``"\\ud800"``, a wrong type, an integer out of range: ``DecodeError`` and
+    ``ValidationError``, both ``ValueError``) and nesting past its depth limit
+    (``RecursionError``) are a plain bad request. Never a 500.
+    """
+    try:
+        check_utf8(body)
+        return decoder.decode(body)
+    except UnicodeDecodeError:
+        field = invalid_utf8_field(body)
+        message = f"invalid UTF-8 in field {field}" if field else "invalid UTF-8 in the body"
+    except RecursionError:
+        message = "bad request: JSON nested too deeply"
+    except ValueError as exc:
+        message = f"bad request: {exc}"
+    raise ProtocolError(ErrorCode.BAD_REQUEST, message)

@@ -32,6 +32,8 @@ from .auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .hub import ClientInfo, Hub, Position, PresenceEvent, Publication
+from .logs import log_client_error
+from .utf8 import check_utf8, invalid_utf8_field
 
 __all__ = [
     "PING",
@@ -70,7 +72,12 @@ class _Req(msgspec.Struct, kw_only=True):
 
 #: An absent ``data``/``ping`` (msgspec cannot decode into ``Raw | None``).
 _NO_DATA = msgspec.Raw()
-UInt = Annotated[int, msgspec.Meta(ge=0)]
+#: The integer types of Centrifugo's client.proto: a command id is a uint32,
+#: an offset a uint64 (bounded at 2**63 - 1, the most msgspec checks). JSON
+#: integers are unbounded; without the bound a 50-digit id or offset would
+#: travel on to the hub, a broker and the SDKs.
+UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
 
 
 class StreamPosition(_Req):
@@ -138,7 +145,7 @@ class SendRequest(_Req):
 class Command(_Req):
     """One client command: an ``id`` and (at most) one request, proto order first."""
 
-    id: UInt = 0
+    id: UInt32 = 0
     connect: ConnectRequest | None = None
     subscribe: SubscribeRequest | None = None
     unsubscribe: ChannelRequest | None = None
@@ -157,19 +164,52 @@ _command_decoder = msgspec.json.Decoder(Command)
 
 
 class BadRequest(Exception):
-    """The payload is not a sequence of commands: the connection is closed with 3501."""
+    """The payload is no sequence of valid commands; :attr:`disconnect` closes the connection."""
+
+    def __init__(self, disconnect: Disconnect, detail: str) -> None:
+        super().__init__(detail)
+        self.disconnect = disconnect
 
 
 def decode_commands(payload: bytes) -> list[Command]:
-    """Split a frame into commands (one JSON object per ``\\n``-separated line)."""
-    if not payload.strip():
-        raise BadRequest("empty frame")
+    """Split a frame into commands (one JSON object per ``\\n``-separated line).
+
+    The payload is checked as UTF-8 whole, before msgspec sees it: msgspec
+    skips fields it keeps raw (``data``) or ignores, and those bytes would
+    otherwise be stored and pushed as they came. The frame codec validates
+    text frames too, but commands may arrive in binary frames, and this
+    function must hold on its own.
+    """
     try:
+        if not payload.strip():
+            raise BadRequest(BAD_REQUEST, "empty frame")
+        check_utf8(payload)
         if b"\n" not in payload:
             return [_command_decoder.decode(payload)]
         return [_command_decoder.decode(line) for line in payload.split(b"\n") if line.strip()]
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadRequest(str(exc)) from None
+    except (ValueError, RecursionError) as exc:
+        raise _refusal(exc, payload) from None
+
+
+def _refusal(exc: ValueError | RecursionError, payload: bytes) -> BadRequest:
+    """The one place where what the decoder raised becomes a close code.
+
+    Invalid UTF-8 anywhere in the payload closes with 1007, as RFC 6455 §8.1
+    requires for text and RFC 8259 §8.1 makes of JSON in any frame. Anything
+    else the decoder refuses — malformed JSON, a lone surrogate escape, a
+    wrong type or an out-of-range integer (``msgspec.DecodeError`` and
+    ``ValidationError``, both ``ValueError``), nesting past msgspec's depth
+    limit (``RecursionError``) — closes with 3501, as Centrifugo does.
+    """
+    if isinstance(exc, UnicodeDecodeError):
+        # ``publish.data``: a command's method, then the field of its request.
+        fields = (invalid_utf8_field(line, depth=2) for line in payload.split(b"\n"))
+        field = next((name for name in fields if name), "")
+        detail = f"invalid UTF-8 in {field}" if field else "invalid UTF-8"
+        return BadRequest(Disconnect(DisconnectCode.INVALID_DATA, detail), detail)
+    if isinstance(exc, RecursionError):
+        return BadRequest(BAD_REQUEST, "JSON nested too deeply")
+    return BadRequest(BAD_REQUEST, str(exc))
 
 
 # --------------------------------------------------------------------------- replies
@@ -548,8 +588,8 @@ class ClientSession:
         try:
             commands = decode_commands(payload)
         except BadRequest as exc:
-            log.info("bad frame from %s: %s", self.client_id or "new client", exc)
-            return BAD_REQUEST
+            log_client_error(log, "bad frame from %s: %s", self.client_id or "new client", exc)
+            return exc.disconnect
         try:
             for cmd in commands:
                 if self.closed:

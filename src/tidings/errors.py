@@ -53,6 +53,9 @@ _ERROR_MESSAGES = {
 class DisconnectCode(IntEnum):
     """WebSocket close codes. Clients reconnect below 3500 and give up from 3500."""
 
+    #: RFC 6455's "invalid frame payload data": a message (or a command in it)
+    #: that is not UTF-8. The SDKs reconnect, as after any code below 3500.
+    INVALID_DATA = 1007
     SHUTDOWN = 3001
     INTERNAL = 3004
     CONNECTION_EXPIRED = 3005

@@ -99,8 +99,10 @@ class Server:
         self.started_at = time.monotonic()
         if not self.config.api_key:
             log.warning(
-                "no api_key configured: the server API answers loopback clients only "
-                "(set api_key in the config or TIDINGS_API_KEY)"
+                "no api_key configured: the server API answers unproxied loopback clients "
+                "only, a development default; set api_key (config or TIDINGS_API_KEY) for "
+                "any deployment, since a same-host process or a proxy misconfiguration "
+                "would otherwise reach it (docs/security.md)"
             )
         if 0 < len(self.config.auth.hmac_secret.encode()) < 32:
             log.warning(

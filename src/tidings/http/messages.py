@@ -16,6 +16,13 @@ __all__ = ["Headers", "Request", "Response", "error_response", "json_response"]
 
 _encode = msgspec.json.Encoder().encode
 
+#: Headers a proxy adds to say whom it relays (RFC 7239 and the common de-facto ones).
+_PROXY_HEADERS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
+
+
+def _invalid_query() -> ProtocolError:
+    return ProtocolError(ErrorCode.BAD_REQUEST, "invalid UTF-8 in the query string")
+
 
 class Headers:
     """Request headers in arrival order; names are lower-cased once, at parse time."""
@@ -77,17 +84,28 @@ class Request:
 
     @property
     def query(self) -> dict[str, list[str]]:
-        """Query parameters, parsed on first use.
+        """Query parameters, parsed on first use; a query that is not UTF-8 is a 400.
 
         Long-poll clients re-poll after every publication, so this is on a hot
         path: a query with nothing escaped (curl, our clients' cursors) is split
-        directly; anything else goes through ``parse_qs``.
+        directly; anything else goes through ``parse_qs``, decoding strictly —
+        its default turns ``%FF`` into U+FFFD, which would name another channel
+        than the one the client meant. Raw bytes that are not UTF-8 reach us
+        already replaced by U+FFFD (the connection decodes the target leniently),
+        so a U+FFFD in the query is refused too: no parameter we take holds one.
         """
         query = self._query
         if query is None:
             text = self._query_text
+            if not text.isascii() and "\ufffd" in text:
+                raise _invalid_query()
             if "%" in text or "+" in text:
-                query = parse_qs(text, keep_blank_values=True)
+                try:
+                    query = parse_qs(text, keep_blank_values=True, errors="strict")
+                except UnicodeDecodeError:
+                    raise _invalid_query() from None
+                if any("\ufffd" in value for values in query.values() for value in values):
+                    raise _invalid_query()
             else:
                 query = {}
                 for part in text.split("&"):
@@ -103,8 +121,18 @@ class Request:
 
     @property
     def is_loopback(self) -> bool:
+        """The client, not merely the peer, is on this machine.
+
+        A request that a proxy relayed says so in a header; behind a reverse
+        proxy on the same host (docs/deployment.md) every peer is 127.0.0.1,
+        and taking that for the client would make anything loopback-only
+        public. So a request carrying any proxy header is never loopback —
+        whatever the header says, since a client can send it too.
+        """
         host = self.client[0] if self.client else ""
-        return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+        if not (host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")):
+            return False
+        return not any(field in _PROXY_HEADERS for field, _ in self.headers.raw)
 
     def __repr__(self) -> str:
         return f"<Request {self.method} {self.target.decode('latin-1')!r}>"

@@ -1,0 +1,302 @@
+"""Hostile input against a real server: invalid UTF-8, lone surrogates, deep nesting, proxies.
+
+Nothing invalid may be stored or forwarded: a publication whose ``data`` holds
+invalid UTF-8 would be pushed inside a text frame, and every conforming
+subscriber would then have to fail its own connection. Each test plays the
+hostile client with a client we did not write (the ``websockets`` sync client,
+httpx, curl-like raw sockets), then shows that a normal client is still served
+and that the server logged the mistake quietly (no traceback, no ERROR line).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from helpers import TIMEOUT, RawConn, api, check_serving, publish, request_bytes, unique_channel
+from ws_support import RawClient, connect_raw
+
+#: Byte sequences that are not UTF-8: a byte that never occurs, an overlong
+#: encoding of "/", a UTF-8-encoded surrogate (CESU-8), a truncated sequence.
+INVALID_UTF8 = [b"\xff", b"\xc0\xaf", b"\xed\xa0\x80", b"\xe2\x82"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def ws_connected(srv: Any) -> Iterator[ClientConnection]:
+    """A ``websockets`` client that has sent ``connect`` and read the reply."""
+    with connect(srv.ws_url + "/connection/websocket", open_timeout=TIMEOUT, proxy=None) as ws:
+        ws.send('{"id":1,"connect":{}}')
+        reply = json.loads(ws.recv(timeout=TIMEOUT))
+        assert "connect" in reply, reply
+        yield ws
+
+
+def close_code(ws: ClientConnection) -> int | None:
+    """Read until the server closes the connection; its close code."""
+    with pytest.raises(ConnectionClosed):
+        while True:
+            ws.recv(timeout=TIMEOUT)
+    rcvd = ws.protocol.close_rcvd
+    return rcvd.code if rcvd is not None else None
+
+
+def history(srv: Any, channel: str) -> list[dict[str, Any]]:
+    body = api(srv, "history", {"channel": channel, "limit": -1}).json()
+    pubs: list[dict[str, Any]] = body["result"].get("publications", [])
+    return pubs
+
+
+def assert_nothing_stored_or_pushed(srv: Any, channel: str, subscriber: RawClient) -> None:
+    """History is empty, and the subscriber's first push is the valid one published now."""
+    assert history(srv, channel) == []
+    res = publish(srv, channel, {"valid": True})
+    push = subscriber.wait_for(lambda m: "push" in m)
+    assert push["push"]["pub"]["data"] == {"valid": True}, push
+    assert push["push"]["pub"]["offset"] == res["offset"]
+
+
+def log_mark(srv: Any) -> int:
+    """Where the server's log stands now: the test checks what it logs from here."""
+    return len(srv.logs())
+
+
+def assert_logged_quietly(srv: Any, mark: int = 0) -> None:
+    """No traceback and no ERROR line since ``mark``: client mistakes are logged quietly."""
+    logs = srv.logs()[mark:]
+    assert "Traceback" not in logs, logs[-4000:]
+    assert not re.search(r"\b(ERROR|CRITICAL)\b", logs), logs[-4000:]
+
+
+def api_raw(srv: Any, method: str, body: bytes, **headers: str) -> httpx.Response:
+    headers.setdefault("Content-Type", "application/json")
+    return httpx.post(f"{srv.url}/api/{method}", content=body, headers=headers, timeout=TIMEOUT)
+
+
+# --------------------------------------------------------------------------- WebSocket
+
+
+@pytest.mark.parametrize("bad", INVALID_UTF8)
+@pytest.mark.parametrize(
+    "template",
+    [
+        b'{"id":2,"subscribe":{"channel":"a%s"}}',
+        b'{"id":2,"publish":{"channel":"a","data":{"text":"%s"}}}',
+        b'{"id":2,"history":{"channel":"a"},"unknown":"%s"}',
+        b'{"id":2,"rpc":{"method":"m","data":"%s"}}',
+    ],
+    ids=["str-field", "raw-data", "ignored-field", "rpc-data"],
+)
+def test_invalid_utf8_in_a_binary_command_frame_closes_1007(
+    server: Any, template: bytes, bad: bytes
+) -> None:
+    mark = log_mark(server)
+    channel = unique_channel("watch")
+    watcher = connect_raw(server.ws_url, (channel,))
+    with ws_connected(server) as ws:
+        ws.send(template.replace(b"%s", bad))  # bytes: a binary frame
+        assert close_code(ws) == 1007
+    assert_nothing_stored_or_pushed(server, channel, watcher)
+    watcher.close()
+    assert_logged_quietly(server, mark)
+
+
+@pytest.mark.parametrize("bad", INVALID_UTF8)
+def test_invalid_utf8_in_ws_publish_data_is_neither_stored_nor_pushed(
+    server: Any, bad: bytes
+) -> None:
+    mark = log_mark(server)
+    channel = unique_channel("utf8")
+    subscriber = connect_raw(server.ws_url, (channel,))
+    with ws_connected(server) as ws:
+        ws.send(b'{"id":2,"publish":{"channel":"%s","data":"x%sy"}}' % (channel.encode(), bad))
+        assert close_code(ws) == 1007
+    assert_nothing_stored_or_pushed(server, channel, subscriber)
+    subscriber.close()
+    assert_logged_quietly(server, mark)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        rb'{"id":2,"subscribe":{"channel":"\ud800"}}',
+        rb'{"id":2,"publish":{"channel":"CH","data":"\udc00"}}',
+        rb'{"id":2,"publish":{"channel":"CH","data":{"k":"\ud800x"}}}',
+        b'{"id":2,"publish":{"channel":"CH","data":' + b"[" * 10_000 + b"]" * 10_000 + b"}}",
+        b'{"id":2,"publish":{"channel":"CH","data":NaN}}',
+        b'{"id":18446744073709551616,"publish":{"channel":"CH","data":1}}',
+    ],
+    ids=["surrogate-channel", "surrogate-data", "surrogate-nested", "deep", "nan", "huge-id"],
+)
+def test_undecodable_commands_close_3501_and_store_nothing(server: Any, command: bytes) -> None:
+    """Valid UTF-8 on the wire, but no valid command: 3501 (never 3004 and a traceback)."""
+    mark = log_mark(server)
+    channel = unique_channel("esc")
+    subscriber = connect_raw(server.ws_url, (channel,))
+    with ws_connected(server) as ws:
+        ws.send(command.replace(b"CH", channel.encode()).decode())  # a text frame
+        assert close_code(ws) == 3501
+    assert_nothing_stored_or_pushed(server, channel, subscriber)
+    subscriber.close()
+    assert_logged_quietly(server, mark)
+
+
+# --------------------------------------------------------------------------- server API
+
+
+@pytest.mark.parametrize("bad", INVALID_UTF8)
+@pytest.mark.parametrize(
+    ("method", "template", "field"),
+    [
+        ("publish", b'{"channel":"CH","data":{"text":"%s"}}', "data"),
+        ("publish", b'{"channel":"CH","data":"ok","tags":{"t":"%s"}}', "tags"),
+        ("broadcast", b'{"channels":["CH"],"data":"%s"}', "data"),
+        ("broadcast", b'{"channels":["CH","%s"],"data":"ok"}', "channels"),
+    ],
+)
+def test_invalid_utf8_in_an_api_body_is_400_naming_the_field(
+    server: Any, method: str, template: bytes, field: str, bad: bytes
+) -> None:
+    mark = log_mark(server)
+    channel = unique_channel("api")
+    subscriber = connect_raw(server.ws_url, (channel,))
+    body = template.replace(b"CH", channel.encode()).replace(b"%s", bad)
+    resp = api_raw(server, method, body)
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"] == {"code": 107, "message": f"invalid UTF-8 in field {field}"}
+    assert_nothing_stored_or_pushed(server, channel, subscriber)
+    subscriber.close()
+    assert_logged_quietly(server, mark)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        rb'{"channel":"CH","data":"\ud800"}',
+        rb'{"channel":"CH","data":{"k":"\udc00"}}',
+        rb'{"channel":"\ud800","data":1}',
+        b'{"channel":"CH","data":' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+        b'{"channel":"CH","data":Infinity}',
+    ],
+    ids=["surrogate-data", "surrogate-nested", "surrogate-channel", "deep", "infinity"],
+)
+def test_undecodable_api_bodies_are_400_and_store_nothing(server: Any, body: bytes) -> None:
+    mark = log_mark(server)
+    channel = unique_channel("api")
+    subscriber = connect_raw(server.ws_url, (channel,))
+    resp = api_raw(server, "publish", body.replace(b"CH", channel.encode()))
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["error"]["code"] == 107
+    assert_nothing_stored_or_pushed(server, channel, subscriber)
+    subscriber.close()
+    assert_logged_quietly(server, mark)
+
+
+@pytest.mark.parametrize("header", ["X-Forwarded-For", "X-Real-IP", "Forwarded"])
+def test_a_proxied_api_request_is_not_trusted_as_loopback(server: Any, header: str) -> None:
+    """Behind a reverse proxy on the same host every request comes from 127.0.0.1."""
+    value = "for=203.0.113.7" if header == "Forwarded" else "203.0.113.7"
+    assert api(server, "info").status_code == 200  # loopback, no proxy header: trusted
+    resp = api(server, "info", **{header: value})
+    assert resp.status_code == 401, resp.text
+    assert resp.json()["error"]["code"] == 101
+
+
+def test_a_proxied_request_with_the_key_is_served(server_factory: Any) -> None:
+    srv = server_factory(config='api_key = "k3y-for-the-proxy-test"\n')
+    assert api(srv, "info", **{"X-Forwarded-For": "203.0.113.7"}).status_code == 401
+    resp = api(
+        srv, "info", **{"X-Forwarded-For": "203.0.113.7", "X-API-Key": "k3y-for-the-proxy-test"}
+    )
+    assert resp.status_code == 200, resp.text
+
+
+# --------------------------------------------------------------------------- SSE and poll
+
+
+@pytest.mark.parametrize(
+    "escaped",
+    ["%FF", "%C0%AF", "%ED%A0%80", "%E2%82", "%EF%BF%BD"],
+    ids=["ff", "overlong", "surrogate", "truncated", "replacement-char"],
+)
+@pytest.mark.parametrize("path", ["/sse", "/poll"])
+def test_invalid_utf8_in_a_query_channel_is_400(server: Any, path: str, escaped: str) -> None:
+    """Never mangled into U+FFFD, which would name another channel."""
+    mark = log_mark(server)
+    with RawConn(server) as conn:
+        conn.send(request_bytes("GET", f"{path}?channel=news{escaped}&timeout=0"))
+        resp = conn.read_response()
+    assert resp.status == 400, resp.body
+    assert resp.json()["error"]["code"] == 107
+    check_serving(server)
+    assert_logged_quietly(server, mark)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [b"[" * 10_000, b'[["ch","\\ud800",1]]', b'[["ch","e",1e400]]', b'[["ch","\xff",1]]'],
+    ids=["deep", "surrogate", "huge-float", "invalid-utf8"],
+)
+def test_hostile_cursors_are_400(server: Any, raw: bytes) -> None:
+    mark = log_mark(server)
+    cursor = base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    with RawConn(server) as conn:
+        conn.send(request_bytes("GET", f"/poll?channel=news&timeout=0&cursor={cursor}"))
+        resp = conn.read_response()
+    assert resp.status == 400, resp.body
+    assert resp.json()["error"] == {"code": 107, "message": "malformed cursor"}
+    assert_logged_quietly(server, mark)
+
+
+# --------------------------------------------------------------------------- log flooding
+
+
+def _count(logs: str, needle: str) -> int:
+    return sum(needle in line for line in logs.splitlines())
+
+
+def test_500_bad_api_requests_log_a_bounded_number_of_lines(server_factory: Any) -> None:
+    srv = server_factory()
+    before = len(srv.logs().splitlines())
+    with httpx.Client(timeout=TIMEOUT) as client:
+        for _ in range(500):
+            resp = client.post(f"{srv.url}/api/publish", content=b'{"channel":"a","data":"\xff"}')
+            assert resp.status_code == 400
+    check_serving(srv)
+    # One summary line when the interval ends: wait for it (the flood's record).
+    deadline = time.monotonic() + 30
+    while "suppressed" not in srv.logs() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    lines = srv.logs().splitlines()[before:]
+    summaries = [line for line in lines if "suppressed" in line]
+    refusals = [line for line in lines if "bad API request" in line and line not in summaries]
+    assert 1 <= len(refusals) <= 10, lines
+    assert len(summaries) == 1, lines
+    assert f"suppressed {500 - len(refusals)} similar messages" in summaries[0]
+    assert len(lines) <= 20, lines  # nothing else logs each refusal
+    assert_logged_quietly(srv)
+
+
+def test_500_bad_ws_commands_log_a_bounded_number_of_lines(server_factory: Any) -> None:
+    srv = server_factory()
+    for _ in range(500):
+        with ws_connected(srv) as ws:
+            ws.send(b'{"id":2,"subscribe":{"channel":"\xff"}}')
+            assert close_code(ws) == 1007
+    check_serving(srv)
+    logs = srv.logs()
+    # Lines of the session's own logger; the transport's logger is wired separately.
+    assert 1 <= _count(logs, "tidings.centrifuge: bad frame") <= 10, logs[-4000:]
+    assert_logged_quietly(srv)
