@@ -639,7 +639,7 @@ class ClientSession:
                 return Disconnect(DisconnectCode.BAD_REQUEST, "unknown command")
             # ``send`` carrying an id is still an asynchronous message: no reply.
         except InvalidToken as exc:
-            log.info("closing %s: %s", self.client_id or "new client", exc.message)
+            log_client_error(log, "closing %s: %s", self.client_id or "new client", exc.message)
             return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
         except ProtocolError as exc:
             if not self.closed:

@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING, Protocol
 import httptools
 
 from ..errors import ProtocolError
+from ..logs import log_client_error
 from .messages import Headers, Request, Response, error_response
 from .state import ANSWERING, READING, Answering, Reading, advance
 
@@ -517,7 +518,9 @@ class HTTPConnection(asyncio.Protocol):
     def _refuse(self, status: int, message: str) -> None:
         """Stop reading and queue an error answer after those already due."""
         level = logging.INFO if status >= 408 else logging.DEBUG
-        log.log(level, "refusing request from %s: %d %s", self.client, status, message)
+        log_client_error(
+            log, "refusing request from %s: %d %s", self.client, status, message, level=level
+        )
         self._stop_reading()
         if self.transport is not None:
             self.transport.pause_reading()
