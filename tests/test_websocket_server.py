@@ -8,15 +8,21 @@ bytes) or control the socket (a reader that stops reading).
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import json
+import os
 import socket
+import struct
 import time
+import zlib
 from typing import Any
 
 import httpx
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
 from helpers import SSEClient, api, poll_ok, pub_json, publish, unique_channel, wait_subscribers
 from ws_support import RawClient, connect_raw
@@ -25,7 +31,7 @@ TIMEOUT = 10.0
 
 
 def ws_url(srv: Any) -> str:
-    return srv.ws_url + "/connection/websocket"
+    return f"{srv.ws_url}/connection/websocket"
 
 
 async def ws_connect(srv: Any, **kw: Any) -> ClientConnection:
@@ -141,12 +147,13 @@ def test_client_compressed_commands_are_understood(server: Any) -> None:
     async def main() -> None:
         channel = unique_channel("zc")
         ws = await ws_connect(server)
+        assert ws.response is not None
         assert "permessage-deflate" in (ws.response.headers.get("Sec-WebSocket-Extensions") or "")
         await command(ws, {"id": 1, "connect": {}}, {"id": 2, "subscribe": {"channel": channel}})
         data = {"text": "compress me " * 200}
         for i in range(3):  # several messages: no context is carried between them
             await ws.send(json.dumps({"id": 3 + i, "publish": {"channel": channel, "data": data}}))
-        pushes = []
+        pushes: list[Any] = []
         while len(pushes) < 3:
             for line in str(await asyncio.wait_for(ws.recv(), TIMEOUT)).split("\n"):
                 msg = json.loads(line)
@@ -344,6 +351,7 @@ def test_compression_can_be_turned_off(server_factory: Any) -> None:
 
     async def main() -> None:
         ws = await ws_connect(srv)
+        assert ws.response is not None
         assert ws.response.headers.get("Sec-WebSocket-Extensions") is None
         await command(ws, {"id": 1, "connect": {}})
         await ws.close()
@@ -379,6 +387,130 @@ def test_one_compressed_frame_is_shared_by_every_connection(server: Any) -> None
         assert c.raw[mark] == 0x81  # FIN + text, RSV1 clear
     for c in [*clients, plain]:
         c.close()
+
+
+# --------------------------------------------------------------------------- framing attacks
+
+
+def test_ping_announcing_a_terabyte_is_refused_at_its_header_and_nothing_is_buffered(
+    server_factory: Any,
+) -> None:
+    """Issue 10: a PING header announcing 2^40 bytes used to be buffered as it streamed in."""
+    srv = server_factory()
+    channel = unique_channel("ok")
+    watcher = connect_raw(srv.ws_url, (channel,))
+    attacker = connect_raw(srv.ws_url)
+    before = _rss_kib(srv.proc.pid)
+    # FIN|PING, MASK|127, a 64-bit length, the mask key — and not one byte of payload:
+    # the close must come from the header alone.
+    attacker.sock.sendall(struct.pack("!BBQ", 0x89, 0xFF, 2**40) + b"\x00\x00\x00\x00")
+    assert attacker.read_until_closed(5) == 1002
+    # Keep streaming what the header announced (bounded: 64 MiB); the server reads none of it.
+    chunk = b"\x00" * (1 << 20)
+    with contextlib.suppress(OSError):
+        attacker.sock.settimeout(2)
+        for _ in range(64):
+            attacker.sock.sendall(chunk)
+    attacker.close()
+    assert _rss_kib(srv.proc.pid) - before < 8 * 1024
+    res = publish(srv, channel, {"still": "served"})
+    push = watcher.wait_for(lambda m: "push" in m)["push"]["pub"]
+    assert push["offset"] == res["offset"]
+    assert "control frame over 125 bytes" in srv.logs() and "Traceback" not in srv.logs()
+    watcher.close()
+
+
+@pytest.mark.parametrize("first_byte", [0x81, 0x01])  # a whole message, a first fragment
+def test_data_frame_announced_over_the_limit_closes_1009_before_its_payload(
+    server: Any, first_byte: int
+) -> None:
+    attacker = connect_raw(server.ws_url)
+    attacker.sock.sendall(struct.pack("!BBQ", first_byte, 0xFF, 2**30) + b"\x00\x00\x00\x00")
+    assert attacker.read_until_closed(5) == 1009
+    attacker.close()
+
+
+def _server_frames(raw: bytes) -> list[tuple[int, bytes]]:
+    """``(first byte, payload)`` of each complete unmasked frame in ``raw``."""
+    frames = []
+    pos = 0
+    while pos + 2 <= len(raw):
+        length = raw[pos + 1] & 0x7F
+        head = 2
+        if length == 126:
+            (length,) = struct.unpack_from("!H", raw, pos + 2)
+            head = 4
+        elif length == 127:
+            (length,) = struct.unpack_from("!Q", raw, pos + 2)
+            head = 10
+        if pos + head + length > len(raw):
+            break
+        frames.append((raw[pos], raw[pos + head : pos + head + length]))
+        pos += head + length
+    return frames
+
+
+def _strict_inflate(compressed: bytes, window_bits: int) -> bytes:
+    """Inflate as a client holding only a ``2**window_bits`` window does (zlib checks a
+    match's distance against the window only across output buffers: 64 bytes at a time)."""
+    inflater = zlib.decompressobj(-window_bits)
+    out = b""
+    pending = compressed + b"\x00\x00\xff\xff"
+    while pending:
+        out += inflater.decompress(pending, 64)
+        pending = inflater.unconsumed_tail
+    return out
+
+
+@pytest.mark.parametrize("window_bits", [9, 12])
+def test_a_small_server_window_offer_gets_pushes_compressed_within_that_window(
+    server: Any, window_bits: int
+) -> None:
+    """RFC 7692 §7.1.2.1: agreeing to server_max_window_bits=N means never referring
+    further back than 2^N bytes. Issue 10: a 9-bit offer was echoed, then pushes were
+    compressed with a 15-bit window, and a strict 9-bit client failed."""
+    channel = unique_channel("wbits")
+    offer = [ClientPerMessageDeflateFactory(server_max_window_bits=window_bits)]
+    small = [connect_raw(server.ws_url, (channel,), extensions=offer) for _ in range(2)]
+    wide = connect_raw(server.ws_url, (channel,), deflate=True)
+    for client in small:
+        assert client.response is not None
+        agreed = client.response.headers["Sec-WebSocket-Extensions"]
+        assert f"server_max_window_bits={window_bits}" in agreed
+    far = base64.b64encode(os.urandom(1200)).decode()
+    data = {"a": far, "gap": "-" * 1000, "b": far}  # a repeat 2.6 kB back
+    marks = [len(c.raw) for c in [*small, wide]]
+    publish(server, channel, data)
+    compressed = []
+    for client, mark in zip([*small, wide], marks, strict=True):
+        assert client.wait_for(lambda m: "push" in m)["push"]["pub"]["data"] == data
+        (frame,) = [p for b0, p in _server_frames(client.raw[mark:]) if b0 == 0xC1]
+        compressed.append(frame)
+    push = json.loads(_strict_inflate(compressed[2], 15))
+    assert push["push"]["pub"]["data"] == data
+    for frame in compressed[:2]:
+        assert json.loads(_strict_inflate(frame, window_bits)) == push
+    # Encoded once per window size: both small-window clients got the very same bytes.
+    assert compressed[0] == compressed[1]
+    if window_bits == 9:  # what a 9-bit client would have got before: unreadable
+        with pytest.raises(zlib.error, match="too far back"):
+            _strict_inflate(compressed[2], window_bits)
+    for client in [*small, wide]:
+        client.close()
+
+
+def test_an_offer_of_an_8_bit_server_window_is_declined(server: Any) -> None:
+    """zlib cannot compress with a raw 8-bit window: no compression rather than a lie."""
+    channel = unique_channel("w8")
+    offer = [ClientPerMessageDeflateFactory(server_max_window_bits=8)]
+    client = connect_raw(server.ws_url, (channel,), extensions=offer)
+    assert client.response is not None
+    assert "Sec-WebSocket-Extensions" not in client.response.headers
+    mark = len(client.raw)
+    publish(server, channel, {"text": "compressible " * 100})
+    client.wait_for(lambda m: "push" in m)
+    assert client.raw[mark] == 0x81  # FIN + text, RSV1 clear
+    client.close()
 
 
 # --------------------------------------------------------------------------- one hub

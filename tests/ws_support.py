@@ -127,9 +127,11 @@ class RawClient:
         deflate: bool = False,
         rcvbuf: int | None = None,
         headers: dict[str, str] | None = None,
+        extensions: list[ClientPerMessageDeflateFactory] | None = None,
     ) -> None:
         uri = parse_uri(ws_url + "/connection/websocket" if ws_url.count("/") == 2 else ws_url)
-        extensions = [ClientPerMessageDeflateFactory()] if deflate else None
+        if extensions is None and deflate:
+            extensions = [ClientPerMessageDeflateFactory()]
         self.protocol = ClientProtocol(uri, extensions=extensions, max_size=None)
         self.sock = socket.socket()
         if rcvbuf is not None:
@@ -191,7 +193,7 @@ class RawClient:
     def messages(self) -> Iterator[dict[str, Any]]:
         for f in self.frames:
             if f.opcode == Opcode.TEXT:
-                for line in f.data.split(b"\n"):
+                for line in bytes(f.data).split(b"\n"):
                     if line:
                         yield json.loads(line)
 
