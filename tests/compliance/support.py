@@ -1,7 +1,8 @@
-"""What the compliance modules share: the server's configuration and the "others still served" check."""
+"""What the compliance modules share: the server configuration, the "still served" check."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 from compliance.wsclient import WSClient
@@ -43,3 +44,23 @@ def assert_still_served(srv: Any) -> None:
         client.connect()
         client.send_commands(presence_stats())
         assert_accepted(client)
+
+
+def rss_bytes(srv: Any) -> int:
+    """The server process's resident set, from /proc (Linux)."""
+    with open(f"/proc/{srv.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS line")
+
+
+def subscribed_client(srv: Any) -> tuple[WSClient, str]:
+    """A connected client subscribed to a fresh channel, which it may publish to."""
+    client = open_client(srv)
+    channel = f"c-{uuid.uuid4().hex[:10]}"
+    client.connect()
+    client.send_commands({"id": 2, "subscribe": {"channel": channel}})
+    reply = client.reply(2)
+    assert "subscribe" in reply, reply
+    return client, channel

@@ -8,6 +8,7 @@ reply is asserted; control frames between fragments are answered before the mess
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -142,7 +143,7 @@ def test_fragmented_command_is_reassembled_and_answered(ws_server: Any, sizes: l
     for size in sizes:
         cuts.append(min(len(STATS), cuts[-1] + size))
     cuts[-1] = len(STATS)
-    fragments = [STATS[a:b] for a, b in zip(cuts, cuts[1:], strict=False)]
+    fragments = [STATS[a:b] for a, b in itertools.pairwise(cuts)]
     with open_client(ws_server) as client:
         client.connect()
         client.send_fragments(fragments)

@@ -9,12 +9,11 @@ last fragment arrives. A code point split across fragments is fine, and arrives 
 from __future__ import annotations
 
 import json
-import uuid
 from typing import Any
 
 import pytest
 
-from compliance.support import assert_still_served, open_client
+from compliance.support import assert_still_served, open_client, subscribed_client
 from compliance.wsclient import OP_CONT, OP_TEXT, WSClient, encode_frame
 
 #: Byte sequences that are not UTF-8 (Autobahn 6.3-6.21, Markus Kuhn's stress test).
@@ -95,15 +94,6 @@ def test_invalid_utf8_at_the_end_of_a_fragmented_message_fails_with_1007(
     assert_still_served(ws_server)
 
 
-def subscribed(srv: Any) -> tuple[WSClient, str]:
-    client = open_client(srv)
-    channel = f"utf8-{uuid.uuid4().hex[:8]}"
-    client.connect()
-    client.send_commands({"id": 2, "subscribe": {"channel": channel}})
-    assert "subscribe" in client.reply(2)
-    return client, channel
-
-
 def published_back(client: WSClient, command_id: int) -> Any:
     """The data of the push that the publish ``command_id`` caused, after its reply."""
     pushed: Any = None
@@ -124,7 +114,7 @@ def published_back(client: WSClient, command_id: int) -> Any:
 def test_valid_utf8_split_anywhere_arrives_intact(ws_server: Any, text: str, split: str) -> None:
     """6.2/6.4-style: a publish whose data holds multi-byte code points, cut between every
     byte when ``every-byte`` (so inside each code point), comes back in the push unchanged."""
-    client, channel = subscribed(ws_server)
+    client, channel = subscribed_client(ws_server)
     with client:
         command = {"id": 3, "publish": {"channel": channel, "data": {"text": text}}}
         payload = json.dumps(command, ensure_ascii=False).encode()
@@ -140,7 +130,7 @@ def test_valid_utf8_split_anywhere_arrives_intact(ws_server: Any, text: str, spl
 
 def test_code_point_split_across_fragments_with_a_ping_between(ws_server: Any) -> None:
     """The validator's state survives a control frame between the two halves of a character."""
-    client, channel = subscribed(ws_server)
+    client, channel = subscribed_client(ws_server)
     with client:
         command = {"id": 3, "publish": {"channel": channel, "data": "a𝄞b"}}
         payload = json.dumps(command, ensure_ascii=False).encode()

@@ -18,6 +18,7 @@ handshake agreed on -- the check the suite exists to make).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import socket
 import struct
@@ -292,7 +293,7 @@ class WSClient:
         bytes into fragments."""
         data = deflate_message(payload, window_bits)
         cuts = [0, *sorted(split), len(data)]
-        self.send_fragments([data[a:b] for a, b in zip(cuts, cuts[1:], strict=False)], rsv1=True)
+        self.send_fragments([data[a:b] for a, b in itertools.pairwise(cuts)], rsv1=True)
 
     def send_commands(self, *commands: dict[str, Any]) -> None:
         self.send_frame(OP_TEXT, "\n".join(json.dumps(c) for c in commands).encode())
