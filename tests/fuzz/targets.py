@@ -577,7 +577,10 @@ def query(data: bytes) -> None:
     text = url.query.decode("utf-8", "replace") if url.query else ""
     server = runtime().server()
     request = Request("GET", b"/poll", "/poll", text, Headers([]), _REMOTE, True)
-    params = request.query
+    try:
+        params = request.query
+    except ProtocolError:
+        return  # not UTF-8: a 400
     check(
         all(isinstance(k, str) and all(isinstance(v, str) for v in vs) for k, vs in params.items()),
         "query is not a dict of str lists",
@@ -592,6 +595,7 @@ def query(data: bytes) -> None:
         check(len(set(channels)) == len(channels), "a channel accepted twice")
         for channel in channels:
             server.hub.validate_channel(channel)  # raises if one slipped through
+            check("\ufffd" not in channel, f"channel {channel!r} holds what was not UTF-8")
     try:
         positions = requested_positions(request.query_value("cursor"))
     except ProtocolError:
@@ -777,6 +781,10 @@ def _frame_seeds() -> list[bytes]:
         + _frame(0x0, compressed[third : 2 * third], fin=False)
         + _frame(0x0, compressed[2 * third :]),
         b"\x00" + _frame(0x2, bytes(range(200))),
+        # At the size limit (1024), whole and in two fragments: one repeated
+        # fragment or one byte more of length must be refused with 1009.
+        b"\x00" + _frame(0x1, b"a" * 1024),
+        b"\x00" + _frame(0x2, b"b" * 512, fin=False) + _frame(0x0, b"c" * 512),
         b"\x00" + _frame(0x1, "héllo wörld ✓".encode()),
     ]
 
