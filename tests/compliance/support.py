@@ -55,9 +55,9 @@ def rss_bytes(srv: Any) -> int:
     raise AssertionError("no VmRSS line")
 
 
-def subscribed_client(srv: Any) -> tuple[WSClient, str]:
+def subscribed_client(srv: Any, extensions: str | None = None) -> tuple[WSClient, str]:
     """A connected client subscribed to a fresh channel, which it may publish to."""
-    client = open_client(srv)
+    client = open_client(srv, extensions)
     channel = f"c-{uuid.uuid4().hex[:10]}"
     client.connect()
     client.send_commands({"id": 2, "subscribe": {"channel": channel}})

@@ -50,6 +50,7 @@ __all__ = [
     "TIMEOUT",
     "Deflate",
     "HandshakeRefused",
+    "Message",
     "ServerFrame",
     "WSClient",
     "deflate_message",
@@ -150,6 +151,15 @@ def _read_server_frame(
     if mask:
         payload = apply_mask(payload, bytes(mask))
     return ServerFrame(b0 & 0x0F, payload, bool(b0 & 0x80), (b0 >> 4) & 7, bool(mask))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Message:
+    """A data message, assembled from its frames and inflated."""
+
+    opcode: int
+    payload: bytes
+    compressed: bool
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -307,8 +317,8 @@ class WSClient:
         except EOFError:
             return None
 
-    def recv_message(self, timeout: float = TIMEOUT) -> tuple[int, bytes] | ServerFrame | None:
-        """The next data message ``(opcode, payload)``, assembled and inflated; or the next
+    def recv_message(self, timeout: float = TIMEOUT) -> Message | ServerFrame | None:
+        """The next data message, assembled and inflated; or the next
         control frame, which may come between fragments; or None at EOF."""
         deadline = time.monotonic() + timeout
         parts: list[bytes] = []
@@ -329,11 +339,12 @@ class WSClient:
             if frame.fin:
                 break
         payload = b"".join(parts)
-        if first.rsv & 4:
+        compressed = bool(first.rsv & 4)
+        if compressed:
             payload = self.inflate(payload)
         if first.opcode == OP_TEXT:
             payload.decode("utf-8")  # the server must never send invalid UTF-8 as text
-        return first.opcode, payload
+        return Message(first.opcode, payload, compressed)
 
     def inflate(self, payload: bytes) -> bytes:
         """Inflate one compressed message, holding the server to the window it agreed on.
@@ -362,9 +373,8 @@ class WSClient:
                 if got.opcode == OP_CLOSE:
                     raise EOFError(f"the server closed the connection: {got.close()}")
                 continue
-            opcode, payload = got
-            assert opcode == OP_TEXT, got
-            for line in payload.split(b"\n"):
+            assert got.opcode == OP_TEXT, got
+            for line in got.payload.split(b"\n"):
                 if line:
                     yield json.loads(line)
 
@@ -387,7 +397,7 @@ class WSClient:
         deadline = time.monotonic() + timeout
         while True:
             got = self.recv_message(max(0.01, deadline - time.monotonic()))
-            if isinstance(got, tuple):
+            if isinstance(got, Message):
                 continue  # a server ping ({}) or a push
             assert got is not None, "the server closed the connection instead of answering"
             assert got.opcode == OP_PONG, f"expected a pong, got {got}"
