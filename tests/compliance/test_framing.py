@@ -75,6 +75,9 @@ PROTOCOL_ERRORS: list[Any] = [
     pytest.param(
         [cont(fin=False), text(fin=False), cont(fin=True)] * 2, id="5.16-continuations-first"
     ),
+    pytest.param(
+        [cont(fin=True), text(fin=False), cont(fin=True)] * 2, id="5.17-final-continuations-first"
+    ),
     pytest.param([text(b"{", fin=False), text(b"}")], id="5.18-new-text-inside-a-message"),
     pytest.param(
         [text(b"{", fin=False), encode_frame(OP_BINARY, b"}")], id="new-binary-inside-a-message"

@@ -133,7 +133,7 @@ def test_fragmented_message_passing_the_limit_fails_at_the_fragment_header(ws_se
     assert_still_served(ws_server)
 
 
-@pytest.mark.parametrize("fragments", [1, 4])
+@pytest.mark.parametrize("fragments", [1, 4, 256])
 def test_message_of_exactly_the_limit_is_accepted(ws_server: Any, fragments: int) -> None:
     """The bound is inclusive: a publish of exactly ``max_message_size`` bytes is answered."""
     client, channel = subscribed_client(ws_server)

@@ -15,6 +15,7 @@ import pytest
 
 from compliance.support import assert_still_served, open_client, subscribed_client
 from compliance.wsclient import OP_CONT, OP_TEXT, WSClient, encode_frame
+from helpers import api, publish
 
 #: Byte sequences that are not UTF-8 (Autobahn 6.3-6.21, Markus Kuhn's stress test).
 INVALID = {
@@ -140,3 +141,31 @@ def test_code_point_split_across_fragments_with_a_ping_between(ws_server: Any) -
         client.expect_pong(b"mid-character")
         client.send_frame(OP_CONT, payload[cut:], fin=True)
         assert published_back(client, 3) == "a𝄞b"
+
+
+@pytest.mark.parametrize("fragmented", [False, True])
+def test_invalid_utf8_in_published_data_reaches_no_subscriber_and_no_history(
+    ws_server: Any, fragmented: bool
+) -> None:
+    """Issue 10: raw JSON ``data`` with invalid UTF-8 was stored and pushed to every subscriber.
+    The publisher is failed with 1007; the subscriber's next push is the next valid publication,
+    and history holds only that one."""
+    subscriber, channel = subscribed_client(ws_server)
+    publisher = open_client(ws_server)
+    with subscriber, publisher:
+        publisher.connect()
+        publisher.send_commands({"id": 2, "subscribe": {"channel": channel}})
+        assert "subscribe" in publisher.reply(2)
+        bad = b'{"id":3,"publish":{"channel":"' + channel.encode() + b'","data":"\xc3\x28"}}'
+        if fragmented:
+            cut = bad.index(b"\xc3") + 1
+            publisher.send_fragments([bad[:cut], bad[cut:]])
+        else:
+            publisher.send_frame(OP_TEXT, bad)
+        assert publisher.expect_close() == 1007
+        valid = publish(ws_server, channel, {"valid": True})
+        push = next(m for m in subscriber.messages() if "push" in m)
+        pub = push["push"]["pub"]
+        assert (pub["data"], pub["offset"]) == ({"valid": True}, valid["offset"]), push
+        history = api(ws_server, "history", {"channel": channel, "limit": -1}).json()
+        assert [p["data"] for p in history["result"]["publications"]] == [{"valid": True}], history
