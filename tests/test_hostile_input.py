@@ -13,17 +13,25 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import re
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from helpers import TIMEOUT, RawConn, api, check_serving, publish, request_bytes, unique_channel
+from tidings.api import PublishParams, decode_params
+from tidings.centrifuge import BadRequest, decode_commands
+from tidings.errors import ErrorCode, ProtocolError
+from tidings.http.messages import Headers, Request
+from tidings.logs import ClientErrorLimiter
+from tidings.utf8 import invalid_utf8_field
 from ws_support import RawClient, connect_raw
 
 #: Byte sequences that are not UTF-8: a byte that never occurs, an overlong
@@ -80,8 +88,11 @@ def assert_logged_quietly(srv: Any, mark: int = 0) -> None:
     assert not re.search(r"\b(ERROR|CRITICAL)\b", logs), logs[-4000:]
 
 
-def api_raw(srv: Any, method: str, body: bytes, **headers: str) -> httpx.Response:
-    headers.setdefault("Content-Type", "application/json")
+def api_raw(
+    srv: Any, method: str, body: bytes = b"{}", headers: dict[str, str] | None = None
+) -> httpx.Response:
+    """``POST /api/<method>`` with ``body`` as it is (httpx's ``json=`` cannot send bad bytes)."""
+    headers = {"Content-Type": "application/json", **(headers or {})}
     return httpx.post(f"{srv.url}/api/{method}", content=body, headers=headers, timeout=TIMEOUT)
 
 
@@ -208,18 +219,17 @@ def test_undecodable_api_bodies_are_400_and_store_nothing(server: Any, body: byt
 def test_a_proxied_api_request_is_not_trusted_as_loopback(server: Any, header: str) -> None:
     """Behind a reverse proxy on the same host every request comes from 127.0.0.1."""
     value = "for=203.0.113.7" if header == "Forwarded" else "203.0.113.7"
-    assert api(server, "info").status_code == 200  # loopback, no proxy header: trusted
-    resp = api(server, "info", **{header: value})
+    assert api_raw(server, "info").status_code == 200  # loopback, no proxy header: trusted
+    resp = api_raw(server, "info", headers={header: value})
     assert resp.status_code == 401, resp.text
     assert resp.json()["error"]["code"] == 101
 
 
 def test_a_proxied_request_with_the_key_is_served(server_factory: Any) -> None:
     srv = server_factory(config='api_key = "k3y-for-the-proxy-test"\n')
-    assert api(srv, "info", **{"X-Forwarded-For": "203.0.113.7"}).status_code == 401
-    resp = api(
-        srv, "info", **{"X-Forwarded-For": "203.0.113.7", "X-API-Key": "k3y-for-the-proxy-test"}
-    )
+    proxied = {"X-Forwarded-For": "203.0.113.7"}
+    assert api_raw(srv, "info", headers=proxied).status_code == 401
+    resp = api_raw(srv, "info", headers={**proxied, "X-API-Key": "k3y-for-the-proxy-test"})
     assert resp.status_code == 200, resp.text
 
 
@@ -300,3 +310,125 @@ def test_500_bad_ws_commands_log_a_bounded_number_of_lines(server_factory: Any) 
     # Lines of the session's own logger; the transport's logger is wired separately.
     assert 1 <= _count(logs, "tidings.centrifuge: bad frame") <= 10, logs[-4000:]
     assert_logged_quietly(srv)
+
+
+def test_500_refused_http_requests_log_a_bounded_number_of_lines(server_factory: Any) -> None:
+    srv = server_factory()
+    for _ in range(500):
+        with RawConn(srv) as conn:
+            conn.send(
+                b"POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n"
+            )
+            assert conn.read_response().status == 413  # logged at INFO (a 400 at DEBUG)
+    check_serving(srv)
+    logs = srv.logs()
+    assert 1 <= _count(logs, "tidings.http: refusing request") <= 10, logs[-4000:]
+    assert_logged_quietly(srv)
+
+
+# --------------------------------------------------------------------------- sans-I/O units
+
+
+@pytest.mark.parametrize(
+    ("payload", "code", "reason"),
+    [
+        (b'{"id":1,"publish":{"channel":"a","data":"\xff"}}', 1007,
+         "invalid UTF-8 in publish.data"),
+        (b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"\xc0\xaf"}}', 1007,
+         "invalid UTF-8 in subscribe.channel"),
+        (b'{"id":1,"\xff":1}', 1007, "invalid UTF-8"),
+        (b'{"id":1,"publish":{"channel":"a","data":' + b"[" * 10_000 + b"]" * 10_000 + b"}}",
+         3501, "bad request"),
+        (rb'{"id":1,"subscribe":{"channel":"\ud800"}}', 3501, "bad request"),
+        (b'{"id":4294967296}', 3501, "bad request"),
+        (b'{"id":1,"history":{"channel":"a","since":{"offset":-1}}}', 3501, "bad request"),
+        (b"[1]", 3501, "bad request"),
+        (b"  \n ", 3501, "bad request"),
+    ],
+)  # fmt: skip
+def test_decode_commands_maps_every_decoder_error_to_one_close(
+    payload: bytes, code: int, reason: str
+) -> None:
+    with pytest.raises(BadRequest) as caught:
+        decode_commands(payload)
+    assert caught.value.disconnect == (code, reason)
+
+
+def test_decode_commands_keeps_valid_non_ascii_data() -> None:
+    (cmd,) = decode_commands('{"id":1,"publish":{"channel":"é","data":"😀"}}'.encode())
+    assert cmd.publish is not None and cmd.publish.channel == "é"
+    assert bytes(cmd.publish.data).decode() == '"😀"'
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"channel":"a","data":{"x":"\xff"}}', "invalid UTF-8 in field data"),
+        (b'{"channel":"a\xff","data":1}', "invalid UTF-8 in field channel"),
+        (b'{"\xff":1}', "invalid UTF-8 in the body"),
+        (b'{"channel":"a","data":' + b"[" * 10_000 + b"]" * 10_000 + b"}",
+         "bad request: JSON nested too deeply"),
+        (rb'{"channel":"a","data":"\udc00"}', "bad request: JSON is malformed"),
+        (b'{"channel":"a"}', "bad request: Object missing required field `data`"),
+    ],
+)  # fmt: skip
+def test_decode_params_maps_every_decoder_error_to_400(body: bytes, message: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        decode_params(msgspec.json.Decoder(PublishParams), body)
+    assert caught.value.code == ErrorCode.BAD_REQUEST
+    assert caught.value.message.startswith(message), caught.value.message
+
+
+def test_invalid_utf8_field_names_at_most_64_bytes_of_a_client_chosen_path() -> None:
+    long_name = "é" * 100
+    document = b'{"%s":{"x":"\xff"}}' % long_name.encode()
+    path = invalid_utf8_field(document, depth=2)
+    assert path.startswith("éé") and path.endswith("...")
+    assert len(path.encode()) <= 64
+
+
+def _request(query: str = "", headers: list[tuple[bytes, bytes]] | None = None) -> Request:
+    return Request("GET", b"/poll", "/poll", query, Headers(headers or []), ("127.0.0.1", 5), True)
+
+
+@pytest.mark.parametrize(
+    "query", ["channel=%FF", "channel=a%ED%A0%80", "channel=\ufffd", "c=%EF%BF%BD"]
+)
+def test_query_that_is_not_utf8_is_refused(query: str) -> None:
+    with pytest.raises(ProtocolError) as caught:
+        _request(query).query  # noqa: B018 - the property parses
+    assert caught.value.message == "invalid UTF-8 in the query string"
+
+
+def test_query_keeps_escaped_utf8() -> None:
+    assert _request("channel=caf%C3%A9&channel=b+c").query == {"channel": ["café", "b c"]}
+
+
+@pytest.mark.parametrize("header", [b"forwarded", b"x-forwarded-for", b"x-real-ip"])
+def test_proxied_request_is_not_loopback(header: bytes) -> None:
+    assert _request().is_loopback
+    assert not _request(headers=[(header, b"127.0.0.1")]).is_loopback
+
+
+def test_limiter_logs_max_lines_per_interval_then_one_summary(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    now = [0.0]
+    limiter = ClientErrorLimiter(max_lines=3, interval=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("tidings.test-limiter")
+    with caplog.at_level(logging.DEBUG, logger=logger.name):
+        for n in range(100):
+            limiter.log(logger, logging.INFO, "bad thing %d", n)
+        limiter.log(logger, logging.INFO, "another kind")  # its own budget
+        now[0] = 10.0  # the interval is over: the next line sums it up
+        limiter.log(logger, logging.INFO, "bad thing %d", 100)
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "bad thing 0",
+        "bad thing 1",
+        "bad thing 2",
+        "another kind",
+        "suppressed 97 similar messages in 10s; the last: bad thing 99",
+        "bad thing 100",
+    ]
+    assert all(record.levelno == logging.INFO and not record.exc_info for record in caplog.records)

@@ -38,15 +38,16 @@ def decode_cursor(token: str) -> dict[str, Position]:
 
     The one place where what the decoders raise becomes that 400: base64
     errors (``binascii.Error``), a non-ASCII token, invalid UTF-8 or a lone
-    surrogate escape in the JSON, a wrong shape or an offset out of range
-    (all ``ValueError``), and nesting past msgspec's depth limit
-    (``RecursionError``). A cursor comes from the client, so it may hold anything.
+    surrogate escape in the JSON, a wrong shape or an offset out of range —
+    all ``ValueError``. Deep nesting cannot reach msgspec's depth limit here:
+    the typed decoder refuses the third ``[`` (a string is expected there).
+    A cursor comes from the client, so it may hold anything.
     """
     if len(token) > _MAX_LENGTH:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "cursor too long")
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         entries = _decode_entries(raw)
-    except (ValueError, RecursionError):
+    except ValueError:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "malformed cursor") from None
     return {channel: Position(epoch, offset) for channel, epoch, offset in entries}

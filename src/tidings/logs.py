@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 __all__ = ["ClientErrorLimiter", "log_client_error"]
 
@@ -45,18 +46,24 @@ class ClientErrorLimiter:
     running loop) or, without a loop, by the next line of that kind.
     """
 
-    __slots__ = ("_windows", "interval", "max_lines")
+    __slots__ = ("_clock", "_windows", "interval", "max_lines")
 
-    def __init__(self, max_lines: int = 10, interval: float = 5.0) -> None:
+    def __init__(
+        self,
+        max_lines: int = 10,
+        interval: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.max_lines = max_lines
         self.interval = interval
+        self._clock = clock
         self._windows: dict[tuple[str, str], _Window] = {}
 
     def log(self, logger: logging.Logger, level: int, msg: str, *args: object) -> None:
         if not logger.isEnabledFor(level):
             return
         key = (logger.name, msg)
-        now = time.monotonic()
+        now = self._clock()
         window = self._windows.get(key)
         if window is not None and now - window.started >= self.interval:
             self._summarise(logger, key)
