@@ -86,6 +86,7 @@ from ..frames import (
     frame,
 )
 from ..hub import Publication
+from ..logs import log_client_error
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -301,7 +302,8 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
     handshake.send_response(response)
     head = b"".join(handshake.data_to_send())
     if response.status_code != 101:
-        log.info(
+        log_client_error(
+            log,
             "websocket handshake refused (%d) for %s: %s",
             response.status_code,
             request.client,
@@ -436,7 +438,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _frame_error(self, error: FrameError) -> None:
         """The one place a framing error becomes a close: its code, then stop reading."""
-        log.info("websocket protocol error from %r: %d %s", self, error.code, error.reason)
+        log_client_error(
+            log, "websocket protocol error from %r: %d %s", self, error.code, error.reason
+        )
         self.close(error.code, error.reason)
         self._drain()
 
@@ -473,7 +477,9 @@ class WebSocketConnection(asyncio.Protocol):
         # before calling us, so the write of the close frame does not recurse).
         # The client reconnects and recovers from history.
         if self._state == _OPEN:
-            log.info("closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer)
+            log_client_error(
+                log, "closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer
+            )
             self.close(DisconnectCode.SLOW, "slow")
 
     def resume_writing(self) -> None:
@@ -543,5 +549,5 @@ class WebSocketConnection(asyncio.Protocol):
             self._task = None
 
     def _disconnect(self, disconnect: Disconnect) -> None:
-        log.info("disconnecting %r: %d %s", self, disconnect.code, disconnect.reason)
+        log_client_error(log, "disconnecting %r: %d %s", self, disconnect.code, disconnect.reason)
         self.close(disconnect.code, disconnect.reason)
