@@ -237,6 +237,7 @@ def test_corrupt_deflate_data_fails_the_connection(ws_server: Any) -> None:
     choice) or 1007 (the data is invalid) are both read as right."""
     with open_client(ws_server, PMD) as client:
         client.connect()
-        client.send_frame(OP_TEXT, b"\xff\xff\xff\xff\xff", rsv=4)
+        # BFINAL=1, BTYPE=11: a reserved block type. Valid UTF-8 (BEL, "bad") if RSV1 were lost.
+        client.send_frame(OP_TEXT, b"\x07bad", rsv=4)
         assert client.expect_close() in (1002, 1007)
     assert_still_served(ws_server)

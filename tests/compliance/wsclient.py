@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 TIMEOUT = 10.0
+#: A server failing a connection answers at once; this only bounds the wait when it does not.
+CLOSE_TIMEOUT = 5.0
 OP_CONT, OP_TEXT, OP_BINARY, OP_CLOSE, OP_PING, OP_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 SUBPROTOCOL = "centrifuge-json"
 _DEFLATE_TAIL = b"\x00\x00\xff\xff"
@@ -404,7 +406,7 @@ class WSClient:
             assert got.payload == payload, got
             return
 
-    def expect_close(self, timeout: float = TIMEOUT) -> int | None:
+    def expect_close(self, timeout: float = CLOSE_TIMEOUT) -> int | None:
         """Read until the server's close frame; return its code (None: TCP closed without one).
 
         Text frames before it are skipped; a pong before it is a failure (the cases that
