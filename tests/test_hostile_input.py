@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import httpx
+import jwt
 import msgspec
 import pytest
 from websockets.exceptions import ConnectionClosed
@@ -268,6 +269,52 @@ def test_hostile_cursors_are_400(server: Any, raw: bytes) -> None:
     assert resp.status == 400, resp.body
     assert resp.json()["error"] == {"code": 107, "message": "malformed cursor"}
     assert_logged_quietly(server, mark)
+
+
+# --------------------------------------------------------------------------- signed tokens
+
+TOKEN_SECRET = "a-test-secret-of-at-least-32-bytes!"
+TOKEN_CONFIG = f"""
+[auth]
+hmac_secret = "{TOKEN_SECRET}"
+
+[channels]
+subscribe = "anonymous"
+"""
+
+
+def signed(claims: dict[str, Any]) -> str:
+    return jwt.encode({"exp": int(time.time()) + 600, **claims}, TOKEN_SECRET, algorithm="HS256")
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {"sub": "\ud800"},
+        {"sub": "42", "info": {"name": "\udc00"}},
+        {"sub": "42", "channels": ["\ud800"]},
+    ],
+    ids=["sub", "info", "channels"],
+)
+def test_a_signed_token_whose_claims_hold_a_lone_surrogate_is_invalid(
+    server_factory: Any, claims: dict[str, Any]
+) -> None:
+    """JSON allows ``"\\ud800"`` and PyJWT's decoder accepts it, but no UTF-8 encoder
+    can write it: such a user id or info would break every push that carries it."""
+    srv = server_factory(config=TOKEN_CONFIG)
+    good = signed({"sub": "42"})
+    with connect(srv.ws_url + "/connection/websocket", open_timeout=TIMEOUT, proxy=None) as ws:
+        ws.send(json.dumps({"id": 1, "connect": {"token": good}}))
+        assert "connect" in json.loads(ws.recv(timeout=TIMEOUT))  # the same, unattacked
+    with connect(srv.ws_url + "/connection/websocket", open_timeout=TIMEOUT, proxy=None) as ws:
+        ws.send(json.dumps({"id": 1, "connect": {"token": signed(claims)}}))
+        assert close_code(ws) == 3500
+    resp = httpx.get(
+        f"{srv.url}/poll", params={"channel": "news", "timeout": "0", "token": signed(claims)}
+    )
+    assert resp.status_code == 401, resp.text
+    check_serving(srv)
+    assert_logged_quietly(srv)
 
 
 # --------------------------------------------------------------------------- log flooding

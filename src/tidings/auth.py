@@ -124,6 +124,13 @@ class TokenVerifier:
             raise ProtocolError(ErrorCode.TOKEN_EXPIRED) from None
         except jwt.InvalidTokenError as exc:
             raise InvalidToken(str(exc)) from None
+        # JSON allows a lone surrogate escape ("\ud800") and PyJWT's decoder
+        # accepts it, but no UTF-8 encoder can write it: a user id or info
+        # holding one would break every reply and push that carries it.
+        try:
+            msgspec.json.encode(claims)
+        except UnicodeEncodeError:
+            raise InvalidToken("a claim holds a lone surrogate") from None
         return claims
 
     def connection(self, token: str) -> Credentials:
