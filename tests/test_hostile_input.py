@@ -479,3 +479,19 @@ def test_limiter_logs_max_lines_per_interval_then_one_summary(
         "bad thing 100",
     ]
     assert all(record.levelno == logging.INFO and not record.exc_info for record in caplog.records)
+
+
+def test_limiter_escapes_control_characters_so_a_client_cannot_forge_lines(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    limiter = ClientErrorLimiter()
+    logger = logging.getLogger("tidings.test-limiter-escape")
+    forged = "x\n2026-01-01 00:00:00,000 ERROR   [1] tidings: forged"
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        limiter.log(logger, logging.INFO, "bad channel %s: %s", forged, ValueError(forged))
+        limiter.log(logger, logging.INFO, "fine %s", "café")
+    assert [record.getMessage() for record in caplog.records] == [
+        "bad channel x\\n2026-01-01 00:00:00,000 ERROR   [1] tidings: forged: "
+        "x\\n2026-01-01 00:00:00,000 ERROR   [1] tidings: forged",
+        "fine café",
+    ]

@@ -70,6 +70,7 @@ class ClientErrorLimiter:
             window = None
         if window is None:
             window = self._windows[key] = _Window(now)
+        args = tuple(map(_printable, args))
         if window.logged < self.max_lines:
             window.logged += 1
             logger.log(level, msg, *args)
@@ -100,6 +101,19 @@ class ClientErrorLimiter:
                 self.interval,
                 *window.last,
             )
+
+
+def _printable(arg: object) -> object:
+    """Text from a client with its control characters escaped.
+
+    A channel name, a field name or a decoder message may hold a newline, and
+    a client could otherwise write a line of its own into our log.
+    """
+    if isinstance(arg, str | BaseException):
+        text = str(arg)
+        if not text.isprintable():
+            return text.encode("unicode_escape").decode("ascii")
+    return arg
 
 
 _limiter = ClientErrorLimiter()
