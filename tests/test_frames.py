@@ -248,6 +248,41 @@ def test_invalid_utf8_in_the_first_fragment_fails_before_the_last_arrives(bad: b
     assert refused(reader, ws_frame(Opcode.TEXT, b"valid " + bad, fin=False)).code == 1007
 
 
+@pytest.mark.parametrize("cut", [3, 6, 7, 9])
+def test_invalid_utf8_fails_when_it_arrives_not_when_its_frame_ends(cut: int) -> None:
+    """Autobahn 6.4.3/6.4.4: a frame dribbled in; the connection fails on the bad byte."""
+    data = "κόσμε".encode() + b"\xf4\x90\x80\x80" + b"x" * 1000
+    wire = ws_frame(Opcode.TEXT, data)
+    reader = FrameReader(MAX)
+    head = len(wire) - len(data)
+    assert reader.feed(wire[: head + cut]) == []  # the valid prefix, unmasked at any offset
+    assert refused(reader, wire[head + cut : head + 12]).code == 1007
+
+
+def test_invalid_utf8_in_an_incomplete_continuation_frame_fails_on_arrival() -> None:
+    reader = FrameReader(MAX)
+    assert reader.feed(ws_frame(Opcode.TEXT, b"ok \xce", fin=False)) == []  # a code point begun
+    wire = ws_frame(Opcode.CONT, b"A" + b"x" * 500)  # ... and not continued
+    assert refused(reader, wire[: len(wire) - 400]).code == 1007
+
+
+def test_valid_text_dribbled_byte_by_byte_is_accepted() -> None:
+    data = ("κόσμε 🙂 " * 40).encode()
+    wire = ws_frame(Opcode.TEXT, data[:100], fin=False) + ws_frame(Opcode.CONT, data[100:])
+    reader = FrameReader(MAX)
+    events: list[Event] = []
+    for i in range(len(wire)):
+        events += reader.feed(wire[i : i + 1])
+    assert events == [Message(data, True)]
+
+
+def test_an_incomplete_binary_frame_is_not_validated() -> None:
+    reader = FrameReader(MAX)
+    wire = ws_frame(Opcode.BINARY, b"\xff" * 100)
+    assert reader.feed(wire[:50]) == []
+    assert reader.feed(wire[50:]) == [Message(b"\xff" * 100, False)]
+
+
 def test_text_ending_inside_a_code_point_is_refused_on_the_last_fragment() -> None:
     reader = FrameReader(MAX)
     assert reader.feed(ws_frame(Opcode.TEXT, b"\xce", fin=False)) == []

@@ -179,7 +179,7 @@ class FrameReader:
     a close frame).
     """
 
-    __slots__ = ("_buf", "_done", "_frag", "_max", "_wbits")
+    __slots__ = ("_buf", "_done", "_frag", "_max", "_partial", "_wbits")
 
     def __init__(
         self, max_message_size: int, *, deflate: bool = False, client_window_bits: int = 15
@@ -191,6 +191,9 @@ class FrameReader:
         self._buf: bytearray | None = None  # an incomplete frame; None between frames
         self._frag: _Fragmented | None = None
         self._done = False
+        # While a text frame is incomplete: how many of its payload bytes were
+        # validated already, and the decoder holding a split code point.
+        self._partial: tuple[int, codecs.IncrementalDecoder] | None = None
 
     @property
     def buffered(self) -> int:
@@ -265,9 +268,13 @@ class FrameReader:
                 start = pos + head + 4
                 stop = start + length
                 if stop > end:
+                    if opcode < OP_CLOSE and end > start:
+                        self._check_arrived_text(b0, opcode, view, start, end)
                     break
                 payload = apply_mask(view[start:stop], view[start - 4 : start])
                 pos = stop
+                if self._partial is not None:
+                    self._partial = None
                 if opcode >= OP_CLOSE:
                     if opcode == OP_CLOSE:
                         events.append(_parse_close(payload))
@@ -288,6 +295,7 @@ class FrameReader:
             self._done = True
             self._buf = None
             self._frag = None
+            self._partial = None
             raise
         if pos == end:
             self._buf = None  # on a frame boundary: nothing held
@@ -317,6 +325,43 @@ class FrameReader:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "new message inside a fragmented one")
             if b0 & 0x40 and not self._wbits:
                 raise FrameError(CLOSE_PROTOCOL_ERROR, "RSV1 set without permessage-deflate")
+
+    def _check_arrived_text(
+        self, b0: int, opcode: int, view: bytes | bytearray, start: int, end: int
+    ) -> None:
+        """Validate the payload bytes of an incomplete text frame as they arrive.
+
+        So invalid UTF-8 fails the connection when it arrives, not when the
+        frame ends (Autobahn 6.4.3/6.4.4): a client dribbling a large frame
+        cannot hold the connection open on a message already known to be
+        invalid. Only what arrived since the last call is unmasked and decoded;
+        the complete payload is validated again when the frame ends (twice
+        the work, only for frames split across reads).
+        """
+        frag = self._frag
+        if frag is None:
+            if opcode != OP_TEXT or b0 & 0x40:
+                return  # binary, or compressed: validated once inflated
+            base = None
+        elif frag.utf8 is None or frag.inflater is not None:
+            return
+        else:
+            base = frag.utf8
+        decoder: codecs.IncrementalDecoder
+        if self._partial is None:
+            checked = 0
+            decoder = _new_utf8_decoder()
+            if base is not None:
+                decoder.setstate(base.getstate())
+        else:
+            checked, decoder = self._partial
+        first = start + checked
+        if first >= end:
+            return
+        turn = checked % 4  # the mask key, rotated to where the new bytes start
+        mask = bytes(view[start - 4 + turn : start]) + bytes(view[start - 4 : start - 4 + turn])
+        _feed_utf8(decoder, apply_mask(view[first:end], mask), False)
+        self._partial = (end - start, decoder)
 
     def _on_data(self, b0: int, opcode: int, payload: bytes) -> Message | None:
         fin = b0 & 0x80
