@@ -351,15 +351,25 @@ class WSClient:
     def inflate(self, payload: bytes) -> bytes:
         """Inflate one compressed message, holding the server to the window it agreed on.
 
-        zlib fails ("invalid distance too far back") when a stream refers further back than
-        the inflater's window; with ``server_no_context_takeover`` every message must also
-        decompress on a fresh inflater.
+        zlib checks a back-reference against its window only across calls: within one call,
+        all the output produced so far counts as history, so a one-shot
+        ``decompressobj(-9).decompress()`` accepts a 15-bit stream. Drawing the output one
+        byte per call makes the window exact: a reference further back than
+        ``2**server_max_window_bits`` fails ("invalid distance too far back"). With
+        ``server_no_context_takeover`` every message must also inflate on a fresh object.
         """
         assert self.deflate is not None, "RSV1 set although permessage-deflate was not agreed"
         if self._inflater is None or self.deflate.server_no_context_takeover:
             self._inflater = zlib.decompressobj(-self.deflate.server_window_bits)
-        data: bytes = self._inflater.decompress(payload + _DEFLATE_TAIL)
-        return data
+        inflater = self._inflater
+        out = bytearray()
+        pending = payload + _DEFLATE_TAIL
+        while True:
+            byte = inflater.decompress(pending, 1)
+            pending = inflater.unconsumed_tail
+            if not byte and not pending:
+                return bytes(out)
+            out += byte
 
     def messages(self, timeout: float = TIMEOUT) -> Generator[dict[str, Any], None, None]:
         """Centrifugo JSON messages of the text frames that arrive (control frames skipped)."""
