@@ -24,7 +24,7 @@ import socket
 import struct
 import time
 import zlib
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Callable, Generator, Iterable, Sequence
 from typing import Any, TypeVar
 
 from websockets.datastructures import Headers
@@ -139,7 +139,7 @@ class ServerFrame:
 
 
 def _read_server_frame(
-    read_exact: Any,
+    read_exact: Callable[[int], Generator[None, None, bytearray]],
 ) -> Generator[None, None, ServerFrame]:
     head = yield from read_exact(2)
     b0, b1 = head[0], head[1]
@@ -200,7 +200,15 @@ class WSClient:
     agreed on, nothing more generous).
     """
 
-    __slots__ = ("_inflater", "_reader", "deflate", "extensions_header", "response", "sock")
+    __slots__ = (
+        "_fragments",
+        "_inflater",
+        "_reader",
+        "deflate",
+        "extensions_header",
+        "response",
+        "sock",
+    )
 
     def __init__(
         self,
@@ -213,7 +221,8 @@ class WSClient:
     ) -> None:
         """Open the connection; ``extensions`` is sent verbatim as Sec-WebSocket-Extensions."""
         self._reader = StreamReader()
-        self._inflater: Any = None
+        self._inflater: zlib._Decompress | None = None
+        self._fragments: list[ServerFrame] = []  # a server message being assembled
         self.sock = socket.create_connection((host, port), timeout=timeout)
         key = generate_key()
         headers = Headers()
@@ -320,27 +329,30 @@ class WSClient:
             return None
 
     def recv_message(self, timeout: float = TIMEOUT) -> Message | ServerFrame | None:
-        """The next data message, assembled and inflated; or the next
-        control frame, which may come between fragments; or None at EOF."""
+        """The next complete data message, assembled and inflated; or the next control frame
+        (which may come between the fragments of a message: those are kept for the next
+        call); or None at EOF. Asserts what RFC 6455 demands of server frames."""
         deadline = time.monotonic() + timeout
-        parts: list[bytes] = []
-        first: ServerFrame | None = None
         while True:
             frame = self.recv_frame(max(0.01, deadline - time.monotonic()))
-            if frame is None or frame.opcode >= OP_CLOSE:
-                assert frame is None or first is None, "control frame inside a message"
-                return frame
-            assert frame.rsv & 3 == 0, f"server set RSV2/RSV3: {frame}"
+            if frame is None:
+                assert not self._fragments, "the server closed the TCP connection mid-message"
+                return None
             assert not frame.masked, f"server frames must not be masked: {frame}"
-            if first is None:
+            assert frame.rsv & 3 == 0, f"server set RSV2/RSV3: {frame}"
+            if frame.opcode >= OP_CLOSE:
+                assert frame.fin and frame.rsv == 0 and len(frame.payload) <= 125, frame
+                return frame
+            if not self._fragments:
                 assert frame.opcode in (OP_TEXT, OP_BINARY), f"unexpected continuation {frame}"
-                first = frame
             else:
                 assert frame.opcode == OP_CONT and frame.rsv == 0, frame
-            parts.append(frame.payload)
+            self._fragments.append(frame)
             if frame.fin:
                 break
-        payload = b"".join(parts)
+        first, *_ = fragments = self._fragments
+        self._fragments = []
+        payload = b"".join(f.payload for f in fragments)
         compressed = bool(first.rsv & 4)
         if compressed:
             payload = self.inflate(payload)
