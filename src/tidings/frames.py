@@ -10,9 +10,11 @@ reader and writes what these functions return.
 
 Why not websockets' own ``Protocol``/``Frame.parse``: its parser is a
 generator over a ``StreamReader`` that keeps a buffer, a generator frame and
-(with compression) a zlib decompressor alive per connection — several KiB for
-an idle connection, against a budget of about 2 KiB. This reader holds no
-buffer at all between frames, and nothing but a few integers while idle.
+(with compression) zlib objects alive per connection. Measured with
+tracemalloc after a handshake and one message: 2,309 bytes per
+``ServerProtocol`` (2,558 with permessage-deflate), against 88 bytes for a
+``FrameReader`` — and a budget of about 2 KiB per idle connection, all
+included. This reader holds no buffer at all between frames.
 Unmasking still uses websockets' C ``apply_mask``; UTF-8 is validated by
 CPython's codec.
 
