@@ -187,25 +187,31 @@ def test_server_max_window_bits_9_push_inflates_with_a_9_bit_window(ws_server: A
 
 
 @pytest.mark.parametrize(
-    ("window_bits", "cuts"),
+    ("deflate", "cuts"),
     [
-        pytest.param(15, [], id="one-frame"),
-        pytest.param(15, [1, 5], id="13-three-fragments"),
-        pytest.param(9, [], id="window-9"),
-        pytest.param(15, None, id="one-byte-fragments"),
+        pytest.param({}, [], id="one-frame"),
+        pytest.param({}, [1, 5], id="three-fragments"),
+        pytest.param({}, None, id="one-byte-fragments"),
+        pytest.param({}, [0], id="empty-first-fragment"),
+        pytest.param({}, [-1], id="empty-last-fragment"),
+        pytest.param({"window_bits": 9}, [], id="window-9"),
+        pytest.param({"level": 0}, [], id="stored-blocks"),
+        pytest.param({"final": True}, [], id="bfinal-block"),
+        pytest.param({"final": True, "level": 0}, [3], id="bfinal-stored-fragmented"),
     ],
 )
 def test_compressed_command_is_understood(
-    ws_server: Any, window_bits: int, cuts: list[int] | None
+    ws_server: Any, deflate: dict[str, Any], cuts: list[int] | None
 ) -> None:
-    """Compressed, then cut at ``cuts`` (None: between every byte) into fragments."""
-    offer = f"{PMD}; client_max_window_bits" if window_bits < 15 else PMD
+    """A compressed command, cut at ``cuts`` (None: between every byte; -1: the end) into
+    fragments, in each form RFC 7692 §7.2.3 lets a client produce."""
+    offer = f"{PMD}; client_max_window_bits" if "window_bits" in deflate else PMD
     with open_client(ws_server, offer) as client:
         assert client.deflate is not None
         client.connect()
-        size = len(deflate_message(STATS, window_bits))
-        split = range(1, size) if cuts is None else cuts
-        client.send_compressed(STATS, window_bits=window_bits, split=split)
+        size = len(deflate_message(STATS, **deflate))
+        split = range(1, size) if cuts is None else [size if c < 0 else c for c in cuts]
+        client.send_compressed(STATS, split=split, **deflate)
         assert_accepted(client)
         client.send_commands(presence_stats(command_id=3))  # uncompressed: allowed too
         assert_accepted(client, 3)

@@ -107,13 +107,23 @@ def encode_frame(
     )
 
 
-def deflate_message(payload: bytes, window_bits: int = 15) -> bytes:
+def deflate_message(
+    payload: bytes,
+    window_bits: int = 15,
+    *,
+    level: int = zlib.Z_DEFAULT_COMPRESSION,
+    final: bool = False,
+) -> bytes:
     """``payload`` compressed as one permessage-deflate message (RFC 7692 §7.2.1).
 
     A fresh compressor per message: valid whether or not the server asked for
     ``client_no_context_takeover``. zlib refuses a raw window of 8 bits, hence the floor of 9.
+    ``level=0`` makes stored blocks (§7.2.3.2); ``final`` ends the data with a block that has
+    BFINAL set instead of an empty sync block (§7.2.3.3): a server must accept both.
     """
-    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -max(9, window_bits))
+    compressor = zlib.compressobj(level, zlib.DEFLATED, -max(9, window_bits))
+    if final:
+        return compressor.compress(payload) + compressor.flush(zlib.Z_FINISH)
     data = compressor.compress(payload) + compressor.flush(zlib.Z_SYNC_FLUSH)
     assert data.endswith(_DEFLATE_TAIL)
     return data[:-4]
@@ -307,12 +317,11 @@ class WSClient:
                 rsv=4 if rsv1 and i == 0 else 0,
             )
 
-    def send_compressed(
-        self, payload: bytes, *, window_bits: int = 15, split: Iterable[int] = ()
-    ) -> None:
-        """``payload`` deflated as one message, cut at the ``split`` offsets of the compressed
-        bytes into fragments."""
-        data = deflate_message(payload, window_bits)
+    def send_compressed(self, payload: bytes, *, split: Iterable[int] = (), **deflate: Any) -> None:
+        """``payload`` deflated as one message (``deflate``: options of
+        :func:`deflate_message`), cut at the ``split`` offsets of the compressed bytes into
+        fragments (an offset of 0 or the end makes an empty first or last fragment)."""
+        data = deflate_message(payload, **deflate)
         cuts = [0, *sorted(split), len(data)]
         self.send_fragments([data[a:b] for a, b in itertools.pairwise(cuts)], rsv1=True)
 
