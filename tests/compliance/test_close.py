@@ -117,7 +117,7 @@ def test_close_inside_a_fragmented_message_is_answered(ws_server: Any) -> None:
         assert client.expect_close() == 1000
 
 
-def test_close_after_commands_follows_their_replies(ws_server: Any) -> None:
+def test_no_reply_comes_after_the_close_frame(ws_server: Any) -> None:
     """7.1.6-style: commands before the close are answered (or dropped) before the close
     frame, never after it."""
     with open_client(ws_server) as client:

@@ -38,7 +38,7 @@ def test_ping_in_one_byte_chunks_is_answered(ws_server: Any) -> None:
         client.expect_pong(payload)
 
 
-def test_ping_after_connect_is_answered_between_commands(ws_server: Any) -> None:
+def test_ping_is_answered_in_a_connected_session(ws_server: Any) -> None:
     """A connected session answers pings too (control frames bypass the command queue)."""
     with open_client(ws_server) as client:
         client.connect()
