@@ -45,7 +45,10 @@ What one connection may make the server hold, whatever its peer does:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -79,6 +82,9 @@ _SLICE = 4096
 #: feeding ``room * _SHORTEST_REQUEST`` bytes cannot complete more than
 #: ``room`` requests, which keeps the queue within its bound exactly.
 _SHORTEST_REQUEST = 16
+
+#: SO_LINGER on, zero seconds: close() resets the connection and drops unsent bytes.
+_RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 #: ``_raw_head`` while the head in progress began inside the slice being fed.
 _BEGAN_IN_SLICE = -1
@@ -569,10 +575,19 @@ class HTTPConnection(asyncio.Protocol):
             self._timer = None
 
     def _abort(self) -> None:
-        """Drop the socket now, unsent bytes and all."""
+        """Drop the socket now, unsent bytes and all, with a reset.
+
+        A plain close would leave the kernel's own send buffer (megabytes on
+        loopback) to an orphan socket that keeps probing a peer that does not
+        read; a zero linger time makes the close a reset and frees it too.
+        """
         assert self.transport is not None
         self._enter(Answering.CLOSED)
         self._release()
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET_ON_CLOSE)
         self.transport.abort()
 
     def _on_request_timeout(self) -> None:
