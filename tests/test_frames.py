@@ -482,8 +482,9 @@ _valid_frames = st.one_of(
 
 
 @st.composite
-def valid_streams(draw: st.DrawFn) -> tuple[bytes, list[Event]]:
-    """A stream of valid frames (some messages fragmented) and the events it must give."""
+def valid_streams(draw: st.DrawFn, compression: bool = False) -> tuple[bytes, list[Event]]:
+    """A stream of valid frames (some messages fragmented, some compressed when
+    ``compression``) and the events it must give."""
     stream = b""
     events: list[Event] = []
     for opcode, data in draw(st.lists(_valid_frames, max_size=8)):
@@ -491,21 +492,29 @@ def valid_streams(draw: st.DrawFn) -> tuple[bytes, list[Event]]:
             stream += ws_frame(opcode, data)
             events.append(Ping(data) if opcode == Opcode.PING else Pong(data))
             continue
-        cuts = sorted(draw(st.lists(st.integers(0, len(data)), max_size=3)))
-        pieces = [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+        compressed = compression and draw(st.booleans())
+        wire = deflate(data, draw(st.integers(9, 15))) if compressed else data
+        cuts = sorted(draw(st.lists(st.integers(0, len(wire)), max_size=3)))
+        pieces = [wire[a:b] for a, b in zip([0, *cuts], [*cuts, len(wire)], strict=True)]
         for i, piece in enumerate(pieces):
-            stream += ws_frame(opcode if i == 0 else Opcode.CONT, piece, fin=i == len(pieces) - 1)
+            stream += ws_frame(
+                opcode if i == 0 else Opcode.CONT,
+                piece,
+                fin=i == len(pieces) - 1,
+                rsv1=compressed and i == 0,
+            )
         events.append(Message(data, opcode == Opcode.TEXT))
     return stream, events
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(valid_streams(), st.lists(st.integers(1, 50), max_size=40))
+@given(st.data(), st.booleans(), st.lists(st.integers(1, 50), max_size=40))
 def test_any_split_of_a_valid_stream_gives_the_same_events(
-    case: tuple[bytes, list[Event]], sizes: list[int]
+    data: st.DataObject, compression: bool, sizes: list[int]
 ) -> None:
-    stream, expected = case
-    reader = FrameReader(MAX)
+    """Compressed or not, fragmented or not, cut anywhere: the same messages."""
+    stream, expected = data.draw(valid_streams(compression))
+    reader = FrameReader(MAX, deflate=compression)
     got: list[Event] = []
     pos = 0
     for size in sizes:
