@@ -595,12 +595,8 @@ class HTTPConnection(asyncio.Protocol):
         if self._answering is not Answering.READY or self._sending_paused:
             return
         if self._reading is Reading.HEAD or self._reading is Reading.BODY:
-            log.info(
-                "closing %s: request not received within %ss",
-                self.client,
-                self.server.config.timeouts.request,
-            )
-            self._refuse(408, "request not received in time")
+            timeout = self.server.config.timeouts.request
+            self._refuse(408, f"request not received within {timeout:g}s")
             self._process()
         elif not self._queue:
             self._finish(drain=False)  # connected, and never asked anything
@@ -620,8 +616,9 @@ class HTTPConnection(asyncio.Protocol):
         if not self._sending_paused or self._answering in (Answering.LINGERING, Answering.CLOSED):
             return
         assert self.transport is not None
-        log.info(
-            "aborting %s: %d bytes unsent, not taken within %ss",
+        log_client_error(
+            log,
+            "aborting %s: %d bytes unsent, not taken within %gs",
             self.client,
             self.transport.get_write_buffer_size(),
             self.server.config.timeouts.write,
@@ -634,11 +631,12 @@ class HTTPConnection(asyncio.Protocol):
             return
         assert self.transport is not None
         unsent = self.transport.get_write_buffer_size()
-        log.log(
-            logging.INFO if unsent else logging.DEBUG,
+        log_client_error(
+            log,
             "aborting closing connection %s: %d bytes unsent",
             self.client,
             unsent,
+            level=logging.INFO if unsent else logging.DEBUG,
         )
         self._abort()
 
