@@ -43,6 +43,7 @@ from tidings.http import HTTPConnection, Request
 from tidings.http.messages import Headers
 from tidings.hub import Position, Publication
 from tidings.server import Server
+from tidings.transports import websocket
 from tidings.transports.common import requested_channels, requested_positions
 
 __all__ = ["SEEDS", "TARGETS", "InvariantBroken", "Target"]
@@ -107,6 +108,12 @@ class _Runtime:
     def server(self) -> Server:
         self._served += 1
         if self._server is None or self._served > _SERVER_LIFETIME:
+            if self._server is not None:
+                # The WebSocket context refers to its server, so the weak map
+                # keyed by server never lets either go: without this, every
+                # replaced server would stay, and pass for growth of the code
+                # under test (one Server per process in production).
+                websocket._contexts.pop(self._server, None)
             self._server = Server(self.config)
             self._server.loop = self.loop
             self._served = 1
