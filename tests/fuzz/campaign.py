@@ -41,6 +41,7 @@ RSS_LIMIT_MB = 2048
 #: Inputs between RSS samples and progress snapshots.
 SAMPLE_EVERY = 5000
 _DONE = re.compile(r"Done (\d+) runs in (\d+) second")
+_LIBFUZZER_ERROR = re.compile(r"ERROR: libFuzzer: .*|Uncaught Python exception.*")
 
 
 def _rss_kib() -> int:
@@ -124,6 +125,7 @@ def run_child(args: argparse.Namespace) -> None:
     child = _Child(args.target, args.runs, Path(args.stats), Path(args.findings))
     corpus = Path(args.corpus)
     corpus.mkdir(parents=True, exist_ok=True)
+    Path(args.findings).mkdir(parents=True, exist_ok=True)
     for index, seed in enumerate(child.target.seeds):
         (corpus / f"seed-{index}").write_bytes(seed)
     argv = [
@@ -133,6 +135,8 @@ def run_child(args: argparse.Namespace) -> None:
         f"-timeout={INPUT_TIMEOUT}",
         f"-rss_limit_mb={RSS_LIMIT_MB}",
         f"-seed={args.seed}",
+        # A hang's or a crash's input goes with the reproducers, not into the tree.
+        f"-artifact_prefix={Path(args.findings)}/",
         "-print_final_stats=1",
         str(corpus),
     ]
@@ -144,6 +148,7 @@ def _figures(stats: dict[str, Any], log: str, wall: float, code: int) -> dict[st
     done = _DONE.findall(log)
     inputs = int(done[-1][0]) if done else stats.get("inputs", 0)
     rss = stats.get("rss_kib") or [(0, 0)]
+    stopped = _LIBFUZZER_ERROR.search(log)
     return {
         "target": stats.get("target"),
         "inputs": inputs,
@@ -156,6 +161,8 @@ def _figures(stats: dict[str, Any], log: str, wall: float, code: int) -> dict[st
         "rss_max_mib": round(max(kib for _, kib in rss) / 1024, 1),
         "exit_code": code,
         "hang_or_crash": code != 0,
+        # libFuzzer's own verdict when it stopped the run: timeout, out-of-memory, ...
+        "libfuzzer_error": stopped.group(0) if stopped else None,
     }
 
 
@@ -210,6 +217,8 @@ def drive(args: argparse.Namespace) -> int:
         )
         for signature in figures["distinct"]:
             print(f"  finding: {signature}")
+        if figures["libfuzzer_error"]:
+            print(f"  stopped by libFuzzer: {figures['libfuzzer_error']}")
     (work / "results.json").write_text(json.dumps(results, indent=1))
     print(f"results: {work / 'results.json'}")
     failed = [r["target"] for r in results if r["findings"] or r["hang_or_crash"]]
