@@ -724,10 +724,7 @@ class ClientSession:
         """The subscription token's grant, which must name ``channel``."""
         if not token:
             return None
-        granted, grant = self.options.access.tokens.subscription(token, self.credentials)
-        if granted != channel:
-            raise InvalidToken("the subscription token is for another channel")
-        return grant
+        return self.options.access.subscription_grant(token, self.credentials, channel)
 
     async def _subscribe(self, cmd_id: int, req: SubscribeRequest) -> None:
         channel = req.channel
