@@ -251,6 +251,15 @@ def pub_json(ev: Event) -> dict[str, Any]:
     return body
 
 
+def rss_kib(srv: Any) -> int:
+    """A server process's resident set in KiB, from /proc (Linux): what an attack made it hold."""
+    with open(f"/proc/{srv.proc.pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError(f"no VmRSS line for pid {srv.proc.pid}")
+
+
 def check_serving(srv: Any) -> None:
     """A normal client is served: an SSE subscriber receives a publication made via the API."""
     ch = unique_channel("alive")

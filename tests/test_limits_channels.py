@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from websockets.sync.client import ClientConnection, connect
 
-from helpers import TIMEOUT, SSEClient, api, pub_json, unique_channel
+from helpers import TIMEOUT, SSEClient, api, pub_json, rss_kib, unique_channel
 from tidings.brokers.memory import MemoryBroker
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import EMPTY, Hub, Publication
@@ -51,14 +51,6 @@ meta_ttl = 2.0
 )
 
 linux_only = pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="Linux only")
-
-
-def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def api_publish(srv: Any, channel: str, data: Any = 1) -> dict[str, Any]:
@@ -204,9 +196,9 @@ def test_rss_stays_flat_while_a_client_tries_20000_channels(server_factory: Any)
         assert set(flood(attacker, [unique_channel("warm") for _ in range(2_000)])) == {
             LIMIT_EXCEEDED
         }
-        before = rss_kib(srv.proc.pid)
+        before = rss_kib(srv)
         codes = flood(attacker, [unique_channel("flood") for _ in range(20_000)])
-        grown = rss_kib(srv.proc.pid) - before
+        grown = rss_kib(srv) - before
         assert codes == [LIMIT_EXCEEDED] * 20_000
         # Holding 20,000 channels costs tens of MiB (measured: +26 MiB, 1.3 KiB each).
         assert grown < 4 * 1024, f"server RSS grew by {grown} KiB"

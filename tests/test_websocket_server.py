@@ -24,7 +24,16 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFactory
 
-from helpers import SSEClient, api, poll_ok, pub_json, publish, unique_channel, wait_subscribers
+from helpers import (
+    SSEClient,
+    api,
+    poll_ok,
+    pub_json,
+    publish,
+    rss_kib,
+    unique_channel,
+    wait_subscribers,
+)
 from ws_support import RawClient, connect_raw
 
 TIMEOUT = 10.0
@@ -400,7 +409,7 @@ def test_ping_announcing_a_terabyte_is_refused_at_its_header_and_nothing_is_buff
     channel = unique_channel("ok")
     watcher = connect_raw(srv.ws_url, (channel,))
     attacker = connect_raw(srv.ws_url)
-    before = _rss_kib(srv.proc.pid)
+    before = rss_kib(srv)
     # FIN|PING, MASK|127, a 64-bit length, the mask key — and not one byte of payload:
     # the close must come from the header alone.
     attacker.sock.sendall(struct.pack("!BBQ", 0x89, 0xFF, 2**40) + b"\x00\x00\x00\x00")
@@ -412,7 +421,7 @@ def test_ping_announcing_a_terabyte_is_refused_at_its_header_and_nothing_is_buff
         for _ in range(64):
             attacker.sock.sendall(chunk)
     attacker.close()
-    assert _rss_kib(srv.proc.pid) - before < 8 * 1024
+    assert rss_kib(srv) - before < 8 * 1024
     res = publish(srv, channel, {"still": "served"})
     push = watcher.wait_for(lambda m: "push" in m)["push"]["pub"]
     assert push["offset"] == res["offset"]
@@ -550,14 +559,6 @@ def test_graceful_shutdown_closes_3001(server_factory: Any) -> None:
 # --------------------------------------------------------------------------- memory
 
 
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 @pytest.mark.skipif(not __import__("os").path.exists("/proc/self/status"), reason="Linux only")
 def test_idle_subscribed_connection_costs_under_4_kib(server_factory: Any) -> None:
     """Resident memory of the server per idle, connected and subscribed WebSocket client."""
@@ -591,11 +592,11 @@ def test_idle_subscribed_connection_costs_under_4_kib(server_factory: Any) -> No
     async def main() -> float:
         conns = [await open_one(i) for i in range(50)]  # warm up allocator and caches
         await asyncio.sleep(0.5)
-        before = _rss_kib(srv.proc.pid)
+        before = rss_kib(srv)
         for i in range(n):
             conns.append(await open_one(i))
         await asyncio.sleep(0.5)
-        after = _rss_kib(srv.proc.pid)
+        after = rss_kib(srv)
         for _, writer in conns:
             writer.close()
         return (after - before) * 1024 / n

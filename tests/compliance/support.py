@@ -6,6 +6,7 @@ import uuid
 from typing import Any
 
 from compliance.wsclient import WSClient
+from helpers import rss_kib
 
 #: ``websocket.max_message_size`` of the compliance server.
 MAX_MESSAGE_SIZE = 16384
@@ -47,12 +48,8 @@ def assert_still_served(srv: Any) -> None:
 
 
 def rss_bytes(srv: Any) -> int:
-    """The server process's resident set, from /proc (Linux)."""
-    with open(f"/proc/{srv.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
+    """The server process's resident set in bytes."""
+    return rss_kib(srv) * 1024
 
 
 def subscribed_client(srv: Any, extensions: str | None = None) -> tuple[WSClient, str]:
