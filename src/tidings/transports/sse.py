@@ -28,6 +28,7 @@ from ..cursor import encode_cursor
 from ..errors import DisconnectCode
 from ..http import Response
 from ..hub import Hub, Publication
+from ..logs import log_client_error
 from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
@@ -110,7 +111,9 @@ class SSEStream(asyncio.Protocol):
     def pause_writing(self) -> None:
         # A slow reader: it cannot flush what we hold, so cut it off; it
         # resumes from its last event id and loses nothing within history.
-        log.warning(
+        # Rate-limited: a thousand slow readers must not write a thousand lines.
+        log_client_error(
+            log,
             "closing slow SSE client %s: over %d bytes unsent",
             self.transport.get_extra_info("peername"),
             self.sse.server.config.limits.max_write_buffer,
