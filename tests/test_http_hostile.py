@@ -231,30 +231,35 @@ def test_pipelining_without_reading_is_bounded_and_aborted(
 
 
 @pytest.mark.parametrize(
-    ("last", "status"),
+    ("last", "status", "half_close"),
     [
-        (request_bytes("GET", "/health", headers={"X-Big": "a" * 20_000}), 431),
-        (request_bytes("POST", "/api/publish", headers={"Content-Length": "99999999"}), 413),
-        (request_bytes("GET", "/health", headers={"Connection": "close"}), 200),
+        (request_bytes("GET", "/health", headers={"X-Big": "a" * 20_000}), 431, False),
+        (request_bytes("POST", "/api/publish", headers={"Content-Length": "99999999"}), 413, False),
+        (request_bytes("GET", "/health", headers={"Connection": "close"}), 200, False),
+        (request_bytes("GET", "/health"), 200, True),
     ],
-    ids=["431", "413", "connection-close"],
+    ids=["431", "413", "connection-close", "half-close"],
 )
 def test_closing_connection_whose_peer_never_reads_is_aborted(
-    server_factory: Callable[..., ServerProcess], last: bytes, status: int
+    server_factory: Callable[..., ServerProcess], last: bytes, status: int, half_close: bool
 ) -> None:
     """The last answer is stuck unsent; the socket is released after the linger anyway.
 
     A big write buffer here, so that the server is never paused: the
     pipelined answers sit under the high-water mark, the closing answer is
     written behind them, and only the close itself can end the connection.
+    (``half_close``: the client ends with a FIN instead of asking for a close.)
     """
-    srv = server_factory(config="[limits]\nmax_write_buffer = 67108864\n[timeouts]\nwrite = 2.0\n")
+    config = f"[limits]\nmax_write_buffer = {64 << 20}\n[timeouts]\nwrite = {WRITE_TIMEOUT}\n"
+    srv = server_factory(config=config)
     request = static_request(srv)
     sock = non_reading_socket(srv)
     port = sock.getsockname()[1]
     try:
         sock.setblocking(True)
         sock.sendall(request * 100 + last)  # 100 x 28 kB answered, none read
+        if half_close:
+            sock.shutdown(socket.SHUT_WR)
         assert wait_for(lambda: holds_connection(srv, port), timeout=5.0)
         closing = LINGER if status >= 400 else WRITE_TIMEOUT
         released = wait_for(lambda: not holds_connection(srv, port), timeout=closing + 8.0)
@@ -266,6 +271,16 @@ def test_closing_connection_whose_peer_never_reads_is_aborted(
         sock.close()
     assert "aborting closing connection" in srv.logs()
     assert "Traceback" not in srv.logs()
+
+
+def test_half_closed_client_gets_every_answer(server: ServerProcess) -> None:
+    """A client that sends its requests, then its FIN, still reads all their answers."""
+    with RawConn(server) as conn:
+        conn.send(request_bytes("GET", "/health") * 5)
+        conn.sock.shutdown(socket.SHUT_WR)
+        statuses = [conn.read_response().status for _ in range(5)]
+        assert conn.closed_by_peer(timeout=5.0)
+    assert statuses == [200] * 5
 
 
 def test_refused_upload_still_gets_its_413_before_the_abort(

@@ -50,7 +50,7 @@ import logging
 import socket
 import struct
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
@@ -193,10 +193,10 @@ class HTTPConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not asyncio.Transport subclasses, only alike.
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = writable = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
-        transport.set_write_buffer_limits(high=self.server.config.limits.max_write_buffer)  # type: ignore[attr-defined]
+        writable.set_write_buffer_limits(high=self.server.config.limits.max_write_buffer)
         self.server.connections.add(self)
         self._arm(self.server.config.timeouts.request, self._on_request_timeout)
 
