@@ -23,7 +23,7 @@ import select
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -40,9 +40,13 @@ LINGER = 2.0
 #: History of the channel the attacks read: PUBLICATIONS x PAD bytes, about 300 kB.
 PUBLICATIONS = 10
 PAD = 30_000
-#: Allocator noise, the parser, the queued requests (``max_pipelined_requests``)
-#: and the unparsed read chunk (uvloop reads up to 256 KiB at a time).
-SLACK = 4 * 1024 * 1024
+#: Non-reading clients attacking at once.
+HOSTILE = 4
+#: Allocator noise and what each connection holds besides unsent bytes: the
+#: parser, the queued requests (``max_pipelined_requests``), the unparsed read
+#: chunk (uvloop reads up to 256 KiB at a time), a second copy of an answer
+#: while it is encoded.
+SLACK = 2 * 1024 * 1024
 
 CONFIG = f"""
 [limits]
@@ -111,54 +115,54 @@ def non_reading_socket(srv: ServerProcess) -> socket.socket:
 
 @dataclass
 class Attack:
-    growth: int  #: the most server RSS grew over its value before the attack, in bytes
-    reset: bool  #: the server aborted the connection (the client saw a reset)
-    port: int  #: the client's port
-    sent: int  #: requests the client got into its socket
-    served_meanwhile: bool
+    growth: int = 0  #: the most server RSS grew over its value before the attack, in bytes
+    ports: list[int] = field(default_factory=list)  #: the attacking clients' ports
+    reset: set[int] = field(default_factory=set)  #: those the server aborted (reset seen)
+    sent: int = 0  #: requests the clients got into their sockets
+    served_meanwhile: bool = False
 
 
 def pipeline_without_reading(
-    srv: ServerProcess, request: bytes, bound: int, deadline: float = 15.0
+    srv: ServerProcess, request: bytes, bound: int, connections: int, deadline: float = 15.0
 ) -> Attack:
-    """Send ``request`` over and over on one connection, never reading an answer.
+    """Send ``request`` over and over on ``connections`` sockets, never reading an answer.
 
-    Stops when the server resets the connection, when its RSS has grown past
-    ``bound`` (it is then failing; no need to take the machine down), or after
-    ``deadline`` seconds. Half a second in, while the attack is on, another
-    client must be served.
+    Stops when the server has reset every connection, when its RSS has grown
+    past ``bound`` (it is then failing; no need to take the machine down), or
+    after ``deadline`` seconds. Half a second in, while the attack is on,
+    another client must be served.
     """
-    sock = non_reading_socket(srv)
+    socks = {}
+    for _ in range(connections):
+        sock = non_reading_socket(srv)
+        socks[sock.getsockname()[1]] = sock
     base = rss(srv)
     burst = request * 16
     start = time.monotonic()
-    attack = Attack(
-        growth=0, reset=False, port=sock.getsockname()[1], sent=0, served_meanwhile=False
-    )
+    attack = Attack(ports=list(socks))
     try:
-        while time.monotonic() - start < deadline:
+        while socks and time.monotonic() - start < deadline:
             attack.growth = max(attack.growth, rss(srv) - base)
             if attack.growth > bound:
                 break
             if not attack.served_meanwhile and time.monotonic() - start > 0.5:
                 check_serving(srv)
                 attack.served_meanwhile = True
-            if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
-                attack.reset = True
-                break
-            _, writable, _ = select.select([], [sock], [], 0.05)
-            if not writable:
-                continue
-            try:
-                sent = sock.send(burst)
-            except BlockingIOError:
-                continue
-            except (ConnectionResetError, BrokenPipeError):
-                attack.reset = True
-                break
-            attack.sent += sent // len(request)
+            _, writable, _ = select.select([], list(socks.values()), [], 0.05)
+            for sock in writable:
+                port = sock.getsockname()[1]
+                try:
+                    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == errno.ECONNRESET:
+                        raise ConnectionResetError
+                    attack.sent += sock.send(burst) // len(request)
+                except BlockingIOError:
+                    continue
+                except (ConnectionResetError, BrokenPipeError):
+                    attack.reset.add(port)
+                    socks.pop(port).close()
     finally:
-        sock.close()
+        for sock in socks.values():
+            sock.close()
     return attack
 
 
@@ -208,20 +212,23 @@ def test_pipelining_without_reading_is_bounded_and_aborted(
     srv = server_factory(config=CONFIG)
     request = make_request(srv)
     response = answer_size(srv, request)
-    # What one connection may hold (see http/connection.py): the buffer up to
+    # What each connection may hold (see http/connection.py): the buffer up to
     # the high-water mark plus the one answer that crossed it.
-    bound = MAX_WRITE_BUFFER + response + SLACK
+    bound = HOSTILE * (MAX_WRITE_BUFFER + response) + SLACK
 
-    attack = pipeline_without_reading(srv, request, bound)
+    attack = pipeline_without_reading(srv, request, bound, connections=HOSTILE)
 
     assert attack.growth <= bound, (
-        f"server RSS grew {attack.growth >> 10} KiB under one non-reading client "
+        f"server RSS grew {attack.growth >> 10} KiB under {HOSTILE} non-reading clients "
         f"({attack.sent} requests sent); bound {bound >> 10} KiB"
     )
     assert attack.served_meanwhile
-    assert attack.reset, f"not aborted: {attack.sent} requests sent, RSS +{attack.growth >> 10} KiB"
-    assert attack.sent > 32, "the attack did not even fill the request queue"
-    assert not holds_connection(srv, attack.port)
+    assert attack.reset == set(attack.ports), (
+        f"{len(attack.reset)} of {HOSTILE} aborted; {attack.sent} requests sent, "
+        f"RSS +{attack.growth >> 10} KiB"
+    )
+    assert attack.sent > HOSTILE * 32, "the attack did not even fill the request queues"
+    assert not any(holds_connection(srv, port) for port in attack.ports)
     assert "bytes unsent, not taken within" in srv.logs()
     check_serving(srv)
     assert "Traceback" not in srv.logs()
