@@ -348,3 +348,16 @@ def test_head_just_under_the_limit_after_pipelined_requests_is_served(
             conn.send(stream[cut : cut + 4093])
         statuses = [conn.read_response().status for _ in range(before + 2)]
     assert statuses == [200] * (before + 2)
+
+
+def test_partial_request_behind_an_answered_one_is_timed_out(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """A slowloris head that arrived while the request before it was handled gets 408 too."""
+    srv = server_factory(config="[timeouts]\nrequest = 1.0\nkeepalive = 30.0\n")
+    with RawConn(srv) as conn:
+        conn.send(request_bytes("GET", "/health") + b"GET /health HTTP/1.1\r\nX-Slow: ")
+        assert conn.read_response().status == 200
+        conn.settimeout(6.0)
+        assert conn.read_response().status == 408
+        assert conn.closed_by_peer(timeout=LINGER + 3.0)
