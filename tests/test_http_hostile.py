@@ -361,3 +361,22 @@ def test_partial_request_behind_an_answered_one_is_timed_out(
         conn.settimeout(6.0)
         assert conn.read_response().status == 408
         assert conn.closed_by_peer(timeout=LINGER + 3.0)
+
+
+def test_blank_lines_do_not_keep_an_idle_connection_open(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """Empty lines before a request are allowed, but they are not a request: idle is idle."""
+    srv = server_factory(config="[timeouts]\nrequest = 1.5\nkeepalive = 1.5\n")
+    with RawConn(srv) as conn:
+        closed = False
+        for _ in range(10):  # 5 s of a CRLF every half second
+            try:
+                conn.send(b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            if conn.closed_by_peer(timeout=0.5):
+                closed = True
+                break
+        assert closed, "a connection sending only blank lines was kept open"

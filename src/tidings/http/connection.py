@@ -239,15 +239,6 @@ class HTTPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._reading is Reading.STOPPED:
             return  # refused, upgraded or closing: drained unread
-        if (
-            self._reading is Reading.IDLE
-            and self._answering is Answering.READY
-            and not self._queue
-            and not self._sending_paused
-        ):
-            # First bytes of a request on an idle connection: from now on it
-            # must arrive in time.
-            self._arm(self.server.config.timeouts.request, self._on_request_timeout)
         if self._unparsed:
             data, self._unparsed = self._unparsed + data, b""
         self._feed(data)
@@ -321,6 +312,11 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._read_to(Reading.HEAD)
+        if self._answering is Answering.READY and not self._queue and not self._sending_paused:
+            # First byte of a request on an idle connection: from now on it
+            # must arrive in time. (Not on any byte: blank lines between
+            # requests would then keep an idle connection open forever.)
+            self._arm(self.server.config.timeouts.request, self._on_request_timeout)
         self._url = b""
         self._headers = []
         self._head_size = 0
