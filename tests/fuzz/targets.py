@@ -450,12 +450,17 @@ async def _serve_http(data: bytes) -> None:
         _connection_state_bounded(conn, server, transport)
         await _settle()
         _connection_state_bounded(conn, server, transport)
-    # Wind down as a graceful shutdown would: held polls answer, in-flight finish.
+    # Wind down as a graceful shutdown does: held polls answer, in-flight
+    # requests finish, and (the server stopping) none is held any more.
     protocol = transport.protocol
     shutdown: Callable[[], None] | None = getattr(protocol, "shutdown", None)
     if shutdown is not None and not transport.closing:
-        shutdown()
-    await _settle()
+        server.stopping = True
+        try:
+            shutdown()
+            await _settle()
+        finally:
+            server.stopping = False
     _connection_state_bounded(conn, server, transport)
     transport.close()
     await _settle()

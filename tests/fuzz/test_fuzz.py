@@ -139,6 +139,12 @@ REPRODUCERS = [
         b"\x01" + b"GET /tidings.js HTTP/1.1\r\nHost: x\r\n\r\n" * 60,
         id="pipelined-requests-queued-past-the-limit",
     ),
+    pytest.param(
+        "http",
+        b"\x00GET /poll?channel=s&cursor=W1sibmV3cyIsImUiLDBdXQ HTTP/1.1\r\nt:\r\n\r\n"
+        b"GET /poll?channel=s&cursor=W1sibmV3cyIsImUiLDBdXQ\n\r\n",
+        id="second-pipelined-long-poll-answered-on-shutdown",
+    ),
 ]
 
 
