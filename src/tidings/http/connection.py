@@ -156,8 +156,9 @@ class HTTPConnection(asyncio.Protocol):
         # on every connection.
         self._queue: list[Request | Response] = []
         # Bytes received but not parsed while the queue is full or the peer is
-        # not reading our answers.
-        self._unparsed = b""
+        # not reading our answers: a view, so that taking a request off its
+        # front does not copy the rest (that was quadratic in the read size).
+        self._unparsed: memoryview | bytes = b""
         self._held: Held | None = None
         # How to answer a held request: (HEAD?, keep-alive?, CORS headers), so
         # that the Request itself need not be kept while it waits.
@@ -239,8 +240,8 @@ class HTTPConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self._reading is Reading.STOPPED:
             return  # refused, upgraded or closing: drained unread
-        if self._unparsed:
-            data, self._unparsed = self._unparsed + data, b""
+        if self._unparsed:  # not read while paused, so rare: a copy is fine
+            self._unparsed, data = b"", b"".join((self._unparsed, data))
         self._feed(data)
         self._process()
 
@@ -259,7 +260,7 @@ class HTTPConnection(asyncio.Protocol):
 
     # -- parsing ---------------------------------------------------------
 
-    def _feed(self, data: bytes) -> None:
+    def _feed(self, data: bytes | memoryview) -> None:
         """Parse ``data`` slice by slice; keep what must wait for room in the queue.
 
         Slices let the head in progress be measured per request (a chunk may
@@ -275,7 +276,7 @@ class HTTPConnection(asyncio.Protocol):
                 return
             room = limits.max_pipelined_requests - len(self._queue)
             if self._sending_paused or room <= 0:
-                self._unparsed = bytes(view[start:])
+                self._unparsed = view[start:]
                 self.transport.pause_reading()
                 return
             if self.parser is None:
