@@ -78,10 +78,12 @@ _LINGER = 2.0
 #: 1 MiB of body fed in 4 KiB slices took 0.09 ms, in one piece 0.68 ms.
 _SLICE = 4096
 
-#: Fewer bytes than any complete request ("GET / HTTP/1.1\r\n\r\n" is 18):
-#: feeding ``room * _SHORTEST_REQUEST`` bytes cannot complete more than
-#: ``room`` requests, which keeps the queue within its bound exactly.
-_SHORTEST_REQUEST = 16
+#: The fewest bytes a complete request takes: llhttp accepts the HTTP/0.9
+#: form "GET /\r\n\r\n" (9 bytes, and nothing may follow it on the
+#: connection); a keep-alive request takes 18. Feeding at most
+#: ``room * _SHORTEST_REQUEST`` bytes cannot complete more than ``room``
+#: requests, which keeps the queue within its bound exactly.
+_SHORTEST_REQUEST = 9
 
 #: SO_LINGER on, zero seconds: close() resets the connection and drops unsent bytes.
 _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
