@@ -53,7 +53,7 @@ class TimeoutsConfig(_Section):
     keepalive: PositiveFloat = 5.0
     request: PositiveFloat = 10.0
     shutdown: PositiveFloat = 5.0
-    #: Seconds an HTTP client may leave limits.max_write_buffer unsent before it is aborted.
+    #: Seconds an HTTP client may leave answers untaken (over the buffer limit, or closing).
     write: PositiveFloat = 30.0
 
 
