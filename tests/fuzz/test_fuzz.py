@@ -14,12 +14,18 @@ per finding, so each stays fixed.
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from targets import TARGETS, InvariantBroken, Target, check, frames_available
+
+HERE = Path(__file__).resolve().parent
 
 #: Examples per strategy and target, sized so that the whole file runs in well
 #: under a minute on two busy cores.
@@ -151,3 +157,23 @@ REPRODUCERS = [
 @pytest.mark.parametrize(("name", "data"), REPRODUCERS)
 def test_reproducer(name: str, data: bytes) -> None:
     TARGETS[name].run(data)
+
+
+def test_campaign_runs_and_reports(tmp_path: Path) -> None:
+    """``scripts/fuzz``'s driver: a short run of one target under atheris
+    gives the figures the long campaign reports, and exits 0 when clean."""
+    pytest.importorskip("atheris")
+    command = [sys.executable, str(HERE / "campaign.py"), "cursor", "-n", "3000"]
+    done = subprocess.run(
+        [*command, "--workdir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    [result] = json.loads((tmp_path / "results.json").read_text())
+    assert result["target"] == "cursor"
+    assert result["inputs"] == 3000
+    assert result["findings"] == 0
+    assert result["rss_start_mib"] > 0
+    assert "cursor: 3000 inputs in" in done.stdout
