@@ -78,6 +78,17 @@ class _Watch(logging.Handler):
             self.bad.append(f"{record.levelname} log with traceback: {record.getMessage()}")
 
 
+#: Limits small enough for inputs of a few kilobytes to cross them (the
+#: defaults — 16 KiB heads, 1 MiB bodies and write buffers — are out of reach).
+_TIGHT_LIMITS = {
+    "limits.max_request_head": 1024,
+    "limits.max_body_size": 64,
+    "limits.max_pipelined_requests": 2,
+    "limits.max_write_buffer": 4096,
+    "limits.max_channels_per_connection": 2,
+    "websocket.max_message_size": 128,
+}
+
 #: Inputs served by one Server before a fresh one replaces it: the memory
 #: broker keeps the history a fuzzed publish stored, and that must not pile up
 #: across a million inputs and pass for growth in the code under test.
@@ -96,28 +107,31 @@ class _Runtime:
         logger.addHandler(self.watch)
         logger.setLevel(logging.DEBUG)
         logger.propagate = False
-        self.config = load_config()
-        self._server: Server | None = None
-        self._served = 0
+        self.configs = (load_config(), load_config(overrides=_TIGHT_LIMITS))
+        self._servers: list[Server | None] = [None, None]
+        self._served = [0, 0]
 
     def _on_loop_error(self, loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
         self.loop_errors.append(
             f"loop exception handler: {context.get('message')!r} {context.get('exception')!r}"
         )
 
-    def server(self) -> Server:
-        self._served += 1
-        if self._server is None or self._served > _SERVER_LIFETIME:
-            if self._server is not None:
+    def server(self, tight: bool = False) -> Server:
+        """The default server, or one whose limits a fuzzed input can reach."""
+        kind = int(tight)
+        self._served[kind] += 1
+        server = self._servers[kind]
+        if server is None or self._served[kind] > _SERVER_LIFETIME:
+            if server is not None:
                 # The WebSocket context refers to its server, so the weak map
                 # keyed by server never lets either go: without this, every
                 # replaced server would stay, and pass for growth of the code
                 # under test (one Server per process in production).
-                websocket._contexts.pop(self._server, None)
-            self._server = Server(self.config)
-            self._server.loop = self.loop
-            self._served = 1
-        return self._server
+                websocket._contexts.pop(server, None)
+            server = self._servers[kind] = Server(self.configs[kind])
+            server.loop = self.loop
+            self._served[kind] = 1
+        return server
 
     def run(self, coroutine: Any) -> Any:
         """Run one input's coroutine; report what went wrong on the side."""
@@ -424,9 +438,8 @@ def _connection_state_bounded(
 
 
 async def _serve_http(data: bytes) -> None:
-    rt = runtime()
-    server = rt.server()
     plan, stream = data[0], data[1:]
+    server = runtime().server(tight=bool(plan & 4))
     conn = HTTPConnection(server)
     transport = FakeTransport(
         asyncio.get_running_loop(),
@@ -436,7 +449,7 @@ async def _serve_http(data: bytes) -> None:
     )
     conn.connection_made(transport)
     delivered = 0
-    for chunk in _chunks(stream, plan >> 2):
+    for chunk in _chunks(stream, plan >> 3):
         if transport.closing:
             break
         if transport.paused_reading:
@@ -477,7 +490,8 @@ def http_request(data: bytes) -> None:
     """Raw bytes, in the chunking the plan byte picks, into one HTTP connection.
 
     Plan byte: bit 0 set = the peer never reads; bit 1 set = it connects from
-    loopback (the API answers without a key); bits 2-7 seed the chunking.
+    loopback (the API answers without a key); bit 2 set = the server has
+    tight limits (``_TIGHT_LIMITS``); bits 3-7 seed the chunking.
     """
     if not data:
         return
@@ -765,13 +779,17 @@ def _http_seeds() -> list[bytes]:
     return [
         b"\x00" + get,
         b"\x02" + get + poll,  # a pipelined pair, from loopback
-        b"\x06" + chunked,
+        b"\x0a" + chunked,  # from loopback, in reads of varied sizes
         b"\x00" + sse,
         b"\x08" + ws,
         b"\x00" + held,
         b"\x02" + expect,
         b"\x01" + b"GET /tidings.js HTTP/1.1\r\nHost: x\r\n\r\n" * 4,
         b"\x00" + b"HEAD /health HTTP/1.0\r\n\r\n",
+        # The same against tight limits (plan bit 2), where fuzzed inputs reach them.
+        b"\x04" + get + poll,
+        b"\x06" + chunked,
+        b"\x05" + b"GET /tidings.js HTTP/1.1\r\nHost: x\r\n\r\n" * 2,
     ]
 
 
