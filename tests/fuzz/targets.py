@@ -26,6 +26,9 @@ from typing import Any
 import h11
 import httptools
 import msgspec
+from websockets import exceptions as ws_exceptions
+from websockets import frames as ws_frames
+from websockets.streams import StreamReader
 
 from tidings.centrifuge import (
     BadRequest,
@@ -402,7 +405,8 @@ def _check_responses(requests: list[_SentRequest], output: bytes, *, complete: b
                 status = event.status_code
                 closes = any(n == b"connection" and b"close" in v.lower() for n, v in event.headers)
             elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
-                return  # the stream now speaks WebSocket
+                _check_server_frames(bytes(client.trailing_data[0]), event.headers, complete)
+                return
             elif isinstance(event, h11.EndOfMessage):
                 break
             if client.our_state is h11.SWITCHED_PROTOCOL:
@@ -415,6 +419,63 @@ def _check_responses(requests: list[_SentRequest], output: bytes, *, complete: b
             check(not rest, f"bytes after a closing response: {bytes(rest[:60])!r}")
             return
         client.start_next_cycle()
+
+
+#: Close codes a server may send (RFC 6455 §7.4.1; 1005 and 1006 never go on the wire).
+_SERVER_CLOSE = {1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014}
+
+
+def _check_server_frames(stream: bytes, headers: Any, complete: bool) -> None:
+    """Read what followed a 101 as the client would, with websockets' frame parser.
+
+    Every frame is well-formed and unmasked, every text message valid UTF-8,
+    the close frame's code one a server may send, and nothing follows it.
+    Compressed sessions are left to the compliance suite: inflating them here
+    would mean re-negotiating the fuzzed offer.
+    """
+    if any(name == b"sec-websocket-extensions" for name, _ in headers):
+        return
+    reader = StreamReader()
+    reader.feed_data(stream)
+    reader.feed_eof()
+    text: bytearray | None = None
+    while reader.buffer:
+        parser = ws_frames.Frame.parse(reader.read_exact, mask=False, extensions=[])
+        try:
+            next(parser)
+        except StopIteration as done:
+            frame: ws_frames.Frame = done.value
+        except EOFError:
+            check(not complete, f"the server stopped in the middle of a frame: {stream[-40:]!r}")
+            return
+        except (ws_exceptions.ProtocolError, ValueError) as exc:
+            raise InvariantBroken(f"the server sent an invalid frame: {exc}") from None
+        else:
+            check(not complete, "the server stopped in the middle of a frame")
+            return
+        if frame.opcode is ws_frames.Opcode.TEXT:
+            text = bytearray()
+        if frame.opcode in (ws_frames.Opcode.TEXT, ws_frames.Opcode.CONT) and text is not None:
+            text += frame.data
+            if frame.fin:
+                try:
+                    text.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    raise InvariantBroken(
+                        f"the server sent text that is not UTF-8: {exc}"
+                    ) from None
+                text = None
+        elif frame.opcode is ws_frames.Opcode.CLOSE:
+            if frame.data:
+                try:
+                    close = ws_frames.Close.parse(frame.data)
+                except (ws_exceptions.ProtocolError, UnicodeDecodeError) as exc:
+                    raise InvariantBroken(f"the server sent an invalid close: {exc}") from None
+                code = close.code
+                check(code in _SERVER_CLOSE or 3000 <= code <= 4999, f"close code {code} sent")
+            left = len(reader.buffer)
+            check(not left, f"{left} bytes sent after the close frame")
+            return
 
 
 def _connection_state_bounded(
