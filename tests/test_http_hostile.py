@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from conftest import ServerProcess
-from helpers import RawConn, check_serving, publish, request_bytes, unique_channel
+from helpers import RawConn, check_serving, publish, request_bytes, rss_kib, unique_channel
 from tidings.cursor import encode_cursor
 from tidings.hub import Position
 
@@ -62,11 +62,7 @@ write = {WRITE_TIMEOUT}
 
 def rss(srv: ServerProcess) -> int:
     """Resident set size of the server process, in bytes."""
-    with open(f"/proc/{srv.proc.pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise AssertionError("no VmRSS line")
+    return rss_kib(srv) * 1024
 
 
 def holds_connection(srv: ServerProcess, client_port: int) -> bool:
