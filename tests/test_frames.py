@@ -31,6 +31,7 @@ from tidings.frames import (
     frame,
     valid_close_code,
 )
+from ws_support import strict_inflate
 
 MAX = 4096
 
@@ -403,19 +404,6 @@ def test_corrupt_deflate_data_is_refused_with_1007() -> None:
 def test_compressed_invalid_utf8_is_refused() -> None:
     reader = FrameReader(MAX, deflate=True)
     assert refused(reader, ws_frame(Opcode.TEXT, deflate(b"ok \xff"), rsv1=True)).code == 1007
-
-
-def strict_inflate(compressed: bytes, wbits: int) -> bytes:
-    """Inflate as a client with only a ``2**wbits`` window does: zlib checks a match's
-    distance against the window only when it reaches before the current output
-    buffer, so the output is taken 64 bytes at a time."""
-    inflater = zlib.decompressobj(-wbits)
-    out = b""
-    pending = compressed + b"\x00\x00\xff\xff"
-    while pending:
-        out += inflater.decompress(pending, 64)
-        pending = inflater.unconsumed_tail
-    return out
 
 
 def far_repeat() -> bytes:

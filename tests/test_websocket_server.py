@@ -34,7 +34,7 @@ from helpers import (
     unique_channel,
     wait_subscribers,
 )
-from ws_support import RawClient, connect_raw
+from ws_support import RawClient, connect_raw, strict_inflate
 
 TIMEOUT = 10.0
 
@@ -459,18 +459,6 @@ def _server_frames(raw: bytes) -> list[tuple[int, bytes]]:
     return frames
 
 
-def _strict_inflate(compressed: bytes, window_bits: int) -> bytes:
-    """Inflate as a client holding only a ``2**window_bits`` window does (zlib checks a
-    match's distance against the window only across output buffers: 64 bytes at a time)."""
-    inflater = zlib.decompressobj(-window_bits)
-    out = b""
-    pending = compressed + b"\x00\x00\xff\xff"
-    while pending:
-        out += inflater.decompress(pending, 64)
-        pending = inflater.unconsumed_tail
-    return out
-
-
 @pytest.mark.parametrize("window_bits", [9, 12])
 def test_a_small_server_window_offer_gets_pushes_compressed_within_that_window(
     server: Any, window_bits: int
@@ -495,15 +483,15 @@ def test_a_small_server_window_offer_gets_pushes_compressed_within_that_window(
         assert client.wait_for(lambda m: "push" in m)["push"]["pub"]["data"] == data
         (frame,) = [p for b0, p in _server_frames(client.raw[mark:]) if b0 == 0xC1]
         compressed.append(frame)
-    push = json.loads(_strict_inflate(compressed[2], 15))
+    push = json.loads(strict_inflate(compressed[2], 15))
     assert push["push"]["pub"]["data"] == data
     for frame in compressed[:2]:
-        assert json.loads(_strict_inflate(frame, window_bits)) == push
+        assert json.loads(strict_inflate(frame, window_bits)) == push
     # Encoded once per window size: both small-window clients got the very same bytes.
     assert compressed[0] == compressed[1]
     if window_bits == 9:  # what a 9-bit client would have got before: unreadable
         with pytest.raises(zlib.error, match="too far back"):
-            _strict_inflate(compressed[2], window_bits)
+            strict_inflate(compressed[2], window_bits)
     for client in [*small, wide]:
         client.close()
 

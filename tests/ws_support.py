@@ -14,6 +14,7 @@ import socket
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,20 @@ from websockets.uri import parse_uri
 
 JS_DIR = Path(__file__).parent / "js"
 TIMEOUT = 10.0
+
+
+def strict_inflate(compressed: bytes, window_bits: int) -> bytes:
+    """Inflate a permessage-deflate message as a client holding only a ``2**window_bits``
+    window does. zlib checks a match's distance against the window only when the match
+    reaches before the current output buffer, so a one-shot inflate accepts any distance;
+    taking the output 64 bytes at a time makes the window exact."""
+    inflater = zlib.decompressobj(-window_bits)
+    out = b""
+    pending = compressed + b"\x00\x00\xff\xff"
+    while pending:
+        out += inflater.decompress(pending, 64)
+        pending = inflater.unconsumed_tail
+    return out
 
 
 class Proxy:
