@@ -15,6 +15,7 @@ them inside the input makes every finding reproducible from its bytes alone.
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import random
 import re
@@ -638,8 +639,18 @@ def command_session(data: bytes) -> None:
 
 
 def cursor(data: bytes) -> None:
-    """``decode_cursor`` raises ProtocolError or returns positions that re-encode."""
-    token = data.decode("utf-8", "replace")  # how a query string or header arrives
+    """``decode_cursor`` raises ProtocolError or returns positions that re-encode.
+
+    Plan byte: odd = the rest is what the cursor carries (it is base64-encoded
+    first, so mutations reach the JSON inside, not only the base64 around it);
+    even = the rest is the token itself, as a query string or header brings it.
+    """
+    if not data:
+        return
+    if data[0] & 1:
+        token = base64.urlsafe_b64encode(data[1:]).rstrip(b"=").decode("ascii")
+    else:
+        token = data[1:].decode("utf-8", "replace")
     try:
         positions = decode_cursor(token)
     except ProtocolError:
@@ -895,7 +906,13 @@ def _command_seeds() -> list[bytes]:
 def _cursor_seeds() -> list[bytes]:
     one = encode_cursor({"news": Position("abc", 3)})
     two = encode_cursor({"news": Position("abc", 3), "chat:room": Position("", 0)})
-    return [one.encode(), two.encode(), b""]
+    return [
+        b"\x00" + one.encode(),
+        b"\x00" + two.encode(),
+        b"\x00",
+        b'\x01[["news","abc",3]]',
+        b'\x01[["news","abc",3],["chat:room","",0]]',
+    ]
 
 
 def _query_seeds() -> list[bytes]:
