@@ -40,4 +40,5 @@ def make_broker(config: Config) -> Broker:
         meta_ttl=history.meta_ttl,
         history_for=config.history_for,
         max_channels=config.limits.max_channels,
+        max_history_memory=config.limits.max_history_memory,
     )
