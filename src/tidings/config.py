@@ -47,6 +47,8 @@ class LimitsConfig(_Section):
     max_pipelined_requests: Size = 32
     #: Channels the memory broker holds at once (published to or subscribed); past it, 106.
     max_channels: Size = 100_000
+    #: Bytes all history of the memory broker may hold; past it the oldest is evicted.
+    max_history_memory: Size = 256 * 1024 * 1024
 
 
 class TimeoutsConfig(_Section):
