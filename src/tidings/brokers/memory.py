@@ -346,13 +346,17 @@ class MemoryBroker(Broker):
         for channel, stream in list(self._streams.items()):
             self._expire(stream, now)
             if now >= stream.forget_at and channel not in self._interest:
-                self._clear(stream)  # empty already (forget_at >= expires), unless ttl changed
+                self._clear(
+                    stream
+                )  # empty already (forget_at >= expires); the books must not rely on it
                 del self._streams[channel]
         if len(self._streams) < self._max_channels:
             self._full = False
         if self._held_bytes <= self._max_history_memory // 2:
             self._evicting = False
-        if len(self._stored) > 2 * self._held_count + _STALE_SLACK:
+        # No slack here: what expired goes from the queue too, even when little
+        # is published afterwards (the sweep walks every stream anyway).
+        if len(self._stored) > 2 * self._held_count:
             self._compact()
 
     async def _sweep_forever(self) -> None:
