@@ -84,13 +84,14 @@ def ws_client(srv: Any, channels: list[str]) -> Iterator[ClientConnection]:
     with connect(srv.ws_url + "/connection/websocket", open_timeout=TIMEOUT) as ws:
         ws.send(json.dumps({"id": 1, "connect": {}}))
         assert "connect" in json.loads(ws.recv(TIMEOUT)), "connect refused"
-        ws.send(
-            "\n".join(
-                json.dumps({"id": 2 + i, "subscribe": {"channel": channel}})
-                for i, channel in enumerate(channels)
+        if channels:
+            ws.send(
+                "\n".join(
+                    json.dumps({"id": 2 + i, "subscribe": {"channel": channel}})
+                    for i, channel in enumerate(channels)
+                )
             )
-        )
-        await_replies(ws, set(range(2, 2 + len(channels))))
+            await_replies(ws, set(range(2, 2 + len(channels))))
         yield ws
 
 
@@ -102,6 +103,16 @@ def await_replies(ws: ClientConnection, ids: set[int]) -> None:
             if reply.get("id") in ids:
                 assert "error" not in reply, reply
                 ids.discard(reply["id"])
+
+
+def ws_reply(ws: ClientConnection, cmd_id: int) -> dict[str, Any]:
+    """The reply to command ``cmd_id`` (pushes are skipped); it must not be an error."""
+    while True:
+        for line in str(ws.recv(TIMEOUT)).splitlines():
+            reply: dict[str, Any] = json.loads(line)
+            if reply.get("id") == cmd_id:
+                assert "error" not in reply, reply
+                return reply
 
 
 def ws_publish(ws: ClientConnection, ids: range, channels: list[str]) -> None:
@@ -178,6 +189,19 @@ def test_a_client_resuming_from_an_evicted_position_is_not_recovered(server_fact
     assert sorted(got) == sorted(
         [(resumed, second["offset"]), (resumed, third["offset"]), (untouched, kept["offset"])]
     )
+    # The same over a WebSocket (Centrifugo's recover), from before and from after it.
+    epoch = history_of(srv, resumed)["epoch"]
+    with ws_client(srv, []) as ws:
+        for cmd_id, offset in ((2, 0), (3, 1)):
+            recover = {"channel": resumed, "recover": True, "epoch": epoch, "offset": offset}
+            ws.send(json.dumps({"id": cmd_id, "subscribe": recover}))
+            reply = ws_reply(ws, cmd_id)["subscribe"]
+            recovered = [pub["offset"] for pub in reply.get("publications", [])]
+            assert (reply.get("recovered", False), recovered) == (
+                (False, []) if offset == 0 else (True, [second["offset"], third["offset"]])
+            ), reply
+            ws.send(json.dumps({"id": cmd_id + 10, "unsubscribe": {"channel": resumed}}))
+            ws_reply(ws, cmd_id + 10)
     # The same over SSE, from the position before the eviction.
     with SSEClient(srv, [resumed, untouched], last_event_id=start) as sse:
         assert sse.subscribed().json == {"channels": [resumed, untouched], "recovered": False}
