@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
 import re
 import subprocess
@@ -123,6 +124,9 @@ def run_child(args: argparse.Namespace) -> None:
     import atheris
 
     child = _Child(args.target, args.runs, Path(args.stats), Path(args.findings))
+    # Client mistakes are logged at INFO by design; a million of them would
+    # bury libFuzzer's report. The targets' own handler still sees them all.
+    logging.getLogger("tidings").propagate = False
     corpus = Path(args.corpus)
     corpus.mkdir(parents=True, exist_ok=True)
     Path(args.findings).mkdir(parents=True, exist_ok=True)

@@ -107,10 +107,11 @@ class _Runtime:
         self.loop.set_exception_handler(self._on_loop_error)
         self.loop_errors: list[str] = []
         self.watch = _Watch()
+        # Added, never replacing: pytest's own log capture keeps working.
         logger = logging.getLogger("tidings")
         logger.addHandler(self.watch)
-        logger.setLevel(logging.DEBUG)
-        logger.propagate = False
+        if logger.getEffectiveLevel() > logging.DEBUG:
+            logger.setLevel(logging.DEBUG)  # to see a traceback logged below ERROR too
         self.configs = (load_config(), load_config(overrides=_TIGHT_LIMITS))
         self._servers: list[Server | None] = [None, None]
         self._served = [0, 0]
