@@ -22,6 +22,7 @@ import random
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -40,7 +41,7 @@ from helpers import (
     unique_channel,
 )
 from tidings.brokers.memory import MemoryBroker, history_cost
-from tidings.hub import Publication
+from tidings.hub import ClientInfo, Publication
 
 BUDGET = 2 * 1024 * 1024
 #: What a hostile publisher sends per message: as much as a WebSocket frame may carry.
@@ -245,9 +246,16 @@ class Clock:
         return self.now
 
 
-def publish_now(broker: MemoryBroker, channel: str, data: bytes) -> Publication:
-    """``MemoryBroker.publish`` never awaits: run it to completion without a loop."""
-    coro = broker.publish(channel, data)
+def publish_now(broker: MemoryBroker, channel: str, data: bytes, extras: int = 0) -> Publication:
+    """``MemoryBroker.publish`` never awaits: run it to completion without a loop.
+
+    ``extras`` bytes each of tags and of the publisher's connection info go along.
+    """
+    if extras:
+        info = ClientInfo("user", "client", conn_info=msgspec.Raw(b'"%s"' % (b"i" * extras)))
+        coro = broker.publish(channel, data, info=info, tags={"tag": "t" * extras})
+    else:
+        coro = broker.publish(channel, data)
     with pytest.raises(StopIteration) as done:
         coro.send(None)
     pub: Publication = done.value.value
@@ -290,10 +298,11 @@ class BrokerBooks(RuleBasedStateMachine):
         channel=st.sampled_from(["a", "b", "c", "small1", "small2"]),
         size=st.sampled_from([0, 10, 1_000, 5_000, 60_000]),
         times=st.integers(1, 30),
+        extras=st.sampled_from([0, 0, 2_000]),
     )
-    def publish(self, channel: str, size: int, times: int) -> None:
+    def publish(self, channel: str, size: int, times: int, extras: int) -> None:
         for _ in range(times):
-            publish_now(self.broker, channel, b"x" * size)
+            publish_now(self.broker, channel, b"x" * size, extras)
 
     @rule(seconds=st.sampled_from([1.0, 5.0, 11.0, 40.0]))
     def advance(self, seconds: float) -> None:
@@ -373,3 +382,11 @@ def test_the_eviction_queue_stays_bounded_when_history_leaves_by_other_ways() ->
     broker.sweep()
     assert rings(broker) == {} and broker.history_memory == 0
     assert len(broker._stored) == 0
+
+
+def test_tags_and_info_are_charged_as_data() -> None:
+    """They are copied into every encoded form, so a large one must count like data."""
+    broker = MemoryBroker(max_history_memory=10**9)
+    plain = publish_now(broker, "a", b"{}")
+    extra = publish_now(broker, "a", b"{}", extras=50_000)
+    assert history_cost(extra) - history_cost(plain) >= 4 * 2 * 50_000
