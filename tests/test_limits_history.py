@@ -8,9 +8,10 @@ API from loopback) with a small budget and large rings, and check that the
 server's RSS stays within the budget while fifty times the budget goes
 through, that the oldest publications in the process are the ones evicted,
 that a client resuming from an evicted position is told "not recovered" (over
-poll and SSE) rather than given a gap, and that live subscribers still get
-every publication. A unit test drives the broker alone through random
-sequences and checks its books after every step.
+poll, WebSocket and SSE) rather than given a gap, and that live subscribers
+still get every publication. Unit tests drive the broker alone through random
+sequences and check its books after every step, the eviction order, and that
+its eviction queue stays bounded.
 """
 
 from __future__ import annotations
