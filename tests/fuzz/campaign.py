@@ -139,6 +139,10 @@ def run_child(args: argparse.Namespace) -> None:
         f"-timeout={INPUT_TIMEOUT}",
         f"-rss_limit_mb={RSS_LIMIT_MB}",
         f"-seed={args.seed}",
+        # Keep every seed even when it adds no coverage libFuzzer can see: the
+        # cursor and command decoders are C (base64, msgspec) under a few lines
+        # of Python, and without their seeds the runs start from 2 tiny inputs.
+        "-keep_seed=1",
         # A hang's or a crash's input goes with the reproducers, not into the tree.
         f"-artifact_prefix={Path(args.findings)}/",
         "-print_final_stats=1",
