@@ -901,6 +901,11 @@ def _command_seeds() -> list[bytes]:
         b'"epoch":"e","offset":0}}\n{"id":3,"history":{"channel":"news","limit":10}}',
         b'{"id":1,"connect":{}}\n{"id":2,"presence":{"channel":"news"}}\n{}',
         b'{"id":1,"connect":{"token":"x.y.z"}}',
+        b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"a"}}\n'
+        b'{"id":3,"unsubscribe":{"channel":"a"}}\n{"id":4,"presence_stats":{"channel":"a"}}\n'
+        b'{"id":5,"rpc":{"method":"m","data":{}}}\n{"send":{"data":{"x":1}}}\n'
+        b'{"id":6,"refresh":{"token":"t"}}\n{"id":7,"sub_refresh":{"channel":"a","token":"t"}}\n'
+        b'{"id":8,"ping":{}}',
     ]
 
 
