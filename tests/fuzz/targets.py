@@ -407,6 +407,10 @@ def _check_responses(requests: list[_SentRequest], output: bytes, *, complete: b
                 status = event.status_code
                 closes = any(n == b"connection" and b"close" in v.lower() for n, v in event.headers)
             elif isinstance(event, h11.InformationalResponse) and event.status_code == 101:
+                method = request.method
+                check(
+                    method == b"GET", f"a WebSocket upgrade accepted on {method!r} (RFC 6455 §4.1)"
+                )
                 _check_server_frames(bytes(client.trailing_data[0]), event.headers, complete)
                 return
             elif isinstance(event, h11.EndOfMessage):

@@ -151,6 +151,20 @@ REPRODUCERS = [
         b"GET /poll?channel=s&cursor=W1sibmV3cyIsImUiLDBdXQ\n\r\n",
         id="second-pipelined-long-poll-answered-on-shutdown",
     ),
+    pytest.param(
+        "http",
+        b"\x00HEAD /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 14\r\n\r\n",
+        id="refused-websocket-handshake-answers-head-with-a-body",
+    ),
+    pytest.param(
+        "http",
+        b"\x00POST /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n",
+        id="websocket-upgrade-accepted-on-post",
+    ),
 ]
 
 
