@@ -27,6 +27,7 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from helpers import (
     SSEClient,
     api,
+    check_serving,
     poll_ok,
     pub_json,
     publish,
@@ -353,6 +354,28 @@ def test_bad_handshake_gets_400(server: Any) -> None:
         )
         head = s.recv(4096)
     assert head.startswith(b"HTTP/1.1 400"), head
+
+
+@pytest.mark.parametrize("method", ["HEAD", "POST", "PUT"])
+def test_upgrade_on_another_method_than_get_is_refused_405(server: Any, method: str) -> None:
+    """RFC 6455 §4.1: the opening handshake is a GET. A HEAD gets its refusal without
+    a body (RFC 9110 §9.3.2), or a client would read the body as its next answer."""
+    key = "dGhlIHNhbXBsZSBub25jZQ=="
+    with socket.create_connection((server.host, server.port), timeout=TIMEOUT) as s:
+        s.sendall(
+            f"{method} /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+            "Sec-WebSocket-Version: 13\r\nContent-Length: 0\r\n\r\n".encode()
+        )
+        received = b""
+        while chunk := s.recv(65536):  # the server closes after its answer
+            received += chunk
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 405"), received
+    assert b"\r\nAllow: GET" in head
+    length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+    assert len(body) == (0 if method == "HEAD" else length), body
+    check_serving(server)
 
 
 def test_compression_can_be_turned_off(server_factory: Any) -> None:

@@ -214,6 +214,14 @@ class Server:
             request.keep_alive = False
             conn.respond(request, error_response(404, f"no WebSocket endpoint at {request.path}"))
             return
+        if request.method != "GET":
+            # RFC 6455 §4.1: the opening handshake is a GET. Refused here, as
+            # plain HTTP, so that a HEAD gets its answer without a body.
+            request.keep_alive = False
+            response = error_response(405, "a WebSocket handshake must be a GET request")
+            response.headers.append(("Allow", "GET"))
+            conn.respond(request, response)
+            return
         try:
             from .transports import websocket
         except ImportError:
