@@ -23,11 +23,11 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from importlib import metadata
 from typing import Annotated, NamedTuple, Protocol
 
 import msgspec
 
+from . import __version__
 from .auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
@@ -50,10 +50,7 @@ __all__ = [
 
 log = logging.getLogger("tidings.centrifuge")
 
-try:
-    VERSION = metadata.version("tidings")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    VERSION = "0.0.0"
+VERSION = __version__
 
 #: The server ping: an empty message. A client answers with an empty command.
 PING = b"{}"

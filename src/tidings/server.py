@@ -29,6 +29,7 @@ from .config import Config
 from .http import HTTPConnection, Request, Response, Router, error_response, json_response
 from .http.cors import CORS
 from .hub import Hub
+from .transports import websocket
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
 
@@ -221,12 +222,6 @@ class Server:
             response = error_response(405, "a WebSocket handshake must be a GET request")
             response.headers.append(("Allow", "GET"))
             conn.respond(request, response)
-            return
-        try:
-            from .transports import websocket
-        except ImportError:
-            request.keep_alive = False
-            conn.respond(request, error_response(404, "WebSocket transport not available"))
             return
         transport = conn.detach()
         websocket.upgrade(self, transport, request, rest)
