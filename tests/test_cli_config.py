@@ -194,6 +194,25 @@ def test_invalid_nested_env(tmp_path):
     assert "limits.max_body_size" in line
 
 
+def test_invalid_nested_env_names_its_variable(tmp_path):
+    """The error names the variable to fix, not the section's prefix."""
+    line = config_error(tmp_path, env={"TIDINGS_AUTH__LEEWAY": "abc"})
+    assert line.startswith("tidings: config error: auth.leeway: "), line
+    assert line.endswith("(from TIDINGS_AUTH__LEEWAY)"), line
+
+
+def test_invalid_namespace_value_names_namespace_and_file(tmp_path):
+    line = config_error(tmp_path, '[namespaces.chat]\nsubscribe = "bogus"\n')
+    assert line.startswith("tidings: config error: namespaces.chat.subscribe: "), line
+    assert line.endswith(f"(from {tmp_path / 'bad.toml'})"), line
+
+
+def test_invalid_namespace_value_from_env_names_its_variable(tmp_path):
+    line = config_error(tmp_path, env={"TIDINGS_NAMESPACES__CHAT__SUBSCRIBE": "bogus"})
+    assert line.startswith("tidings: config error: namespaces.chat.subscribe: "), line
+    assert line.endswith("(from TIDINGS_NAMESPACES__CHAT__SUBSCRIBE)"), line
+
+
 def test_toml_syntax_error(tmp_path):
     config_error(tmp_path, "port = = 8000\n[limits\n")
 

@@ -235,7 +235,7 @@ def load_config(
     try:
         return msgspec.convert(merged, Config, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(exc, origin)) from None
+        raise ConfigError(_describe(exc, origin, merged)) from None
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 
@@ -295,10 +295,14 @@ def _merge(
     """Deep-merge ``layer`` into ``into``, recording which layer set each key."""
     for key, value in layer.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and isinstance(into.get(key), dict):
+        if isinstance(value, Mapping):
+            # Recurse even into a new section, so each leaf records its own
+            # source: an error then names TIDINGS_AUTH__LEEWAY, not TIDINGS_AUTH.
+            if not isinstance(into.get(key), dict):
+                into[key] = {}
             _merge(into[key], value, origin, source, dotted + ".")
         else:
-            into[key] = dict(value) if isinstance(value, Mapping) else value
+            into[key] = value
         origin[dotted] = source(dotted)
 
 
@@ -306,10 +310,13 @@ _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.DOTALL)
 _UNKNOWN = re.compile(r"Object contains unknown field `(?P<field>[^`]+)`")
 
 
-def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
+def _describe(
+    exc: msgspec.ValidationError, origin: Mapping[str, str], merged: Mapping[str, Any]
+) -> str:
     """Rewrite msgspec's ``... - at `$.a.b``` into ``a.b: ...`` with its source."""
     match = _AT.match(str(exc))
     message, path = (match["msg"], match["path"] or "") if match else (str(exc), "")
+    path = _name_namespace(path, merged)
     key = re.sub(r"\[\d+\]$", "", path.lstrip("."))
     unknown = _UNKNOWN.match(message)
     if unknown:
@@ -322,3 +329,16 @@ def _describe(exc: msgspec.ValidationError, origin: Mapping[str, str]) -> str:
         parts.pop()
     suffix = f" (from {where})" if where else ""
     return f"{key or 'config'}: {message}{suffix}"
+
+
+def _name_namespace(path: str, merged: Mapping[str, Any]) -> str:
+    """msgspec writes a dict key as ``[...]``: put back the failing namespace's name."""
+    namespaces = merged.get("namespaces")
+    if not path.startswith(".namespaces[...]") or not isinstance(namespaces, dict):
+        return path
+    for name, section in namespaces.items():
+        try:
+            msgspec.convert(section, NamespaceConfig, strict=False)
+        except msgspec.ValidationError:
+            return path.replace("[...]", f".{name}", 1)
+    return path
