@@ -1,0 +1,142 @@
+"""Outputs shown in docs/ are what the server prints today.
+
+Each test reads a block or line out of a document and compares it with what a
+running ``tidings`` answers, so that the next change to either makes CI fail
+instead of leaving a page that lies (issue 11, item 7: reviewers found docs
+showing ``null`` where check-config prints values, a presence error text the
+server never sends, a flags line without ``--demo``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+from websockets.sync.client import connect
+
+from conftest import clean_env
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+TIDINGS = [sys.executable, "-m", "tidings"]
+TIMEOUT = 10.0
+
+
+def run_tidings(
+    args: list[str], cwd: Path, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        TIDINGS + args,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(env),
+        stdin=subprocess.DEVNULL,
+        cwd=cwd,
+    )
+
+
+def code_block_after(document: str, heading: str) -> list[str]:
+    """The lines of the first fenced block after ``heading`` in ``docs/document``."""
+    text = (DOCS / document).read_text()
+    start = text.index(heading)
+    match = re.search(r"```[a-z]*\n(.*?)```", text[start:], re.DOTALL)
+    assert match is not None, f"no code block after {heading!r} in {document}"
+    return match.group(1).splitlines()
+
+
+def test_configuration_error_lines_are_what_check_config_prints(tmp_path: Path) -> None:
+    """Every line of configuration.md's Errors block, produced by the input it implies."""
+    documented = code_block_after("configuration.md", "## Errors")
+    cases: list[tuple[str | None, dict[str, str]]] = [
+        ('[limits]\nmax_body_size = "big"\n', {}),
+        (None, {"TIDINGS_PORT": "abc"}),
+        ("bogus = 1\n", {}),
+        ("port = = 8000\n", {}),
+        (None, {"TIDINGS_NOPE": "1"}),
+    ]
+    printed = []
+    for toml, env in cases:
+        args = ["check-config"]
+        if toml is not None:
+            (tmp_path / "tidings.toml").write_text(toml)
+            args += ["--config", "tidings.toml"]
+        out = run_tidings(args, tmp_path, env)
+        assert out.returncode == 2, out.stderr
+        printed.append(out.stderr.strip())
+    out = run_tidings(["check-config", "--config", "nope.toml"], tmp_path)
+    assert out.returncode == 2, out.stderr
+    printed.append(out.stderr.strip())
+    assert printed == documented
+
+
+def test_check_config_shows_the_resolved_policies_security_md_describes(tmp_path: Path) -> None:
+    """security.md §6: unset subscribe/publish print as the secure mode's defaults."""
+    section = (DOCS / "security.md").read_text().split("## 6. Check the configuration")[1]
+    assert '`"subscribe": "authenticated"` and `"publish": "nobody"` in secure mode' in section
+    (tmp_path / "tidings.toml").write_text(
+        '[auth]\nhmac_secret = "a-secret-of-thirty-two-characters"\n[namespaces.chat]\n'
+    )
+    out = run_tidings(["check-config", "--config", "tidings.toml"], tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "tidings: configuration is valid (secure: HS256 mode)"
+    settings = json.loads(out.stdout)
+    for policy in (settings["channels"], settings["namespaces"]["chat"]):
+        assert (policy["subscribe"], policy["publish"]) == ("authenticated", "nobody")
+
+
+def test_flags_line_lists_every_serve_flag(tmp_path: Path) -> None:
+    documented = " ".join(code_block_after("configuration.md", "## Flags"))
+    help_text = run_tidings(["serve", "--help"], tmp_path).stdout
+    flags = set(re.findall(r"\[(--[a-z-]+)", help_text))
+    assert {"--port", "--demo"} <= flags, help_text
+    assert sorted(f for f in flags if f not in documented) == []
+
+
+def test_websocket_presence_error_is_what_the_server_answers(server: Any) -> None:
+    """websocket.md's presence example: error 108 where presence is off."""
+    text = (DOCS / "websocket.md").read_text()
+    match = re.search(r'^< \{"id":10,"error":(\{.*\})\}$', text, re.MULTILINE)
+    assert match is not None, "websocket.md lost its presence error example"
+    documented = json.loads(match.group(1))
+    with connect(f"{server.ws_url}/connection/websocket", open_timeout=TIMEOUT) as ws:
+        ws.send(json.dumps({"id": 1, "connect": {}}))
+        ws.recv(timeout=TIMEOUT)
+        ws.send(json.dumps({"id": 10, "presence": {"channel": "news:today"}}))
+        reply = json.loads(ws.recv(timeout=TIMEOUT))
+    assert reply == {"id": 10, "error": documented}
+
+
+def test_server_api_405_allow_header_is_documented(server: Any) -> None:
+    text = (DOCS / "server-api.md").read_text()
+    match = re.search(r"^\| 405 .*`Allow: ([A-Z, ]+)`", text, re.MULTILINE)
+    assert match is not None, "server-api.md lost its 405 row"
+    resp = httpx.get(f"{server.url}/api/publish", timeout=TIMEOUT)
+    assert resp.status_code == 405
+    assert resp.headers["Allow"] == match.group(1)
+
+
+def test_server_api_refuses_undeclared_namespaces_as_documented(server_factory: Any) -> None:
+    """server-api.md: once a namespace is declared, publish/history answer 102 too."""
+    text = (DOCS / "server-api.md").read_text()
+    assert "every method answers\nerror 102 (`unknown namespace 'nowhere'`)" in text
+    srv = server_factory("[namespaces.chat]\n")
+    for method, params in (
+        ("publish", {"channel": "nowhere:x", "data": {}}),
+        ("history", {"channel": "nowhere:x"}),
+        ("presence", {"channel": "nowhere:x"}),
+    ):
+        resp = httpx.post(f"{srv.url}/api/{method}", json=params, timeout=TIMEOUT)
+        assert resp.json() == {"error": {"code": 102, "message": "unknown namespace 'nowhere'"}}
+    resp = httpx.post(
+        f"{srv.url}/api/broadcast",
+        json={"channels": ["nowhere:x", "chat:a"], "data": {}},
+        timeout=TIMEOUT,
+    )
+    first, second = resp.json()["result"]["responses"]
+    assert first == {"error": {"code": 102, "message": "unknown namespace 'nowhere'"}}
+    assert "result" in second
