@@ -21,6 +21,12 @@ class Recorder:
     def deliver(self, pub: Publication) -> None:
         self.received.append(pub)
 
+    def insufficient_state(self) -> None:
+        pass
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
 
 def offsets(pubs: list[Publication]) -> list[int]:
     return [pub.offset for pub in pubs]

@@ -217,6 +217,12 @@ class Recorder:
     def deliver(self, pub: Publication) -> None:
         pass
 
+    def insufficient_state(self) -> None:
+        pass
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
 
 async def refused(action: Awaitable[object]) -> None:
     with pytest.raises(ProtocolError) as info:

@@ -152,16 +152,24 @@ class Client(Protocol):
 
 
 class Subscriber(Protocol):
-    """What a transport registers on a channel.
+    """What a transport registers on a channel: every hook the hub calls.
 
-    ``deliver`` is called synchronously from the fan-out loop, in offset order.
-    It must not raise and must not block: it writes bytes and returns.
-    A subscriber may also have ``insufficient_state()``, called instead when
-    the channel's live stream skipped (the subscriber should make its client
-    reconnect and resume), and ``deliver_presence(event)`` for join/leave.
+    All three are called synchronously from the hub's loops; none may raise
+    or block: they write bytes (or note what to write) and return. Declared
+    here, not looked up with ``getattr``, so that mypy checks every transport
+    against the whole contract.
     """
 
-    def deliver(self, pub: Publication) -> None: ...
+    def deliver(self, pub: Publication) -> None:
+        """A publication of a subscribed channel, in offset order."""
+
+    def insufficient_state(self) -> None:
+        """The channel's live stream skipped: make the client resume from its
+        position, where it learns whether history still reaches it."""
+
+    def deliver_presence(self, event: PresenceEvent) -> None:
+        """A join or leave in a subscribed channel (protocols without
+        join/leave pushes ignore it)."""
 
 
 class Recovery(NamedTuple):
@@ -283,12 +291,10 @@ class Hub:
     @staticmethod
     def _lost_state(state: _Channel) -> None:
         for subscriber in (*state.subscribers, *state.catching_up):
-            resync = getattr(subscriber, "insufficient_state", None)
-            if resync is not None:
-                try:
-                    resync()
-                except Exception:
-                    log.exception("subscriber %r failed to resync", subscriber)
+            try:
+                subscriber.insufficient_state()
+            except Exception:
+                log.exception("subscriber %r failed to resync", subscriber)
 
     @staticmethod
     def _promote(state: _Channel, pub: Publication) -> None:
@@ -419,13 +425,10 @@ class Hub:
         if state is None:
             return
         for subscriber in tuple(state.subscribers):
-            # Only protocols that carry join/leave (WebSocket) take them.
-            take = getattr(subscriber, "deliver_presence", None)
-            if take is not None:
-                try:
-                    take(event)
-                except Exception:
-                    log.exception("subscriber %r failed to take %s", subscriber, event.kind)
+            try:
+                subscriber.deliver_presence(event)
+            except Exception:
+                log.exception("subscriber %r failed to take %s", subscriber, event.kind)
 
     # -- reading ---------------------------------------------------------
 

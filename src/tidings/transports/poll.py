@@ -27,7 +27,7 @@ from ..codec import encode, http_publication_json
 from ..cursor import encode_cursor
 from ..errors import ErrorCode, ProtocolError
 from ..http import Response
-from ..hub import Position, Publication
+from ..hub import Position, PresenceEvent, Publication
 from .common import join, leave, requested_channels, requested_positions
 
 if TYPE_CHECKING:
@@ -79,6 +79,13 @@ class PollWaiter:
                 self.poll.wake(self)
         else:
             self.publications.append(pub)
+
+    def insufficient_state(self) -> None:
+        """Nothing to do here: the client's next poll resumes from its cursor and
+        learns there whether history still reaches it."""
+
+    def deliver_presence(self, event: PresenceEvent) -> None:
+        """Polls carry no join/leave events."""
 
     def answer_now(self) -> None:
         self.poll.answer(self, {})

@@ -27,7 +27,7 @@ from ..codec import encode, http_publication_json
 from ..cursor import encode_cursor
 from ..errors import DisconnectCode
 from ..http import Response
-from ..hub import Hub, Publication
+from ..hub import Hub, PresenceEvent, Publication
 from ..logs import log_client_error
 from .common import join, leave, request_credentials, requested_channels, requested_positions
 
@@ -131,6 +131,9 @@ class SSEStream(asyncio.Protocol):
         """A channel's stream skipped: reconnecting with the last id reports the loss."""
         self.transport.write(self.sse.retry_line)
         self.transport.close()
+
+    def deliver_presence(self, event: PresenceEvent) -> None:
+        """SSE carries no join/leave events."""
 
     def close(self, code: int, reason: str) -> None:
         """Disconnect on the server's initiative, saying why in a ``disconnect`` event."""
