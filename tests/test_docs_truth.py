@@ -55,7 +55,9 @@ def test_configuration_error_lines_are_what_check_config_prints(tmp_path: Path) 
     cases: list[tuple[str | None, dict[str, str]]] = [
         ('[limits]\nmax_body_size = "big"\n', {}),
         (None, {"TIDINGS_PORT": "abc"}),
+        (None, {"TIDINGS_AUTH__LEEWAY": "abc"}),
         ("bogus = 1\n", {}),
+        ('[namespaces.chat]\nsubscribe = "bogus"\n', {}),
         ("port = = 8000\n", {}),
         (None, {"TIDINGS_NOPE": "1"}),
     ]
