@@ -139,3 +139,18 @@ def test_bad_prefix_is_refused() -> None:
         NatsBroker("nats://127.0.0.1:1", prefix="a b")
     with pytest.raises(ValueError):
         NatsBroker("nats://127.0.0.1:1", prefix="a..b")
+
+
+def test_closing_the_broker_is_not_reported_as_a_lost_connection(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py calls its disconnected callback on a normal close too; a graceful
+    shutdown must not log a WARNING that the connection was lost."""
+
+    async def body(a: Node) -> None:
+        assert a.broker.healthy
+
+    with caplog.at_level("INFO", logger="tidings.brokers.nats"):
+        run(nats_server, body)
+    assert "connected to nats" in caplog.text  # the logger is captured at all
+    assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text

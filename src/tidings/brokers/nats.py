@@ -94,6 +94,8 @@ class NatsBroker(Broker):
         self._tasks: set[asyncio.Task[Any]] = set()
         # False from a disconnect until the server has confirmed our resubscriptions.
         self._live = False
+        # Set by close(): nats-py reports its own close as a disconnect too.
+        self._closing = False
 
     def _subject(self, channel: str) -> str:
         token = base64.urlsafe_b64encode(channel.encode()).rstrip(b"=").decode()
@@ -139,6 +141,7 @@ class NatsBroker(Broker):
             return
 
     async def close(self) -> None:
+        self._closing = True
         if self._connector is not None:
             self._connector.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -151,6 +154,8 @@ class NatsBroker(Broker):
 
     async def _on_disconnected(self) -> None:
         self._live = False
+        if self._closing:
+            return  # our own close(), not a lost connection
         log.warning("lost the nats connection; reconnecting")
         # What is published while we are away never reaches us: a new epoch for
         # every channel makes clients that resume from before it "not recovered".
