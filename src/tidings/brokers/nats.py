@@ -174,7 +174,7 @@ class NatsBroker(Broker):
         if nc is None:
             return
         try:
-            await nc.flush(timeout=self._subscribe_timeout)  # type: ignore[arg-type]
+            await self._server_has_our_commands(nc)
         except (NatsError, OSError) as exc:
             log.warning("nats reconnected but did not answer a ping: %s", exc)
             return
@@ -241,10 +241,24 @@ class NatsBroker(Broker):
 
             stream.sub = await nc.subscribe(self._subject(channel), cb=on_message)
         try:
-            # The server has our SUB once it answers a PING sent after it.
-            await nc.flush(timeout=self._subscribe_timeout)  # type: ignore[arg-type]
+            await self._server_has_our_commands(nc)
         except (NatsError, OSError) as exc:
             raise unavailable(exc) from exc
+
+    async def _server_has_our_commands(self, nc: NATS) -> None:
+        """Return once nats-server has processed every command sent so far (our SUBs).
+
+        A PONG proves that the server processed what was on the wire before its
+        PING. But nats-py writes ``flush()``'s PING straight to the socket, while
+        a SUB waits in its pending buffer for the flusher task. So one flush can
+        come back before the SUB has even been sent, and a publication made just
+        after "subscribing" is silently missed (seen in nats-server's trace:
+        PING, PONG, another client's PUB, then our SUB). By the first PONG the
+        flusher has written the SUB, so the second PING follows it on the wire.
+        """
+        timeout = self._subscribe_timeout
+        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
+        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
 
     def unsubscribe(self, channel: str) -> None:
         stream = self._streams.pop(channel, None)
