@@ -154,3 +154,19 @@ def test_closing_the_broker_is_not_reported_as_a_lost_connection(
         run(nats_server, body)
     assert "connected to nats" in caplog.text  # the logger is captured at all
     assert not [r for r in caplog.records if r.levelname == "WARNING"], caplog.text
+
+
+def test_a_publication_right_after_subscribe_is_delivered(nats_server: NatsServer) -> None:
+    """subscribe() returns only once nats-server has the SUB: a publication made by
+    another node right after it must arrive (NATS core keeps nothing to recover
+    it from). Many channels, so that a race between SUB and PUB shows every run."""
+    channels = [f"race{n}" for n in range(100)]
+
+    async def body(a: Node, b: Node) -> None:
+        for channel in channels:
+            await a.broker.subscribe(channel)
+            await b.broker.publish(channel, b"1")
+        got = await a.wait_for(len(channels))
+        assert sorted(p.channel for p in got) == sorted(channels)
+
+    run(nats_server, body, nodes=2)
