@@ -40,6 +40,8 @@ from collections.abc import Callable
 from functools import partial
 from typing import NamedTuple
 
+from .utf8 import check_utf8
+
 try:  # websockets' C speedup; the same fallback as websockets.frames
     from websockets.speedups import apply_mask
 except ImportError:  # pragma: no cover
@@ -140,13 +142,11 @@ _new_message: Callable[[tuple[bytes, bool]], Message] = partial(tuple.__new__, M
 
 
 def _check_utf8(data: bytes) -> None:
-    # isascii() is a word-at-a-time scan without allocation: most commands
-    # are ASCII JSON and skip the decoder altogether.
-    if not data.isascii():
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FrameError(CLOSE_INVALID_DATA, f"invalid UTF-8 at byte {exc.start}") from None
+    """:func:`tidings.utf8.check_utf8` (the one UTF-8 rule), as a 1007 failure."""
+    try:
+        check_utf8(data)
+    except UnicodeDecodeError as exc:
+        raise FrameError(CLOSE_INVALID_DATA, f"invalid UTF-8 at byte {exc.start}") from None
 
 
 class _Fragmented:

@@ -292,7 +292,7 @@ def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest
         logger=_handshake_log,
     )
     target = request.target.decode("latin-1")
-    if getattr(server, "stopping", False):
+    if server.stopping:
         response = handshake.reject(503, "Server shutting down\n")
     elif not server.cors.allows_websocket(request):
         # Cross-site WebSocket hijacking: see tidings.http.cors for the rule.
