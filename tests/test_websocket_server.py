@@ -265,6 +265,42 @@ def test_reader_that_never_drains_is_aborted(server_factory: Any) -> None:
     stuck.close()
 
 
+def test_client_pipelining_commands_without_reading_is_bounded_and_cut_off(
+    server_factory: Any,
+) -> None:
+    """A client that sends history commands forever (each answered with ~500 kB)
+    and never reads: the server holds about max_write_buffer for it, closes it
+    (3008), stops reading it, aborts it, and serves everyone else meanwhile."""
+    srv = server_factory(
+        "[limits]\nmax_write_buffer = 65536\n[websocket]\nhandshake_timeout = 1.0\n"
+        "[history]\nsize = 50\n"
+    )
+    channel = unique_channel("big")
+    for _ in range(50):
+        publish(srv, channel, {"blob": "h" * 10_000})
+    hostile = connect_raw(srv.ws_url, (channel,), rcvbuf=4096)
+    hostile.sock.settimeout(2.0)
+    before = rss_kib(srv)
+    grown = sent = 0
+    try:
+        for n in range(100_000):  # bounded; the server stops reading long before
+            hostile.send({"id": 10 + n, "history": {"channel": channel, "limit": 50}})
+            sent += 1
+            grown = max(grown, rss_kib(srv) - before)
+    except OSError:  # the server stopped reading (send timed out) or reset us
+        pass
+    assert sent < 100_000, "the server kept reading a client that never reads"
+    check_serving(srv)
+    # Nothing more is taken from it, and its socket is aborted: EOF or reset.
+    deadline = time.monotonic() + 15
+    with contextlib.suppress(OSError):
+        while hostile.sock.recv(65536):
+            assert time.monotonic() < deadline, "the hostile connection was never cut off"
+    hostile.close()
+    assert grown < 8 * 1024, f"server RSS grew {grown} KiB for one client"
+    assert "write buffer over" in srv.logs()
+
+
 def test_channel_limit_is_error_106(server_factory: Any) -> None:
     srv = server_factory("[limits]\nmax_channels_per_connection = 2\n")
 
