@@ -11,7 +11,7 @@ import pytest
 from brokers_support import Node, run_nodes, until
 from tidings.brokers.nats import NatsBroker
 from tidings.errors import ErrorCode, ProtocolError
-from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
+from tidings.hub import DEFAULT_HISTORY, EMPTY, ClientInfo, Hub, Position, Publication, reaches
 
 if TYPE_CHECKING:
     from brokers_support import NatsServer
@@ -38,7 +38,9 @@ def test_fan_out_between_nodes_with_odd_channel_names(nats_server: NatsServer) -
             await b.broker.subscribe(name)
         info = ClientInfo(user="u")
         for name in names:
-            pub = await a.broker.publish(name, b'{"k":1}', info=info, tags={"t": "1"})
+            pub = await a.broker.publish(
+                name, b'{"k":1}', history=DEFAULT_HISTORY, info=info, tags={"t": "1"}
+            )
             assert (pub.offset, pub.epoch) == (0, "")  # no shared position with NATS
         got = await b.wait_for(len(names))
         assert sorted(p.channel for p in got) == sorted(names)
@@ -55,7 +57,7 @@ def test_positions_are_node_local_and_history_is_refused(nats_server: NatsServer
         _, start = await a.broker.history("c", limit=0)
         assert start.epoch and start.offset == 0
         for n in range(3):
-            await b.broker.publish("c", str(n).encode())
+            await b.broker.publish("c", str(n).encode(), history=DEFAULT_HISTORY)
         got = await a.wait_for(3)
         assert [p.offset for p in got] == [1, 2, 3] and {p.epoch for p in got} == {start.epoch}
         with pytest.raises(ProtocolError) as err:
@@ -90,16 +92,16 @@ def test_disconnect_starts_a_new_epoch(nats_server: NatsServer) -> None:
         hub = Hub(a.broker)
         sub = Sub()
         await hub.subscribe("d", sub)
-        await b.broker.publish("d", b"1")
+        await b.broker.publish("d", b"1", history=DEFAULT_HISTORY)
         await until(lambda: len(sub.got) == 1, "first publication")
         before = sub.got[0].position
         nats_server.stop()
         await until(lambda: not a.broker.healthy, "a unhealthy")
         with pytest.raises(ProtocolError):
-            await b.broker.publish("d", b"lost")
+            await b.broker.publish("d", b"lost", history=DEFAULT_HISTORY)
         nats_server.start()
         await until(lambda: a.broker.healthy and b.broker.healthy, "both reconnected")
-        await b.broker.publish("d", b"2")
+        await b.broker.publish("d", b"2", history=DEFAULT_HISTORY)
         # The new epoch's publication does not continue the old stream: the hub
         # makes the subscriber resync instead of handing it over as if gapless.
         await until(lambda: sub.resyncs == 1, "resync after reconnect")
@@ -126,7 +128,7 @@ def test_subscribe_without_nats_is_a_clear_error(nats_server: NatsServer) -> Non
             nats_server.start()
             await until(lambda: node.broker.healthy, "connected")
             await node.broker.subscribe("x")
-            await node.broker.publish("x", b"1")
+            await node.broker.publish("x", b"1", history=DEFAULT_HISTORY)
             await node.wait_for(1)
         finally:
             await node.broker.close()
@@ -165,7 +167,7 @@ def test_a_publication_right_after_subscribe_is_delivered(nats_server: NatsServe
     async def body(a: Node, b: Node) -> None:
         for channel in channels:
             await a.broker.subscribe(channel)
-            await b.broker.publish(channel, b"1")
+            await b.broker.publish(channel, b"1", history=DEFAULT_HISTORY)
         got = await a.wait_for(len(channels))
         assert sorted(p.channel for p in got) == sorted(channels)
 

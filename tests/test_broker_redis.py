@@ -15,13 +15,24 @@ import pytest
 from brokers_support import Node, run_nodes, until
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import ProtocolError
-from tidings.hub import EMPTY, ClientInfo, Hub, Position, Publication, reaches
+from tidings.hub import (
+    DEFAULT_HISTORY,
+    EMPTY,
+    ClientInfo,
+    HistoryPolicy,
+    Hub,
+    Position,
+    Publication,
+    reaches,
+)
 
 if TYPE_CHECKING:
     from brokers_support import RedisServer
 
 
 WAIT = 10.0
+#: The policy of direct broker publishes: what a hub sends for an unconfigured channel.
+KEEP = DEFAULT_HISTORY
 
 
 def redis_node(url: str, **kw: Any) -> Node:
@@ -41,8 +52,8 @@ def test_publish_stamps_offsets_and_history_reads_them(redis_server: RedisServer
         assert a.broker.healthy
         assert await a.broker.history("c") == ([], EMPTY)  # reading creates nothing
         info = ClientInfo(user="u1", client="c1")
-        p1 = await a.broker.publish("c", b'{"n":1}', info=info, tags={"k": "v"})
-        p2 = await a.broker.publish("c", b'{"n":2}')
+        p1 = await a.broker.publish("c", b'{"n":1}', history=KEEP, info=info, tags={"k": "v"})
+        p2 = await a.broker.publish("c", b'{"n":2}', history=KEEP)
         assert (p1.offset, p2.offset) == (1, 2) and p1.epoch == p2.epoch
         pubs, top = await a.broker.history("c")
         assert top == Position(p1.epoch, 2)
@@ -65,14 +76,14 @@ def test_publish_stamps_offsets_and_history_reads_them(redis_server: RedisServer
 def test_history_is_bounded_and_gap_is_detected(redis_server: RedisServer) -> None:
     async def body(a: Node) -> None:
         for n in range(5):
-            await a.broker.publish("c", str(n).encode())
+            await a.broker.publish("c", str(n).encode(), history=HistoryPolicy(3, 300.0))
         pubs, top = await a.broker.history("c")
         assert [p.offset for p in pubs] == [3, 4, 5] and top.offset == 5
         since = Position(top.epoch, 1)
         got, top = await a.broker.history("c", since=since)
         assert not reaches(since, got, top)  # offsets 2 is gone: not recovered
 
-    run(redis_server, body, history_size=3)
+    run(redis_server, body)
 
 
 def test_subscribe_creates_epoch_and_fans_out_across_nodes(redis_server: RedisServer) -> None:
@@ -80,14 +91,14 @@ def test_subscribe_creates_epoch_and_fans_out_across_nodes(redis_server: RedisSe
         await b.broker.subscribe("room")
         _, top = await b.broker.history("room", limit=0)
         assert top.epoch and top.offset == 0
-        pub = await a.broker.publish("room", b'"hi"')
+        pub = await a.broker.publish("room", b'"hi"', history=KEEP)
         assert pub.epoch == top.epoch  # the epoch a subscriber learned is the one used
         (got,) = await b.wait_for(1)
         assert (got.channel, got.offset, got.data) == ("room", 1, b'"hi"')
         assert a.got == []  # a has no interest in "room"
         b.broker.unsubscribe("room")
         await asyncio.sleep(0.2)
-        await a.broker.publish("room", b'"after"')
+        await a.broker.publish("room", b'"after"', history=KEEP)
         await asyncio.sleep(0.3)
         assert len(b.got) == 1
 
@@ -98,12 +109,16 @@ def test_order_is_offset_order_under_concurrent_publishers(redis_server: RedisSe
     async def body(a: Node, b: Node, c: Node) -> None:
         await c.broker.subscribe("x")
         await asyncio.gather(
-            *(node.broker.publish("x", str(i).encode()) for i in range(50) for node in (a, b))
+            *(
+                node.broker.publish("x", str(i).encode(), history=HistoryPolicy(200, 300.0))
+                for i in range(50)
+                for node in (a, b)
+            )
         )
         got = await c.wait_for(100)
         assert [p.offset for p in got] == list(range(1, 101))
 
-    run(redis_server, body, nodes=3, history_size=200)
+    run(redis_server, body, nodes=3)
 
 
 def test_channel_names_with_odd_characters(redis_server: RedisServer) -> None:
@@ -112,7 +127,7 @@ def test_channel_names_with_odd_characters(redis_server: RedisServer) -> None:
         for name in names:
             await b.broker.subscribe(name)
         for name in names:
-            await a.broker.publish(name, b"1")
+            await a.broker.publish(name, b"1", history=KEEP)
         got = await b.wait_for(len(names))
         assert sorted(p.channel for p in got) == sorted(names)
         for name in names:
@@ -152,12 +167,12 @@ def test_with_a_hub_recovery_works_from_another_node(redis_server: RedisServer) 
 def test_redis_restart_new_epoch_and_no_silent_gap(redis_server: RedisServer) -> None:
     async def body(a: Node, b: Node) -> None:
         await b.broker.subscribe("r")
-        p1 = await a.broker.publish("r", b"1")
+        p1 = await a.broker.publish("r", b"1", history=KEEP)
         await b.wait_for(1)
         redis_server.restart()  # no persistence: every key is gone
         await until(lambda: not b.broker.healthy, "b to notice the restart")
         await until(lambda: a.broker.healthy and b.broker.healthy, "both to reconnect")
-        p2 = await a.broker.publish("r", b"2")
+        p2 = await a.broker.publish("r", b"2", history=KEEP)
         assert p2.epoch != p1.epoch and p2.offset == 1
         got = await b.wait_for(2)
         assert got[1].position == p2.position
@@ -173,12 +188,12 @@ def test_reconnect_catches_up_from_history(redis_server: RedisServer) -> None:
 
     async def body(a: Node, b: Node) -> None:
         await b.broker.subscribe("g")
-        await a.broker.publish("g", b"1")
+        await a.broker.publish("g", b"1", history=KEEP)
         await b.wait_for(1)
         # Cut only b's pub/sub connection (Redis keeps running and keeps data).
         await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         for n in range(2, 6):
-            await a.broker.publish("g", str(n).encode())
+            await a.broker.publish("g", str(n).encode(), history=KEEP)
         got = await b.wait_for(5)
         await asyncio.sleep(0.3)
         assert [p.offset for p in got] == [1, 2, 3, 4, 5]  # in order, none twice
@@ -194,7 +209,7 @@ def test_unreachable_redis_is_unhealthy_and_errors_are_protocol_errors(
         redis_server.stop()
         await until(lambda: not a.broker.healthy, "unhealthy")
         with pytest.raises(ProtocolError) as err:
-            await a.broker.publish("d", b"1")
+            await a.broker.publish("d", b"1", history=KEEP)
         assert err.value.temporary
         with pytest.raises(ProtocolError):
             await a.broker.subscribe("other")
@@ -203,7 +218,7 @@ def test_unreachable_redis_is_unhealthy_and_errors_are_protocol_errors(
         redis_server.start()
         await until(lambda: a.broker.healthy, "healthy again")
         await a.broker.subscribe("other")
-        await a.broker.publish("other", b"1")
+        await a.broker.publish("other", b"1", history=KEEP)
         await a.wait_for(1)
 
     run(redis_server, body, subscribe_timeout=1.0)
@@ -220,7 +235,7 @@ def test_start_with_redis_down_then_up(redis_server: RedisServer) -> None:
             redis_server.start()
             await until(lambda: node.broker.healthy, "connected")
             await node.broker.subscribe("late")
-            await node.broker.publish("late", b"1")
+            await node.broker.publish("late", b"1", history=KEEP)
             await node.wait_for(1)
         finally:
             await node.broker.close()
@@ -228,17 +243,25 @@ def test_start_with_redis_down_then_up(redis_server: RedisServer) -> None:
     asyncio.run(main())
 
 
-def test_history_size_per_channel(redis_server: RedisServer) -> None:
-    def history_for(channel: str) -> tuple[int, float]:
-        return (0, 60.0) if channel.startswith("none:") else (2, 60.0)
+def test_history_size_comes_with_each_publication(redis_server: RedisServer) -> None:
+    """The broker keeps what each publish's policy says, per channel and from then on."""
+
+    def history_for(channel: str) -> HistoryPolicy:
+        return HistoryPolicy(0, 60.0) if channel.startswith("none:") else HistoryPolicy(2, 60.0)
 
     async def body(a: Node) -> None:
         for channel in ("none:x", "two:x"):
             for n in range(3):
-                await a.broker.publish(channel, str(n).encode())
+                await a.broker.publish(channel, str(n).encode(), history=history_for(channel))
         pubs, top = await a.broker.history("none:x")
         assert pubs == [] and top.offset == 3
         pubs, top = await a.broker.history("two:x")
         assert [p.offset for p in pubs] == [2, 3] and top.offset == 3
 
-    run(redis_server, body, history_for=history_for)
+        # A policy that grows keeps more from that publication on.
+        for n in range(3):
+            await a.broker.publish("two:x", str(n).encode(), history=HistoryPolicy(4, 60.0))
+        pubs, top = await a.broker.history("two:x")
+        assert [p.offset for p in pubs] == [3, 4, 5, 6] and top.offset == 6
+
+    run(redis_server, body)

@@ -9,7 +9,7 @@ import pytest
 from tidings.brokers.memory import MemoryBroker
 from tidings.cursor import decode_cursor, encode_cursor
 from tidings.errors import ErrorCode, ProtocolError
-from tidings.hub import EMPTY, Hub, Position, Publication
+from tidings.hub import DEFAULT_HISTORY, EMPTY, HistoryPolicy, Hub, Position, Publication
 
 
 class Recorder:
@@ -96,7 +96,7 @@ def test_recovery_from_empty_position_covers_a_channel_born_since() -> None:
 
 def test_recovery_is_refused_when_history_was_evicted() -> None:
     async def scenario() -> None:
-        hub = Hub(MemoryBroker(history_size=3))
+        hub = Hub(MemoryBroker(), history_for=lambda channel: HistoryPolicy(3, 300.0))
         first = await hub.publish("a", b"1")
         for i in range(5):
             await hub.publish("a", str(i).encode())
@@ -120,8 +120,8 @@ def test_recovery_is_refused_on_another_epoch() -> None:
 
 def test_history_expires_after_ttl() -> None:
     async def scenario() -> None:
-        broker = MemoryBroker(history_ttl=0.05)
-        hub = Hub(broker)
+        broker = MemoryBroker()
+        hub = Hub(broker, history_for=lambda channel: HistoryPolicy(100, 0.05))
         first = await hub.publish("a", b"1")
         await hub.publish("a", b"2")
         await asyncio.sleep(0.1)
@@ -134,8 +134,8 @@ def test_history_expires_after_ttl() -> None:
 
 def test_forgotten_channel_gets_a_new_epoch() -> None:
     async def scenario() -> None:
-        broker = MemoryBroker(history_ttl=0.01, meta_ttl=0.01)
-        hub = Hub(broker)
+        broker = MemoryBroker(meta_ttl=0.01)
+        hub = Hub(broker, history_for=lambda channel: HistoryPolicy(100, 0.01))
         old = await hub.publish("a", b"1")
         await asyncio.sleep(0.05)
         broker.sweep()
@@ -196,7 +196,7 @@ class SlowBroker(MemoryBroker):
         result = await super().history(channel, **kwargs)
         if self.during_read is not None:
             data, self.during_read = self.during_read, None
-            await self.publish(channel, data)
+            await self.publish(channel, data, history=DEFAULT_HISTORY)
         await asyncio.sleep(0)
         return result
 

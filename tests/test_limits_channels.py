@@ -26,7 +26,7 @@ from websockets.sync.client import ClientConnection, connect
 from helpers import TIMEOUT, SSEClient, api, pub_json, rss_kib, unique_channel
 from tidings.brokers.memory import MemoryBroker
 from tidings.errors import ErrorCode, ProtocolError
-from tidings.hub import EMPTY, Hub, Publication
+from tidings.hub import EMPTY, HistoryPolicy, Hub, Publication
 
 CAP = 50
 LIMIT_EXCEEDED = 106
@@ -232,8 +232,8 @@ async def refused(action: Awaitable[object]) -> None:
 
 def test_broker_counts_every_stream_and_the_sweep_frees_unsubscribed_ones() -> None:
     async def scenario() -> None:
-        broker = MemoryBroker(max_channels=3, history_ttl=10.0, meta_ttl=60.0)
-        hub = Hub(broker)
+        broker = MemoryBroker(max_channels=3, meta_ttl=60.0)
+        hub = Hub(broker, history_for=lambda channel: HistoryPolicy(100, 10.0))
         subscriber = Recorder()
         await hub.publish("a", b"1")
         await hub.publish("b", b"1")

@@ -42,7 +42,7 @@ from helpers import (
     unique_channel,
 )
 from tidings.brokers.memory import MemoryBroker, history_cost
-from tidings.hub import ClientInfo, Publication
+from tidings.hub import DEFAULT_HISTORY, ClientInfo, HistoryPolicy, Publication
 
 BUDGET = 2 * 1024 * 1024
 #: What a hostile publisher sends per message: as much as a WebSocket frame may carry.
@@ -247,16 +247,22 @@ class Clock:
         return self.now
 
 
-def publish_now(broker: MemoryBroker, channel: str, data: bytes, extras: int = 0) -> Publication:
+def publish_now(
+    broker: MemoryBroker,
+    channel: str,
+    data: bytes,
+    extras: int = 0,
+    history: HistoryPolicy = DEFAULT_HISTORY,
+) -> Publication:
     """``MemoryBroker.publish`` never awaits: run it to completion without a loop.
 
     ``extras`` bytes each of tags and of the publisher's connection info go along.
     """
     if extras:
         info = ClientInfo("user", "client", conn_info=msgspec.Raw(b'"%s"' % (b"i" * extras)))
-        coro = broker.publish(channel, data, info=info, tags={"tag": "t" * extras})
+        coro = broker.publish(channel, data, history=history, info=info, tags={"tag": "t" * extras})
     else:
-        coro = broker.publish(channel, data)
+        coro = broker.publish(channel, data, history=history)
     with pytest.raises(StopIteration) as done:
         coro.send(None)
     pub: Publication = done.value.value
@@ -289,7 +295,6 @@ class BrokerBooks(RuleBasedStateMachine):
     def start(self) -> None:
         self.clock = Clock()
         self.broker = MemoryBroker(
-            history_for=lambda channel: (4 if channel.startswith("small") else 50, 10.0),
             meta_ttl=30.0,
             max_history_memory=self.budget,
             clock=self.clock,
@@ -302,8 +307,20 @@ class BrokerBooks(RuleBasedStateMachine):
         extras=st.sampled_from([0, 0, 2_000]),
     )
     def publish(self, channel: str, size: int, times: int, extras: int) -> None:
+        history = HistoryPolicy(4 if channel.startswith("small") else 50, 10.0)
         for _ in range(times):
-            publish_now(self.broker, channel, b"x" * size, extras)
+            publish_now(self.broker, channel, b"x" * size, extras, history)
+
+    @rule(
+        channel=st.sampled_from(["a", "small1"]),
+        ring=st.sampled_from([0, 1, 4, 50]),
+        times=st.integers(1, 5),
+    )
+    def publish_with_another_policy(self, channel: str, ring: int, times: int) -> None:
+        """A publication carries its own policy: a ring shrinks, grows or empties at once."""
+        for _ in range(times):
+            publish_now(self.broker, channel, b"x" * 1_000, 0, HistoryPolicy(ring, 10.0))
+        assert len(rings(self.broker)[channel]) <= ring
 
     @rule(seconds=st.sampled_from([1.0, 5.0, 11.0, 40.0]))
     def advance(self, seconds: float) -> None:
@@ -342,12 +359,14 @@ test_broker_books_balance_after_any_sequence.settings = settings(
 def test_the_budget_evicts_the_oldest_publications_in_the_process_first() -> None:
     """With rings and ttl too large to matter, history is exactly the newest suffix that fits."""
     budget = 300_000
-    broker = MemoryBroker(history_size=100_000, history_ttl=1e9, max_history_memory=budget)
+    broker = MemoryBroker(max_history_memory=budget)
+    unbounded = HistoryPolicy(size=100_000, ttl=1e9)
     rng = random.Random(10)
     published: list[Publication] = []
     for _ in range(5_000):
         channel = f"c{rng.randrange(40)}"
-        published.append(publish_now(broker, channel, b"x" * rng.choice([0, 100, 3_000, 30_000])))
+        data = b"x" * rng.choice([0, 100, 3_000, 30_000])
+        published.append(publish_now(broker, channel, data, history=unbounded))
         # The longest suffix of everything published whose charges fit the budget.
         expected: list[Publication] = []
         total = 0
@@ -374,9 +393,9 @@ def test_a_publication_over_the_whole_budget_is_accepted_and_not_kept() -> None:
 def test_the_eviction_queue_stays_bounded_when_history_leaves_by_other_ways() -> None:
     """Ring overflow and expiry leave stale queue entries; compaction must drop them."""
     clock = Clock()
-    broker = MemoryBroker(history_size=4, history_ttl=10.0, meta_ttl=20.0, clock=clock)
+    broker = MemoryBroker(meta_ttl=20.0, clock=clock)
     for n in range(20_000):  # each ring overflows: all but 4 x 10 publications leave
-        publish_now(broker, f"c{n % 10}", b"{}")
+        publish_now(broker, f"c{n % 10}", b"{}", history=HistoryPolicy(4, 10.0))
         check_books(broker, 256 * 1024 * 1024)
     assert len(broker._stored) <= 2 * 40 + 1024 + 1
     clock.now += 30.0  # everything expires, then every stream is forgotten

@@ -24,7 +24,7 @@ from tidings.centrifuge import (
     push_json,
 )
 from tidings.config import Config
-from tidings.hub import Hub, Publication
+from tidings.hub import HistoryPolicy, Hub, Publication
 
 #: The development default: no keys, every namespace open.
 DEV_ACCESS = Access(Config())
@@ -86,7 +86,7 @@ class FakeSession(ClientSession):
 
 
 def make_hub(size: int = 100) -> Hub:
-    return Hub(MemoryBroker(history_size=size))
+    return Hub(MemoryBroker(), history_for=lambda channel: HistoryPolicy(size, 300.0))
 
 
 def run(coro: Any) -> Any:

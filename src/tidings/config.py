@@ -21,6 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
+from .hub import HistoryPolicy
 
 __all__ = ["Config", "ConfigError", "load_config"]
 
@@ -182,12 +183,13 @@ class Config(_Section):
         name = namespace_of(channel)
         return self.channels if not name else self.namespaces.get(name)
 
-    def history_for(self, channel: str) -> tuple[int, float]:
-        """History ``(size, ttl)`` of ``channel``, from its namespace or [history]."""
+    def history_for(self, channel: str) -> HistoryPolicy:
+        """The history ``channel`` keeps, from its namespace or [history]; the hub sends
+        it with each publish, so that brokers need no configuration of their own."""
         namespace = self.namespace(channel) or self.channels
         size = namespace.history_size
         ttl = namespace.history_ttl
-        return (
+        return HistoryPolicy(
             self.history.size if size is None else size,
             self.history.ttl if ttl is None else ttl,
         )

@@ -35,6 +35,7 @@ __all__ = [
     "Client",
     "ClientInfo",
     "EncodedOnce",
+    "HistoryPolicy",
     "Hub",
     "Position",
     "PresenceEvent",
@@ -57,6 +58,25 @@ class Position(msgspec.Struct, frozen=True):
 #: forgotten). A client at this position has missed nothing that history
 #: starting at offset 1 does not hold, whatever that history's epoch.
 EMPTY = Position("", 0)
+
+
+class HistoryPolicy(NamedTuple):
+    """How much history one publication's channel keeps: sent with every publish.
+
+    The hub looks it up per channel (the namespace's policy) and hands it to
+    the broker with the publication, as Centrifugo's ``PublishOptions`` carry
+    ``HistorySize`` and ``HistoryTTL``: brokers store and stamp, and know no
+    namespaces. ``size`` 0 keeps no history (the offset still advances).
+    """
+
+    #: Publications kept, newest last.
+    size: int
+    #: Seconds history is kept after the channel's last publication.
+    ttl: float
+
+
+#: What a hub built without ``history_for`` keeps: the ``[history]`` defaults.
+DEFAULT_HISTORY = HistoryPolicy(size=100, ttl=300.0)
 
 
 def follows(position: Position, pub: Publication) -> bool:
@@ -218,8 +238,16 @@ def reaches(since: Position, publications: list[Publication], top: Position) -> 
 class Hub:
     """Channels and fan-out for one node. See the module docstring."""
 
-    def __init__(self, broker: Broker, *, max_channel_length: int = 255) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        max_channel_length: int = 255,
+        history_for: Callable[[str], HistoryPolicy] = lambda channel: DEFAULT_HISTORY,
+    ) -> None:
+        """``history_for(channel)`` is the channel's history policy, sent with each publish."""
         self._broker = broker
+        self._history_for = history_for
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Client]] = {}
         self._max_channel_length = max_channel_length
@@ -258,7 +286,9 @@ class Hub:
     ) -> Position:
         """Publish raw JSON ``data``; return the position the broker gave it."""
         self.validate_channel(channel)
-        pub = await self._broker.publish(channel, data, info=info, tags=tags)
+        pub = await self._broker.publish(
+            channel, data, history=self._history_for(channel), info=info, tags=tags
+        )
         return pub.position
 
     def _deliver(self, pub: Publication) -> None:

@@ -46,7 +46,11 @@ class Server:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
-        self.hub = Hub(self.broker, max_channel_length=config.limits.max_channel_length)
+        self.hub = Hub(
+            self.broker,
+            max_channel_length=config.limits.max_channel_length,
+            history_for=config.history_for,
+        )
         self.access = Access(config)
         self.cors = CORS(config.allowed_origins)
         self.router = Router()

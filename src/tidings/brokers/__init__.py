@@ -24,10 +24,7 @@ def make_broker(config: Config) -> Broker:
         broker: Broker = RedisBroker(
             config.broker.redis_url,
             prefix=config.broker.prefix,
-            history_size=history.size,
-            history_ttl=history.ttl,
             meta_ttl=history.meta_ttl,
-            history_for=config.history_for,
             presence_ttl=config.broker.presence_ttl,
         )
         return broker
@@ -38,7 +35,6 @@ def make_broker(config: Config) -> Broker:
         return broker
     return MemoryBroker(
         meta_ttl=history.meta_ttl,
-        history_for=config.history_for,
         max_channels=config.limits.max_channels,
         max_history_memory=config.limits.max_history_memory,
     )

@@ -5,6 +5,11 @@ publication, and the broker hands every publication back to every node that
 showed interest in its channel (on one node, at once; through Redis or NATS,
 over the network). History reads are the broker's too, because only it knows
 the true stream of a channel across nodes.
+
+A broker holds no per-channel policy: how much history a channel keeps comes
+with each publication (:class:`~tidings.hub.HistoryPolicy`), as in
+Centrifugo's ``centrifuge`` library, so namespaces live in one place (the
+configuration, read by the hub).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import ClientInfo, Position, PresenceEvent, Publication
+from ..hub import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publication
 
 Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]
@@ -54,10 +59,15 @@ class Broker(ABC):
         channel: str,
         data: bytes,
         *,
+        history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Publication:
-        """Stamp, store and fan out one publication; return it as stamped."""
+        """Stamp, store and fan out one publication; return it as stamped.
+
+        ``history`` is how much of the channel's history to keep from this
+        publication on: the caller's policy, so that a broker needs none.
+        """
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:

@@ -1,14 +1,18 @@
 """The in-memory broker: one process, nothing else to run (the default).
 
 Each channel's stream is a bounded ring of recent publications with a
-time-to-live. A stream is created by its first publication. When it has no
+time-to-live; its size and time-to-live come with each publication
+(:class:`~tidings.hub.HistoryPolicy`), so the broker knows no namespaces. A
+stream is created by its first publication. When it has no
 subscribers, and no publication for ``meta_ttl`` seconds, it is forgotten; if
 the channel comes back, it gets a new epoch, so a client holding an old
 position learns that it cannot be recovered instead of silently missing what
 happened in between. Subscribing creates the stream too, so that a subscriber
 learns the epoch its later publications will carry (the Centrifugo SDKs take
-the epoch from the subscribe reply only). Reading never creates a stream: a
-channel without one is at position ``EMPTY``.
+the epoch from the subscribe reply only); such a stream keeps no history until
+a publication says how much (its ring starts at size 0, and each publication
+resizes it to its policy's size if that differs). Reading never creates a
+stream: a channel without one is at position ``EMPTY``.
 
 The number of streams is capped (``limits.max_channels``): see
 :meth:`MemoryBroker._create`. The bytes all history holds are capped too
@@ -28,7 +32,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, Position, Publication
+from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from .base import Broker
 
 log = logging.getLogger("tidings.broker")
@@ -81,12 +85,13 @@ def history_cost(pub: Publication) -> int:
 class _Stream:
     __slots__ = ("epoch", "expires", "forget_at", "held", "history", "offset")
 
-    def __init__(self, size: int) -> None:
+    def __init__(self) -> None:
         self.epoch = secrets.token_urlsafe(6)
         self.offset = 0
         # Consecutive offsets, oldest first: publications leave only from the
-        # front (or all at once), which ``history()`` slicing relies on.
-        self.history: deque[Publication] = deque(maxlen=size)
+        # front (or all at once), which ``history()`` slicing relies on. Its
+        # ``maxlen`` is the size the last publication asked for (0 before any).
+        self.history: deque[Publication] = deque(maxlen=0)
         #: ``history_cost`` summed over ``history``.
         self.held = 0
         self.expires = 0.0
@@ -103,20 +108,13 @@ class MemoryBroker(Broker):
     def __init__(
         self,
         *,
-        history_size: int = 100,
-        history_ttl: float = 300.0,
         meta_ttl: float = 3600.0,
         sweep_interval: float = 5.0,
-        history_for: Callable[[str], tuple[int, float]] | None = None,
         max_channels: int = 100_000,
         max_history_memory: int = 256 * 1024 * 1024,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        """``history_for(channel) -> (size, ttl)`` overrides the sizes per channel.
-
-        ``clock`` is injectable so that tests can drive expiry without waiting.
-        """
-        self._history_for = history_for or (lambda channel: (history_size, history_ttl))
+        """``clock`` is injectable so that tests can drive expiry without waiting."""
         self._meta_ttl = meta_ttl
         self._sweep_interval = sweep_interval
         self._max_channels = max_channels
@@ -197,7 +195,7 @@ class MemoryBroker(Broker):
                 ErrorCode.LIMIT_EXCEEDED,
                 f"too many channels on this server (limits.max_channels = {self._max_channels})",
             )
-        stream = self._streams[channel] = _Stream(self._history_for(channel)[0])
+        stream = self._streams[channel] = _Stream()
         return stream
 
     def _expire(self, stream: _Stream, now: float) -> None:
@@ -217,6 +215,17 @@ class MemoryBroker(Broker):
         stream.held -= cost
         self._held_bytes -= cost
         self._held_count -= 1
+
+    def _resize(self, stream: _Stream, size: int) -> None:
+        """Give ``stream``'s ring room for ``size`` publications, dropping the oldest over it.
+
+        Runs when a publication's policy differs from the ring's size: at a
+        stream's first publication, and if a channel's policy ever changes.
+        The dropped ones leave from the front, charged back, as an overflow.
+        """
+        while len(stream.history) > size:
+            self._pop_oldest(stream)
+        stream.history = deque(stream.history, maxlen=size)
 
     def _store(self, stream: _Stream, pub: Publication) -> None:
         """Append ``pub`` to its ring, charged, evicting for the ring's size and the budget.
@@ -296,6 +305,7 @@ class MemoryBroker(Broker):
         channel: str,
         data: bytes,
         *,
+        history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Publication:
@@ -303,11 +313,12 @@ class MemoryBroker(Broker):
         stream.offset += 1
         pub = Publication(channel, stream.offset, stream.epoch, data, info, tags)
         now = self._clock()
-        ttl = self._history_for(channel)[1]
-        stream.forget_at = now + max(self._meta_ttl, ttl)
-        if stream.history.maxlen:
+        stream.forget_at = now + max(self._meta_ttl, history.ttl)
+        if stream.history.maxlen != history.size:
+            self._resize(stream, history.size)
+        if history.size:
             self._store(stream, pub)
-            stream.expires = now + ttl
+            stream.expires = now + history.ttl
         if self._deliver is not None:
             self._deliver(pub)
         return pub

@@ -40,7 +40,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, Position, Publication
+from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from .base import Broker, unavailable
 
 __all__ = ["NatsBroker"]
@@ -191,9 +191,11 @@ class NatsBroker(Broker):
         channel: str,
         data: bytes,
         *,
+        history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Publication:
+        """Send to every node; ``history`` is moot, NATS core keeps nothing."""
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise unavailable("not connected to nats")

@@ -6,9 +6,10 @@ channel's two keys in one Redis Cluster slot):
 ``P:{C}:m``  a hash ``{e: epoch, o: offset}``, the channel's position. Expires
              ``meta_ttl`` after the last publication (refreshed while some node
              has subscribers), like the memory broker's stream.
-``P:{C}:h``  a stream of the last ``history_size`` publications; entry ID
+``P:{C}:h``  a stream of the last ``size`` publications; entry ID
              ``<offset>-0``, so history reads are ``XRANGE`` by offset.
-             Expires ``history_ttl`` after the last publication.
+             Expires ``ttl`` after the last publication (both from the
+             :class:`~tidings.hub.HistoryPolicy` each publish carries).
 ``P:p:C``    the pub/sub channel every node interested in ``C`` subscribes to.
 ``P:{C}:pz`` presence: a sorted set of client ids scored by the time (ms) their
              entry expires, and ``P:{C}:ph`` a hash of their ``ClientInfo``.
@@ -45,7 +46,6 @@ import logging
 import random
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -56,7 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, Position, Publication, reaches
+from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
 from .base import Broker, unavailable
 
 __all__ = ["RedisBroker"]
@@ -136,22 +136,17 @@ class RedisBroker(Broker):
         url: str = "redis://127.0.0.1:6379/0",
         *,
         prefix: str = "tidings",
-        history_size: int = 100,
-        history_ttl: float = 300.0,
         meta_ttl: float = 3600.0,
         subscribe_timeout: float = 5.0,
         ping_interval: float = 5.0,
         max_backoff: float = 5.0,
-        history_for: Callable[[str], tuple[int, float]] | None = None,
         presence_ttl: float = 60.0,
     ) -> None:
-        """``history_for(channel) -> (size, ttl)`` overrides the history sizes per channel."""
         self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
         # This node's present clients: (channel, client) -> ClientInfo JSON.
         self._present: dict[tuple[str, str], bytes] = {}
         self._url = url
         self._prefix = prefix
-        self._history_for = history_for or (lambda channel: (history_size, history_ttl))
         self._meta_ttl_ms = max(1, int(meta_ttl * 1000))
         self._subscribe_timeout = subscribe_timeout
         self._ping_interval = ping_interval
@@ -231,14 +226,15 @@ class RedisBroker(Broker):
         channel: str,
         data: bytes,
         *,
+        history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Publication:
         now_ms = int(time.time() * 1000)
         info_json = msgspec.json.encode(info) if info is not None else None
         payload = _encode_body(_Body(data, info_json, tags, now_ms))
-        size, ttl = self._history_for(channel)
-        ttl_ms = max(1, int(ttl * 1000))
+        size = history.size
+        ttl_ms = max(1, int(history.ttl * 1000))
         try:
             offset, epoch = await self._publish_script(
                 keys=self._keys(channel),
