@@ -1,17 +1,11 @@
-"""Centrifugo client protocol v2, JSON form — sans-I/O.
+"""The Centrifugo protocol state of one client connection — sans-I/O.
 
-Everything the WebSocket transport needs to speak to the Centrifugo SDKs
-(centrifuge-js, centrifuge-python, the mobile SDKs) that is not I/O lives here:
-
-* the command schema (msgspec Structs mirroring ``client.proto`` of
-  ``centrifugal/protocol``; unknown fields are ignored, as protobuf's JSON
-  mapping does, so newer SDKs sending ``flag``/``delta``/``tf`` still work);
-* reply and push encoding, with publications embedded as the raw JSON they
-  were published as (never decoded and re-encoded);
-* :class:`ClientSession`, the per-connection protocol state machine: it takes
-  a frame's payload, runs the commands in order against the hub and hands
-  back the reply frame payload through :meth:`ClientSession.send_payload`,
-  or a :class:`Disconnect` when the client broke the protocol.
+:class:`ClientSession`, the per-connection protocol state machine: it takes
+a frame's payload, runs the commands in order against the hub and hands
+back the reply frame payload through :meth:`ClientSession.send_payload`,
+or a :class:`~tidings.centrifuge.schema.Disconnect` when the client broke
+the protocol. The wire (commands, replies, pushes) is
+:mod:`tidings.centrifuge.schema`'s.
 
 No sockets, no timers: the transport (``transports/websocket.py``) owns those.
 Frames may carry several messages separated by ``\\n``; replies to one frame
@@ -23,361 +17,48 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import Annotated, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 import msgspec
 
-from . import __version__
-from .auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
-from .codec import CentrifugoPublication
-from .errors import DisconnectCode, ErrorCode, ProtocolError
-from .hub import ClientInfo, Hub, Position, PresenceEvent, Publication
-from .logs import log_client_error
-from .utf8 import check_utf8, invalid_utf8_field
+from .. import __version__
+from ..auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
+from ..errors import DisconnectCode, ErrorCode, ProtocolError
+from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
+from ..logs import log_client_error
+from .schema import (
+    FLAG_REJECT_UNRECOVERED,
+    BadRequest,
+    ChannelRequest,
+    Command,
+    ConnectRequest,
+    ConnectResult,
+    Disconnect,
+    Empty,
+    HistoryRequest,
+    HistoryResult,
+    PresenceResult,
+    PresenceStatsResult,
+    PublishRequest,
+    RefreshRequest,
+    RefreshResult,
+    Reply,
+    SubRefreshRequest,
+    SubRefreshResult,
+    SubscribeRequest,
+    SubscribeResult,
+    decode_commands,
+    encode_reply,
+    error_reply,
+    presence_push_json,
+    raw_publications,
+    unsubscribe_push,
+)
 
-__all__ = [
-    "PING",
-    "ClientSession",
-    "Command",
-    "Disconnect",
-    "SessionOptions",
-    "SessionTransport",
-    "decode_commands",
-    "encode_reply",
-    "publication_json",
-    "push_json",
-]
-
+#: The package's name, as before the split: operators filter on it.
 log = logging.getLogger("tidings.centrifuge")
 
 VERSION = __version__
-
-#: The server ping: an empty message. A client answers with an empty command.
-PING = b"{}"
-
-#: ``SubscribeRequest.flag`` bit: reject with error 112 instead of answering
-#: ``recovered: false`` (centrifuge-js/-python set it when the app has getState).
-FLAG_REJECT_UNRECOVERED = 2
-
-
-# --------------------------------------------------------------------------- commands
-
-
-class _Req(msgspec.Struct, kw_only=True):
-    pass
-
-
-#: An absent ``data``/``ping`` (msgspec cannot decode into ``Raw | None``).
-_NO_DATA = msgspec.Raw()
-#: The integer types of Centrifugo's client.proto: a command id is a uint32,
-#: an offset a uint64 (bounded at 2**63 - 1, the most msgspec checks). JSON
-#: integers are unbounded; without the bound a 50-digit id or offset would
-#: travel on to the hub, a broker and the SDKs.
-UInt = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
-UInt32 = Annotated[int, msgspec.Meta(ge=0, le=2**32 - 1)]
-
-
-class StreamPosition(_Req):
-    offset: UInt = 0
-    epoch: str = ""
-
-
-class SubscribeRequest(_Req):
-    channel: str = ""
-    token: str = ""
-    recover: bool = False
-    epoch: str = ""
-    offset: UInt = 0
-    data: msgspec.Raw = _NO_DATA
-    positioned: bool = False
-    recoverable: bool = False
-    join_leave: bool = False
-    flag: int = 0
-
-
-class ConnectRequest(_Req):
-    token: str = ""
-    data: msgspec.Raw = _NO_DATA
-    subs: dict[str, SubscribeRequest] | None = None
-    name: str = ""
-    version: str = ""
-
-
-class ChannelRequest(_Req):
-    """unsubscribe, presence, presence_stats: only a channel."""
-
-    channel: str = ""
-
-
-class PublishRequest(_Req):
-    channel: str = ""
-    data: msgspec.Raw = _NO_DATA
-
-
-class HistoryRequest(_Req):
-    channel: str = ""
-    limit: int = 0
-    since: StreamPosition | None = None
-    reverse: bool = False
-
-
-class RPCRequest(_Req):
-    method: str = ""
-    data: msgspec.Raw = _NO_DATA
-
-
-class RefreshRequest(_Req):
-    token: str = ""
-
-
-class SubRefreshRequest(_Req):
-    channel: str = ""
-    token: str = ""
-
-
-class SendRequest(_Req):
-    data: msgspec.Raw = _NO_DATA
-
-
-class Command(_Req):
-    """One client command: an ``id`` and (at most) one request, proto order first."""
-
-    id: UInt32 = 0
-    connect: ConnectRequest | None = None
-    subscribe: SubscribeRequest | None = None
-    unsubscribe: ChannelRequest | None = None
-    publish: PublishRequest | None = None
-    presence: ChannelRequest | None = None
-    presence_stats: ChannelRequest | None = None
-    history: HistoryRequest | None = None
-    ping: msgspec.Raw = _NO_DATA
-    send: SendRequest | None = None
-    rpc: RPCRequest | None = None
-    refresh: RefreshRequest | None = None
-    sub_refresh: SubRefreshRequest | None = None
-
-
-_command_decoder = msgspec.json.Decoder(Command)
-
-
-class BadRequest(Exception):
-    """The payload is no sequence of valid commands; :attr:`disconnect` closes the connection."""
-
-    def __init__(self, disconnect: Disconnect, detail: str) -> None:
-        super().__init__(detail)
-        self.disconnect = disconnect
-
-
-def decode_commands(payload: bytes) -> list[Command]:
-    """Split a frame into commands (one JSON object per ``\\n``-separated line).
-
-    The payload is checked as UTF-8 whole, before msgspec sees it: msgspec
-    skips fields it keeps raw (``data``) or ignores, and those bytes would
-    otherwise be stored and pushed as they came. The frame codec validates
-    text frames too, but commands may arrive in binary frames, and this
-    function must hold on its own.
-    """
-    try:
-        if not payload.strip():
-            raise BadRequest(BAD_REQUEST, "empty frame")
-        check_utf8(payload)
-        if b"\n" not in payload:
-            return [_command_decoder.decode(payload)]
-        return [_command_decoder.decode(line) for line in payload.split(b"\n") if line.strip()]
-    except (ValueError, RecursionError) as exc:
-        raise _refusal(exc, payload) from None
-
-
-def _refusal(exc: ValueError | RecursionError, payload: bytes) -> BadRequest:
-    """The one place where what the decoder raised becomes a close code.
-
-    Invalid UTF-8 anywhere in the payload closes with 1007, as RFC 6455 §8.1
-    requires for text and RFC 8259 §8.1 makes of JSON in any frame. Anything
-    else the decoder refuses — malformed JSON, a lone surrogate escape, a
-    wrong type or an out-of-range integer (``msgspec.DecodeError`` and
-    ``ValidationError``, both ``ValueError``), nesting past msgspec's depth
-    limit (``RecursionError``) — closes with 3501, as Centrifugo does.
-    """
-    if isinstance(exc, UnicodeDecodeError):
-        # ``publish.data``: a command's method, then the field of its request.
-        fields = (invalid_utf8_field(line, depth=2) for line in payload.split(b"\n"))
-        field = next((name for name in fields if name), "")
-        detail = f"invalid UTF-8 in {field}" if field else "invalid UTF-8"
-        return BadRequest(Disconnect(DisconnectCode.INVALID_DATA, detail), detail)
-    if isinstance(exc, RecursionError):
-        return BadRequest(BAD_REQUEST, "JSON nested too deeply")
-    return BadRequest(BAD_REQUEST, str(exc))
-
-
-# --------------------------------------------------------------------------- replies
-
-
-class _Res(msgspec.Struct, omit_defaults=True, kw_only=True):
-    pass
-
-
-class Error(_Res):
-    code: int
-    message: str
-    temporary: bool = False
-
-
-class SubscribeResult(_Res):
-    expires: bool = False
-    ttl: int = 0
-    recoverable: bool = False
-    epoch: str = ""
-    publications: list[msgspec.Raw] | None = None
-    recovered: bool = False
-    offset: int = 0
-    positioned: bool = False
-    was_recovering: bool = False
-
-
-class ConnectResult(_Res):
-    client: str
-    version: str = ""
-    expires: bool = False
-    ttl: int = 0
-    data: msgspec.Raw | None = None
-    subs: dict[str, SubscribeResult] | None = None
-    ping: int = 0
-    pong: bool = False
-
-
-class Empty(_Res):
-    pass
-
-
-class HistoryResult(_Res):
-    publications: list[msgspec.Raw] | None = None
-    epoch: str = ""
-    offset: int = 0
-
-
-class RefreshResult(_Res):
-    client: str = ""
-    version: str = ""
-    expires: bool = False
-    ttl: int = 0
-
-
-class SubRefreshResult(_Res):
-    expires: bool = False
-    ttl: int = 0
-
-
-class PresenceResult(_Res):
-    presence: dict[str, ClientInfo] = msgspec.field(default_factory=dict)
-
-
-class PresenceStatsResult(_Res):
-    num_clients: int = 0
-    num_users: int = 0
-
-
-class Reply(_Res):
-    id: int = 0
-    error: Error | None = None
-    connect: ConnectResult | None = None
-    subscribe: SubscribeResult | None = None
-    unsubscribe: Empty | None = None
-    publish: Empty | None = None
-    presence: PresenceResult | None = None
-    presence_stats: PresenceStatsResult | None = None
-    history: HistoryResult | None = None
-    ping: Empty | None = None
-    refresh: RefreshResult | None = None
-    sub_refresh: SubRefreshResult | None = None
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def encode_reply(reply: Reply) -> bytes:
-    return _encode(reply)
-
-
-def error_reply(cmd_id: int, exc: ProtocolError) -> bytes:
-    return _encode(Reply(id=cmd_id, error=Error(int(exc.code), exc.message, exc.temporary)))
-
-
-# --------------------------------------------------------------------------- publications
-
-
-def publication_json(pub: Publication) -> bytes:
-    """Centrifugo's ``Publication`` object; cache it with ``pub.encoded(publication_json)``."""
-    return _encode(CentrifugoPublication.of(pub))
-
-
-def push_json(pub: Publication) -> bytes:
-    """The whole push message for ``pub``: ``{"push":{"channel":..,"pub":{..}}}``.
-
-    Cached per publication (``pub.encoded(push_json)``) and shared by every
-    WebSocket subscriber: the transport frames these bytes once.
-    """
-    return b"".join(
-        (
-            b'{"push":{"channel":',
-            _encode(pub.channel),
-            b',"pub":',
-            pub.encoded(publication_json),
-            b"}}",
-        )
-    )
-
-
-class _Info(_Res):
-    info: ClientInfo
-
-
-def presence_push_json(event: PresenceEvent) -> bytes:
-    """``{"push":{"channel":..,"join"|"leave":{"info":{..}}}}``; cache with ``event.encoded``."""
-    return b"".join(
-        (
-            b'{"push":{"channel":',
-            _encode(event.channel),
-            b',"' + event.kind.encode() + b'":',
-            _encode(_Info(event.info)),
-            b"}}",
-        )
-    )
-
-
-class _Unsubscribe(_Res):
-    code: int
-    reason: str
-
-
-class _UnsubscribePush(_Res):
-    channel: str
-    unsubscribe: _Unsubscribe
-
-
-class _PushEnvelope(_Res):
-    push: _UnsubscribePush
-
-
-def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
-    """``{"push":{"channel":..,"unsubscribe":{"code":..,"reason":..}}}``."""
-    return _encode(_PushEnvelope(_UnsubscribePush(channel, _Unsubscribe(code, reason))))
-
-
-def _raw_publications(pubs: list[Publication]) -> list[msgspec.Raw]:
-    return [msgspec.Raw(pub.encoded(publication_json)) for pub in pubs]
-
-
-# --------------------------------------------------------------------------- the session
-
-
-class Disconnect(NamedTuple):
-    """Close the connection with this WebSocket close code and reason."""
-
-    code: int
-    reason: str
-
-
-BAD_REQUEST = Disconnect(DisconnectCode.BAD_REQUEST, "bad request")
 
 
 class SessionOptions(NamedTuple):
@@ -781,7 +462,7 @@ class ClientSession:
             offset=position.offset,
             recovered=recovery.recovered,
             was_recovering=recover,
-            publications=_raw_publications(recovery.publications) or None,
+            publications=raw_publications(recovery.publications) or None,
         )
 
     async def _join(self, channel: str, grant: Grant | None) -> None:
@@ -836,7 +517,7 @@ class ClientSession:
         if since is not None and since.epoch != top.epoch and since.epoch and top.epoch:
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         result = HistoryResult(
-            publications=_raw_publications(pubs) or None, epoch=top.epoch, offset=top.offset
+            publications=raw_publications(pubs) or None, epoch=top.epoch, offset=top.offset
         )
         return encode_reply(Reply(id=cmd_id, history=result))
 
