@@ -13,6 +13,13 @@ to run the whole suite on the other event loop.
 
 No child survives the test run: each is killed at teardown, and on Linux it also gets
 SIGKILL from the kernel if the pytest process itself dies (PR_SET_PDEATHSIG).
+
+Test tiers (markers registered in pyproject.toml, tiers in CONTRIBUTING.md): what a test needs
+is read here, in one place, from the fixtures it requests -- ``server``/``server_factory``/
+``spawn`` mark it ``server``, ``redis_server`` ``redis``, ``nats_server`` ``nats`` -- plus the
+markers a file declares for needs no fixture shows (``node``, ``browser``, ``server`` for tests
+that start processes themselves). A test that needs none of these is ``unit``. A file of unit
+tests says so (``pytestmark = pytest.mark.unit``); a test in it that starts a process fails.
 """
 
 from __future__ import annotations
@@ -292,3 +299,40 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     rep = yield
     setattr(item, "rep_" + rep.when, rep)
     return rep
+
+
+#: Fixtures that start a process, and the marker a test requesting one gets.
+PROCESS_FIXTURES = {
+    "server": "server",
+    "server_factory": "server",
+    "module_server_factory": "server",
+    "spawn": "server",
+    "redis_server": "redis",
+    "nats_server": "nats",
+}
+#: Markers saying a test needs more than Python; a test with none of them is ``unit``.
+NEEDS_MORE_THAN_PYTHON = ("server", "redis", "nats", "node", "browser")
+
+
+def _needs(item: pytest.Item) -> list[str]:
+    return [name for name in NEEDS_MORE_THAN_PYTHON if item.get_closest_marker(name)]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark each test with what it needs, and ``unit`` when that is only Python."""
+    for item in items:
+        for fixture in sorted(PROCESS_FIXTURES.keys() & set(getattr(item, "fixturenames", ()))):
+            item.add_marker(PROCESS_FIXTURES[fixture])
+        if not _needs(item):
+            item.add_marker("unit")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test declared ``unit`` must not start a process: ``-m unit`` promises Python only."""
+    needs = _needs(item)
+    if item.get_closest_marker("unit") and needs:
+        pytest.fail(
+            f"{item.nodeid} is in a file marked unit but needs {', '.join(needs)}: "
+            "move it to a file of server tests, or drop its process fixture",
+            pytrace=False,
+        )

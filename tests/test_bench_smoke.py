@@ -18,6 +18,8 @@ import pytest
 
 from brokers_support import find_binary
 
+pytestmark = pytest.mark.server  # runs bench/run.py, which starts the servers it measures
+
 ROOT = Path(__file__).resolve().parent.parent
 N = 50
 K = 3
@@ -89,6 +91,7 @@ def test_bench_quick_websocket(tmp_path: Path) -> None:
     check(result)
 
 
+@pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_bench_scale(tmp_path: Path) -> None:
     """``--scale`` at tiny N: 2 workers + Redis, every broadcast counted, nothing left running."""

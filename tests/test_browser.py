@@ -20,6 +20,8 @@ from browser_support import Proxy, launch_browser
 from conftest import ServerProcess, free_port
 from helpers import api, publish, unique_channel
 
+pytestmark = pytest.mark.browser
+
 WAIT_MS = 20_000
 
 # Short timeouts so that fallbacks and reconnects happen quickly in the tests.

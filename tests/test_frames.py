@@ -33,6 +33,8 @@ from tidings.frames import (
 )
 from ws_support import strict_inflate
 
+pytestmark = pytest.mark.unit
+
 MAX = 4096
 
 

@@ -14,6 +14,8 @@ import pytest
 
 from tidings.http.state import ANSWERING, READING, Answering, InvalidTransition, Reading, advance
 
+pytestmark = pytest.mark.unit
+
 
 @pytest.mark.parametrize(("table", "states"), [(READING, Reading), (ANSWERING, Answering)])
 def test_every_state_has_a_row(table: Any, states: type[Enum]) -> None:

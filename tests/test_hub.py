@@ -11,6 +11,8 @@ from tidings.cursor import decode_cursor, encode_cursor
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import DEFAULT_HISTORY, EMPTY, HistoryPolicy, Hub, Position, Publication
 
+pytestmark = pytest.mark.unit
+
 
 class Recorder:
     """A subscriber that remembers what it was given."""

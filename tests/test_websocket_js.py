@@ -16,9 +16,12 @@ from helpers import publish, unique_channel
 from ws_support import NodeClient, Proxy, ensure_js_deps, node_available
 
 # Skipped on a developer machine without node; in CI (CI=true) a missing node fails.
-pytestmark = pytest.mark.skipif(
-    not node_available() and not os.environ.get("CI"), reason="node and npm are needed"
-)
+pytestmark = [
+    pytest.mark.node,
+    pytest.mark.skipif(
+        not node_available() and not os.environ.get("CI"), reason="node and npm are needed"
+    ),
+]
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -26,6 +26,8 @@ from tidings.centrifuge import (
 from tidings.config import Config
 from tidings.hub import HistoryPolicy, Hub, Publication
 
+pytestmark = pytest.mark.unit
+
 #: The development default: no keys, every namespace open.
 DEV_ACCESS = Access(Config())
 

@@ -25,6 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from targets import TARGETS, InvariantBroken, Target, check, frames_available
 
+pytestmark = pytest.mark.unit
+
 HERE = Path(__file__).resolve().parent
 
 #: Examples per strategy and target, sized so that the whole file runs in well
