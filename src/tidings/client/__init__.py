@@ -9,12 +9,19 @@ Needs the ``client`` extra (``pip install 'tidings[client]'``) for httpx::
 
     async for pub in subscribe("http://localhost:8000", ["news"], transport="ws"):
         print(pub.channel, pub.offset, pub.data)
+
+The modules without I/O — :mod:`.calls` (the API's methods) and :mod:`.sse`
+(the event-stream parser) — need no httpx, so that ``tidings publish`` and
+``tidings subscribe`` share them without the extra; the two httpx clients are
+therefore imported on first use, which is where a missing httpx is reported.
 """
 
 from __future__ import annotations
 
-from .api import (
-    APIClient,
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from .calls import (
     APIError,
     ChannelInfo,
     ChannelsResult,
@@ -26,9 +33,11 @@ from .api import (
     PresenceResult,
     PresenceStatsResult,
     PublishResult,
-    SyncAPIClient,
 )
 from .subscriber import Publication, SubscriptionClosed, decode_cursor, encode_cursor, subscribe
+
+if TYPE_CHECKING:
+    from .api import APIClient, SyncAPIClient
 
 __all__ = [
     "APIClient",
@@ -50,3 +59,12 @@ __all__ = [
     "encode_cursor",
     "subscribe",
 ]
+
+_NEED_HTTPX = frozenset({"APIClient", "SyncAPIClient"})
+
+
+def __getattr__(name: str) -> Any:
+    """``APIClient`` and ``SyncAPIClient``, imported (with httpx) when first asked for."""
+    if name in _NEED_HTTPX:
+        return getattr(importlib.import_module(".api", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -9,18 +9,38 @@ server's error code (Centrifugo numbering: 101 unauthorized, 107 bad request,
 
     with SyncAPIClient("http://localhost:8000") as api:
         print(api.history("news", limit=-1).publications)
+
+Both classes are thin shells over :mod:`tidings.client.calls`, where each
+method's parameters and answer decoding are written once: a method here only
+sends the :class:`~tidings.client.calls.Call` it gets there, with
+``httpx.AsyncClient`` or ``httpx.Client``.
 """
 
 from __future__ import annotations
 
 from typing import Any, TypeVar
 
-import msgspec
-
 try:
     import httpx
 except ImportError as exc:  # pragma: no cover - depends on the installed extras
     raise ImportError("tidings.client needs httpx: pip install 'tidings[client]'") from exc
+
+from . import calls
+from .calls import (
+    APIError,
+    Call,
+    ChannelInfo,
+    ChannelsResult,
+    ClientInfo,
+    Endpoint,
+    HistoryPublication,
+    HistoryResult,
+    InfoResult,
+    NodeInfo,
+    PresenceResult,
+    PresenceStatsResult,
+    PublishResult,
+)
 
 __all__ = [
     "APIClient",
@@ -41,156 +61,6 @@ __all__ = [
 T = TypeVar("T")
 
 
-class APIError(Exception):
-    """An error answer of the server API: ``code`` is the server's, ``status`` the HTTP one."""
-
-    def __init__(self, code: int, message: str, status: int = 200) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.message = message
-        self.status = status
-
-
-class _Result(msgspec.Struct, kw_only=True):
-    pass
-
-
-class PublishResult(_Result):
-    offset: int = 0
-    epoch: str = ""
-
-
-class ClientInfo(_Result):
-    user: str = ""
-    client: str = ""
-    conn_info: Any = None
-    chan_info: Any = None
-
-
-class HistoryPublication(_Result):
-    data: Any = None
-    offset: int = 0
-    info: ClientInfo | None = None
-    tags: dict[str, str] | None = None
-    time: int | None = None
-
-
-class HistoryResult(_Result):
-    publications: list[HistoryPublication] = msgspec.field(default_factory=list)
-    epoch: str = ""
-    offset: int = 0
-
-
-class PresenceResult(_Result):
-    presence: dict[str, ClientInfo] = msgspec.field(default_factory=dict)
-
-
-class PresenceStatsResult(_Result):
-    num_clients: int = 0
-    num_users: int = 0
-
-
-class ChannelInfo(_Result):
-    num_clients: int = 0
-
-
-class ChannelsResult(_Result):
-    channels: dict[str, ChannelInfo] = msgspec.field(default_factory=dict)
-
-
-class NodeInfo(_Result):
-    uid: str = ""
-    name: str = ""
-    version: str = ""
-    num_clients: int = 0
-    num_channels: int = 0
-    uptime: int = 0
-
-
-class InfoResult(_Result):
-    nodes: list[NodeInfo] = msgspec.field(default_factory=list)
-
-
-class _Empty(_Result):
-    pass
-
-
-class _ErrorBody(msgspec.Struct):
-    code: int = 0
-    message: str = ""
-
-
-class _BroadcastItem(msgspec.Struct):
-    result: PublishResult | None = None
-    error: _ErrorBody | None = None
-
-
-class _BroadcastResult(_Result):
-    responses: list[_BroadcastItem] = msgspec.field(default_factory=list)
-
-
-_encode = msgspec.json.Encoder().encode
-
-
-def _params(**kw: Any) -> dict[str, Any]:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-def _parse(response: httpx.Response, result_type: type[T]) -> T:
-    """The ``result`` of an answer as ``result_type``; :class:`APIError` for an ``error``."""
-    try:
-        body = msgspec.json.decode(response.content)
-    except msgspec.DecodeError:
-        raise APIError(
-            0, f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
-        ) from None
-    if not isinstance(body, dict):
-        raise APIError(0, f"unexpected answer: {response.text[:200]}", response.status_code)
-    error = body.get("error")
-    if error is not None:
-        err = msgspec.convert(error, _ErrorBody)
-        raise APIError(err.code, err.message, response.status_code)
-    if response.status_code != 200 or "result" not in body:
-        raise APIError(
-            0, f"HTTP {response.status_code}: {response.text[:200]}", response.status_code
-        )
-    return msgspec.convert(body["result"], result_type)
-
-
-def _broadcast_results(res: _BroadcastResult) -> list[PublishResult | APIError]:
-    out: list[PublishResult | APIError] = []
-    for item in res.responses:
-        if item.error is not None:
-            out.append(APIError(item.error.code, item.error.message))
-        else:
-            out.append(item.result or PublishResult())
-    return out
-
-
-class _Requests:
-    """What both clients share: URLs, headers and the parameters of each method."""
-
-    def __init__(self, url: str, api_key: str | None) -> None:
-        self.base = url.rstrip("/") + "/api/"
-        self.headers = {"Content-Type": "application/json"}
-        if api_key:
-            self.headers["X-API-Key"] = api_key
-
-    @staticmethod
-    def history_params(
-        channel: str, limit: int | None, since: tuple[str, int] | None, reverse: bool
-    ) -> dict[str, Any]:
-        since_obj = {"epoch": since[0], "offset": since[1]} if since is not None else None
-        return _params(channel=channel, limit=limit, since=since_obj, reverse=reverse or None)
-
-    @staticmethod
-    def disconnect_params(
-        user: str, client: str | None, code: int | None, reason: str | None
-    ) -> dict[str, Any]:
-        disconnect = _params(code=code, reason=reason) or None
-        return _params(user=user, client=client, disconnect=disconnect)
-
-
 class APIClient:
     """The server API over HTTP, async (httpx). Use as ``async with`` or call :meth:`aclose`."""
 
@@ -202,7 +72,7 @@ class APIClient:
         timeout: float = 10.0,
         client: httpx.AsyncClient | None = None,
     ) -> None:
-        self._req = _Requests(url, api_key)
+        self._endpoint = Endpoint(url, api_key)
         self._own = client is None
         self._http = client or httpx.AsyncClient(timeout=timeout)
 
@@ -216,28 +86,27 @@ class APIClient:
         if self._own:
             await self._http.aclose()
 
+    async def send(self, call: Call[T]) -> T:
+        """Send a :class:`~tidings.client.calls.Call` and return its decoded result."""
+        response = await self._http.post(
+            self._endpoint.url(call), content=call.body(), headers=self._endpoint.headers
+        )
+        return call.read(response.status_code, response.content)
+
     async def call(self, method: str, params: dict[str, Any], result_type: type[T]) -> T:
         """Any API method: POST ``params`` and decode the result as ``result_type``."""
-        resp = await self._http.post(
-            self._req.base + method, content=_encode(params), headers=self._req.headers
-        )
-        return _parse(resp, result_type)
+        return await self.send(calls.call(method, params, result_type))
 
     async def publish(
         self, channel: str, data: Any, *, tags: dict[str, str] | None = None
     ) -> PublishResult:
-        return await self.call(
-            "publish", _params(channel=channel, data=data, tags=tags), PublishResult
-        )
+        return await self.send(calls.publish(channel, data, tags=tags))
 
     async def broadcast(
         self, channels: list[str], data: Any, *, tags: dict[str, str] | None = None
     ) -> list[PublishResult | APIError]:
         """One result per channel, in order: a :class:`PublishResult` or an :class:`APIError`."""
-        res = await self.call(
-            "broadcast", _params(channels=channels, data=data, tags=tags), _BroadcastResult
-        )
-        return _broadcast_results(res)
+        return await self.send(calls.broadcast(channels, data, tags=tags))
 
     async def history(
         self,
@@ -248,20 +117,19 @@ class APIClient:
         reverse: bool = False,
     ) -> HistoryResult:
         """``limit``: None/0 position only, -1 all, N at most N. ``since``: ``(epoch, offset)``."""
-        params = self._req.history_params(channel, limit, since, reverse)
-        return await self.call("history", params, HistoryResult)
+        return await self.send(calls.history(channel, limit=limit, since=since, reverse=reverse))
 
     async def presence(self, channel: str) -> PresenceResult:
-        return await self.call("presence", {"channel": channel}, PresenceResult)
+        return await self.send(calls.presence(channel))
 
     async def presence_stats(self, channel: str) -> PresenceStatsResult:
-        return await self.call("presence_stats", {"channel": channel}, PresenceStatsResult)
+        return await self.send(calls.presence_stats(channel))
 
     async def channels(self, pattern: str | None = None) -> ChannelsResult:
-        return await self.call("channels", _params(pattern=pattern), ChannelsResult)
+        return await self.send(calls.channels(pattern))
 
     async def info(self) -> InfoResult:
-        return await self.call("info", {}, InfoResult)
+        return await self.send(calls.info())
 
     async def disconnect(
         self,
@@ -271,12 +139,10 @@ class APIClient:
         code: int | None = None,
         reason: str | None = None,
     ) -> None:
-        params = self._req.disconnect_params(user, client, code, reason)
-        await self.call("disconnect", params, _Empty)
+        await self.send(calls.disconnect(user, client=client, code=code, reason=reason))
 
     async def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
-        params = _params(user=user, channel=channel, client=client)
-        await self.call("unsubscribe", params, _Empty)
+        await self.send(calls.unsubscribe(user, channel, client=client))
 
 
 class SyncAPIClient:
@@ -290,7 +156,7 @@ class SyncAPIClient:
         timeout: float = 10.0,
         client: httpx.Client | None = None,
     ) -> None:
-        self._req = _Requests(url, api_key)
+        self._endpoint = Endpoint(url, api_key)
         self._own = client is None
         self._http = client or httpx.Client(timeout=timeout)
 
@@ -304,24 +170,27 @@ class SyncAPIClient:
         if self._own:
             self._http.close()
 
-    def call(self, method: str, params: dict[str, Any], result_type: type[T]) -> T:
-        resp = self._http.post(
-            self._req.base + method, content=_encode(params), headers=self._req.headers
+    def send(self, call: Call[T]) -> T:
+        """Send a :class:`~tidings.client.calls.Call` and return its decoded result."""
+        response = self._http.post(
+            self._endpoint.url(call), content=call.body(), headers=self._endpoint.headers
         )
-        return _parse(resp, result_type)
+        return call.read(response.status_code, response.content)
+
+    def call(self, method: str, params: dict[str, Any], result_type: type[T]) -> T:
+        """Any API method: POST ``params`` and decode the result as ``result_type``."""
+        return self.send(calls.call(method, params, result_type))
 
     def publish(
         self, channel: str, data: Any, *, tags: dict[str, str] | None = None
     ) -> PublishResult:
-        return self.call("publish", _params(channel=channel, data=data, tags=tags), PublishResult)
+        return self.send(calls.publish(channel, data, tags=tags))
 
     def broadcast(
         self, channels: list[str], data: Any, *, tags: dict[str, str] | None = None
     ) -> list[PublishResult | APIError]:
-        res = self.call(
-            "broadcast", _params(channels=channels, data=data, tags=tags), _BroadcastResult
-        )
-        return _broadcast_results(res)
+        """One result per channel, in order: a :class:`PublishResult` or an :class:`APIError`."""
+        return self.send(calls.broadcast(channels, data, tags=tags))
 
     def history(
         self,
@@ -331,20 +200,20 @@ class SyncAPIClient:
         since: tuple[str, int] | None = None,
         reverse: bool = False,
     ) -> HistoryResult:
-        params = self._req.history_params(channel, limit, since, reverse)
-        return self.call("history", params, HistoryResult)
+        """``limit``: None/0 position only, -1 all, N at most N. ``since``: ``(epoch, offset)``."""
+        return self.send(calls.history(channel, limit=limit, since=since, reverse=reverse))
 
     def presence(self, channel: str) -> PresenceResult:
-        return self.call("presence", {"channel": channel}, PresenceResult)
+        return self.send(calls.presence(channel))
 
     def presence_stats(self, channel: str) -> PresenceStatsResult:
-        return self.call("presence_stats", {"channel": channel}, PresenceStatsResult)
+        return self.send(calls.presence_stats(channel))
 
     def channels(self, pattern: str | None = None) -> ChannelsResult:
-        return self.call("channels", _params(pattern=pattern), ChannelsResult)
+        return self.send(calls.channels(pattern))
 
     def info(self) -> InfoResult:
-        return self.call("info", {}, InfoResult)
+        return self.send(calls.info())
 
     def disconnect(
         self,
@@ -354,7 +223,7 @@ class SyncAPIClient:
         code: int | None = None,
         reason: str | None = None,
     ) -> None:
-        self.call("disconnect", self._req.disconnect_params(user, client, code, reason), _Empty)
+        self.send(calls.disconnect(user, client=client, code=code, reason=reason))
 
     def unsubscribe(self, user: str, channel: str, *, client: str | None = None) -> None:
-        self.call("unsubscribe", _params(user=user, channel=channel, client=client), _Empty)
+        self.send(calls.unsubscribe(user, channel, client=client))

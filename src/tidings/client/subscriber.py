@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
+import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -24,9 +26,12 @@ from typing import Any, Literal
 from .. import cursor
 from ..errors import ProtocolError
 from ..hub import Position as HubPosition
-from .api import APIError
+from .calls import APIError
+from .sse import DEFAULT_MAX_LINE, Event, EventStreamError, SSEParser
 
 __all__ = ["Publication", "SubscriptionClosed", "decode_cursor", "encode_cursor", "subscribe"]
+
+log = logging.getLogger(__name__)
 
 Position = tuple[str, int]  # (epoch, offset)
 TokenSource = Callable[[], Awaitable[str | None]]
@@ -104,12 +109,15 @@ async def subscribe(
     min_backoff: float = 0.25,
     max_backoff: float = 20.0,
     read_timeout: float = 60.0,
+    max_line: int = DEFAULT_MAX_LINE,
 ) -> AsyncIterator[Publication]:
     """Yield the publications of ``channels``, forever (until the loop is left).
 
     ``url`` is the server's HTTP base URL (``http://host:8000``). ``token`` is a
     connection token; ``get_token`` is awaited for a fresh one on every
     (re)connect instead. ``cursor`` resumes from a cursor saved earlier.
+    ``max_line`` bounds, in bytes, one SSE line and one event's data: a server
+    (or proxy) sending more is dropped and reconnected to, with a warning.
     Raises :class:`SubscriptionClosed` when the server refuses for good.
     """
     names = [channels] if isinstance(channels, str) else list(dict.fromkeys(channels))
@@ -122,7 +130,7 @@ async def subscribe(
     async def current_token() -> str | None:
         return (await get_token()) if get_token is not None else token
 
-    run = _run_ws if transport == "ws" else _run_sse
+    run = _run_ws if transport == "ws" else functools.partial(_run_sse, max_line=max_line)
     if transport not in ("ws", "sse"):
         raise ValueError(f"transport must be 'ws' or 'sse', not {transport!r}")
     while True:
@@ -265,6 +273,8 @@ async def _run_sse(
     queue: asyncio.Queue[Publication | BaseException | None],
     established: asyncio.Event,
     read_timeout: float,
+    *,
+    max_line: int,
 ) -> None:
     import httpx
 
@@ -295,37 +305,28 @@ async def _run_sse(
                 else:
                     queue.put_nowait(APIError(code, message, resp.status_code))
                 return
-            name, data, event_id = "", [], ""
-            async for line in resp.aiter_lines():
-                if line:
-                    key, _, value = line.partition(":")
-                    value = value.removeprefix(" ")
-                    if key == "event":
-                        name = value
-                    elif key == "data":
-                        data.append(value)
-                    elif key == "id":
-                        event_id = value
-                    continue
-                if data:
-                    _on_event(name, "\n".join(data), event_id, state, queue, established)
-                name, data, event_id = "", [], ""
+            parser = SSEParser(max_line=max_line, max_event=max_line)
+            async for chunk in resp.aiter_bytes():
+                for event in parser.feed(chunk):
+                    _on_event(event, state, queue, established)
         queue.put_nowait(_Retry("stream ended"))
+    except EventStreamError as exc:
+        log.warning("%s: %s; reconnecting", base + "/sse", exc)
+        queue.put_nowait(exc)
     except Exception as exc:  # SubscriptionClosed included: the consumer raises it
         queue.put_nowait(exc)
 
 
 def _on_event(
-    name: str,
-    data: str,
-    event_id: str,
+    event: Event,
     state: _State,
     queue: asyncio.Queue[Publication | BaseException | None],
     established: asyncio.Event,
 ) -> None:
-    body = json.loads(data)
+    name = event.event
+    body = json.loads(event.data)
     if name == "subscribed":
-        for channel, (epoch, offset) in decode_cursor(event_id).items():
+        for channel, (epoch, offset) in decode_cursor(event.id).items():
             last = state.positions.get(channel)
             if last is None or last[0] != epoch:
                 state.positions[channel] = (epoch, offset)
@@ -345,7 +346,7 @@ def _on_event(
                     int(body.get("code", 0)), "unsubscribed from every channel"
                 )
         raise _Retry("unsubscribed")
-    elif name in ("", "message"):
+    elif name == "message":
         pub = Publication(
             channel=body["channel"],
             data=body.get("data"),
