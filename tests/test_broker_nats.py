@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 
 from brokers_support import Node, run_nodes, until
@@ -172,3 +174,32 @@ def test_a_publication_right_after_subscribe_is_delivered(nats_server: NatsServe
         assert sorted(p.channel for p in got) == sorted(channels)
 
     run(nats_server, body, nodes=2)
+
+
+def test_malformed_messages_from_nats_are_logged_and_skipped(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can publish to NATS can send garbage on our subjects: a WARNING
+    without traceback, no offset spent on it, the next publication delivered."""
+    info = ClientInfo(user="u", conn_info=msgspec.Raw(b'{"name":"x"}'))
+    garbage = [
+        b"\xc1",
+        msgspec.msgpack.encode([b'{"a":', None, None, 1]),
+        msgspec.msgpack.encode([b"1", b'{"conn_info":"\xff"}', None, 1]),
+    ]
+
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("m")
+        nc = a.broker._nc
+        for message in garbage:
+            await nc.publish(b.broker._subject("m"), message)
+        await a.broker.publish("m", b'"fine"', history=DEFAULT_HISTORY, info=info)
+        (got,) = await b.wait_for(1)
+        assert (got.offset, got.data, got.info) == (1, b'"fine"', info)
+
+    with caplog.at_level("INFO", logger="tidings.brokers.nats"):
+        run(nats_server, body, nodes=2)
+    dropped = [r for r in caplog.records if "dropped a malformed" in r.getMessage()]
+    assert len(dropped) == len(garbage), caplog.text
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in dropped)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text

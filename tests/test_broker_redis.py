@@ -7,12 +7,15 @@ tidings process would have; the server-level tests are in test_scaleout.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import pytest
 
 from brokers_support import Node, run_nodes, until
+from tidings.brokers import envelope
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import ProtocolError
 from tidings.hub import (
@@ -265,3 +268,64 @@ def test_history_size_comes_with_each_publication(redis_server: RedisServer) -> 
         assert [p.offset for p in pubs] == [3, 4, 5, 6] and top.offset == 6
 
     run(redis_server, body)
+
+
+def test_malformed_messages_from_redis_are_logged_and_skipped(
+    redis_server: RedisServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Anyone who can write to Redis can publish garbage on our pub/sub channel or
+    into a history stream: a WARNING without traceback, the rest still delivered."""
+    garbage = [
+        b"no newlines at all",
+        b"x\nepoch\n" + envelope.encode(b"1", None, None, 1),  # offset not a number
+        b"1\nepoch\n\xc1\xc1",  # not msgpack
+        b"1\nepoch\n" + msgspec.msgpack.encode([b'{"a":', None, None, 1]),  # data not JSON
+    ]
+
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("m")
+        for message in garbage:
+            await a.broker._redis.execute_command("PUBLISH", "t:p:m", message)
+        await a.broker._redis.execute_command(
+            "XADD", "t:{m}:h", "1-0", "p", msgspec.msgpack.encode([b"{", None, None, 1])
+        )
+        await a.broker._redis.execute_command("HSET", "t:{m}:m", "o", 1)
+        pub = await a.broker.publish("m", b'"fine"', history=KEEP)
+        (got,) = await b.wait_for(1)
+        assert (got.offset, got.data) == (2, b'"fine"') == (pub.offset, pub.data)
+        pubs, top = await b.broker.history("m")
+        assert [p.offset for p in pubs] == [2] and top.offset == 2  # the bad entry left out
+        assert not reaches(EMPTY, pubs, top)  # so a recovery across it is refused, no gap
+        assert b.broker.healthy
+
+    with caplog.at_level("INFO", logger="tidings.brokers.redis"):
+        run(redis_server, body, nodes=2)
+    dropped = [r for r in caplog.records if "dropped a malformed" in r.getMessage()]
+    skipped = [r for r in caplog.records if "skipped history entry" in r.getMessage()]
+    assert len(dropped) == len(garbage) and len(skipped) == 1, caplog.text
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in dropped + skipped)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_publisher_and_presence_info_with_connection_info_cross_nodes(
+    redis_server: RedisServer,
+) -> None:
+    """ClientInfo holding raw JSON (a token's info) survives the trip through Redis."""
+    info = ClientInfo(
+        user="u",
+        client="c",
+        conn_info=msgspec.Raw(b'{"name":"\xc3\xa9","n":[1]}'),
+        chan_info=msgspec.Raw(b'"room"'),
+    )
+
+    async def body(a: Node, b: Node) -> None:
+        await b.broker.subscribe("i")
+        await a.broker.publish("i", b"1", history=KEEP, info=info)
+        (got,) = await b.wait_for(1)
+        assert got.info == info
+        (kept,), _ = await b.broker.history("i")
+        assert kept.info == info
+        await a.broker.add_presence("i", "c", info)
+        assert await b.broker.presence("i") == {"c": info}
+
+    run(redis_server, body, nodes=2)

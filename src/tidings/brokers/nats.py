@@ -32,7 +32,6 @@ import secrets
 import time
 from typing import Any
 
-import msgspec
 import nats
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -41,23 +40,12 @@ from nats.errors import Error as NatsError
 
 from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
+from . import envelope
 from .base import Broker, unavailable
 
 __all__ = ["NatsBroker"]
 
 log = logging.getLogger("tidings.brokers.nats")
-
-
-class _Body(msgspec.Struct, array_like=True):
-    data: bytes
-    info: bytes | None
-    tags: dict[str, str] | None
-    time: int
-
-
-_encode_body = msgspec.msgpack.Encoder().encode
-_decode_body = msgspec.msgpack.Decoder(_Body).decode
-_decode_info = msgspec.json.Decoder(ClientInfo).decode
 
 
 class _Stream:
@@ -200,11 +188,8 @@ class NatsBroker(Broker):
         if nc is None or not nc.is_connected:
             raise unavailable("not connected to nats")
         now_ms = int(time.time() * 1000)
-        info_json = msgspec.json.encode(info) if info is not None else None
         try:
-            await nc.publish(
-                self._subject(channel), _encode_body(_Body(data, info_json, tags, now_ms))
-            )
+            await nc.publish(self._subject(channel), envelope.encode(data, info, tags, now_ms))
         except (NatsError, OSError) as exc:
             raise unavailable(exc) from exc
         return Publication(channel, 0, "", data, info, tags, now_ms)
@@ -279,14 +264,10 @@ class NatsBroker(Broker):
         if self._streams.get(channel) is not stream:
             return  # unsubscribed meanwhile
         try:
-            body = _decode_body(msg.data)
-            info = _decode_info(body.info) if body.info is not None else None
-        except msgspec.DecodeError:
-            log.error("dropped a malformed message on %s", msg.subject)
+            pub = envelope.decode(channel, stream.offset + 1, stream.epoch, msg.data)
+        except envelope.MalformedEnvelope as exc:
+            log.warning("dropped a malformed message on %s: %s", msg.subject, exc)
             return
         stream.offset += 1
-        pub = Publication(
-            channel, stream.offset, stream.epoch, body.data, info, body.tags, body.time
-        )
         if self._deliver is not None:
             self._deliver(pub)

@@ -57,6 +57,7 @@ from redis.exceptions import RedisError
 
 from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
+from . import envelope
 from .base import Broker, unavailable
 
 __all__ = ["RedisBroker"]
@@ -93,23 +94,6 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {tonumber(redis.call('HGET', KEYS[1], 'o') or '0'), epoch}
 """
-
-
-class _Body(msgspec.Struct, array_like=True):
-    """A publication without its position: what the stream and pub/sub carry.
-
-    ``info`` is kept as JSON bytes because :class:`ClientInfo` holds raw JSON.
-    """
-
-    data: bytes
-    info: bytes | None
-    tags: dict[str, str] | None
-    time: int
-
-
-_encode_body = msgspec.msgpack.Encoder().encode
-_decode_body = msgspec.msgpack.Decoder(_Body).decode
-_decode_info = msgspec.json.Decoder(ClientInfo).decode
 
 
 def _new_epoch() -> str:
@@ -231,8 +215,7 @@ class RedisBroker(Broker):
         tags: dict[str, str] | None = None,
     ) -> Publication:
         now_ms = int(time.time() * 1000)
-        info_json = msgspec.json.encode(info) if info is not None else None
-        payload = _encode_body(_Body(data, info_json, tags, now_ms))
+        payload = envelope.encode(data, info, tags, now_ms)
         size = history.size
         ttl_ms = max(1, int(history.ttl * 1000))
         try:
@@ -279,15 +262,16 @@ class RedisBroker(Broker):
         top = Position(epoch_raw.decode(), int(offset_raw or 0))
         if limit == 0 or (since is not None and since.epoch != top.epoch and since != EMPTY):
             return [], top
-        return [self._decode_entry(channel, top.epoch, e) for e in results[1]], top
-
-    @staticmethod
-    def _decode_entry(
-        channel: str, epoch: str, entry: tuple[bytes, dict[bytes, bytes]]
-    ) -> Publication:
-        entry_id, fields = entry
-        offset = int(entry_id.split(b"-", 1)[0])
-        return _publication(channel, offset, epoch, fields[b"p"])
+        publications = []
+        for entry_id, fields in results[1]:
+            offset = int(entry_id.split(b"-", 1)[0])
+            try:
+                publications.append(envelope.decode(channel, offset, top.epoch, fields[b"p"]))
+            except (envelope.MalformedEnvelope, KeyError) as exc:
+                # Left out, so a recovery across it is "not recovered" (``reaches``
+                # counts), never a gap or invalid JSON forwarded to clients.
+                log.warning("channel %r: skipped history entry %d: %s", channel, offset, exc)
+        return publications, top
 
     # -- subscribing -------------------------------------------------------
 
@@ -509,9 +493,9 @@ class RedisBroker(Broker):
             return
         try:
             offset, epoch, payload = message.split(b"\n", 2)
-            pub = _publication(channel, int(offset), epoch.decode(), payload)
-        except (ValueError, msgspec.DecodeError):
-            log.error("dropped a malformed message on %r", name)
+            pub = envelope.decode(channel, int(offset), epoch.decode(), payload)
+        except ValueError as exc:  # split, int(), decode() or envelope.MalformedEnvelope
+            log.warning("dropped a malformed message on %r: %s", name, exc)
             return
         self._deliver_once(pub)
 
@@ -590,7 +574,14 @@ class RedisBroker(Broker):
             )
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
-        return {flat[i].decode(): _decode_info(flat[i + 1]) for i in range(0, len(flat), 2)}
+        present = {}
+        for i in range(0, len(flat), 2):
+            client = flat[i].decode(errors="replace")
+            try:
+                present[client] = envelope.decode_info(flat[i + 1])
+            except envelope.MalformedEnvelope as exc:
+                log.warning("channel %r: skipped presence entry %r: %s", channel, client, exc)
+        return present
 
     async def _keep_presence(self) -> None:
         """Refresh this node's clients so their entries outlive it only if it dies."""
@@ -605,9 +596,3 @@ class RedisBroker(Broker):
                     await self._write_presence(entries[start : start + 1000])
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh presence in redis: %s", exc)
-
-
-def _publication(channel: str, offset: int, epoch: str, payload: bytes) -> Publication:
-    body = _decode_body(payload)
-    info = _decode_info(body.info) if body.info is not None else None
-    return Publication(channel, offset, epoch, body.data, info, body.tags, body.time)
