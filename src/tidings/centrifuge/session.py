@@ -17,7 +17,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from typing import NamedTuple, Protocol
+from collections.abc import Awaitable, Callable
+from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
@@ -43,6 +44,8 @@ from .schema import (
     RefreshRequest,
     RefreshResult,
     Reply,
+    RPCRequest,
+    SendRequest,
     SubRefreshRequest,
     SubRefreshResult,
     SubscribeRequest,
@@ -281,41 +284,38 @@ class ClientSession:
                 self.flush()
 
     async def handle_command(self, cmd: Command) -> Disconnect | None:
-        cmd_id = cmd.id
-        if cmd_id == 0:
-            return self._handle_no_id(cmd)
-        if not self.client_id and cmd.connect is None:
-            return Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
+        """Run one command: its first request in :data:`ROUTES` order, if the state allows it."""
+        requests = _requests(cmd)
+        if cmd.id == 0:
+            return await self._handle_no_id(requests)
+        route, req = requests[0] if requests else (None, None)
+        if not self.client_id and (route is None or route.connected):
+            return CONNECT_FIRST
+        if route is None:
+            # No method we know: Centrifugo closes the connection too.
+            return Disconnect(DisconnectCode.BAD_REQUEST, "unknown command")
+        if self.client_id and not route.connected:
+            return Disconnect(DisconnectCode.BAD_REQUEST, "already connected")
+        return await self._run(route, cmd.id, req)
+
+    async def _handle_no_id(self, requests: list[tuple[Route, object]]) -> Disconnect | None:
+        """A command without id: a pong (no request), an asynchronous message, or an error."""
+        if not self.client_id:
+            return CONNECT_FIRST
+        if not requests:
+            self.pong()
+            return None
+        for route, req in requests:
+            if not route.needs_id:
+                return await self._run(route, 0, req)
+        return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
+
+    async def _run(self, route: Route, cmd_id: int, req: object) -> Disconnect | None:
+        """Run a handler; the one place where what it raised becomes a reply or a close."""
         try:
-            if cmd.connect is not None:
-                if self.client_id:
-                    return Disconnect(DisconnectCode.BAD_REQUEST, "already connected")
-                self._reply(await self._connect(cmd_id, cmd.connect))
-            elif cmd.refresh is not None:
-                self._reply(self._refresh(cmd_id, cmd.refresh))
-            elif cmd.subscribe is not None:
-                await self._subscribe(cmd_id, cmd.subscribe)
-            elif cmd.unsubscribe is not None:
-                self._reply(self._unsubscribe(cmd_id, cmd.unsubscribe))
-            elif cmd.publish is not None:
-                self._reply(await self._publish(cmd_id, cmd.publish))
-            elif cmd.presence is not None:
-                self._reply(await self._presence(cmd_id, cmd.presence))
-            elif cmd.presence_stats is not None:
-                self._reply(await self._presence_stats(cmd_id, cmd.presence_stats))
-            elif cmd.history is not None:
-                self._reply(await self._history(cmd_id, cmd.history))
-            elif cmd.rpc is not None:
-                raise ProtocolError(ErrorCode.NOT_AVAILABLE)  # no RPC handler configured
-            elif cmd.sub_refresh is not None:
-                self._reply(self._sub_refresh(cmd_id, cmd.sub_refresh))
-            elif cmd.ping:
-                # A client ping (protocol v1 SDKs); v2 SDKs only answer ours.
-                self._reply(encode_reply(Reply(id=cmd_id, ping=Empty())))
-            elif cmd.send is None:
-                # No method we know: Centrifugo closes the connection too.
-                return Disconnect(DisconnectCode.BAD_REQUEST, "unknown command")
-            # ``send`` carrying an id is still an asynchronous message: no reply.
+            reply = await route.run(self, cmd_id, req)
+            if reply is not None:
+                self._reply(reply)
         except InvalidToken as exc:
             log_client_error(log, "closing %s: %s", self.client_id or "new client", exc.message)
             return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
@@ -327,28 +327,6 @@ class ClientSession:
             if not self.closed:
                 self._reply(error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
         return None
-
-    def _handle_no_id(self, cmd: Command) -> Disconnect | None:
-        if not self.client_id:
-            return Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
-        if cmd.send is not None:
-            return None  # asynchronous message: no handler yet, and no reply by design
-        if (
-            cmd.connect is None
-            and cmd.subscribe is None
-            and cmd.unsubscribe is None
-            and cmd.publish is None
-            and cmd.presence is None
-            and cmd.presence_stats is None
-            and cmd.history is None
-            and not cmd.ping
-            and cmd.rpc is None
-            and cmd.refresh is None
-            and cmd.sub_refresh is None
-        ):
-            self.pong()
-            return None
-        return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
 
     async def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
         access = self.options.access
@@ -387,7 +365,7 @@ class ClientSession:
         )
         return encode_reply(Reply(id=cmd_id, connect=result))
 
-    def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
+    async def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
         credentials = self.options.access.authenticate(req.token or None)
         if credentials.user != self.credentials.user:
             raise InvalidToken("a refreshed token must be for the same user")
@@ -485,7 +463,7 @@ class ClientSession:
         if policy.join_leave:
             self.hub.announce(channel, "join", info)
 
-    def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> bytes:
+    async def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> bytes:
         channels = self.channels
         if channels is not None and req.channel in channels:
             channels.discard(req.channel)
@@ -537,7 +515,18 @@ class ClientSession:
         subscribed = self.channels is not None and channel in self.channels
         self.options.access.check_presence(self.credentials, channel, subscribed)
 
-    def _sub_refresh(self, cmd_id: int, req: SubRefreshRequest) -> bytes:
+    async def _rpc(self, cmd_id: int, req: RPCRequest) -> bytes:
+        """No RPC handler is configured (the proxy issue adds one)."""
+        raise ProtocolError(ErrorCode.NOT_AVAILABLE)
+
+    async def _ping(self, cmd_id: int, req: msgspec.Raw) -> bytes:
+        """A client ping (protocol v1 SDKs); v2 SDKs only answer ours."""
+        return encode_reply(Reply(id=cmd_id, ping=Empty()))
+
+    async def _send(self, cmd_id: int, req: SendRequest) -> None:
+        """An asynchronous message, with or without an id: no handler yet, no reply by design."""
+
+    async def _sub_refresh(self, cmd_id: int, req: SubRefreshRequest) -> bytes:
         if self.channels is None or req.channel not in self.channels:
             raise ProtocolError(ErrorCode.PERMISSION_DENIED, "not subscribed")
         grant = self._grant(req.channel, req.token)
@@ -546,6 +535,53 @@ class ClientSession:
         return encode_reply(
             Reply(id=cmd_id, sub_refresh=SubRefreshResult(expires=expires, ttl=ttl))
         )
+
+
+#: What a command's request runs. Every handler takes the command id and the
+#: request and returns the reply's bytes, or None when it queued its own reply
+#: (subscribe, whose reply must precede the first push) or there is none (send).
+Handler = Callable[[ClientSession, int, Any], Awaitable[bytes | None]]
+
+
+class Route(NamedTuple):
+    """One request field of :class:`Command`, what runs it and when it may."""
+
+    #: The :class:`Command` field holding the request.
+    field: str
+    run: Handler
+    #: The state the client must be in: connected for all but ``connect``.
+    connected: bool = True
+    #: Only an asynchronous message (``send``) may come without an id.
+    needs_id: bool = True
+
+
+#: Every request a command can carry, once. The order is the precedence when
+#: a command carries several (the first one present runs), as it always was.
+ROUTES: tuple[Route, ...] = (
+    Route("connect", ClientSession._connect, connected=False),
+    Route("refresh", ClientSession._refresh),
+    Route("subscribe", ClientSession._subscribe),
+    Route("unsubscribe", ClientSession._unsubscribe),
+    Route("publish", ClientSession._publish),
+    Route("presence", ClientSession._presence),
+    Route("presence_stats", ClientSession._presence_stats),
+    Route("history", ClientSession._history),
+    Route("rpc", ClientSession._rpc),
+    Route("sub_refresh", ClientSession._sub_refresh),
+    Route("ping", ClientSession._ping),
+    Route("send", ClientSession._send, needs_id=False),
+)
+
+CONNECT_FIRST = Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
+
+
+def _requests(cmd: Command) -> list[tuple[Route, object]]:
+    """The requests ``cmd`` carries, in :data:`ROUTES` order.
+
+    An absent request is None, an absent ``ping`` the empty ``msgspec.Raw``:
+    both are false, and every request Struct is true.
+    """
+    return [(route, req) for route in ROUTES if (req := getattr(cmd, route.field))]
 
 
 def _ttl(expires_at: int) -> tuple[bool, int]:
