@@ -1,6 +1,7 @@
 """The README's quick start, run as written against a real server, so the next drift fails CI.
 
-The README is the first page a newcomer reads, and its walk-through is a transcript: commands
+The README is the first page a newcomer reads (docs/quickstart.md mirrors its quick start, and
+is checked the same way), and its walk-through is a transcript: commands
 in ```sh blocks and, in the plain block after each, what the terminal shows. This test reads
 those blocks in order, starts the server with the README's own command (``./scripts/serve``,
 on a free port instead of 8000), runs every walk-through command (curl, ``.venv/bin/tidings``)
@@ -40,6 +41,11 @@ from helpers import LineReader, wait_subscribers
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
+#: The documents that show the walk-through: (path, its first heading, what follows it).
+WALK_THROUGHS = [
+    (README, "## Quick start", "## Documentation"),
+    (ROOT / "docs" / "quickstart.md", "# Quick start", "Next:"),
+]
 #: ./scripts/serve may first create .venv or reinstall after a pyproject.toml change.
 SERVE_START_TIMEOUT = 120.0
 TIMEOUT = 10.0
@@ -55,7 +61,7 @@ class Block:
 
     lang: str
     text: str
-    line: int  # where it starts in README.md, for messages
+    where: str  # "README.md:42", for messages
 
     def lines(self) -> list[str]:
         return self.text.split("\n")[:-1]
@@ -69,14 +75,15 @@ def strip_comment(line: str) -> str:
     return re.sub(r"\s+#\s.*$", "", line).strip()
 
 
-def readme_blocks(start: str, end: str) -> list[Block]:
-    text = README.read_text()
+def readme_blocks(document: Path, start: str, end: str) -> list[Block]:
+    text = document.read_text()
     begin = text.index(start)
     stop = text.index(end, begin)
     blocks = []
     for match in re.finditer(r"^```(\w*)\n(.*?)^```$", text[begin:stop], re.M | re.S):
         line = text.count("\n", 0, begin + match.start()) + 1
-        blocks.append(Block(match.group(1), match.group(2), line))
+        where = f"{document.relative_to(ROOT)}:{line}"
+        blocks.append(Block(match.group(1), match.group(2), where))
     return blocks
 
 
@@ -92,15 +99,14 @@ class Walk:
         block = self.blocks[self.taken]
         self.taken += 1
         assert block.lang == lang, (
-            f"README.md:{block.line}: expected a {lang or 'plain'} block ({what}), "
-            f"found:\n{block.text}"
+            f"{block.where}: expected a {lang or 'plain'} block ({what}), found:\n{block.text}"
         )
         return block
 
     def commands(self, first_starts: str) -> list[str]:
         block = self._next("sh", f"commands starting with {first_starts!r}")
         commands = block.commands()
-        assert commands[0].startswith(first_starts), f"README.md:{block.line}: {commands}"
+        assert commands[0].startswith(first_starts), f"{block.where}: {commands}"
         return commands
 
     def output(self, what: str) -> Block:
@@ -120,6 +126,8 @@ def decode_cursor(text: str) -> Any:
 _CURSOR = re.compile(r"(?<=^id: )[A-Za-z0-9_-]+$|(?<=\"cursor\":\")[A-Za-z0-9_-]+(?=\")", re.M)
 _EPOCH = re.compile(r'("epoch":\s*")([^"]*)(")')
 _TIME = re.compile(r'("time":\s*)\d+')
+EPOCHS_HINT = "<epoch N>: the Nth distinct epoch on that side, so a number that differs "
+EPOCHS_HINT += "means the document shows a new epoch where the server repeats one, or the reverse"
 
 
 @dataclass
@@ -162,11 +170,11 @@ class Transcript:
         if shown != got:
             diff = "\n".join(
                 difflib.unified_diff(
-                    shown.split("\n"), got.split("\n"), "README", "server", lineterm=""
+                    shown.split("\n"), got.split("\n"), "documented", "server", lineterm=""
                 )
             )
             raise AssertionError(
-                f"README.md:{block.line} shows what the server no longer does:\n{diff}"
+                f"{block.where} shows what the server no longer does ({EPOCHS_HINT}):\n{diff}"
             )
         self.cursors.update(zip(shown_cursors, got_cursors, strict=True))
 
@@ -256,15 +264,25 @@ def spawn_output(
 # --------------------------------------------------------------------------- the tests
 
 
+@pytest.mark.parametrize(
+    ("document", "start", "end"),
+    WALK_THROUGHS,
+    ids=[str(d.relative_to(ROOT)) for d, *_ in WALK_THROUGHS],
+)
 def test_quick_start_and_curl_walk_through_show_what_the_server_answers(
-    serve: Callable[..., ServerProcess], spawn: Callable[..., subprocess.Popen[bytes]]
+    serve: Callable[..., ServerProcess],
+    spawn: Callable[..., subprocess.Popen[bytes]],
+    document: Path,
+    start: str,
+    end: str,
 ) -> None:
-    walk = Walk(readme_blocks("## Quick start", "## Documentation"))
+    walk = Walk(readme_blocks(document, start, end))
+    text = document.read_text().split(start, 1)[1].split(end, 1)[0]
     transcript = Transcript()
 
     serve_command, test_command = walk.commands("./scripts/serve")
     assert serve_command == "./scripts/serve" and test_command == "./scripts/test"
-    assert "http://127.0.0.1:8000" in README.read_text().split("## Quick start")[1]
+    assert "http://127.0.0.1:8000" in text
     srv = serve(serve_command)
     env = clean_env({"TIDINGS_URL": srv.url})
 
@@ -287,7 +305,7 @@ def test_quick_start_and_curl_walk_through_show_what_the_server_answers(
     [wait] = walk.commands("curl 'localhost")
     assert "timeout=30" in wait
     held, held_out = spawn_output(spawn, argv(wait), env)
-    again = re.search(r"publish `(\{.*?\})` from the other terminal", README.read_text())
+    again = re.search(r"publish `(\{.*?\})` from the other terminal", text)
     assert again is not None, "README no longer says what to publish during the long-poll"
     publish_again = publish.replace('{"text":"hello"}', again.group(1))
     assert publish_again != publish
@@ -314,9 +332,9 @@ def test_quick_start_and_curl_walk_through_show_what_the_server_answers(
     subscribe_command, publish_command = walk.commands(".venv/bin/tidings subscribe")
     _subscriber, subscriber_out = spawn_output(spawn, argv(subscribe_command), env)
     wait_subscribers(srv, "news", n=2)  # the resumed curl and this subscriber
-    printed = re.search(r"# prints (\{.*\})", README.read_text())
+    printed = re.search(r"# prints (\{.*\})", text)
     assert printed is not None, "README no longer shows what tidings publish prints"
-    shown = Block("", printed.group(1) + "\n", walk.blocks[walk.taken - 1].line)
+    shown = Block("", printed.group(1) + "\n", walk.blocks[walk.taken - 1].where)
     transcript.check(shown, run(argv(publish_command), env))
     transcript.check(walk.output("what tidings subscribe prints"), [subscriber_out.next()])
     assert walk.taken == len(walk.blocks), f"README blocks not checked: {walk.blocks[walk.taken :]}"
