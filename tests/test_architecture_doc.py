@@ -1,0 +1,240 @@
+"""docs/architecture.md stays true to the tree, and the tree keeps the shape it describes.
+
+The document is the map a new engineer reads first, so a stale entry is worse
+than none: every file path it names must exist, every ``tidings.module.Name``
+it names must import, every relative link must resolve, and its layout table
+must have exactly one row per module of ``src/tidings/`` (a new module without
+a row fails here). The import graph checks hold the code to the layout the
+document draws: no cycle, and only the composition roots import
+``tidings.server``.
+
+Pure Python: no server, no network.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC = ROOT / "docs" / "architecture.md"
+PACKAGE = ROOT / "src" / "tidings"
+
+#: The modules that may build a ``Server``: the CLI, its ``--workers``
+#: supervisor (which builds one ``Server`` per worker process) and the package
+#: itself, if it re-exports ``Server`` as the Python API. Every other module
+#: gets its dependencies passed in (issue 11, item 1).
+COMPOSITION_ROOTS = {"tidings.cli", "tidings.workers", "tidings"}
+
+# `tidings.hub.Hub.subscribe` or `tidings.hub.Hub.subscribe()`: a dotted code reference.
+_REFERENCE = re.compile(r"`(tidings(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")
+# src/tidings/... anywhere in the text, in code spans, links or prose.
+_SRC_PATH = re.compile(r"src/tidings(?:/[\w.-]+)*/?")
+# Markdown links with a relative target: [text](target) or [text](target#anchor).
+_LINK = re.compile(r"\]\(((?!https?://|#|mailto:)[^)\s#]+)(?:#[^)]*)?\)")
+
+
+def _doc() -> str:
+    return DOC.read_text(encoding="utf-8")
+
+
+def _modules() -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its own name)."""
+    modules: dict[str, Path] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = ("tidings", *path.relative_to(PACKAGE).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+    return modules
+
+
+def _resolve(reference: str) -> object:
+    """Import the longest module prefix of ``reference``, then walk attributes."""
+    parts = reference.split(".")
+    for split in range(len(parts), 0, -1):
+        module_name = ".".join(parts[:split])
+        try:
+            obj: object = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and module_name.startswith(exc.name):
+                continue  # that prefix is not a module: try a shorter one
+            raise
+        for attribute in parts[split:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise AssertionError(f"{reference}: no module")
+
+
+def test_every_named_object_imports() -> None:
+    references = sorted(set(_REFERENCE.findall(_doc())))
+    assert len(references) >= 20, "the document should name the code it describes"
+    missing = []
+    for reference in references:
+        try:
+            _resolve(reference)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{reference}: {exc}")
+    assert not missing, "docs/architecture.md names what does not exist:\n" + "\n".join(missing)
+
+
+def test_every_named_path_exists() -> None:
+    paths = sorted(set(_SRC_PATH.findall(_doc())))
+    assert paths, "the document should name source files"
+    missing = [path for path in paths if not (ROOT / path.rstrip("/.")).exists()]
+    assert not missing, f"docs/architecture.md names paths that do not exist: {missing}"
+
+
+def test_every_relative_link_resolves() -> None:
+    targets = sorted(set(_LINK.findall(_doc())))
+    assert targets
+    missing = [target for target in targets if not (DOC.parent / target).exists()]
+    assert not missing, f"docs/architecture.md links to nothing: {missing}"
+
+
+def _layout_rows() -> list[str]:
+    """The module of each row of the layout table (paths relative to src/tidings/)."""
+    text = _doc()
+    start = text.index("\n## 2. The layout")
+    end = text.index("\n## ", start + 1)
+    rows = []
+    for line in text[start:end].splitlines():
+        if not line.startswith("| ["):
+            continue
+        first_cell = line.split("|")[1]
+        links = re.findall(r"\(\.\./src/tidings/([\w/.]+\.py)\)", first_cell)
+        assert len(links) == 1, f"a layout row names one module: {line}"
+        rows.append(links[0])
+    return rows
+
+
+def test_layout_table_has_one_row_per_module() -> None:
+    rows = _layout_rows()
+    duplicates = sorted({row for row in rows if rows.count(row) > 1})
+    assert not duplicates, f"modules with more than one row: {duplicates}"
+    on_disk = {path.relative_to(PACKAGE).as_posix() for path in PACKAGE.rglob("*.py")}
+    without_row = sorted(on_disk - set(rows))
+    assert not without_row, (
+        "modules of src/tidings/ without a row in docs/architecture.md's layout table "
+        f"(add one saying which rule it owns): {without_row}"
+    )
+    stale = sorted(set(rows) - on_disk)
+    assert not stale, f"rows for modules that no longer exist: {stale}"
+
+
+def _imports(module: str, path: Path) -> set[str]:
+    """The package's modules that ``module`` imports, anywhere in its file.
+
+    Every import statement counts: at top level, inside functions, and under
+    ``if TYPE_CHECKING:`` (a type-only import is still a dependency a reader
+    has to understand, and the cycle it hides is still a cycle of the design).
+    ``from .pkg import name`` depends on ``pkg.name`` when that is a module,
+    on ``pkg`` (its ``__init__``) otherwise.
+    """
+    known = _modules()
+    is_package = path.name == "__init__.py"
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in known:
+                    found.add(alias.name)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                package = module.split(".") if is_package else module.split(".")[:-1]
+                base_parts = package[: len(package) - (node.level - 1)]
+                base = ".".join(base_parts + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            for alias in node.names:
+                candidate = f"{base}.{alias.name}"
+                if candidate in known:
+                    found.add(candidate)
+                elif base in known:
+                    found.add(base)
+    found.discard(module)
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    return {module: _imports(module, path) for module, path in _modules().items()}
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One cycle through each strongly connected component that has one (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    components: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for successor in sorted(graph.get(node, ())):
+            if successor not in index:
+                visit(successor)
+                low[node] = min(low[node], low[successor])
+            elif successor in on_stack:
+                low[node] = min(low[node], index[successor])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                components.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return components
+
+
+def test_cycle_finder_finds_a_cycle() -> None:
+    """The checker itself: a two-module cycle and a three-module cycle are found."""
+    graph = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"e"}, "e": {"c"}, "f": {"a"}}
+    assert _cycles(graph) == [["a", "b"], ["c", "d", "e"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_type_checking_imports_count(tmp_path: Path) -> None:
+    """An import under ``if TYPE_CHECKING:`` is an edge of the graph."""
+    source = tmp_path / "mod.py"
+    source.write_text(
+        "from typing import TYPE_CHECKING\n"
+        "from ..hub import Hub\n"
+        "if TYPE_CHECKING:\n"
+        "    from ..server import Server\n"
+    )
+    assert _imports("tidings.transports.mod", source) == {"tidings.hub", "tidings.server"}
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="two cycles closed by imports under TYPE_CHECKING remain (issue 11 item 1): "
+    "hub -> brokers.base -> hub (the hub names the Broker type, brokers build the hub's "
+    "Publication) and http.connection -> http.site -> http.routing -> http.connection "
+    "(the Handler type names HTTPConnection); remove this mark when both are gone",
+)
+def test_import_graph_has_no_cycle() -> None:
+    cycles = _cycles(_graph())
+    assert not cycles, f"import cycles in src/tidings/: {cycles}"
+
+
+def test_only_composition_roots_import_the_server() -> None:
+    importers = sorted(
+        module for module, imported in _graph().items() if "tidings.server" in imported
+    )
+    assert set(importers) <= COMPOSITION_ROOTS, (
+        f"modules importing tidings.server besides {sorted(COMPOSITION_ROOTS)}: "
+        f"{sorted(set(importers) - COMPOSITION_ROOTS)}"
+    )
