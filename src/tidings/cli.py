@@ -175,47 +175,59 @@ async def _run_server(config: Config) -> None:
 
 
 def _publish(args: argparse.Namespace) -> int:
+    """Publish with the API client's own call (request and answer rules), sent with urllib."""
+    import msgspec
+
+    from .client import calls
+
     try:
-        data = json.loads(args.data)
+        json.loads(args.data)
     except json.JSONDecodeError as exc:
         print(f"tidings: DATA is not valid JSON: {exc}", file=sys.stderr)
         return 2
-    body = json.dumps({"channel": args.channel, "data": data}).encode()
-    headers = {"Content-Type": "application/json"}
-    if args.api_key:
-        headers["X-API-Key"] = args.api_key
+    # Sent as written: decoding and re-encoding could alter it (msgspec writes NaN as null).
+    call = calls.publish(args.channel, msgspec.Raw(args.data.encode()))
+    endpoint = calls.Endpoint(args.url, args.api_key)
     request = urllib.request.Request(
-        args.url.rstrip("/") + "/api/publish", data=body, headers=headers, method="POST"
+        endpoint.url(call), data=call.body(), headers=endpoint.headers, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            reply: dict[str, Any] = json.load(response)
+            status, body = response.status, response.read()
     except urllib.error.HTTPError as exc:
-        print(f"tidings: {exc.code} {exc.read().decode(errors='replace')}", file=sys.stderr)
-        return 1
+        status, body = exc.code, exc.read()
     except (urllib.error.URLError, OSError) as exc:
         print(f"tidings: cannot reach {args.url}: {getattr(exc, 'reason', exc)}", file=sys.stderr)
         return 1
-    if "error" in reply:
-        print(f"tidings: {json.dumps(reply['error'])}", file=sys.stderr)
+    try:
+        result = call.read(status, body)
+    except calls.APIError as exc:
+        http_status = f" (HTTP {exc.status})" if exc.code and exc.status != 200 else ""
+        print(f"tidings: error {exc}{http_status}", file=sys.stderr)
         return 1
-    print(json.dumps(reply["result"]))
+    print(json.dumps(msgspec.to_builtins(result)))
     return 0
 
 
 # -- subscribe -------------------------------------------------------------
 
+#: Bytes asked of the socket per read: the parser holds at most its max_line beyond this.
+_READ_SIZE = 64 * 1024
+
 
 def _subscribe(args: argparse.Namespace) -> int:
     """Tail channels over SSE; on a drop, reconnect with the last event id."""
+    from .client.sse import EventStreamError, SSEParser
+
     url = urllib.parse.urlsplit(args.url)
     query = urllib.parse.urlencode([("channel", channel) for channel in args.channels])
-    cursor: str | None = args.cursor
+    cursor: str = args.cursor or ""
     delay = 0.5
     while True:
         connection = http.client.HTTPConnection(
             url.hostname or "127.0.0.1", url.port or 80, timeout=90
         )
+        response: http.client.HTTPResponse | None = None
         try:
             headers = {"Accept": "text/event-stream"}
             if cursor:
@@ -229,50 +241,27 @@ def _subscribe(args: argparse.Namespace) -> int:
                 )
                 return 1
             delay = 0.5
-            for name, event_id, data in _sse_events(response):
-                if event_id is not None:
-                    cursor = event_id
-                if name == "message":
-                    print(data, flush=True)
-                elif name == "unrecovered":
-                    print(
-                        f"tidings: not recovered, missed publications lost: {data}",
-                        file=sys.stderr,
-                        flush=True,
-                    )
-        except (OSError, http.client.HTTPException) as exc:
+            parser = SSEParser(last_event_id=cursor)
+            while chunk := response.read1(_READ_SIZE):
+                for event in parser.feed(chunk):
+                    if event.event == "message":
+                        print(event.data, flush=True)
+                    elif event.event == "unrecovered":
+                        print(
+                            f"tidings: not recovered, missed publications lost: {event.data}",
+                            file=sys.stderr,
+                            flush=True,
+                        )
+                # Only now: the events of a read the parser refuses are not printed either.
+                cursor = parser.last_event_id
+        except (OSError, http.client.HTTPException, EventStreamError) as exc:
             print(f"tidings: connection lost ({exc}); reconnecting", file=sys.stderr, flush=True)
         finally:
+            if response is not None:
+                response.close()  # it owns the socket of a "Connection: close" stream
             connection.close()
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
-
-
-def _sse_events(response: http.client.HTTPResponse) -> Any:
-    """Yield ``(event, id, data)`` per the EventSource parsing rules (enough of them)."""
-    name, event_id, data = "message", None, list[str]()
-    while True:
-        line = response.readline()
-        if not line:
-            return
-        text = line.decode("utf-8").rstrip("\r\n")
-        if not text:
-            if data:
-                yield name, event_id, "\n".join(data)
-            elif event_id is not None:
-                yield "", event_id, ""
-            name, event_id, data = "message", None, list[str]()
-        elif text.startswith(":"):
-            continue
-        else:
-            field, _, value = text.partition(":")
-            value = value.removeprefix(" ")
-            if field == "data":
-                data.append(value)
-            elif field == "event":
-                name = value
-            elif field == "id":
-                event_id = value
 
 
 # -- token and check-config ------------------------------------------------
