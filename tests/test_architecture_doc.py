@@ -96,8 +96,8 @@ def test_every_relative_link_resolves() -> None:
     assert not missing, f"docs/architecture.md links to nothing: {missing}"
 
 
-def _layout_rows() -> list[str]:
-    """The module of each row of the layout table (paths relative to src/tidings/)."""
+def _layout() -> list[tuple[str, str]]:
+    """(module path relative to src/tidings/, layer) for each row of the layout table."""
     text = _doc()
     start = text.index("\n## 2. The layout")
     end = text.index("\n## ", start + 1)
@@ -105,11 +105,16 @@ def _layout_rows() -> list[str]:
     for line in text[start:end].splitlines():
         if not line.startswith("| ["):
             continue
-        first_cell = line.split("|")[1]
-        links = re.findall(r"\(\.\./src/tidings/([\w/.]+\.py)\)", first_cell)
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        links = re.findall(r"\(\.\./src/tidings/([\w/.]+\.py)\)", cells[0])
         assert len(links) == 1, f"a layout row names one module: {line}"
-        rows.append(links[0])
+        assert len(cells) == 3, f"a layout row is | module | owns | layer |: {line}"
+        rows.append((links[0], cells[2]))
     return rows
+
+
+def _layout_rows() -> list[str]:
+    return [path for path, _ in _layout()]
 
 
 def test_layout_table_has_one_row_per_module() -> None:
@@ -124,6 +129,40 @@ def test_layout_table_has_one_row_per_module() -> None:
     )
     stale = sorted(set(rows) - on_disk)
     assert not stale, f"rows for modules that no longer exist: {stale}"
+
+
+#: Which layers a module of each layer may import (the layout's "layer" column):
+#: the sans-I/O core imports only itself; the shell (client sockets) imports
+#: the core; the roots build everything; the Python clients use core values.
+MAY_IMPORT = {
+    "core": {"core"},
+    "shell": {"core", "shell"},
+    "root": {"core", "shell", "root", "client"},
+    "client": {"core", "client"},
+}
+
+
+def _dotted(path: str) -> str:
+    parts = ("tidings", *Path(path).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_imports_point_down_the_layers() -> None:
+    """No core module imports a shell or root module, and so on, as the table says."""
+    layer = {_dotted(path): name for path, name in _layout()}
+    unknown = sorted(
+        f"{module}: {name}" for module, name in layer.items() if name not in MAY_IMPORT
+    )
+    assert not unknown, f"layers are {sorted(MAY_IMPORT)}: {unknown}"
+    upward = [
+        f"{module} ({layer[module]}) imports {imported} ({layer[imported]})"
+        for module, imports in sorted(_graph().items())
+        for imported in sorted(imports)
+        if module in layer
+        and imported in layer
+        and layer[imported] not in MAY_IMPORT[layer[module]]
+    ]
+    assert not upward, "imports against the layers of docs/architecture.md:\n" + "\n".join(upward)
 
 
 def _imports(module: str, path: Path) -> set[str]:
