@@ -63,6 +63,40 @@ def test_cli_publish_rejects_invalid_json(server):
     assert "Traceback" not in out.stderr
 
 
+def test_cli_publish_works_without_the_client_extra(server):
+    """The CLI shares tidings.client's calls and SSE parser, which must not need httpx."""
+    ch = unique_channel()
+    without_httpx = (
+        "import sys; sys.modules['httpx'] = None\n"  # makes `import httpx` fail
+        "import tidings.client\n"
+        "try:\n"
+        "    tidings.client.APIClient\n"
+        "except ImportError as exc:\n"
+        "    print(exc, file=sys.stderr)\n"
+        "from tidings.cli import main\n"
+        f"sys.exit(main(['publish', {ch!r}, '7', '--url', {server.url!r}]))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", without_httpx],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=clean_env(),
+    )
+    assert out.returncode == 0, out.stderr
+    assert "tidings.client needs httpx: pip install 'tidings[client]'" in out.stderr
+    assert json.loads(out.stdout)["offset"] == 1
+    hist = api(server, "history", {"channel": ch, "limit": -1}).json()["result"]
+    assert [p["data"] for p in hist["publications"]] == [7]
+
+
+def test_cli_publish_reports_the_server_error(server):
+    out = run_cli(["publish", "bad channel", "1", "--url", server.url])
+    assert out.returncode == 1
+    assert out.stderr.startswith("tidings: error 107: "), out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_cli_subscribe_prints_json_lines(server, spawn):
     a, b = unique_channel("a"), unique_channel("b")
     proc = spawn(
