@@ -20,6 +20,9 @@ import httpx
 from websockets.sync.client import connect
 
 from conftest import clean_env
+from tidings import frames
+from tidings.errors import DisconnectCode, ErrorCode, ProtocolError
+from tidings.http.messages import error_response
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 TIDINGS = [sys.executable, "-m", "tidings"]
@@ -142,3 +145,117 @@ def test_server_api_refuses_undeclared_namespaces_as_documented(server_factory: 
     first, second = resp.json()["result"]["responses"]
     assert first == {"error": {"code": 102, "message": "unknown namespace 'nowhere'"}}
     assert "result" in second
+
+
+# --------------------------------------------------------------------------- code tables
+#
+# The error and close codes the docs list, against tidings.errors (the one place they are
+# defined): each documented code exists there under the documented name, the HTTP status
+# beside it is the one the server answers for it, and every code the server defines is
+# documented -- in a table, or in websocket.md's list of codes it never sends.
+
+
+def markdown_tables(document: str, section: str) -> list[list[list[str]]]:
+    """The tables of ``## section`` in ``docs/document``: rows of cells, without the header."""
+    text = (DOCS / document).read_text()
+    body = text.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    tables: list[list[list[str]]] = []
+    rows: list[list[str]] = []
+    for line in [*body.split("\n"), ""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+        elif rows:
+            tables.append(rows[2:])
+            rows = []
+    return tables
+
+
+def same_name(enum_name: str, documented: str) -> bool:
+    """``INVALID_DATA`` is "invalid payload data", ``METHOD_NOT_FOUND`` "not found": one
+    name's words appear, in order, in the other's."""
+
+    def within(short: list[str], long: list[str]) -> bool:
+        rest = iter(long)
+        return all(word in rest for word in short)
+
+    ours = enum_name.lower().split("_")
+    theirs = re.findall(r"[a-z]+", documented.lower())
+    return bool(theirs) and (within(ours, theirs) or within(theirs, ours))
+
+
+def numbered_names(text: str) -> dict[int, str]:
+    """``"100 internal, 101 unauthorized, ..."`` as ``{100: "internal", ...}``."""
+    flat = " ".join(text.split())
+    return {int(n): name.strip() for n, name in re.findall(r"\b(\d{3}) ([a-z][a-z ]*)", flat)}
+
+
+def never_sent() -> set[int]:
+    """The codes websocket.md says tidings defines (Centrifugo's numbering) but never sends."""
+    section = (DOCS / "websocket.md").read_text().split("\n## Not supported yet\n", 1)[1]
+    match = re.search(r"^- close codes ([^;]*?), and errors ([^:;]*?):", section, re.M)
+    assert match is not None, "websocket.md lost its list of codes never sent"
+    codes: set[int] = set()
+    for first, last in re.findall(r"(\d{3,4})(?:–(\d{3,4}))?", " ".join(match.groups())):
+        codes.update(range(int(first), int(last or first) + 1))
+    return codes
+
+
+def test_websocket_error_table_names_codes_as_tidings_errors_does() -> None:
+    [errors, closes] = markdown_tables("websocket.md", "Codes")
+    for code, meaning in errors:
+        name = re.split(r"[:(]", meaning)[0]
+        assert int(code) in set(ErrorCode), f"websocket.md documents error {code}: no such code"
+        assert same_name(ErrorCode(int(code)).name, name), (code, meaning)
+    rfc6455 = {
+        c: n.removeprefix("CLOSE_") for n, c in vars(frames).items() if n.startswith("CLOSE_")
+    }
+    for code, reason, _when in closes:
+        name = DisconnectCode(int(code)).name if int(code) in set(DisconnectCode) else None
+        name = name or rfc6455.get(int(code))
+        assert name is not None, f"websocket.md documents close code {code}: no such code"
+        assert same_name(name, reason), (code, reason)
+
+
+def test_http_error_tables_pair_each_code_with_the_status_the_server_answers() -> None:
+    tables = [
+        *markdown_tables("http-transports.md", "Tokens"),
+        *markdown_tables("server-api.md", "Requests and answers"),
+    ]
+    rows = [(row[0], row[1]) for table in tables for row in table if row[1].isdigit()]
+    [statuses] = markdown_tables("http-transports.md", "Errors")
+    rows += [
+        (status, code) for status, when in statuses for code in re.findall(r"\((\d{3})\)", when)
+    ]
+    assert len(rows) >= 15, rows
+    for status, code in rows:
+        assert int(code) in set(ErrorCode), f"{status} {code}: no such error code"
+        # The HTTP layer's one mapping: an error's status, or the code of a status it answers.
+        by_error = error_response(ProtocolError(ErrorCode(int(code)))).status
+        by_status = json.loads(error_response(int(status)).body)["error"]["code"]
+        assert int(status) == by_error or int(code) == by_status, (status, code)
+
+
+def test_prose_code_lists_name_codes_as_tidings_errors_does() -> None:
+    lists = [
+        (DOCS / "server-api.md").read_text().split("Error codes use Centrifugo's numbering:")[1],
+        (DOCS / "http-transports.md").read_text().split("`code` uses Centrifugo's numbering")[1],
+    ]
+    for text in lists:
+        named = numbered_names(text.split(";")[0].split(".\n")[0])
+        assert len(named) >= 7, named
+        for code, name in named.items():
+            assert same_name(ErrorCode(code).name, name), (code, name)
+
+
+def test_every_code_tidings_defines_is_documented() -> None:
+    [errors, closes] = markdown_tables("websocket.md", "Codes")
+    http = [
+        *markdown_tables("http-transports.md", "Tokens"),
+        *markdown_tables("server-api.md", "Requests and answers"),
+    ]
+    documented = {int(row[0]) for row in errors + closes}
+    documented |= {int(row[1]) for table in http for row in table if row[1].isdigit()}
+    silent = never_sent()
+    assert not silent & documented, f"documented as sent and as never sent: {silent & documented}"
+    for code in [*ErrorCode, *DisconnectCode]:
+        assert int(code) in documented | silent, f"{int(code)} {code.name} is not documented"
