@@ -3,6 +3,10 @@
 Ratios are always *this server / the other*, so for every figure here (memory,
 CPU, time) lower is better, except connections/s and deliveries/s where higher
 is better; the column headers say which.
+
+The printed Markdown is the form of ``RESULTS_PAGE``, which keeps the latest
+run of each mode (the method is in docs/benchmarks.md): after a run worth
+keeping, replace that mode's section there, with the date, commit and command.
 """
 
 from __future__ import annotations
@@ -16,6 +20,9 @@ from pathlib import Path
 from typing import Any
 
 Result = dict[str, Any]
+
+#: Where the latest figures of each mode are kept, named in every printed report.
+RESULTS_PAGE = "docs/benchmark-results.md"
 
 # (key, header, getter, higher_is_better)
 Metric = tuple[str, str, Callable[[Result], float | None], bool]
@@ -147,6 +154,7 @@ def tables(results: list[Result]) -> str:
         for r in errors:
             why = r.get("skipped") or r.get("error")
             out.append(f"- {r['server']} {r['transport']} N={r['n']}: {str(why)[:300]}")
+    out.append(f"\n(Tables in the form of {RESULTS_PAGE}, which keeps the latest run per mode.)")
     return "\n".join(out)
 
 
