@@ -181,12 +181,13 @@ def _publish(args: argparse.Namespace) -> int:
     from .client import calls
 
     try:
-        json.loads(args.data)
+        data = json.loads(args.data)
     except json.JSONDecodeError as exc:
         print(f"tidings: DATA is not valid JSON: {exc}", file=sys.stderr)
         return 2
-    # Sent as written: decoding and re-encoding could alter it (msgspec writes NaN as null).
-    call = calls.publish(args.channel, msgspec.Raw(args.data.encode()))
+    # Written by json, as always (the README shows its spacing); msgspec would also write
+    # NaN as null, which the server would store where it refuses json's NaN.
+    call = calls.publish(args.channel, msgspec.Raw(json.dumps(data).encode()))
     endpoint = calls.Endpoint(args.url, args.api_key)
     request = urllib.request.Request(
         endpoint.url(call), data=call.body(), headers=endpoint.headers, method="POST"
