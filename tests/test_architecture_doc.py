@@ -8,17 +8,31 @@ a row fails here). The import graph checks hold the code to the layout the
 document draws: no cycle, and only the composition roots import
 ``tidings.server``.
 
-Pure Python: no server, no network.
+Pure Python: no server process. The recipe's transport is served in process,
+on loopback, to an httpx client.
 """
 
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib
+import importlib.util
+import json
 import re
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
+import httpx
 import pytest
+
+from tidings.config import load_config
+from tidings.server import Server
+
+pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
@@ -277,3 +291,68 @@ def test_only_composition_roots_import_the_server() -> None:
         f"modules importing tidings.server besides {sorted(COMPOSITION_ROOTS)}: "
         f"{sorted(set(importers) - COMPOSITION_ROOTS)}"
     )
+
+
+def _recipe_module(tmp_path: Path) -> ModuleType:
+    """The first Python block of "4. Adding a transport", imported as a module."""
+    text = _doc()
+    section = text[text.index("\n## 4. Adding a transport") : text.index("\n## 5. ")]
+    block = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert block is not None, "section 4 shows the recipe as code"
+    path = tmp_path / "ndjson_transport.py"
+    path.write_text(block.group(1))
+    spec = importlib.util.spec_from_file_location("ndjson_transport", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules[spec.name]
+    return module
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.01)
+
+
+def test_the_recipe_transport_serves_a_subscriber(tmp_path: Path) -> None:
+    """The documented transport, added as step 6 says, delivers a publication and refuses
+    a bad channel name through the one authorization path."""
+    module = _recipe_module(tmp_path)
+
+    async def scenario() -> None:
+        server = Server(load_config(overrides={"port": 0}))
+        ndjson = module.NDJSONTransport(
+            server.hub, server.access, server.connections, server.config.limits
+        )
+        # Step 6's line, from outside: in the tuple the server mounts, starts and stops.
+        ndjson.mount(server.router)
+        server.transports = (*server.transports, ndjson)
+        await server.start()
+        try:
+            async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+                refused = await client.get("/ndjson", params={"channel": "bad name"})
+                assert refused.status_code == 400
+                assert refused.json()["error"]["code"] == 107
+                async with client.stream("GET", "/ndjson", params={"channel": "news"}) as stream:
+                    assert stream.status_code == 200
+                    assert stream.headers["content-type"] == "application/x-ndjson"
+                    await _until(lambda: server.hub.num_subscribers("news") == 1, "the join")
+                    published = await client.post(
+                        "/api/publish", json={"channel": "news", "data": {"text": "hello"}}
+                    )
+                    assert published.status_code == 200
+                    line = await asyncio.wait_for(anext(stream.aiter_lines()), 5)
+                pub = json.loads(line)
+                assert pub["channel"] == "news"
+                assert pub["data"] == {"text": "hello"}
+                assert pub["offset"] == published.json()["result"]["offset"]
+                await _until(lambda: server.hub.num_subscribers("news") == 0, "the leave")
+        finally:
+            await server.shutdown()
+
+    asyncio.run(scenario())
