@@ -13,11 +13,13 @@ from typing import Any
 from tidings.auth import Access
 from tidings.brokers.memory import MemoryBroker
 from tidings.centrifuge import ClientSession, Disconnect, SessionOptions, push_json
-from tidings.config import Config
+from tidings.config import Config, LimitsConfig
 from tidings.hub import HistoryPolicy, Hub, Publication
 
 #: The development default: no keys, every namespace open.
 DEV_ACCESS = Access(Config())
+#: The same, with room for three channels per connection (the limit tests reach it).
+SMALL_ACCESS = Access(Config(limits=LimitsConfig(max_channels_per_connection=3)))
 
 
 class FakeTransport:
@@ -52,7 +54,7 @@ class FakeSession(ClientSession):
         self.fake = FakeTransport()
         super().__init__(
             hub,
-            options or SessionOptions(access=DEV_ACCESS, ping_interval=25, max_channels=3),
+            options or SessionOptions(access=SMALL_ACCESS, ping_interval=25),
             self.fake,
         )
 

@@ -17,14 +17,19 @@ from centrifuge_support import FakeSession, connected, make_hub, run
 from tidings.auth import Access
 from tidings.centrifuge import Command, SessionOptions
 from tidings.centrifuge.session import ROUTES
-from tidings.config import Config, NamespaceConfig
+from tidings.config import Config, LimitsConfig, NamespaceConfig
 from tidings.errors import DisconnectCode, ErrorCode
 
 pytestmark = pytest.mark.unit
 
 #: Development access with presence on, so that presence commands reach their handler's reply.
 PRESENCE_OPTIONS = SessionOptions(
-    access=Access(Config(channels=NamespaceConfig(presence=True))), max_channels=8
+    access=Access(
+        Config(
+            channels=NamespaceConfig(presence=True),
+            limits=LimitsConfig(max_channels_per_connection=8),
+        )
+    )
 )
 
 #: One valid request per command field, and the key of the reply its handler writes

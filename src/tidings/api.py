@@ -17,26 +17,26 @@ from __future__ import annotations
 import fnmatch
 import hmac
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
 import msgspec
 
-from . import __version__
-from .auth import PRESENCE_OFF
+from .auth import PRESENCE_OFF, Access
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
-from .http import Response, error_response, json_response
-from .hub import EMPTY, Position
+from .http import Response, Router, error_response, json_response
+from .hub import EMPTY, Hub, Position
 from .logs import log_client_error
 from .utf8 import check_utf8, invalid_utf8_field
 
 if TYPE_CHECKING:
     from .http import HTTPConnection, Request
-    from .server import Server
 
-log = logging.getLogger("tidings.api")
+log = logging.getLogger(__name__)
+
+#: What ``info`` reports about this node; given by whoever runs the node.
+NodeInfo = Callable[[], dict[str, Any]]
 
 #: Centrifugo's types: an offset is a uint64 (bounded at 2**63 - 1, the most
 #: msgspec checks), a history limit an int32.
@@ -105,9 +105,13 @@ Method = Callable[[Any], Awaitable[dict[str, Any]]]
 
 
 class ServerAPI:
-    def __init__(self, server: Server) -> None:
-        self.server = server
-        self._key = server.config.api_key.encode()
+    """The ``/api/`` methods, over the hub and the access rules they are given."""
+
+    def __init__(self, hub: Hub, access: Access, api_key: str, node_info: NodeInfo) -> None:
+        self.hub = hub
+        self.access = access
+        self.node_info = node_info
+        self._key = api_key.encode()
         self.methods: dict[str, tuple[type[_Body], Method]] = {
             "publish": (PublishParams, self.publish),
             "broadcast": (BroadcastParams, self.broadcast),
@@ -122,6 +126,9 @@ class ServerAPI:
         self._decoders = {
             name: msgspec.json.Decoder(params) for name, (params, _) in self.methods.items()
         }
+
+    def mount(self, router: Router) -> None:
+        router.add_prefix("POST", "/api/", self.handle)
 
     def authorized(self, request: Request) -> bool:
         """The API key in constant time; with no key configured, loopback only."""
@@ -153,15 +160,13 @@ class ServerAPI:
         return json_response({"result": result})
 
     def _known(self, channel: str) -> None:
-        """Refuse a channel of an unknown namespace (102), as every transport does."""
-        self.server.hub.validate_channel(channel)
-        self.server.access.policy(channel)
+        """Refuse a bad name (107) or a channel of an unknown namespace (102), as
+        every transport does."""
+        self.access.policy(channel)
 
     async def publish(self, params: PublishParams) -> dict[str, Any]:
         self._known(params.channel)
-        position = await self.server.hub.publish(
-            params.channel, bytes(params.data), tags=params.tags
-        )
+        position = await self.hub.publish(params.channel, bytes(params.data), tags=params.tags)
         return {"offset": position.offset, "epoch": position.epoch}
 
     async def broadcast(self, params: BroadcastParams) -> dict[str, Any]:
@@ -172,7 +177,7 @@ class ServerAPI:
         for channel in params.channels:
             try:
                 self._known(channel)
-                position = await self.server.hub.publish(channel, data, tags=params.tags)
+                position = await self.hub.publish(channel, data, tags=params.tags)
             except ProtocolError as exc:
                 responses.append({"error": {"code": int(exc.code), "message": exc.message}})
             else:
@@ -187,7 +192,7 @@ class ServerAPI:
         since = None
         if params.since is not None:
             since = Position(params.since.epoch, params.since.offset)
-        pubs, top = await self.server.hub.history(
+        pubs, top = await self.hub.history(
             params.channel,
             since=since,
             limit=None if limit == -1 else limit,
@@ -203,30 +208,30 @@ class ServerAPI:
 
     def _check_presence(self, channel: str) -> None:
         self._known(channel)
-        if not self.server.access.policy(channel).presence:
+        if not self.access.policy(channel).presence:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, PRESENCE_OFF)
 
     async def presence(self, params: ChannelParams) -> dict[str, Any]:
         self._check_presence(params.channel)
-        return {"presence": await self.server.hub.presence(params.channel)}
+        return {"presence": await self.hub.presence(params.channel)}
 
     async def presence_stats(self, params: ChannelParams) -> dict[str, Any]:
         self._check_presence(params.channel)
-        clients, users = await self.server.hub.presence_stats(params.channel)
+        clients, users = await self.hub.presence_stats(params.channel)
         return {"num_clients": clients, "num_users": users}
 
     async def disconnect(self, params: DisconnectParams) -> dict[str, Any]:
         """Close the user's connections on every transport (on this node)."""
         if not 3000 <= params.disconnect.code <= 4999:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "disconnect code must be in 3000-4999")
-        for client in self.server.hub.clients_of(params.user, params.client):
+        for client in self.hub.clients_of(params.user, params.client):
             client.close(params.disconnect.code, params.disconnect.reason)
         return {}
 
     async def unsubscribe(self, params: UnsubscribeParams) -> dict[str, Any]:
         """Take the user out of a channel on every transport (on this node)."""
-        self.server.hub.validate_channel(params.channel)
-        for client in self.server.hub.clients_of(params.user, params.client):
+        self.access.validate_channel(params.channel)
+        for client in self.hub.clients_of(params.user, params.client):
             client.server_unsubscribe(params.channel)
         return {}
 
@@ -235,25 +240,13 @@ class ServerAPI:
         return {
             "channels": {
                 name: {"num_clients": count}
-                for name, count in self.server.hub.channels()
+                for name, count in self.hub.channels()
                 if not pattern or fnmatch.fnmatchcase(name, pattern)
             }
         }
 
     async def info(self, params: InfoParams) -> dict[str, Any]:
-        server = self.server
-        return {
-            "nodes": [
-                {
-                    "uid": server.uid,
-                    "name": server.name,
-                    "version": __version__,
-                    "num_clients": server.num_clients,
-                    "num_channels": server.hub.num_channels,
-                    "uptime": int(time.monotonic() - server.started_at),
-                }
-            ]
-        }
+        return {"nodes": [self.node_info()]}
 
 
 def decode_params(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:

@@ -1,8 +1,16 @@
 """Who may do what: tokens, namespaces and user-limited channels.
 
 One :class:`Access` object per server answers every permission question, so
-WebSocket, SSE, long-poll and poll enforce the same rules with the same codes:
+WebSocket, SSE, long-poll, poll and the server API enforce the same rules with
+the same codes. Subscribing goes through one door,
+:meth:`Access.authorize_subscribe`, whatever the transport:
 
+- a channel name is 1 to ``limits.max_channel_length`` printable characters
+  without spaces (error 107): checked here, by every permission question,
+  and nowhere else — the hub trusts the names it is given;
+- at most ``limits.max_channels_per_connection`` channels per connection
+  (error 106), counted before any token is verified (a signature check is
+  the costly part, so it comes last);
 - a channel's namespace (the part before ``:``) must be configured, else
   error 102 (HTTP 404) — except in the zero-configuration development mode
   (no auth key and no namespace configured), where every namespace follows
@@ -24,7 +32,7 @@ confusion cannot pass.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -32,7 +40,15 @@ import jwt
 import msgspec
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-from .config import AuthConfig, Config, ConfigError, NamespaceConfig, namespace_of
+from .config import (
+    AuthConfig,
+    Config,
+    ConfigError,
+    NamespaceConfig,
+    Subscribers,
+    Who,
+    namespace_of,
+)
 from .errors import ErrorCode, ProtocolError
 
 #: The one message for presence asked where its namespace does not keep it.
@@ -176,11 +192,11 @@ def _read(path: str, key: str) -> str:
 class Policy(NamedTuple):
     """A namespace's rules with the defaults filled in."""
 
-    subscribe: str
-    publish: str
-    history: str
+    subscribe: Subscribers
+    publish: Who
+    history: Who
     presence: bool
-    presence_read: str
+    presence_read: Who
     join_leave: bool
 
     @classmethod
@@ -208,6 +224,8 @@ class Access:
         self.tokens = TokenVerifier(config.auth)
         self.cookie = config.auth.cookie
         self.expiry_grace = config.auth.expiry_grace
+        self.max_channel_length = config.limits.max_channel_length
+        self.max_channels = config.limits.max_channels_per_connection
         secure = self.tokens.enabled
         self._default = Policy.of(config.channels, secure)
         self._namespaces = {
@@ -224,7 +242,27 @@ class Access:
         named = [("(default)", self._default), *self._namespaces.items()]
         return [name for name, policy in named if policy.subscribe == "anonymous"]
 
+    def validate_channel(self, name: str) -> None:
+        """Refuse names that are empty, too long, or hold spaces or control characters.
+
+        Every permission question below asks this first (through
+        :meth:`policy`), so no client-supplied name reaches the hub unchecked.
+        """
+        if not name:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "channel name is empty")
+        if len(name) > self.max_channel_length:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST,
+                f"channel name longer than {self.max_channel_length} characters",
+            )
+        if not name.isprintable() or " " in name:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, f"channel name {name!r} has spaces or control characters"
+            )
+
     def policy(self, channel: str) -> Policy:
+        """The rules of a valid channel's namespace (error 102 for an unknown one)."""
+        self.validate_channel(channel)
         namespace = namespace_of(channel)
         if not namespace:
             return self._default
@@ -244,23 +282,49 @@ class Access:
         """The client behind a connection token; anonymous without one."""
         return self.tokens.connection(token) if token else ANONYMOUS
 
-    def subscription_grant(self, token: str, credentials: Credentials, channel: str) -> Grant:
-        """The grant of a subscription token presented to subscribe to ``channel``.
+    def authorize_subscribe(
+        self,
+        credentials: Credentials,
+        channels: Sequence[str],
+        tokens: Sequence[str] = (),
+        *,
+        held: int = 0,
+    ) -> dict[str, Grant]:
+        """May ``credentials`` subscribe to ``channels``? The one door of every transport.
 
-        A token names the one channel it grants; presented for another, it is
-        invalid (3500 / 401), not merely insufficient (403): the client holds a
-        token that does not say what it claims.
+        ``tokens`` are subscription tokens, each naming one of ``channels``;
+        ``held`` is how many channels the connection already follows. Raises
+        the first refusal — a bad name (107), too many channels (106), an
+        invalid token (:class:`InvalidToken`), an unknown namespace (102), a
+        subscription the rules deny (103) — and returns the grants the tokens
+        carried (their ``info`` and expiry), by channel.
         """
+        for channel in channels:
+            self.validate_channel(channel)
+        if held + len(channels) > self.max_channels:
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"more than {self.max_channels} channels on one connection",
+            )
+        grants = self.subscription_grants(tokens, credentials, channels)
+        for channel in channels:
+            self.check_subscribe(credentials, channel, grants.get(channel))
+        return grants
+
+    def subscription_grant(self, token: str, credentials: Credentials, channel: str) -> Grant:
+        """The grant of a subscription token presented for ``channel`` (``sub_refresh``)."""
         return self.subscription_grants([token], credentials, (channel,))[channel]
 
     def subscription_grants(
-        self, tokens: list[str], credentials: Credentials, channels: Collection[str]
+        self, tokens: Sequence[str], credentials: Credentials, channels: Collection[str]
     ) -> dict[str, Grant]:
         """Subscription tokens by the channel each one grants, all among ``channels``.
 
-        The HTTP transports take tokens and channels as separate lists
-        (``?sub_token=`` repeated), so each token must name one of the
-        channels requested: see :meth:`subscription_grant`.
+        A token names the one channel it grants; presented for another, it is
+        invalid (3500 / 401), not merely insufficient (403): the client holds a
+        token that does not say what it claims. The HTTP transports take tokens
+        and channels as separate lists (``?sub_token=`` repeated), so each
+        token must name one of the channels requested.
         """
         grants: dict[str, Grant] = {}
         for token in tokens:

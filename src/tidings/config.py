@@ -23,7 +23,7 @@ from msgspec import Meta
 from .errors import ConfigError
 from .hub import HistoryPolicy
 
-__all__ = ["Config", "ConfigError", "load_config"]
+__all__ = ["Config", "ConfigError", "Subscribers", "Who", "load_config"]
 
 PositiveFloat = Annotated[float, Meta(gt=0)]
 NonNegativeFloat = Annotated[float, Meta(ge=0)]
@@ -117,6 +117,8 @@ class AuthConfig(_Section):
 
 
 Who = Literal["nobody", "subscribers", "any"]
+#: Who may subscribe to a namespace's channels without a subscription token.
+Subscribers = Literal["anonymous", "authenticated", "token"]
 
 
 class NamespaceConfig(_Section):
@@ -127,7 +129,7 @@ class NamespaceConfig(_Section):
     ``authenticated`` and ``nobody`` once one is.
     """
 
-    subscribe: Literal["anonymous", "authenticated", "token"] | None = None
+    subscribe: Subscribers | None = None
     publish: Who | None = None
     #: History kept per channel of the namespace; unset means the [history] values.
     history_size: Annotated[int, Meta(ge=0)] | None = None

@@ -14,6 +14,16 @@ plainly that history no longer reaches (``recovered=False``). It never returns
 a partial range. While the broker is being asked, publications keep arriving;
 the hub buffers them for the subscriber being set up, so that nothing falls
 between the history read and the live stream.
+
+The hub trusts the channel names it is given: whoever speaks for a client
+asks :class:`~tidings.auth.Access` first, which checks the name with every
+permission question (one rule, in one place). A program embedding the hub
+publishes to names it chose.
+
+Each delivery is a :class:`Publication` that carries its own stream
+position, so a transport that must tell its client where it stands (an SSE
+event id, a poll cursor) builds that from what it was delivered, never from
+the hub's current state or its lifetime rules.
 """
 
 from __future__ import annotations
@@ -24,8 +34,6 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
 
 import msgspec
-
-from .errors import ErrorCode, ProtocolError
 
 if TYPE_CHECKING:
     from .brokers.base import Broker
@@ -242,7 +250,6 @@ class Hub:
         self,
         broker: Broker,
         *,
-        max_channel_length: int = 255,
         history_for: Callable[[str], HistoryPolicy] = lambda channel: DEFAULT_HISTORY,
     ) -> None:
         """``history_for(channel)`` is the channel's history policy, sent with each publish."""
@@ -250,29 +257,12 @@ class Hub:
         self._history_for = history_for
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Client]] = {}
-        self._max_channel_length = max_channel_length
         broker.bind(self._deliver)
         broker.bind_presence(self._deliver_presence)
 
     @property
     def broker(self) -> Broker:
         return self._broker
-
-    # -- validation ------------------------------------------------------
-
-    def validate_channel(self, name: str) -> None:
-        """Refuse names that are empty, too long, or hold spaces or control characters."""
-        if not name:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "channel name is empty")
-        if len(name) > self._max_channel_length:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST,
-                f"channel name longer than {self._max_channel_length} characters",
-            )
-        if not name.isprintable() or " " in name:
-            raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"channel name {name!r} has spaces or control characters"
-            )
 
     # -- publishing ------------------------------------------------------
 
@@ -285,7 +275,6 @@ class Hub:
         tags: dict[str, str] | None = None,
     ) -> Position:
         """Publish raw JSON ``data``; return the position the broker gave it."""
-        self.validate_channel(channel)
         pub = await self._broker.publish(
             channel, data, history=self._history_for(channel), info=info, tags=tags
         )
@@ -339,7 +328,6 @@ class Hub:
         self, channel: str, subscriber: Subscriber, since: Position | None = None
     ) -> Recovery:
         """Join ``subscriber`` to ``channel``; see :class:`Recovery` for the result."""
-        self.validate_channel(channel)
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel(EMPTY)
@@ -379,7 +367,6 @@ class Hub:
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
         """What a client at ``since`` missed, without subscribing (for polling)."""
-        self.validate_channel(channel)
         return await self._recover(channel, since)
 
     async def _recover(self, channel: str, since: Position | None) -> Recovery:
@@ -438,7 +425,6 @@ class Hub:
         self._broker.remove_presence(channel, client)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
-        self.validate_channel(channel)
         return await self._broker.presence(channel)
 
     async def presence_stats(self, channel: str) -> tuple[int, int]:
@@ -470,7 +456,6 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> tuple[list[Publication], Position]:
-        self.validate_channel(channel)
         return await self._broker.history(channel, since=since, limit=limit, reverse=reverse)
 
     def channels(self) -> Iterator[tuple[str, int]]:
@@ -479,7 +464,8 @@ class Hub:
             yield name, len(state.subscribers) + len(state.catching_up)
 
     def top(self, channel: str) -> Position:
-        """The position of the last publication delivered on this node."""
+        """The position of the last publication delivered on this node (for
+        inspection: transports build positions from their deliveries)."""
         state = self._channels.get(channel)
         return EMPTY if state is None else state.top
 

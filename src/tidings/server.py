@@ -1,13 +1,19 @@
-"""The running server: one listener, one hub, the transports, the API.
+"""The running server: the one place where the parts are built and wired.
 
-This is the only module that knows every part; each part knows only the hub
-and the server object it is given. Embed tidings in a program with::
+Each part is given what it needs and nothing more — the hub, the access
+rules, the CORS rule, its configuration section, the connection registry —
+so no module but this one (and the CLI and the Python API above it) knows the
+whole. Embed tidings in a program with::
 
     server = Server(load_config())
     await server.start()
     await server.hub.publish("news", b'{"text": "hello"}')
     ...
     await server.shutdown()
+
+A transport is an object with ``mount(router)``, ``start()`` and ``stop()``
+(:class:`Transport`); adding one is a module plus one line in
+:meth:`Server.__init__` (docs/architecture.md has the recipe).
 """
 
 from __future__ import annotations
@@ -22,61 +28,70 @@ import socket
 import time
 from typing import Any, Protocol
 
+from . import __version__
 from .api import ServerAPI
 from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
-from .http import HTTPConnection, Request, Response, Router, error_response, json_response
+from .connections import Connections
+from .http import HTTPConnection, Request, Response, Router, Site, error_response, json_response
 from .http.cors import CORS
 from .hub import Hub
-from .transports import websocket
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
+from .transports.websocket import WebSocketTransport
 
-log = logging.getLogger("tidings")
+log = logging.getLogger(__name__)
 
 
-class Connection(Protocol):
-    """Anything long-lived the server must wind down on graceful shutdown."""
+class Transport(Protocol):
+    """What the server asks of a transport: its routes, then a start and a stop
+    around the time it serves."""
 
-    def shutdown(self) -> None: ...
+    def mount(self, router: Router) -> None:
+        """Add the transport's routes (and upgrade routes) to ``router``."""
+
+    async def start(self) -> None:
+        """Begin background work, if any; called inside the running loop."""
+
+    async def stop(self) -> None:
+        """End background work; connections were already wound down."""
 
 
 class Server:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
-        self.hub = Hub(
-            self.broker,
-            max_channel_length=config.limits.max_channel_length,
-            history_for=config.history_for,
-        )
-        self.access = Access(config)
-        self.cors = CORS(config.allowed_origins)
+        self.hub = Hub(self.broker, history_for=config.history_for)
+        self.access = access = Access(config)
+        self.cors = cors = CORS(config.allowed_origins)
+        self.connections = connections = Connections()
         self.router = Router()
-        self.connections: set[Connection] = set()
-        self.stopping = False
+        self.site = Site(self.router, cors, config.limits, config.timeouts, connections)
         self.uid = secrets.token_hex(8)
         self.name = f"{socket.gethostname()}_{os.getpid()}"
         self.started_at = time.monotonic()
-        self.sse = SSETransport(self)
-        self.poll = PollTransport(self)
-        self.api = ServerAPI(self)
-        self.loop: asyncio.AbstractEventLoop | None = None
+        hub, limits = self.hub, config.limits
+        self.sse = SSETransport(hub, access, cors, connections, config.sse, limits)
+        self.poll = PollTransport(hub, access, connections, config.poll)
+        self.websocket = WebSocketTransport(
+            hub, access, cors, connections, config.websocket, limits
+        )
+        self.api = ServerAPI(hub, access, config.api_key, self.node_info)
+        self.transports: tuple[Transport, ...] = (self.sse, self.poll, self.websocket)
         self._listener: asyncio.base_events.Server | None = None
         self._stopped = asyncio.Event()
         self._static = _read_static("tidings.js", "demo.html")
-        self._add_routes()
+        for transport in self.transports:
+            transport.mount(self.router)
+        self.api.mount(self.router)
+        self.router.add("GET", "/health", self._health)
+        self.router.add("GET", "/tidings.js", self._tidings_js)
+        self.router.add("GET", "/demo", self._demo)
 
-    def _add_routes(self) -> None:
-        router = self.router
-        router.add("GET", "/health", self._health)
-        router.add("GET", "/sse", self.sse.handle)
-        router.add("GET", "/poll", self.poll.handle)
-        router.add("GET", "/connection/websocket", self._websocket_without_upgrade)
-        router.add_prefix("POST", "/api/", self.api.handle)
-        router.add("GET", "/tidings.js", self._tidings_js)
-        router.add("GET", "/demo", self._demo)
+    @property
+    def stopping(self) -> bool:
+        return self.connections.stopping
 
     # -- lifecycle -------------------------------------------------------
 
@@ -85,16 +100,18 @@ class Server:
 
         ``reuse_port`` lets several worker processes listen on one port.
         """
-        self.loop = loop = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         await self.broker.start()
-        self.sse.start()
+        for transport in self.transports:
+            await transport.start()
+        site = self.site
         if sock is not None:
             self._listener = await loop.create_server(
-                lambda: HTTPConnection(self), sock=sock, backlog=4096
+                lambda: HTTPConnection(site), sock=sock, backlog=4096
             )
         else:
             self._listener = await loop.create_server(
-                lambda: HTTPConnection(self),
+                lambda: HTTPConnection(site),
                 self.config.host,
                 self.config.port,
                 backlog=4096,
@@ -102,6 +119,10 @@ class Server:
                 reuse_port=reuse_port or None,
             )
         self.started_at = time.monotonic()
+        self._warn_about_development_defaults()
+        log.info("tidings listening on %s", self.url)
+
+    def _warn_about_development_defaults(self) -> None:
         if not self.config.api_key:
             log.warning(
                 "no api_key configured: the server API answers unproxied loopback clients "
@@ -123,7 +144,6 @@ class Server:
                 "namespaces open to anonymous subscribers: %s",
                 ", ".join(self.access.open_namespaces()),
             )
-        log.info("tidings listening on %s", self.url)
 
     @property
     def port(self) -> int:
@@ -138,7 +158,19 @@ class Server:
 
     @property
     def num_clients(self) -> int:
-        return len(self.connections) + len(self.sse.streams)
+        """Open connections of every kind: HTTP, held polls, SSE streams, WebSockets."""
+        return len(self.connections)
+
+    def node_info(self) -> dict[str, Any]:
+        """This node as the API's ``info`` reports it."""
+        return {
+            "uid": self.uid,
+            "name": self.name,
+            "version": __version__,
+            "num_clients": self.num_clients,
+            "num_channels": self.hub.num_channels,
+            "uptime": int(time.monotonic() - self.started_at),
+        }
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
@@ -170,24 +202,17 @@ class Server:
         answered with what they have; WebSocket clients get close code 3001;
         idle keep-alive connections are closed; requests in flight finish.
         """
-        self.stopping = True
         if self._listener is not None:
             self._listener.close()
-        self.sse.shutdown()
-        for connection in tuple(self.connections):
-            connection.shutdown()
+        self.connections.shutdown()
         deadline = time.monotonic() + self.config.timeouts.shutdown
-        while (self.connections or self.sse.streams) and time.monotonic() < deadline:
+        while self.connections and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        if self.connections or self.sse.streams:
-            log.warning(
-                "shutdown timeout: dropping %d connections",
-                len(self.connections) + len(self.sse.streams),
-            )
-        await self.sse.stop()
+        if self.connections:
+            log.warning("shutdown timeout: dropping %d connections", len(self.connections))
+        for transport in self.transports:
+            await transport.stop()
         await self.broker.close()
-        if self._listener is not None:
-            self._listener.close()
         log.info("tidings stopped")
 
     # -- routes kept here because they concern the whole server ------------
@@ -208,28 +233,6 @@ class Server:
             return error_response(404, "the demo is off: start the server with --demo")
         return _static_response(self._static["demo.html"], "text/html; charset=utf-8")
 
-    async def _websocket_without_upgrade(self, request: Request, conn: HTTPConnection) -> Response:
-        response = error_response(426, "this endpoint speaks WebSocket: send an Upgrade request")
-        response.headers.append(("Upgrade", "websocket"))
-        return response
-
-    def upgrade_websocket(self, conn: HTTPConnection, request: Request, rest: bytes) -> None:
-        """Hand a WebSocket upgrade request to the WebSocket transport."""
-        if request.path != "/connection/websocket":
-            request.keep_alive = False
-            conn.respond(request, error_response(404, f"no WebSocket endpoint at {request.path}"))
-            return
-        if request.method != "GET":
-            # RFC 6455 §4.1: the opening handshake is a GET. Refused here, as
-            # plain HTTP, so that a HEAD gets its answer without a body.
-            request.keep_alive = False
-            response = error_response(405, "a WebSocket handshake must be a GET request")
-            response.headers.append(("Allow", "GET"))
-            conn.respond(request, response)
-            return
-        transport = conn.detach()
-        websocket.upgrade(self, transport, request, rest)
-
 
 def _read_static(*names: str) -> dict[str, bytes]:
     """The browser files shipped in the package, read once at start."""
@@ -242,4 +245,4 @@ def _static_response(body: bytes, content_type: str) -> Response:
     return Response(200, body=body, headers=headers)
 
 
-__all__ = ["Connection", "Server"]
+__all__ = ["Server", "Transport"]

@@ -47,8 +47,11 @@ from tidings.http import HTTPConnection, Request
 from tidings.http.messages import Headers
 from tidings.hub import Position, Publication
 from tidings.server import Server
-from tidings.transports import websocket
-from tidings.transports.common import requested_channels, requested_positions
+from tidings.transports.common import (
+    request_credentials,
+    requested_channels,
+    requested_positions,
+)
 
 __all__ = ["SEEDS", "TARGETS", "InvariantBroken", "Target"]
 
@@ -127,14 +130,8 @@ class _Runtime:
         self._served[kind] += 1
         server = self._servers[kind]
         if server is None or self._served[kind] > _SERVER_LIFETIME:
-            if server is not None:
-                # The WebSocket context refers to its server, so the weak map
-                # keyed by server never lets either go: without this, every
-                # replaced server would stay, and pass for growth of the code
-                # under test (one Server per process in production).
-                websocket._contexts.pop(server, None)
             server = self._servers[kind] = Server(self.configs[kind])
-            server.loop = self.loop
+            server.websocket.loop = self.loop
             self._served[kind] = 1
         return server
 
@@ -507,7 +504,7 @@ def _connection_state_bounded(
 async def _serve_http(data: bytes) -> None:
     plan, stream = data[0], data[1:]
     server = runtime().server(tight=bool(plan & 4))
-    conn = HTTPConnection(server)
+    conn = HTTPConnection(server.site)
     transport = FakeTransport(
         asyncio.get_running_loop(),
         conn,
@@ -535,12 +532,12 @@ async def _serve_http(data: bytes) -> None:
     protocol = transport.protocol
     shutdown: Callable[[], None] | None = getattr(protocol, "shutdown", None)
     if shutdown is not None and not transport.closing:
-        server.stopping = True
+        server.connections.stopping = True
         try:
             shutdown()
             await _settle()
         finally:
-            server.stopping = False
+            server.connections.stopping = False
     _connection_state_bounded(conn, server, transport)
     transport.close()
     await _settle()
@@ -689,7 +686,8 @@ def query(data: bytes) -> None:
         "query is not a dict of str lists",
     )
     try:
-        channels = requested_channels(request, server)
+        credentials = request_credentials(request, server.access)
+        channels = requested_channels(request, server.access, credentials)
     except ProtocolError:
         channels = None
     if channels is not None:
@@ -697,7 +695,7 @@ def query(data: bytes) -> None:
         check(0 < len(channels) <= limit, f"{len(channels)} channels accepted")
         check(len(set(channels)) == len(channels), "a channel accepted twice")
         for channel in channels:
-            server.hub.validate_channel(channel)  # raises if one slipped through
+            server.access.validate_channel(channel)  # raises if one slipped through
             check("\ufffd" not in channel, f"channel {channel!r} holds what was not UTF-8")
     try:
         positions = requested_positions(request.query_value("cursor"))

@@ -2,7 +2,8 @@
 
 from .connection import HTTPConnection
 from .messages import Headers, Request, Response, error_response, json_response
-from .routing import Router
+from .routing import Router, UpgradeHandler
+from .site import Site
 
 __all__ = [
     "HTTPConnection",
@@ -10,6 +11,8 @@ __all__ = [
     "Request",
     "Response",
     "Router",
+    "Site",
+    "UpgradeHandler",
     "error_response",
     "json_response",
 ]

@@ -60,7 +60,7 @@ from .messages import Headers, Request, Response, error_response
 from .state import ANSWERING, READING, Answering, Reading, advance
 
 if TYPE_CHECKING:
-    from ..server import Server
+    from .site import Site
 
 __all__ = ["HTTPConnection", "Held"]
 
@@ -131,12 +131,12 @@ class HTTPConnection(asyncio.Protocol):
         "_url",
         "client",
         "parser",
-        "server",
+        "site",
         "transport",
     )
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(self, site: Site) -> None:
+        self.site = site
         self.transport: asyncio.Transport | None = None
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.client: tuple[str, int] | None = None
@@ -189,7 +189,7 @@ class HTTPConnection(asyncio.Protocol):
             self._reading is not Reading.STOPPED
             and self._answering not in (Answering.LINGERING, Answering.CLOSED)
             and not self._sending_paused
-            and len(self._queue) < self.server.config.limits.max_pipelined_requests
+            and len(self._queue) < self.site.limits.max_pipelined_requests
         )
 
     # -- asyncio.Protocol ------------------------------------------------
@@ -199,9 +199,9 @@ class HTTPConnection(asyncio.Protocol):
         self.transport = writable = cast(asyncio.Transport, transport)
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
-        writable.set_write_buffer_limits(high=self.server.config.limits.max_write_buffer)
-        self.server.connections.add(self)
-        self._arm(self.server.config.timeouts.request, self._on_request_timeout)
+        writable.set_write_buffer_limits(high=self.site.limits.max_write_buffer)
+        self.site.connections.add(self)
+        self._arm(self.site.timeouts.request, self._on_request_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._answering is not Answering.CLOSED:
@@ -210,7 +210,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         """Let go of everything the connection holds (it is CLOSED now)."""
-        self.server.connections.discard(self)
+        self.site.connections.discard(self)
         self._cancel_timer()
         self._stop_reading()
         self._queue.clear()
@@ -229,7 +229,7 @@ class HTTPConnection(asyncio.Protocol):
             return  # closing anyway, on its own deadline
         assert self.transport is not None
         self.transport.pause_reading()
-        self._arm(self.server.config.timeouts.write, self._on_write_timeout)
+        self._arm(self.site.timeouts.write, self._on_write_timeout)
 
     def resume_writing(self) -> None:
         """Drained under low water: go on reading and answering."""
@@ -270,7 +270,7 @@ class HTTPConnection(asyncio.Protocol):
         at the request that fills the queue.
         """
         assert self.transport is not None
-        limits = self.server.config.limits
+        limits = self.site.limits
         view = memoryview(data)
         start = 0
         while start < len(view):
@@ -319,7 +319,7 @@ class HTTPConnection(asyncio.Protocol):
             # First byte of a request on an idle connection: from now on it
             # must arrive in time. (Not on any byte: blank lines between
             # requests would then keep an idle connection open forever.)
-            self._arm(self.server.config.timeouts.request, self._on_request_timeout)
+            self._arm(self.site.timeouts.request, self._on_request_timeout)
         self._url = b""
         self._headers = []
         self._head_size = 0
@@ -330,19 +330,19 @@ class HTTPConnection(asyncio.Protocol):
     def on_url(self, url: bytes) -> None:
         self._url += url
         self._head_size += len(url)
-        if self._head_size > self.server.config.limits.max_request_head:
+        if self._head_size > self.site.limits.max_request_head:
             raise _Refusal(431, "request line too large")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self._head_size += len(name) + len(value) + 4
-        if self._head_size > self.server.config.limits.max_request_head:
+        if self._head_size > self.site.limits.max_request_head:
             raise _Refusal(431, "request headers too large")
         self._headers.append((name.lower(), value))
 
     def on_headers_complete(self) -> None:
         assert self.parser is not None
         self._read_to(Reading.BODY)
-        limits = self.server.config.limits
+        limits = self.site.limits
         url = httptools.parse_url(self._url)
         headers = Headers(self._headers)
         request = Request(
@@ -367,10 +367,8 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         self._body_size += len(body)
-        if self._body_size > self.server.config.limits.max_body_size:
-            raise _Refusal(
-                413, f"request body larger than {self.server.config.limits.max_body_size} bytes"
-            )
+        if self._body_size > self.site.limits.max_body_size:
+            raise _Refusal(413, f"request body larger than {self.site.limits.max_body_size} bytes")
         self._body.append(body)
 
     def on_message_complete(self) -> None:
@@ -421,17 +419,17 @@ class HTTPConnection(asyncio.Protocol):
             self.transport.resume_reading()
         if answered and not self._queue and not self._sending_paused:
             if self._reading is Reading.IDLE:
-                self._arm(self.server.config.timeouts.keepalive, self._on_idle_timeout)
+                self._arm(self.site.timeouts.keepalive, self._on_idle_timeout)
             else:
                 # Part of the next request came while this one was answered.
-                self._arm(self.server.config.timeouts.request, self._on_request_timeout)
+                self._arm(self.site.timeouts.request, self._on_request_timeout)
 
     def _dispatch(self, request: Request) -> None:
-        cors = self.server.cors
+        cors = self.site.cors
         if request.method == "OPTIONS":
-            self._send(request, cors.preflight(request, self.server.router))
+            self._send(request, cors.preflight(request, self.site.router))
             return
-        route = self.server.router.resolve(request)
+        route = self.site.router.resolve(request)
         if isinstance(route, Response):
             self._send(request, route)
             return
@@ -472,7 +470,7 @@ class HTTPConnection(asyncio.Protocol):
         self._reply_to = (
             request.method == "HEAD",
             request.keep_alive,
-            self.server.cors.headers(request),
+            self.site.cors.headers(request),
         )
 
     def respond_held(self, response: Response) -> None:
@@ -483,13 +481,15 @@ class HTTPConnection(asyncio.Protocol):
             return
         self._enter(Answering.READY)
         head, keep_alive, extra = reply_to
-        keep_alive = keep_alive and not self.server.stopping
+        keep_alive = keep_alive and not self.site.connections.stopping
         self._write(response, head=head, keep_alive=keep_alive, extra=extra)
         self._process(answered=True)
 
     def _send(self, request: Request, response: Response) -> None:
-        keep_alive = request.keep_alive and not response.close and not self.server.stopping
-        extra = self.server.cors.headers(request)
+        keep_alive = (
+            request.keep_alive and not response.close and not self.site.connections.stopping
+        )
+        extra = self.site.cors.headers(request)
         self._write(response, head=request.method == "HEAD", keep_alive=keep_alive, extra=extra)
 
     def _write(
@@ -518,7 +518,7 @@ class HTTPConnection(asyncio.Protocol):
             self._arm(_LINGER, self._on_linger_end)
         else:
             self.transport.close()
-            self._arm(self.server.config.timeouts.write, self._on_linger_end)
+            self._arm(self.site.timeouts.write, self._on_linger_end)
 
     def _refuse(self, status: int, message: str) -> None:
         """Stop reading and queue an error answer after those already due."""
@@ -536,21 +536,25 @@ class HTTPConnection(asyncio.Protocol):
         if request is None or isinstance(request, Response):
             self._refuse(400, "malformed upgrade request")
             return
-        upgrade = (request.headers.get("upgrade") or "").lower()
+        protocol = (request.headers.get("upgrade") or "").lower()
         self._stop_reading()
+        request.keep_alive = False  # whatever happens, the parser stopped here
         if (
-            upgrade != "websocket"
+            not self.site.router.upgrades(protocol)
             or self._queue
             or self._answering is not Answering.READY
             or self._sending_paused
         ):
             # Not a protocol we speak (or pipelined in a way we won't untangle):
-            # answer it as plain HTTP, then close, since the parser stopped here.
-            request.keep_alive = False
+            # answer it as plain HTTP, then close.
             self._queue.append(request)
             return
+        route = self.site.router.resolve_upgrade(request, protocol)
+        if isinstance(route, Response):
+            self._send(request, route)  # a HEAD gets it without a body; then lingering
+            return
         self._enter(Answering.HANDLING)
-        self.server.upgrade_websocket(self, request, rest)
+        route(request, self.detach(), rest)
 
     def detach(self) -> asyncio.Transport:
         """Hand the socket to a stream protocol; this object stops serving it."""
@@ -594,7 +598,7 @@ class HTTPConnection(asyncio.Protocol):
         if self._answering is not Answering.READY or self._sending_paused:
             return
         if self._reading is Reading.HEAD or self._reading is Reading.BODY:
-            timeout = self.server.config.timeouts.request
+            timeout = self.site.timeouts.request
             self._refuse(408, f"request not received within {timeout:g}s")
             self._process()
         elif not self._queue:
@@ -620,7 +624,7 @@ class HTTPConnection(asyncio.Protocol):
             "aborting %s: %d bytes unsent, not taken within %gs",
             self.client,
             self.transport.get_write_buffer_size(),
-            self.server.config.timeouts.write,
+            self.site.timeouts.write,
         )
         self._abort()
 

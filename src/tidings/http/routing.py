@@ -1,7 +1,14 @@
-"""Exact-path routing with 404 and 405 answered in one place."""
+"""Exact-path routing with 404 and 405 answered in one place.
+
+Two kinds of route: a handler answers a request (or holds it, or takes the
+socket over after answering it itself, as SSE does); an *upgrade* route takes
+the socket of a request that asked to switch protocols (``Upgrade:``), with
+any bytes that followed its head, as WebSocket does.
+"""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING
 
@@ -14,13 +21,18 @@ if TYPE_CHECKING:
 #: connection over (a stream) or will answer later (a held long-poll).
 Handler = Callable[[Request, "HTTPConnection"], Awaitable[Response | None]]
 
+#: Takes over a socket whose request asked to switch protocols: ``(request,
+#: transport, bytes read past the head)``. It answers the handshake itself.
+UpgradeHandler = Callable[[Request, asyncio.Transport, bytes], None]
+
 
 class Router:
-    __slots__ = ("_prefixes", "_routes")
+    __slots__ = ("_prefixes", "_routes", "_upgrades")
 
     def __init__(self) -> None:
         self._routes: dict[str, dict[str, Handler]] = {}
         self._prefixes: list[tuple[str, dict[str, Handler]]] = []
+        self._upgrades: dict[str, dict[str, UpgradeHandler]] = {}
 
     def add(self, method: str, path: str, handler: Handler) -> None:
         methods = self._routes.setdefault(path, {})
@@ -35,6 +47,31 @@ class Router:
                 methods[method] = handler
                 return
         self._prefixes.append((prefix, {method: handler}))
+
+    def add_upgrade(self, path: str, protocol: str, handler: UpgradeHandler) -> None:
+        """Hand requests to ``path`` asking ``Upgrade: <protocol>`` to ``handler``."""
+        self._upgrades.setdefault(path, {})[protocol.lower()] = handler
+
+    def upgrades(self, protocol: str) -> bool:
+        """Whether any route speaks ``protocol``; other upgrade requests are plain HTTP."""
+        protocol = protocol.lower()
+        return any(protocol in handlers for handlers in self._upgrades.values())
+
+    def resolve_upgrade(self, request: Request, protocol: str) -> UpgradeHandler | Response:
+        """The upgrade handler for ``request``, or the 404/405 response to send instead.
+
+        RFC 6455 §4.1 (and RFC 9110's Upgrade generally, for a request without
+        a body): the handshake is a GET. Refused as plain HTTP, so that a HEAD
+        gets its answer without a body.
+        """
+        handler = self._upgrades.get(request.path, {}).get(protocol.lower())
+        if handler is None:
+            return error_response(404, f"no {protocol} endpoint at {request.path}")
+        if request.method != "GET":
+            return error_response(
+                405, f"a {protocol} handshake must be a GET request", headers=[("Allow", "GET")]
+            )
+        return handler
 
     def _methods(self, path: str) -> dict[str, Handler] | None:
         methods = self._routes.get(path)

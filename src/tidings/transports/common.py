@@ -14,45 +14,35 @@ from collections.abc import Iterable
 from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING
 
-from ..auth import Credentials
+from ..auth import Access, Credentials
 from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
 from ..hub import Hub, Position, Publication, Subscriber
 
 if TYPE_CHECKING:
     from ..http import Request
-    from ..server import Server
 
 
-def requested_channels(
-    request: Request, server: Server, credentials: Credentials | None = None
-) -> list[str]:
+def requested_channels(request: Request, access: Access, credentials: Credentials) -> list[str]:
     """The ``channel`` query parameters the client may follow, without repeats, in order.
 
-    The connection token comes from ``Authorization: Bearer``, ``?token=`` or
-    the auth cookie; subscription tokens from ``?sub_token=`` (repeatable: each
-    token names its channel). The rules are the WebSocket ones (:mod:`tidings.auth`).
+    Subscription tokens come from ``?sub_token=`` (repeatable: each token
+    names its channel); :meth:`Access.authorize_subscribe` decides, as it does
+    for WebSocket.
     """
     names = list(dict.fromkeys(request.query.get("channel", ())))
     if not names:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "at least one channel= parameter is required")
-    limit = server.config.limits.max_channels_per_connection
-    if len(names) > limit:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"more than {limit} channels requested")
-    for name in names:
-        server.hub.validate_channel(name)
-    access = server.access
-    if credentials is None:
-        credentials = request_credentials(request, server)
-    grants = access.subscription_grants(request.query.get("sub_token", []), credentials, names)
-    for name in names:
-        access.check_subscribe(credentials, name, grants.get(name))
+    access.authorize_subscribe(credentials, names, request.query.get("sub_token", ()))
     return names
 
 
-def request_credentials(request: Request, server: Server) -> Credentials:
-    """The client behind the request's connection token; anonymous without one."""
-    access = server.access
+def request_credentials(request: Request, access: Access) -> Credentials:
+    """The client behind the request's connection token; anonymous without one.
+
+    The token comes from ``Authorization: Bearer``, ``?token=`` or the auth
+    cookie, in that order.
+    """
     return access.authenticate(connection_token(request, access.cookie))
 
 

@@ -8,13 +8,16 @@ A held long-poll is small on purpose (the benchmark holds tens of thousands):
 a :class:`PollWaiter` of five slots registered on its channels, and nothing
 else — no task, no coroutine, no timer and not the request (the connection
 keeps only how to answer it). Deadlines are grouped by the second they fall
-in, one loop timer per second that has any. A held poll is at the head of
-every channel it follows (it would have been answered at once otherwise), so
-its cursor when answered is the hub's current position of those channels, and
-every waiter of the same channels gets the same bytes: they are encoded once
-per wake-up (DESIGN principle 2). The first publication wakes a waiter; it is
-answered on the next loop iteration, so publications of one moment (a
-broadcast) travel in one response.
+in, one loop timer per second that has any.
+
+The cursor of an answer is built from what the waiter was given: the
+positions its join returned (kept encoded, as the cursor it would have
+answered with), advanced by each publication delivered, which carries its own
+position. Waiters of the same channels, started at the same cursor and given
+the same publications, get the same bytes: they are encoded once per wake-up
+(DESIGN principle 2). The first publication wakes a waiter; it is answered on
+the next loop iteration, so publications of one moment (a broadcast) travel in
+one response.
 """
 
 from __future__ import annotations
@@ -23,18 +26,21 @@ import asyncio
 import math
 from typing import TYPE_CHECKING
 
+from ..auth import Access
 from ..codec import encode, http_publication_json
-from ..cursor import encode_cursor
+from ..config import PollConfig
+from ..connections import Connections
+from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
-from ..http import Response
-from ..hub import Position, PresenceEvent, Publication
-from .common import join, leave, requested_channels, requested_positions
+from ..http import Response, Router
+from ..hub import Hub, Position, PresenceEvent, Publication
+from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
     from ..http import HTTPConnection, Request
-    from ..server import Server
 
-Answers = dict[tuple[str, ...], tuple[tuple[Publication, ...], Response]]
+#: Answers built in one wake-up, by channels: (start cursor, publications, response).
+Answers = dict[tuple[str, ...], tuple[str, tuple[Publication, ...], Response]]
 
 
 def poll_response(
@@ -62,13 +68,15 @@ def poll_response(
 class PollWaiter:
     """A held long-poll: answered on the first publication or at its deadline."""
 
-    __slots__ = ("channels", "conn", "deadline", "poll", "publications")
+    __slots__ = ("channels", "conn", "deadline", "poll", "publications", "since")
 
     def __init__(self, poll: PollTransport, conn: HTTPConnection, channels: tuple[str, ...]):
         self.poll = poll
         self.conn = conn
         self.channels = channels
         self.publications: list[Publication] | None = None
+        #: The cursor of the positions the join returned (set once joined).
+        self.since = ""
         #: The second whose timer answers this waiter; 0 once it has left.
         self.deadline = 0
 
@@ -95,33 +103,48 @@ class PollWaiter:
 
 
 class PollTransport:
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(
+        self, hub: Hub, access: Access, connections: Connections, config: PollConfig
+    ) -> None:
+        self.hub = hub
+        self.access = access
+        self.connections = connections
+        self.default_timeout = config.default_timeout
+        self.max_timeout = config.max_timeout
         self._buckets: dict[int, set[PollWaiter]] = {}
         self._woken: list[PollWaiter] = []
 
+    def mount(self, router: Router) -> None:
+        router.add("GET", "/poll", self.handle)
+
+    async def start(self) -> None:
+        """Nothing runs in the background: deadlines are loop timers made as polls are held."""
+
+    async def stop(self) -> None:
+        """Held polls are connections: graceful shutdown answers them."""
+
     def _timeout(self, request: Request) -> float:
-        config = self.server.config.poll
         text = request.query_value("timeout")
         if text is None:
-            return config.default_timeout
+            return self.default_timeout
         try:
             timeout = float(text)
         except ValueError:
             message = f"timeout={text!r} is not a number"
             raise ProtocolError(ErrorCode.BAD_REQUEST, message) from None
-        if not 0 <= timeout <= config.max_timeout:
+        if not 0 <= timeout <= self.max_timeout:
             raise ProtocolError(
-                ErrorCode.BAD_REQUEST, f"timeout must be between 0 and {config.max_timeout:g}"
+                ErrorCode.BAD_REQUEST, f"timeout must be between 0 and {self.max_timeout:g}"
             )
         return timeout
 
     async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
-        hub = self.server.hub
-        channels = requested_channels(request, self.server)
+        hub = self.hub
+        credentials = request_credentials(request, self.access)
+        channels = requested_channels(request, self.access, credentials)
         timeout = self._timeout(request)
         since = requested_positions(request.query_value("cursor"))
-        if since is None or timeout == 0 or self.server.stopping:
+        if since is None or timeout == 0 or self.connections.stopping:
             joined = await join(hub, channels, since, None)
             return poll_response(joined.publications, joined.positions, joined.unrecovered)
         waiter = PollWaiter(self, conn, tuple(sorted(channels)))
@@ -132,6 +155,7 @@ class PollTransport:
             leave(hub, channels, waiter)
             positions = joined.positions | {pub.channel: pub.position for pub in early}
             return poll_response(joined.publications + early, positions, joined.unrecovered)
+        waiter.since = joined.cursor
         conn.hold(waiter, request)
         self._hold(waiter, timeout)
         return None
@@ -172,24 +196,24 @@ class PollTransport:
         if bucket is not None:
             bucket.discard(waiter)
         waiter.deadline = 0
-        leave(self.server.hub, waiter.channels, waiter)
+        leave(self.hub, waiter.channels, waiter)
         return True
 
     def answer(self, waiter: PollWaiter, answers: Answers) -> None:
         """Answer a held poll with what it got; ``answers`` shares bytes between waiters."""
         if not waiter.deadline:
             return  # answered or gone already
+        self.release(waiter)
         publications = tuple(waiter.publications or ())
         cached = answers.get(waiter.channels)
-        if cached is not None and _same(cached[0], publications):
-            response = cached[1]
+        if cached is not None and cached[0] == waiter.since and _same(cached[1], publications):
+            response = cached[2]
         else:
-            top = self.server.hub.top
-            positions = {channel: top(channel) for channel in waiter.channels}
+            positions = decode_cursor(waiter.since)
+            for pub in publications:
+                positions[pub.channel] = pub.position
             response = poll_response(publications, positions, [])
-            answers[waiter.channels] = (publications, response)
-        # Leave only now: the hub forgets a channel's position with its last subscriber.
-        self.release(waiter)
+            answers[waiter.channels] = (waiter.since, publications, response)
         waiter.conn.respond_held(response)
 
 

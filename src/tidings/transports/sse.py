@@ -8,8 +8,13 @@ Each event's ``id:`` is a cursor holding the position of every channel of the
 stream, so ``Last-Event-ID`` alone resumes all of them. That makes the event
 bytes depend on the stream's channel set, not only on the publication; streams
 with the same channel set share a :class:`Feed`, which encodes each
-publication once for all of them (DESIGN principle 2). Streams are live at the
-head of every channel they follow, so the hub's positions are theirs.
+publication once for all of them (DESIGN principle 2).
+
+An event's cursor is built from what was delivered, never from the hub's
+state: a stream starts at the positions its join returned, and each
+publication carries its own position. Live streams of one feed have received
+the same publications in the same order, so the feed keeps one set of
+positions for all of them, advanced by each publication it encodes.
 
 Heartbeats are one comment written to every stream by one periodic task, not a
 timer per connection.
@@ -22,18 +27,20 @@ import contextlib
 import logging
 from typing import TYPE_CHECKING
 
-from ..auth import Credentials
+from ..auth import Access, Credentials
 from ..codec import encode, http_publication_json
+from ..config import LimitsConfig, SSEConfig
+from ..connections import Connections
 from ..cursor import encode_cursor
 from ..errors import DisconnectCode
-from ..http import Response
-from ..hub import Hub, PresenceEvent, Publication
+from ..http import Response, Router
+from ..http.cors import CORS
+from ..hub import Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
 from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
     from ..http import HTTPConnection, Request
-    from ..server import Server
 
 log = logging.getLogger("tidings.sse")
 
@@ -53,20 +60,35 @@ def event(data: bytes, *, id: str | None = None, name: str | None = None) -> byt
 class Feed:
     """The event bytes shared by every stream that follows the same channels."""
 
-    __slots__ = ("_last_event", "_last_pub", "channels", "hub", "streams")
+    __slots__ = ("_last_event", "_last_pub", "channels", "live", "positions", "streams")
 
-    def __init__(self, hub: Hub, channels: tuple[str, ...]) -> None:
-        self.hub = hub
+    def __init__(self, channels: tuple[str, ...]) -> None:
         self.channels = channels
+        #: Streams using the feed, joining or live; the feed goes with the last.
         self.streams = 0
+        #: Streams past their backlog, whose positions are :attr:`positions`.
+        self.live = 0
+        self.positions: dict[str, Position] = {}
         self._last_pub: Publication | None = None
         self._last_event = b""
 
+    def go_live(self, positions: dict[str, Position]) -> None:
+        """A stream is live at ``positions``: the feed's, unless it has live streams already.
+
+        Live streams have seen the same publications, so their positions
+        agree; a stream that joined as history ran ahead of live delivery (a
+        remote broker) is ahead only until live delivery passes it.
+        """
+        if self.live == 0:
+            self.positions = {channel: positions[channel] for channel in self.channels}
+        self.live += 1
+
     def event(self, pub: Publication) -> bytes:
+        """``pub``'s event, its id the positions right after it; encoded once per feed."""
         if pub is self._last_pub:
             return self._last_event
-        top = self.hub.top
-        cursor = encode_cursor({channel: top(channel) for channel in self.channels})
+        self.positions[pub.channel] = pub.position
+        cursor = encode_cursor(self.positions)
         self._last_event = event(pub.encoded(http_publication_json), id=cursor)
         self._last_pub = pub
         return self._last_event
@@ -100,10 +122,21 @@ class SSEStream(asyncio.Protocol):
         else:
             self.transport.write(self.feed.event(pub))
 
-    def go_live(self) -> None:
+    def go_live(self, positions: dict[str, Position]) -> None:
+        """The stream's head is written and it stands at ``positions``: write what
+        arrived meanwhile (with this stream's own cursors), then share the feed's."""
         backlog, self._backlog = self._backlog, None
-        for pub in backlog or ():
-            self.deliver(pub)
+        if backlog:
+            positions = dict(positions)
+            for pub in backlog:
+                positions[pub.channel] = pub.position
+                cursor = encode_cursor(positions)
+                self.transport.write(event(pub.encoded(http_publication_json), id=cursor))
+        self.feed.go_live(positions)
+
+    @property
+    def live(self) -> bool:
+        return self._backlog is None
 
     def data_received(self, data: bytes) -> None:
         """A client has nothing to say on an event stream; ignore it."""
@@ -116,7 +149,7 @@ class SSEStream(asyncio.Protocol):
             log,
             "closing slow SSE client %s: over %d bytes unsent",
             self.transport.get_extra_info("peername"),
-            self.sse.server.config.limits.max_write_buffer,
+            self.sse.max_write_buffer,
         )
         self.transport.abort()
 
@@ -158,14 +191,30 @@ class SSEStream(asyncio.Protocol):
 class SSETransport:
     """The SSE endpoint and the registry of its live streams."""
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    def __init__(
+        self,
+        hub: Hub,
+        access: Access,
+        cors: CORS,
+        connections: Connections,
+        config: SSEConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.hub = hub
+        self.access = access
+        self.cors = cors
+        self.connections = connections
+        self.heartbeat_interval = config.heartbeat_interval
+        self.max_write_buffer = limits.max_write_buffer
         self.streams: set[SSEStream] = set()
         self.feeds: dict[tuple[str, ...], Feed] = {}
-        self.retry_line = b"retry: %d\n\n" % server.config.sse.retry_ms
+        self.retry_line = b"retry: %d\n\n" % config.retry_ms
         self._heartbeat: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
+    def mount(self, router: Router) -> None:
+        router.add("GET", "/sse", self.handle)
+
+    async def start(self) -> None:
         self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_forever())
 
     async def stop(self) -> None:
@@ -175,9 +224,9 @@ class SSETransport:
                 await self._heartbeat
 
     async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
-        server = self.server
-        credentials = request_credentials(request, server)
-        channels = requested_channels(request, server, credentials)
+        hub = self.hub
+        credentials = request_credentials(request, self.access)
+        channels = requested_channels(request, self.access, credentials)
         if request.method == "HEAD":
             return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
         since = requested_positions(
@@ -186,26 +235,27 @@ class SSETransport:
         key = tuple(sorted(channels))
         feed = self.feeds.get(key)
         if feed is None:
-            feed = self.feeds[key] = Feed(server.hub, key)
+            feed = self.feeds[key] = Feed(key)
         assert conn.transport is not None
         stream = SSEStream(self, feed, conn.transport, credentials)
         feed.streams += 1
         try:
-            joined = await join(server.hub, channels, since, stream)
+            joined = await join(hub, channels, since, stream)
         except BaseException:
             self._release(feed)
             raise
         transport = conn.detach()
         transport.set_protocol(stream)
         self.streams.add(stream)
-        server.hub.add_client(credentials.user, stream)
+        self.connections.add(stream)
+        hub.add_client(credentials.user, stream)
         head = [
             b"HTTP/1.1 200 OK",
             b"Content-Type: text/event-stream; charset=utf-8",
             b"Cache-Control: no-cache",
             b"X-Accel-Buffering: no",
             b"Connection: close",
-            *(f"{name}: {value}".encode("latin-1") for name, value in server.cors.headers(request)),
+            *(f"{name}: {value}".encode("latin-1") for name, value in self.cors.headers(request)),
         ]
         parts = [b"\r\n".join(head) + b"\r\n\r\n", self.retry_line]
         recovered = since is not None and not joined.unrecovered
@@ -216,15 +266,18 @@ class SSETransport:
         for pub, cursor in joined.cursors():
             parts.append(event(pub.encoded(http_publication_json), id=cursor))
         transport.write(b"".join(parts))
-        transport.set_write_buffer_limits(high=server.config.limits.max_write_buffer)
-        stream.go_live()
+        transport.set_write_buffer_limits(high=self.max_write_buffer)
+        stream.go_live(joined.positions)
         return None
 
     def remove(self, stream: SSEStream) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
-            self.server.hub.remove_client(stream.credentials.user, stream)
-            leave(self.server.hub, stream.feed.channels, stream)
+            self.connections.discard(stream)
+            self.hub.remove_client(stream.credentials.user, stream)
+            leave(self.hub, stream.feed.channels, stream)
+            if stream.live:
+                stream.feed.live -= 1
             self._release(stream.feed)
 
     def _release(self, feed: Feed) -> None:
@@ -232,13 +285,9 @@ class SSETransport:
         if feed.streams == 0 and self.feeds.get(feed.channels) is feed:
             del self.feeds[feed.channels]
 
-    def shutdown(self) -> None:
-        for stream in tuple(self.streams):
-            stream.shutdown()
-
     async def _heartbeat_forever(self) -> None:
-        interval = self.server.config.sse.heartbeat_interval
-        expired = self.server.access.expired
+        interval = self.heartbeat_interval
+        expired = self.access.expired
         while True:
             await asyncio.sleep(interval)
             for stream in tuple(self.streams):

@@ -1,7 +1,8 @@
 """WebSocket transport: the thin asyncio shell around two sans-I/O objects.
 
 The HTTP server hands over a socket whose request head asked for
-``Upgrade: websocket`` (:func:`upgrade`). From there a
+``Upgrade: websocket`` (:meth:`WebSocketTransport.upgrade`, an upgrade route).
+From there a
 :class:`WebSocketConnection` *holds* a :class:`~tidings.frames.FrameReader`
 (RFC 6455/7692 framing: bytes in, messages out) and a
 :class:`~tidings.centrifuge.ClientSession` (the Centrifugo protocol: messages
@@ -12,9 +13,13 @@ in, replies out), and does only the I/O between them:
   ``centrifuge-json``, permessage-deflate negotiation) and builds the 101
   response. An *empty* ``Sec-WebSocket-Protocol`` header, which some
   centrifuge-js builds send and which ``websockets`` rejects, is dropped first.
-  The ``ServerProtocol`` object is then thrown away: it keeps a stream reader,
-  a parser generator and (with compression) zlib objects per connection —
-  several KiB per idle connection against a budget of about 2 KiB, where a
+  The ``ServerProtocol`` object is then thrown away, for two reasons. It
+  frames and compresses every message for its one connection, which rules
+  out framing a publication once for all its subscribers (encode once,
+  below). And kept, it would hold 1.8 KiB per connection (2.2 KiB with
+  permessage-deflate; ``python bench/ws_protocol_memory.py``, tracemalloc over
+  2,000 handshaken objects), nearly doubling a whole idle WebSocket
+  connection (1.96 KiB of RSS, docs/benchmark-results.md), where a
   ``FrameReader`` holds a few integers.
 
 * **Encode once** — a publication's push is framed once per wire variant
@@ -57,7 +62,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -70,7 +74,10 @@ from websockets.http11 import Request as WSRequest
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from ..auth import Access
 from ..centrifuge import PING, ClientSession, Disconnect, SessionOptions, push_json
+from ..config import LimitsConfig, WebSocketConfig
+from ..connections import Connections
 from ..errors import DisconnectCode
 from ..frames import (
     CLOSE_NORMAL,
@@ -85,21 +92,36 @@ from ..frames import (
     close_frame,
     frame,
 )
-from ..hub import Publication
+from ..http import Response, Router, error_response
+from ..http.cors import CORS
+from ..hub import Hub, Publication
 from ..logs import log_client_error
 
 if TYPE_CHECKING:
-    from ..config import Config
-    from ..http import Request
-    from ..server import Server
+    from ..http import HTTPConnection, Request
 
-__all__ = ["SUBPROTOCOL", "PushEncoder", "WebSocketConnection", "upgrade"]
+__all__ = ["PATH", "SUBPROTOCOL", "PushEncoder", "WebSocketConnection", "WebSocketTransport"]
 
-log = logging.getLogger("tidings.websocket")
-# websockets logs every handshake ("connection open") at INFO: too chatty for a
-# server holding thousands of connections. Lower this logger's level to see them.
-_handshake_log = logging.getLogger("tidings.websocket.handshake")
-_handshake_log.setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
+
+#: The endpoint Centrifugo's SDKs connect to by default.
+PATH = "/connection/websocket"
+
+
+class _HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """The logger ``websockets`` writes handshakes to, one level quieter.
+
+    It logs every handshake ("connection open") at INFO: for a server holding
+    tens of thousands of connections that is noise, so INFO becomes DEBUG
+    (errors stay errors). A wrapper, not a level set on a logger at import:
+    the application owns its logging configuration.
+    """
+
+    def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        self.debug(msg, *args, **kwargs)
+
+
+_handshake_log = _HandshakeLog(logging.getLogger(f"{__name__}.handshake"))
 
 SUBPROTOCOL = Subprotocol("centrifuge-json")
 
@@ -150,26 +172,33 @@ class PushEncoder:
         return frame(0xC0 | OP_TEXT, compressed)
 
 
-class WebSocketContext:
-    """Per-server state shared by every WebSocket connection: encoders and the timer wheel."""
+class WebSocketTransport:
+    """The WebSocket endpoint: what every connection shares — encoders, the timer
+    wheel — and the registry of connections the wheel turns."""
 
-    def __init__(self, server: Server) -> None:
-        config: Config = server.config
-        ws = config.websocket
-        self.server = server
-        self.hub = server.hub
-        self.loop: asyncio.AbstractEventLoop = server.loop or asyncio.get_running_loop()
+    def __init__(
+        self,
+        hub: Hub,
+        access: Access,
+        cors: CORS,
+        connections: Connections,
+        ws: WebSocketConfig,
+        limits: LimitsConfig,
+    ) -> None:
+        self.hub = hub
+        self.cors = cors
+        self.connections = connections
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.max_message_size = ws.max_message_size
-        self.max_write_buffer = config.limits.max_write_buffer
+        self.max_write_buffer = limits.max_write_buffer
         self.connect_timeout = ws.connect_timeout
         self.close_timeout = ws.handshake_timeout
         self.pong_timeout = ws.pong_timeout
         self.compression = ws.compression
         self.threshold = ws.compression_threshold
         self.options = SessionOptions(
-            access=server.access,
+            access=access,
             ping_interval=max(1, round(ws.ping_interval)),
-            max_channels=config.limits.max_channels_per_connection,
         )
         self.plain = PushEncoder()
         # One compressor per server window size in use (at most 7: 9 to 15 bits).
@@ -184,6 +213,24 @@ class WebSocketContext:
         self.count = 0
         self._timer: asyncio.TimerHandle | None = None
 
+    def mount(self, router: Router) -> None:
+        router.add("GET", PATH, self._without_upgrade)
+        router.add_upgrade(PATH, "websocket", self.upgrade)
+
+    async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    async def stop(self) -> None:
+        """Stop the wheel (connections were closed by the graceful shutdown)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    async def _without_upgrade(self, request: Request, conn: HTTPConnection) -> Response:
+        response = error_response(426, "this endpoint speaks WebSocket: send an Upgrade request")
+        response.headers.append(("Upgrade", "websocket"))
+        return response
+
     def deflate_encoder(self, window_bits: int) -> PushEncoder:
         """The shared encoder of connections whose server window is ``window_bits``."""
         encoder = self._deflate_encoders.get(window_bits)
@@ -192,15 +239,90 @@ class WebSocketContext:
             self._deflate_encoders[window_bits] = encoder
         return encoder
 
+    def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> None:
+        """Take over ``transport`` from the HTTP server: answer the handshake, then serve frames."""
+        headers = WSHeaders()
+        for name, value in request.headers.raw:
+            key = name.decode("latin-1")
+            text = value.decode("latin-1")
+            if key == "sec-websocket-protocol" and not text.strip():
+                continue  # an empty offer (centrifuge-js) is no offer
+            headers[key] = text
+        extensions = None
+        if self.compression:
+            # server_max_window_bits left open: websockets then agrees to the
+            # window the client asks for (9-15; it declines 8) and says so in the
+            # response, and upgrade() picks the compressor of that window.
+            extensions = [
+                ServerPerMessageDeflateFactory(
+                    server_no_context_takeover=True, client_no_context_takeover=True
+                )
+            ]
+        handshake = ServerProtocol(
+            extensions=extensions,
+            subprotocols=[SUBPROTOCOL],
+            select_subprotocol=_select_subprotocol,
+            max_size=self.max_message_size,
+            logger=_handshake_log,
+        )
+        target = request.target.decode("latin-1")
+        if self.connections.stopping:
+            response = handshake.reject(503, "Server shutting down\n")
+        elif not self.cors.allows_websocket(request):
+            # Cross-site WebSocket hijacking: see tidings.http.cors for the rule.
+            response = handshake.reject(403, "Origin not allowed\n")
+        else:
+            response = handshake.accept(WSRequest(target, headers))
+        handshake.send_response(response)
+        head = b"".join(handshake.data_to_send())
+        if response.status_code != 101:
+            log_client_error(
+                log,
+                "websocket handshake refused (%d) for %s: %s",
+                response.status_code,
+                request.client,
+                handshake.handshake_exc,
+            )
+            transport.write(head)
+            transport.close()
+            return
+        negotiated = [ext for ext in handshake.extensions if isinstance(ext, PerMessageDeflate)]
+        if negotiated:
+            ext = negotiated[0]
+            encoder = self.deflate_encoder(ext.local_max_window_bits)
+            reader = FrameReader(
+                self.max_message_size, deflate=True, client_window_bits=ext.remote_max_window_bits
+            )
+        else:
+            encoder = self.plain
+            reader = FrameReader(self.max_message_size)
+        conn = WebSocketConnection(self, transport, reader, encoder)
+        transport.set_protocol(conn)
+        transport.set_write_buffer_limits(high=self.max_write_buffer)
+        transport.write(head)
+        self.add(conn)
+        resume = getattr(transport, "resume_reading", None)
+        if resume is not None:
+            resume()
+        if rest:
+            conn.data_received(rest)
+
     # -- registry and timers ------------------------------------------------
 
     def add(self, conn: WebSocketConnection) -> None:
+        loop = self._loop()
         self.count += 1
-        self.server.connections.add(conn)
-        conn._deadline = self.loop.time() + self.connect_timeout
+        self.connections.add(conn)
+        conn._deadline = loop.time() + self.connect_timeout
         self.watched.add(conn)
         if self._timer is None:
-            self._timer = self.loop.call_later(self.tick, self._on_tick)
+            self._timer = loop.call_later(self.tick, self._on_tick)
+
+    def _loop(self) -> asyncio.AbstractEventLoop:
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        return loop
 
     def activate(self, conn: WebSocketConnection) -> None:
         """``conn`` is connected: from waiting for connect to the ping wheel."""
@@ -214,12 +336,12 @@ class WebSocketContext:
         if conn._slot >= 0:
             self.slots[conn._slot].discard(conn)
             conn._slot = -1
-        conn._deadline = self.loop.time() + self.close_timeout
+        conn._deadline = self._loop().time() + self.close_timeout
         self.watched.add(conn)
 
     def remove(self, conn: WebSocketConnection) -> None:
         self.count -= 1
-        self.server.connections.discard(conn)
+        self.connections.discard(conn)
         self.watched.discard(conn)
         if conn._slot >= 0:
             self.slots[conn._slot].discard(conn)
@@ -229,8 +351,9 @@ class WebSocketContext:
             self._timer = None
 
     def _on_tick(self) -> None:
-        self._timer = self.loop.call_later(self.tick, self._on_tick)
-        now = self.loop.time()
+        loop = self._loop()
+        self._timer = loop.call_later(self.tick, self._on_tick)
+        now = loop.time()
         try:
             if self.watched:
                 for conn in [c for c in self.watched if now >= c._deadline]:
@@ -249,89 +372,9 @@ class WebSocketContext:
             log.exception("websocket timer tick failed")
 
 
-_contexts: weakref.WeakKeyDictionary[Any, WebSocketContext] = weakref.WeakKeyDictionary()
-
-
-def context(server: Server) -> WebSocketContext:
-    ctx = _contexts.get(server)
-    if ctx is None:
-        ctx = _contexts[server] = WebSocketContext(server)
-    return ctx
-
-
 def _select_subprotocol(protocol: ServerProtocol, subprotocols: Any) -> Subprotocol | None:
     # Accept centrifuge-json when offered, and clients that offer nothing.
     return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
-
-
-def upgrade(server: Server, transport: asyncio.Transport, request: Request, rest: bytes) -> None:
-    """Take over ``transport`` from the HTTP server: answer the handshake, then serve frames."""
-    ctx = context(server)
-    headers = WSHeaders()
-    for name, value in request.headers.raw:
-        key = name.decode("latin-1")
-        text = value.decode("latin-1")
-        if key == "sec-websocket-protocol" and not text.strip():
-            continue  # an empty offer (centrifuge-js) is no offer
-        headers[key] = text
-    extensions = None
-    if ctx.compression:
-        # server_max_window_bits left open: websockets then agrees to the
-        # window the client asks for (9-15; it declines 8) and says so in the
-        # response, and upgrade() picks the compressor of that window.
-        extensions = [
-            ServerPerMessageDeflateFactory(
-                server_no_context_takeover=True, client_no_context_takeover=True
-            )
-        ]
-    handshake = ServerProtocol(
-        extensions=extensions,
-        subprotocols=[SUBPROTOCOL],
-        select_subprotocol=_select_subprotocol,
-        max_size=ctx.max_message_size,
-        logger=_handshake_log,
-    )
-    target = request.target.decode("latin-1")
-    if server.stopping:
-        response = handshake.reject(503, "Server shutting down\n")
-    elif not server.cors.allows_websocket(request):
-        # Cross-site WebSocket hijacking: see tidings.http.cors for the rule.
-        response = handshake.reject(403, "Origin not allowed\n")
-    else:
-        response = handshake.accept(WSRequest(target, headers))
-    handshake.send_response(response)
-    head = b"".join(handshake.data_to_send())
-    if response.status_code != 101:
-        log_client_error(
-            log,
-            "websocket handshake refused (%d) for %s: %s",
-            response.status_code,
-            request.client,
-            handshake.handshake_exc,
-        )
-        transport.write(head)
-        transport.close()
-        return
-    negotiated = [ext for ext in handshake.extensions if isinstance(ext, PerMessageDeflate)]
-    if negotiated:
-        ext = negotiated[0]
-        encoder = ctx.deflate_encoder(ext.local_max_window_bits)
-        reader = FrameReader(
-            ctx.max_message_size, deflate=True, client_window_bits=ext.remote_max_window_bits
-        )
-    else:
-        encoder = ctx.plain
-        reader = FrameReader(ctx.max_message_size)
-    conn = WebSocketConnection(ctx, transport, reader, encoder)
-    transport.set_protocol(conn)
-    transport.set_write_buffer_limits(high=ctx.max_write_buffer)
-    transport.write(head)
-    ctx.add(conn)
-    resume = getattr(transport, "resume_reading", None)
-    if resume is not None:
-        resume()
-    if rest:
-        conn.data_received(rest)
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -358,7 +401,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def __init__(
         self,
-        ctx: WebSocketContext,
+        ctx: WebSocketTransport,
         transport: asyncio.Transport,
         reader: FrameReader,
         encoder: PushEncoder,
@@ -524,7 +567,7 @@ class WebSocketConnection(asyncio.Protocol):
             return
         if payload == PING and self.session.client_id:
             return  # the hot path: the answer to our ping needs no task
-        self._task = self._ctx.loop.create_task(self._run(payload))
+        self._task = self._ctx._loop().create_task(self._run(payload))
 
     async def _run(self, payload: bytes) -> None:
         session = self.session

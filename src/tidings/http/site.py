@@ -1,0 +1,35 @@
+"""What every HTTP connection of one listener shares.
+
+An :class:`~tidings.http.HTTPConnection` is given one :class:`Site` and finds
+there everything it consults: the routes, the CORS rule, its limits and
+timeouts, and the registry it joins (which also says whether the server is
+stopping). One reference per connection, and no way to reach the rest of the
+server: the HTTP layer knows nothing of hubs, brokers or tokens.
+"""
+
+from __future__ import annotations
+
+from ..config import LimitsConfig, TimeoutsConfig
+from ..connections import Connections
+from .cors import CORS
+from .routing import Router
+
+__all__ = ["Site"]
+
+
+class Site:
+    __slots__ = ("connections", "cors", "limits", "router", "timeouts")
+
+    def __init__(
+        self,
+        router: Router,
+        cors: CORS,
+        limits: LimitsConfig,
+        timeouts: TimeoutsConfig,
+        connections: Connections,
+    ) -> None:
+        self.router = router
+        self.cors = cors
+        self.limits = limits
+        self.timeouts = timeouts
+        self.connections = connections
