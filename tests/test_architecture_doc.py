@@ -271,13 +271,6 @@ def test_type_checking_imports_count(tmp_path: Path) -> None:
     assert _imports("tidings.transports.mod", source) == {"tidings.hub", "tidings.server"}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="two cycles closed by imports under TYPE_CHECKING remain (issue 11 item 1): "
-    "hub -> brokers.base -> hub (the hub names the Broker type, brokers build the hub's "
-    "Publication) and http.connection -> http.site -> http.routing -> http.connection "
-    "(the Handler type names HTTPConnection); remove this mark when both are gone",
-)
 def test_import_graph_has_no_cycle() -> None:
     cycles = _cycles(_graph())
     assert not cycles, f"import cycles in src/tidings/: {cycles}"

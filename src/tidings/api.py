@@ -31,7 +31,7 @@ from .logs import log_client_error
 from .utf8 import check_utf8, invalid_utf8_field
 
 if TYPE_CHECKING:
-    from .http import HTTPConnection, Request
+    from .http import Exchange, Request
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class ServerAPI:
             given = value.strip() if scheme.lower() == "apikey" else ""
         return hmac.compare_digest(given.encode(), self._key)
 
-    async def handle(self, request: Request, conn: HTTPConnection) -> Response:
+    async def handle(self, request: Request, conn: Exchange) -> Response:
         if not self.authorized(request):
             log_client_error(log, "API request refused from %s: wrong or missing key", conn.client)
             return error_response(401, "unauthorized: missing or wrong API key")

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import msgspec
 
-from .hub import ClientInfo, Publication
+from .stream import ClientInfo, Publication
 
 __all__ = ["CentrifugoPublication", "HTTPPublication", "encode", "http_publication_json"]
 

@@ -21,7 +21,7 @@ import msgspec
 from msgspec import Meta
 
 from .errors import ConfigError
-from .hub import HistoryPolicy
+from .stream import HistoryPolicy
 
 __all__ = ["Config", "ConfigError", "Subscribers", "Who", "load_config"]
 

@@ -16,7 +16,7 @@ from typing import Annotated
 import msgspec
 
 from .errors import ErrorCode, ProtocolError
-from .hub import Position
+from .stream import Position
 
 __all__ = ["decode_cursor", "encode_cursor"]
 

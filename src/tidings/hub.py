@@ -29,16 +29,27 @@ the hub's current state or its lifetime rules.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol
+from typing import Literal, NamedTuple, Protocol
 
-import msgspec
+from .brokers.base import Broker
+from .stream import (
+    DEFAULT_HISTORY,
+    EMPTY,
+    ClientInfo,
+    EncodedOnce,
+    HistoryPolicy,
+    Position,
+    PresenceEvent,
+    Publication,
+    follows,
+    reaches,
+)
 
-if TYPE_CHECKING:
-    from .brokers.base import Broker
-
+# The stream's values are re-exported: ``from tidings.hub import Publication``
+# is how programs embedding the hub have named them.
 __all__ = [
+    "DEFAULT_HISTORY",
     "EMPTY",
     "Client",
     "ClientInfo",
@@ -50,123 +61,11 @@ __all__ = [
     "Publication",
     "Recovery",
     "Subscriber",
+    "follows",
+    "reaches",
 ]
 
-log = logging.getLogger("tidings.hub")
-
-
-class Position(msgspec.Struct, frozen=True):
-    """A point in a channel's stream. ``epoch`` changes when history is reset."""
-
-    epoch: str
-    offset: int
-
-
-#: The position of a channel that never had a publication (or whose stream was
-#: forgotten). A client at this position has missed nothing that history
-#: starting at offset 1 does not hold, whatever that history's epoch.
-EMPTY = Position("", 0)
-
-
-class HistoryPolicy(NamedTuple):
-    """How much history one publication's channel keeps: sent with every publish.
-
-    The hub looks it up per channel (the namespace's policy) and hands it to
-    the broker with the publication, as Centrifugo's ``PublishOptions`` carry
-    ``HistorySize`` and ``HistoryTTL``: brokers store and stamp, and know no
-    namespaces. ``size`` 0 keeps no history (the offset still advances).
-    """
-
-    #: Publications kept, newest last.
-    size: int
-    #: Seconds history is kept after the channel's last publication.
-    ttl: float
-
-
-#: What a hub built without ``history_for`` keeps: the ``[history]`` defaults.
-DEFAULT_HISTORY = HistoryPolicy(size=100, ttl=300.0)
-
-
-def follows(position: Position, pub: Publication) -> bool:
-    """Whether ``pub`` is the very next publication after ``position``."""
-    return pub.offset == position.offset + 1 and (pub.epoch == position.epoch or position == EMPTY)
-
-
-class ClientInfo(msgspec.Struct, omit_defaults=True):
-    """Who published or who is present: Centrifugo's ``ClientInfo``."""
-
-    user: str = ""
-    client: str = ""
-    conn_info: msgspec.Raw | None = None
-    chan_info: msgspec.Raw | None = None
-
-
-class EncodedOnce:
-    """Something every subscriber receives in the same bytes, per wire format."""
-
-    __slots__ = ("_encoded",)
-
-    def __init__(self) -> None:
-        self._encoded: dict[Callable[[Any], bytes], bytes] | None = None
-
-    def encoded(self, encoder: Callable[[Any], bytes]) -> bytes:
-        """This object in one wire format, built once and shared.
-
-        The first subscriber of a format pays for the encoding; every other
-        subscriber of that format gets the same ``bytes`` object.
-        """
-        cache = self._encoded
-        if cache is None:
-            cache = self._encoded = {}
-        try:
-            return cache[encoder]
-        except KeyError:
-            value = cache[encoder] = encoder(self)
-            return value
-
-
-class Publication(EncodedOnce):
-    """One event in one channel, immutable once the broker has stamped it."""
-
-    __slots__ = ("channel", "data", "epoch", "info", "offset", "tags", "time")
-
-    def __init__(
-        self,
-        channel: str,
-        offset: int,
-        epoch: str,
-        data: bytes,
-        info: ClientInfo | None = None,
-        tags: dict[str, str] | None = None,
-        time_ms: int | None = None,
-    ) -> None:
-        self.channel = channel
-        self.offset = offset
-        self.epoch = epoch
-        self.data = data
-        self.info = info
-        self.tags = tags
-        self.time = int(time.time() * 1000) if time_ms is None else time_ms
-        super().__init__()
-
-    @property
-    def position(self) -> Position:
-        return Position(self.epoch, self.offset)
-
-    def __repr__(self) -> str:
-        return f"<Publication {self.channel}@{self.epoch}:{self.offset}>"
-
-
-class PresenceEvent(EncodedOnce):
-    """A client joined or left a channel whose namespace announces it."""
-
-    __slots__ = ("channel", "info", "kind")
-
-    def __init__(self, channel: str, kind: Literal["join", "leave"], info: ClientInfo) -> None:
-        super().__init__()
-        self.channel = channel
-        self.kind = kind
-        self.info = info
+log = logging.getLogger(__name__)
 
 
 class Client(Protocol):
@@ -227,20 +126,6 @@ class _Channel:
         # a remote broker): they go live once delivery passes their position.
         self.catching_up: dict[Subscriber, int] = {}
         self.top = top
-
-
-def reaches(since: Position, publications: list[Publication], top: Position) -> bool:
-    """Whether ``publications`` hold every publication after ``since`` up to ``top``."""
-    if (since.epoch != top.epoch and since != EMPTY) or since.offset > top.offset:
-        return False
-    if since.offset == top.offset:
-        return True
-    return (
-        bool(publications)
-        and publications[0].offset == since.offset + 1
-        and publications[-1].offset == top.offset
-        and len(publications) == top.offset - since.offset
-    )
 
 
 class Hub:

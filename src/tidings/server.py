@@ -34,7 +34,16 @@ from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
 from .connections import Connections
-from .http import HTTPConnection, Request, Response, Router, Site, error_response, json_response
+from .http import (
+    Exchange,
+    HTTPConnection,
+    Request,
+    Response,
+    Router,
+    Site,
+    error_response,
+    json_response,
+)
 from .http.cors import CORS
 from .hub import Hub
 from .transports.poll import PollTransport
@@ -217,7 +226,7 @@ class Server:
 
     # -- routes kept here because they concern the whole server ------------
 
-    async def _health(self, request: Request, conn: HTTPConnection) -> Response:
+    async def _health(self, request: Request, conn: Exchange) -> Response:
         healthy = self.broker.healthy and not self.stopping
         payload: dict[str, Any] = {
             "status": "ok" if healthy else "unavailable",
@@ -225,10 +234,10 @@ class Server:
         }
         return json_response(payload, 200 if healthy else 503)
 
-    async def _tidings_js(self, request: Request, conn: HTTPConnection) -> Response:
+    async def _tidings_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")
 
-    async def _demo(self, request: Request, conn: HTTPConnection) -> Response:
+    async def _demo(self, request: Request, conn: Exchange) -> Response:
         if not self.config.demo:
             return error_response(404, "the demo is off: start the server with --demo")
         return _static_response(self._static["demo.html"], "text/html; charset=utf-8")

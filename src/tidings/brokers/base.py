@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publication
+from ..stream import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publication
 
 Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]

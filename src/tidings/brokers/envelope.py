@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import msgspec
 
-from ..hub import ClientInfo, Publication
+from ..stream import ClientInfo, Publication
 from ..utf8 import check_utf8
 
 __all__ = ["MalformedEnvelope", "decode", "decode_info", "encode"]

@@ -32,7 +32,7 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
+from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from .base import Broker
 
 log = logging.getLogger("tidings.broker")

@@ -39,7 +39,7 @@ from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
+from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from . import envelope
 from .base import Broker, unavailable
 

@@ -21,7 +21,7 @@ import msgspec
 
 from ..codec import CentrifugoPublication
 from ..errors import DisconnectCode, ProtocolError
-from ..hub import ClientInfo, PresenceEvent, Publication
+from ..stream import ClientInfo, PresenceEvent, Publication
 from ..utf8 import check_utf8, invalid_utf8_field
 
 #: The server ping: an empty message. A client answers with an empty command.

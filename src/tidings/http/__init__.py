@@ -2,12 +2,15 @@
 
 from .connection import HTTPConnection
 from .messages import Headers, Request, Response, error_response, json_response
-from .routing import Router, UpgradeHandler
+from .routing import Exchange, Handler, Held, Router, UpgradeHandler
 from .site import Site
 
 __all__ = [
+    "Exchange",
     "HTTPConnection",
+    "Handler",
     "Headers",
+    "Held",
     "Request",
     "Response",
     "Router",

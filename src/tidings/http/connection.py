@@ -49,24 +49,23 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import httptools
 
 from ..errors import ProtocolError
 from ..logs import log_client_error
 from .messages import Headers, Request, Response, error_response
+from .routing import Handler, Held
 from .state import ANSWERING, READING, Answering, Reading, advance
 
 if TYPE_CHECKING:
     from .site import Site
 
-__all__ = ["HTTPConnection", "Held"]
+__all__ = ["HTTPConnection"]
 
 log = logging.getLogger("tidings.http")
-
-Handler = Callable[[Request, "HTTPConnection"], Awaitable[Response | None]]
 
 #: Seconds a refused connection drains what its peer still sends (so that our
 #: answer is not destroyed by a reset) before it is aborted.
@@ -90,16 +89,6 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 #: ``_raw_head`` while the head in progress began inside the slice being fed.
 _BEGAN_IN_SLICE = -1
-
-
-class Held(Protocol):
-    """A response the handler will give later, such as a held long-poll."""
-
-    def cancel(self) -> None:
-        """The client went away: release whatever the response was waiting on."""
-
-    def answer_now(self) -> None:
-        """Answer at once with what there is (graceful shutdown)."""
 
 
 class _Refusal(Exception):

@@ -10,16 +10,50 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .messages import Request, Response, error_response
 
-if TYPE_CHECKING:
-    from .connection import HTTPConnection
+__all__ = ["Exchange", "Handler", "Held", "Router", "UpgradeHandler"]
+
+
+class Held(Protocol):
+    """A response the handler will give later, such as a held long-poll."""
+
+    def cancel(self) -> None:
+        """The client went away: release whatever the response was waiting on."""
+
+    def answer_now(self) -> None:
+        """Answer at once with what there is (graceful shutdown)."""
+
+
+class Exchange(Protocol):
+    """What a handler may do with the connection its request came on.
+
+    Answering is returning a :class:`Response`; beyond that a handler may
+    hold the answer for later (a long-poll) or take the socket over (a
+    stream). Declared here, where handlers are typed, so that routes and
+    handlers need not import the connection class (which imports the routes).
+    """
+
+    #: The peer's address, for logs.
+    client: tuple[str, int] | None
+    #: The socket, until the connection is lost.
+    transport: asyncio.Transport | None
+
+    def hold(self, held: Held, request: Request) -> None:
+        """The handler answers later, through :meth:`respond_held`."""
+
+    def respond_held(self, response: Response) -> None:
+        """Answer the held request, then go on with the next."""
+
+    def detach(self) -> asyncio.Transport:
+        """Take the socket over; the connection stops serving it."""
+
 
 #: A handler answers with a Response, or with None when it has taken the
 #: connection over (a stream) or will answer later (a held long-poll).
-Handler = Callable[[Request, "HTTPConnection"], Awaitable[Response | None]]
+Handler = Callable[[Request, Exchange], Awaitable[Response | None]]
 
 #: Takes over a socket whose request asked to switch protocols: ``(request,
 #: transport, bytes read past the head)``. It answers the handshake itself.

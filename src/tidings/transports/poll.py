@@ -37,7 +37,7 @@ from ..hub import Hub, Position, PresenceEvent, Publication
 from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
-    from ..http import HTTPConnection, Request
+    from ..http import Exchange, Request
 
 #: Answers built in one wake-up, by channels: (start cursor, publications, response).
 Answers = dict[tuple[str, ...], tuple[str, tuple[Publication, ...], Response]]
@@ -70,7 +70,7 @@ class PollWaiter:
 
     __slots__ = ("channels", "conn", "deadline", "poll", "publications", "since")
 
-    def __init__(self, poll: PollTransport, conn: HTTPConnection, channels: tuple[str, ...]):
+    def __init__(self, poll: PollTransport, conn: Exchange, channels: tuple[str, ...]):
         self.poll = poll
         self.conn = conn
         self.channels = channels
@@ -138,7 +138,7 @@ class PollTransport:
             )
         return timeout
 
-    async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
+    async def handle(self, request: Request, conn: Exchange) -> Response | None:
         hub = self.hub
         credentials = request_credentials(request, self.access)
         channels = requested_channels(request, self.access, credentials)

@@ -40,7 +40,7 @@ from ..logs import log_client_error
 from .common import join, leave, request_credentials, requested_channels, requested_positions
 
 if TYPE_CHECKING:
-    from ..http import HTTPConnection, Request
+    from ..http import Exchange, Request
 
 log = logging.getLogger("tidings.sse")
 
@@ -223,7 +223,7 @@ class SSETransport:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
 
-    async def handle(self, request: Request, conn: HTTPConnection) -> Response | None:
+    async def handle(self, request: Request, conn: Exchange) -> Response | None:
         hub = self.hub
         credentials = request_credentials(request, self.access)
         channels = requested_channels(request, self.access, credentials)

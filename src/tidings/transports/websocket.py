@@ -98,7 +98,7 @@ from ..hub import Hub, Publication
 from ..logs import log_client_error
 
 if TYPE_CHECKING:
-    from ..http import HTTPConnection, Request
+    from ..http import Exchange, Request
 
 __all__ = ["PATH", "SUBPROTOCOL", "PushEncoder", "WebSocketConnection", "WebSocketTransport"]
 
@@ -112,13 +112,20 @@ class _HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
     """The logger ``websockets`` writes handshakes to, one level quieter.
 
     It logs every handshake ("connection open") at INFO: for a server holding
-    tens of thousands of connections that is noise, so INFO becomes DEBUG
-    (errors stay errors). A wrapper, not a level set on a logger at import:
-    the application owns its logging configuration.
+    tens of thousands of connections that is noise, so INFO becomes DEBUG.
+    It logs a client's bad handshake at DEBUG with a traceback: a client
+    mistake gets a line, never a traceback, so that goes (the refusal itself
+    is logged by :meth:`WebSocketTransport.upgrade`). Errors stay errors. A
+    wrapper, not a level set on a logger at import: the application owns its
+    logging configuration.
     """
 
     def info(self, msg: object, *args: Any, **kwargs: Any) -> None:
         self.debug(msg, *args, **kwargs)
+
+    def debug(self, msg: object, *args: Any, **kwargs: Any) -> None:
+        kwargs.pop("exc_info", None)
+        super().debug(msg, *args, **kwargs)
 
 
 _handshake_log = _HandshakeLog(logging.getLogger(f"{__name__}.handshake"))
@@ -226,7 +233,7 @@ class WebSocketTransport:
             self._timer.cancel()
             self._timer = None
 
-    async def _without_upgrade(self, request: Request, conn: HTTPConnection) -> Response:
+    async def _without_upgrade(self, request: Request, conn: Exchange) -> Response:
         response = error_response(426, "this endpoint speaks WebSocket: send an Upgrade request")
         response.headers.append(("Upgrade", "websocket"))
         return response
