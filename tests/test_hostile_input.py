@@ -355,7 +355,7 @@ def test_500_bad_ws_commands_log_a_bounded_number_of_lines(server_factory: Any) 
             assert close_code(ws) == 1007
     check_serving(srv)
     logs = srv.logs()[mark:]
-    assert 1 <= _count(logs, "tidings.centrifuge: bad frame") <= 10, logs[-4000:]
+    assert 1 <= _count(logs, "tidings.centrifuge.session: bad frame") <= 10, logs[-4000:]
     # Each kind of line (the session's, the transport's) 10 times at most, and
     # a summary per kind whose interval ended meanwhile.
     assert len(logs.splitlines()) <= 30, logs[-4000:]
@@ -372,7 +372,7 @@ def test_500_refused_http_requests_log_a_bounded_number_of_lines(server_factory:
             assert conn.read_response().status == 413  # logged at INFO (a 400 at DEBUG)
     check_serving(srv)
     logs = srv.logs()
-    assert 1 <= _count(logs, "tidings.http: refusing request") <= 10, logs[-4000:]
+    assert 1 <= _count(logs, "tidings.http.connection: refusing request") <= 10, logs[-4000:]
     assert_logged_quietly(srv)
 
 

@@ -28,6 +28,8 @@ from .config import Config, ConfigError, load_config
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
+log = logging.getLogger(__name__)
+
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
@@ -142,7 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tidings: config error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            logging.getLogger("tidings").error(
+            log.error(
                 "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
             )
             return 1

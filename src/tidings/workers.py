@@ -24,7 +24,7 @@ from multiprocessing.process import BaseProcess
 
 from .config import Config
 
-log = logging.getLogger("tidings.workers")
+log = logging.getLogger(__name__)
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 

@@ -58,8 +58,7 @@ from .schema import (
     unsubscribe_push,
 )
 
-#: The package's name, as before the split: operators filter on it.
-log = logging.getLogger("tidings.centrifuge")
+log = logging.getLogger(__name__)
 
 VERSION = __version__
 

@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 
 __all__ = ["HTTPConnection"]
 
-log = logging.getLogger("tidings.http")
+log = logging.getLogger(__name__)
 
 #: Seconds a refused connection drains what its peer still sends (so that our
 #: answer is not destroyed by a reset) before it is aborted.

@@ -42,7 +42,7 @@ from .common import join, leave, request_credentials, requested_channels, reques
 if TYPE_CHECKING:
     from ..http import Exchange, Request
 
-log = logging.getLogger("tidings.sse")
+log = logging.getLogger(__name__)
 
 HEARTBEAT = b":\n\n"
 
