@@ -1,11 +1,11 @@
 """The README's quick start, run as written against a real server, so the next drift fails CI.
 
-The README is the first page a newcomer reads (docs/quickstart.md mirrors its quick start, and
-is checked the same way), and its walk-through is a transcript: commands
-in ```sh blocks and, in the plain block after each, what the terminal shows. This test reads
-those blocks in order, starts the server with the README's own command (``./scripts/serve``,
-on a free port instead of 8000), runs every walk-through command (curl, ``.venv/bin/tidings``)
-with the port substituted, and compares each output with the block the README shows.
+The README is the first page a newcomer reads (docs/quickstart.md mirrors its quick start
+and is checked the same way), and its walk-through is a transcript: commands in ```sh blocks
+and, in the plain block after each, what the terminal shows. This test reads those blocks in
+order, starts the server with the README's own command (``./scripts/serve``, on a free port
+instead of 8000), runs every walk-through command (curl, ``.venv/bin/tidings``) with the port
+substituted, and compares each output with the block the README shows.
 
 Epochs, cursors and times differ on every run ("Cursors and epochs are opaque; yours will
 differ"), so they are compared by identity, not by value: each cursor is decoded (base64url
@@ -341,7 +341,7 @@ def test_quick_start_and_curl_walk_through_show_what_the_server_answers(
 
 
 def test_demo_flag_serves_the_demo_page(serve: Callable[..., ServerProcess]) -> None:
-    """ "run ./scripts/serve --demo instead and open http://127.0.0.1:8000/demo"."""
+    """The README's "./scripts/serve --demo ... open /demo": the page is served."""
     assert "`./scripts/serve --demo`" in README.read_text()
     srv = serve("./scripts/serve", "--demo")
     resp = httpx.get(f"{srv.url}/demo", timeout=TIMEOUT)
