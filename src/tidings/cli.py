@@ -144,9 +144,7 @@ def _serve(args: argparse.Namespace) -> int:
             print(f"tidings: config error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            log.error(
-                "cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc
-            )
+            log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
             return 1
     return 0
 
