@@ -2,15 +2,15 @@
 
 The document is the map a new engineer reads first, so a stale entry is worse
 than none: every file path it names must exist, every ``tidings.module.Name``
-it names must import, every relative link must resolve, and its layout table
-must have exactly one row per module of ``src/tidings/`` (a new module without
-a row fails here). The import graph checks hold the code to the layout the
-document draws: no cycle, and only the composition roots import
-``tidings.server``.
+it names must import, every relative link must resolve, its layout table must
+have exactly one row per module of ``src/tidings/`` (a new module without a row
+fails here), and the transport its recipe prints must serve a subscriber. The
+import graph checks hold the code to the layout the document draws: imports
+point down the layers of the table, there is no cycle, and only the
+composition roots import ``tidings.server``.
 
 Pure Python: no server process. The recipe's transport is served in process,
-on loopback, to an httpx client.
-"""
+on loopback, to an httpx client."""
 
 from __future__ import annotations
 
@@ -38,11 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
 PACKAGE = ROOT / "src" / "tidings"
 
-#: The modules that may build a ``Server``: the CLI, its ``--workers``
-#: supervisor (which builds one ``Server`` per worker process) and the package
-#: itself, if it re-exports ``Server`` as the Python API. Every other module
-#: gets its dependencies passed in (issue 11, item 1).
-COMPOSITION_ROOTS = {"tidings.cli", "tidings.workers", "tidings"}
+#: The modules that may build a ``Server``: the CLI and its ``--workers``
+#: supervisor (which builds one ``Server`` per worker process). The Python API
+#: is ``tidings.server`` itself (``from tidings.server import Server``); the
+#: package's ``__init__`` holds only the version, which core modules import, so
+#: it must not import the server. Every other module gets its dependencies
+#: passed in (issue 11, item 1).
+COMPOSITION_ROOTS = {"tidings.cli", "tidings.workers"}
 
 # `tidings.hub.Hub.subscribe` or `tidings.hub.Hub.subscribe()`: a dotted code reference.
 _REFERENCE = re.compile(r"`(tidings(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")
