@@ -329,3 +329,20 @@ def test_publisher_and_presence_info_with_connection_info_cross_nodes(
         assert await b.broker.presence("i") == {"c": info}
 
     run(redis_server, body, nodes=2)
+
+
+def test_a_publication_right_after_subscribe_is_delivered(redis_server: RedisServer) -> None:
+    """A publication made by another node right after subscribe() arrives, on 100
+    channels (the NATS race, 8a4b620). A guard only: here the broker's own round trip
+    after subscribing hides an early return; test_redis_pubsub.py's
+    test_subscribe_does_not_return_before_redis_answers is the one that catches it."""
+    channels = [f"race{n}" for n in range(100)]
+
+    async def body(a: Node, b: Node) -> None:
+        for channel in channels:
+            await a.broker.subscribe(channel)
+            await b.broker.publish(channel, b"1", history=KEEP)
+        got = await a.wait_for(len(channels))
+        assert sorted(p.channel for p in got) == sorted(channels)
+
+    run(redis_server, body, nodes=2)

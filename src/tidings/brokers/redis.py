@@ -26,16 +26,19 @@ Redis loses a channel's position (restart without persistence, expiry,
 eviction), the next publication or subscribe creates a new epoch, history
 reads with the old epoch return nothing, and the hub answers "not recovered".
 
-Fan-out uses one dedicated pub/sub connection per node, read by one task. When
-it breaks, the node reconnects with exponential backoff, resubscribes every
-channel it has subscribers for, and then fills the hole in its live stream
-from history: for each channel it reads what came after the last publication
-it delivered and delivers it in order (the hub drops duplicates by offset).
-If Redis lost the channel (new epoch), the node delivers the new epoch's
-history from its start when history still holds all of it; when history does
-not reach (more was published during the outage than history keeps), nothing
-is delivered for the hole and a WARNING says so — a client that resumes with
-its position is then told "not recovered", never handed a silent gap.
+Fan-out uses one dedicated pub/sub connection per node
+(:class:`~tidings.brokers.redis_pubsub.RedisPubSub`, which owns subscribing,
+reading and reconnecting). When it breaks, it reconnects with exponential
+backoff and resubscribes every channel the node has subscribers for; then
+this broker fills the hole in its live stream from history
+(:meth:`RedisBroker._catch_up`): for each channel it reads what came after the
+last publication it delivered and delivers it in order (the hub drops
+duplicates by offset). If Redis lost the channel (new epoch), the node
+delivers the new epoch's history from its start when history still holds all
+of it; when history does not reach (more was published during the outage
+than history keeps), nothing is delivered for the hole and a WARNING says so —
+a client that resumes with its position is then told "not recovered", never
+handed a silent gap.
 """
 
 from __future__ import annotations
@@ -43,14 +46,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import secrets
 import time
 from typing import Any
 
 import msgspec
 import redis.asyncio as aioredis
-from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -59,6 +60,7 @@ from ..errors import ErrorCode, ProtocolError
 from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
 from . import envelope
 from .base import Broker, unavailable
+from .redis_pubsub import RedisPubSub
 
 __all__ = ["RedisBroker"]
 
@@ -132,9 +134,6 @@ class RedisBroker(Broker):
         self._url = url
         self._prefix = prefix
         self._meta_ttl_ms = max(1, int(meta_ttl * 1000))
-        self._subscribe_timeout = subscribe_timeout
-        self._ping_interval = ping_interval
-        self._max_backoff = max_backoff
         no_retry = Retry(NoBackoff(), 0)
         self._redis: aioredis.Redis = aioredis.Redis.from_url(
             url, socket_timeout=10, socket_connect_timeout=5, retry=no_retry
@@ -142,25 +141,19 @@ class RedisBroker(Broker):
         self._publish_script = self._redis.register_script(_PUBLISH)
         self._ensure_script = self._redis.register_script(_ENSURE)
         self._presence_script = self._redis.register_script(_PRESENCE)
-        self._pool: ConnectionPool = ConnectionPool.from_url(
-            # RESP2: pub/sub replies arrive as ordinary replies, which we read
-            # ourselves (RESP3 routes them to push handlers instead).
+        self._pubsub = RedisPubSub(
             url,
-            socket_timeout=None,
-            socket_connect_timeout=5,
-            retry=no_retry,
-            protocol=2,
+            on_message=self._on_message,
+            on_resubscribed=self._catch_up,
+            on_lost=self._drop_idle_connections,
+            subscribe_timeout=subscribe_timeout,
+            ping_interval=ping_interval,
+            max_backoff=max_backoff,
         )
         # Channels with subscribers on this node -> last position delivered here.
         self._interest: dict[str, Position] = {}
-        self._confirmed: dict[str, asyncio.Future[None]] = {}
-        self._conn: AbstractConnection | None = None
-        self._connected = asyncio.Event()
-        self._write_lock = asyncio.Lock()
-        self._last_read = 0.0
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
-        self._ever_connected = False
 
     # -- names -------------------------------------------------------------
 
@@ -175,20 +168,18 @@ class RedisBroker(Broker):
 
     @property
     def healthy(self) -> bool:
-        return self._connected.is_set()
+        return self._pubsub.healthy
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [
-            loop.create_task(self._run(), name="tidings-redis-pubsub"),
             loop.create_task(self._keep_meta(), name="tidings-redis-meta"),
             loop.create_task(self._keep_presence(), name="tidings-redis-presence"),
         ]
         # Start-up waits briefly for Redis so the first requests find it, but a
         # Redis that is down does not stop the server: /health says so.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._connected.wait(), self._subscribe_timeout)
-        if not self._connected.is_set():
+        await self._pubsub.start()
+        if not self._pubsub.healthy:
             log.warning("redis at %s is not reachable yet; retrying in the background", self._url)
 
     async def close(self) -> None:
@@ -199,9 +190,13 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
-        await self._drop_connection()
+        await self._pubsub.close()
         await self._redis.aclose()
-        await self._pool.disconnect()
+
+    async def _drop_idle_connections(self) -> None:
+        """The pub/sub connection broke: idle command connections to a Redis that
+        went away are dead too; drop them so that the next command connects afresh."""
+        await self._redis.connection_pool.disconnect(inuse_connections=False)
 
     # -- publishing and reading -------------------------------------------
 
@@ -278,16 +273,8 @@ class RedisBroker(Broker):
     async def subscribe(self, channel: str) -> None:
         if channel not in self._interest:
             self._interest[channel] = EMPTY
-        waiter = self._confirmed.get(channel)
-        if waiter is None or waiter.done():
-            waiter = self._confirmed[channel] = asyncio.get_running_loop().create_future()
-            if self._connected.is_set():
-                # If this fails, the reader notices the broken connection and
-                # subscribes every channel of interest again on reconnect.
-                with contextlib.suppress(RedisError, OSError):
-                    await self._send(b"SUBSCRIBE", self._pubsub_name(channel))
         try:
-            await asyncio.wait_for(asyncio.shield(waiter), self._subscribe_timeout)
+            await self._pubsub.subscribe(self._pubsub_name(channel))
         except TimeoutError:
             raise ProtocolError(
                 ErrorCode.INTERNAL, "broker unavailable: redis did not confirm the subscription"
@@ -299,25 +286,12 @@ class RedisBroker(Broker):
         self._advance(channel, top)
 
     def unsubscribe(self, channel: str) -> None:
-        if self._interest.pop(channel, None) is None:
-            return
-        self._confirmed.pop(channel, None)
-        if self._connected.is_set() and not self._closing:
-            task = asyncio.get_running_loop().create_task(self._unsubscribe_later(channel))
-            self._tasks.append(task)
-            task.add_done_callback(self._forget_task)
+        if self._interest.pop(channel, None) is not None:
+            self._pubsub.unsubscribe(self._pubsub_name(channel))
 
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
-
-    async def _unsubscribe_later(self, channel: str) -> None:
-        async with self._write_lock:
-            # Subscribed again meanwhile: keep the subscription.
-            if channel in self._interest or self._conn is None:
-                return
-            with contextlib.suppress(RedisError, OSError):
-                await self._write(b"UNSUBSCRIBE", self._pubsub_name(channel))
 
     async def _ensure(self, channel: str) -> Position:
         offset, epoch = await self._ensure_script(
@@ -333,90 +307,11 @@ class RedisBroker(Broker):
         if last == EMPTY or last.epoch != top.epoch or last.offset < top.offset:
             self._interest[channel] = top
 
-    # -- the pub/sub connection --------------------------------------------
+    # -- what the pub/sub connection hands on ---------------------------------
 
-    async def _send(self, *args: bytes) -> None:
-        async with self._write_lock:
-            await self._write(*args)
-
-    async def _write(self, *args: bytes) -> None:
-        conn = self._conn
-        if conn is None:
-            raise ConnectionError("not connected")
-        await conn.send_command(*args, check_health=False)
-
-    async def _drop_connection(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            with contextlib.suppress(Exception):
-                await conn.disconnect()
-
-    async def _run(self) -> None:
-        failures = 0
-        while not self._closing:
-            try:
-                await self._connect_and_resubscribe()
-                failures = 0
-                await self._read_forever()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                was_connected = self._connected.is_set()
-                self._connected.clear()
-                await self._drop_connection()
-                # Idle command connections to a Redis that went away are dead
-                # too; drop them so the next command connects afresh.
-                with contextlib.suppress(Exception):
-                    await self._redis.connection_pool.disconnect(inuse_connections=False)
-                if self._closing:
-                    return
-                if was_connected:
-                    log.warning("lost the redis pub/sub connection (%s); reconnecting", exc)
-                elif failures == 0:
-                    log.warning("cannot reach redis at %s (%s); retrying", self._url, exc)
-                failures += 1
-                delay = min(self._max_backoff, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
-                await asyncio.sleep(delay)
-
-    async def _connect_and_resubscribe(self) -> None:
-        conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
-        await conn.connect()  # type: ignore[no-untyped-call]
-        self._conn = conn
-        self._last_read = time.monotonic()
-        channels = list(self._interest)
-        if channels:
-            async with self._write_lock:
-                for start in range(0, len(channels), 1000):
-                    names = [self._pubsub_name(c) for c in channels[start : start + 1000]]
-                    await self._write(b"SUBSCRIBE", *names)
-            # Wait for every confirmation before reading history, so that what
-            # we read and the live stream overlap instead of leaving a hole.
-            pending = set(channels)
-            while pending:
-                message = await self._read(conn)
-                kind = message[0] if isinstance(message, list) else None
-                if kind == b"subscribe":
-                    channel = self._channel_of(message[1])
-                    pending.discard(channel)
-                    self._confirm(channel)
-                elif kind == b"message":
-                    self._on_message(message[1], message[2])
-        self._connected.set()
-        # Channels whose subscribe() came while we were connecting.
-        known = set(channels)
-        late = [self._pubsub_name(c) for c in self._interest if c not in known]
-        if late:
-            await self._send(b"SUBSCRIBE", *late)
-        if self._ever_connected:
-            log.info("reconnected to redis; resubscribed %d channels", len(channels))
-            await self._catch_up(channels)
-        else:
-            log.info("connected to redis at %s", self._url)
-        self._ever_connected = True
-
-    async def _catch_up(self, channels: list[str]) -> None:
+    async def _catch_up(self, names: list[bytes]) -> None:
         """Deliver what each channel published while the connection was down."""
-        for channel in channels:
+        for channel in map(self._channel_of, names):
             last = self._interest.get(channel)
             if last is None:
                 continue
@@ -444,48 +339,8 @@ class RedisBroker(Broker):
             for pub in pubs:
                 self._deliver_once(pub)
 
-    async def _read_forever(self) -> None:
-        conn = self._conn
-        assert conn is not None
-        watchdog = asyncio.get_running_loop().create_task(self._watch(conn))
-        try:
-            while True:
-                message = await self._read(conn)
-                if not isinstance(message, list):
-                    continue
-                kind = message[0]
-                if kind == b"message":
-                    self._on_message(message[1], message[2])
-                elif kind == b"subscribe":
-                    self._confirm(self._channel_of(message[1]))
-        finally:
-            watchdog.cancel()
-
-    async def _read(self, conn: AbstractConnection) -> Any:
-        """The next message; a connection silent for three ping intervals is dead."""
-        try:
-            async with asyncio.timeout(3 * self._ping_interval):
-                message = await conn.read_response(disable_decoding=True)
-        except TimeoutError:
-            raise ConnectionError("redis did not answer a ping") from None
-        self._last_read = time.monotonic()
-        return message
-
-    async def _watch(self, conn: AbstractConnection) -> None:
-        """Ping the connection when it has been idle, so that _read hears from Redis."""
-        while True:
-            await asyncio.sleep(self._ping_interval / 2)
-            if time.monotonic() - self._last_read >= self._ping_interval:
-                with contextlib.suppress(RedisError, OSError):
-                    await self._send(b"PING")
-
     def _channel_of(self, name: bytes) -> str:
         return name.decode()[len(self._prefix) + 3 :]
-
-    def _confirm(self, channel: str) -> None:
-        waiter = self._confirmed.get(channel)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def _on_message(self, name: bytes, message: bytes) -> None:
         channel = self._channel_of(name)
@@ -513,7 +368,7 @@ class RedisBroker(Broker):
         while True:
             await asyncio.sleep(interval)
             channels = list(self._interest)
-            if not channels or not self._connected.is_set():
+            if not channels or not self._pubsub.healthy:
                 continue
             try:
                 for start in range(0, len(channels), 1000):
@@ -589,7 +444,7 @@ class RedisBroker(Broker):
         while True:
             await asyncio.sleep(interval)
             entries = [(ch, cl, info) for (ch, cl), info in self._present.items()]
-            if not entries or not self._connected.is_set():
+            if not entries or not self._pubsub.healthy:
                 continue
             try:
                 for start in range(0, len(entries), 1000):
