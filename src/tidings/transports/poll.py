@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
 from typing import TYPE_CHECKING
 
 from ..auth import Access
@@ -155,7 +156,10 @@ class PollTransport:
             leave(hub, channels, waiter)
             positions = joined.positions | {pub.channel: pub.position for pub in early}
             return poll_response(joined.publications + early, positions, joined.unrecovered)
-        waiter.since = joined.cursor
+        # Interned: waiters held at the same positions (the usual case: every
+        # subscriber of a channel at its head) share one string, instead of
+        # 81 bytes each (tracemalloc, 2,000 held polls).
+        waiter.since = sys.intern(joined.cursor)
         conn.hold(waiter, request)
         self._hold(waiter, timeout)
         return None

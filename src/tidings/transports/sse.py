@@ -203,10 +203,10 @@ class SSETransport:
         self.hub = hub
         self.access = access
         self.cors = cors
-        self.connections = connections
         self.heartbeat_interval = config.heartbeat_interval
         self.max_write_buffer = limits.max_write_buffer
         self.streams: set[SSEStream] = set()
+        connections.include(self.streams)
         self.feeds: dict[tuple[str, ...], Feed] = {}
         self.retry_line = b"retry: %d\n\n" % config.retry_ms
         self._heartbeat: asyncio.Task[None] | None = None
@@ -247,7 +247,6 @@ class SSETransport:
         transport = conn.detach()
         transport.set_protocol(stream)
         self.streams.add(stream)
-        self.connections.add(stream)
         hub.add_client(credentials.user, stream)
         head = [
             b"HTTP/1.1 200 OK",
@@ -273,7 +272,6 @@ class SSETransport:
     def remove(self, stream: SSEStream) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
-            self.connections.discard(stream)
             self.hub.remove_client(stream.credentials.user, stream)
             leave(self.hub, stream.feed.channels, stream)
             if stream.live:
