@@ -44,9 +44,9 @@ class Owner:
         )
 
     async def _resubscribed(self, channels: list[bytes]) -> None:
-        self.resubscribed.append(channels)
         if self.on_resubscribed is not None:
             await self.on_resubscribed(channels)
+        self.resubscribed.append(channels)
 
     async def _lost(self) -> None:
         self.lost += 1

@@ -35,7 +35,7 @@ from ..errors import ErrorCode, ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from .base import Broker
 
-log = logging.getLogger("tidings.broker")
+log = logging.getLogger(__name__)
 
 #: Copies of ``data`` a publication in history is charged for. Measured with
 #: tracemalloc (64 KiB JSON ``data``, 2,000 publications): stored and never

@@ -45,7 +45,7 @@ from .base import Broker, unavailable
 
 __all__ = ["NatsBroker"]
 
-log = logging.getLogger("tidings.brokers.nats")
+log = logging.getLogger(__name__)
 
 
 class _Stream:

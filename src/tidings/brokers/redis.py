@@ -57,14 +57,14 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from ..errors import ErrorCode, ProtocolError
-from ..hub import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
+from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
 from . import envelope
 from .base import Broker, unavailable
 from .redis_pubsub import RedisPubSub
 
 __all__ = ["RedisBroker"]
 
-log = logging.getLogger("tidings.brokers.redis")
+log = logging.getLogger(__name__)
 
 # KEYS: meta, history. ARGV: new epoch, history size, history ttl (ms),
 # meta ttl (ms), pub/sub channel, payload.

@@ -144,12 +144,14 @@ class RedisPubSub:
         for task in tasks:
             if task is not None:
                 task.cancel()
+        # Closed before waiting: should a cancellation get lost in a callback
+        # or in redis-py, the reader's next read fails and it sees ``_closing``.
+        await self._drop_connection()
         for task in tasks:
             if task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         self._reader = None
-        await self._drop_connection()
         await self._pool.disconnect()
 
     # -- subscribing ---------------------------------------------------------
@@ -308,7 +310,7 @@ class RedisPubSub:
         assert conn is not None
         watchdog = asyncio.get_running_loop().create_task(self._watch())
         try:
-            while True:
+            while not self._closing:
                 self._dispatch(await self._read(conn))
         finally:
             watchdog.cancel()
