@@ -410,3 +410,19 @@ def test_tags_and_info_are_charged_as_data() -> None:
     plain = publish_now(broker, "a", b"{}")
     extra = publish_now(broker, "a", b"{}", extras=50_000)
     assert history_cost(extra) - history_cost(plain) >= 4 * 2 * 50_000
+
+
+def test_a_stream_created_by_subscribe_keeps_what_the_first_publication_asks() -> None:
+    """Subscribing creates a stream before any policy is known: it holds nothing and
+    is charged nothing until a publication brings its size, then keeps that many."""
+    broker = MemoryBroker()
+    coro = broker.subscribe("a")
+    with pytest.raises(StopIteration):
+        coro.send(None)
+    assert rings(broker) == {"a": []} and broker.history_memory == 0
+    for _ in range(5):
+        publish_now(broker, "a", b"{}", history=HistoryPolicy(3, 10.0))
+    assert [p.offset for p in rings(broker)["a"]] == [3, 4, 5]
+    publish_now(broker, "a", b"{}", history=HistoryPolicy(0, 10.0))
+    assert rings(broker)["a"] == [] and broker.history_memory == 0
+    check_books(broker, 256 * 1024 * 1024)
