@@ -58,6 +58,9 @@ class TimeoutsConfig(_Section):
     shutdown: PositiveFloat = 5.0
     #: Seconds an HTTP client may leave answers untaken (over the buffer limit, or closing).
     write: PositiveFloat = 30.0
+    #: Seconds a publish, subscribe, recovery, history or presence call waits on
+    #: the broker for a client before answering the temporary error (code 100).
+    broker: PositiveFloat = 5.0
 
 
 class SSEConfig(_Section):

@@ -13,7 +13,14 @@ client's position and either returns all of it (``recovered=True``) or says
 plainly that history no longer reaches (``recovered=False``). It never returns
 a partial range. While the broker is being asked, publications keep arriving;
 the hub buffers them for the subscriber being set up, so that nothing falls
-between the history read and the live stream.
+between the history read and the live stream. If that live stream skips
+meanwhile, or the buffer does not continue what history returned, the
+subscribe is refused with a temporary error (see :meth:`Hub.subscribe`):
+never a silent gap.
+
+Every call that waits on the broker for a client is bounded by
+``broker_timeout`` (``[timeouts] broker``): a slow broker answers the client
+a temporary error, not a request that hangs, and leaves nothing registered.
 
 The hub trusts the channel names it is given: whoever speaks for a client
 asks :class:`~tidings.auth.Access` first, which checks the name with every
@@ -28,11 +35,14 @@ the hub's current state or its lifetime rules.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol
 
-from .brokers.base import Broker
+from .brokers.base import Broker, unavailable
+from .errors import ErrorCode, ProtocolError
 from .stream import (
     DEFAULT_HISTORY,
     EMPTY,
@@ -113,6 +123,19 @@ class Recovery(NamedTuple):
     recovered: bool
 
 
+class _Pending:
+    """One subscribe() waiting on the broker, and what arrived meanwhile.
+
+    An object of its own, compared by identity: two subscribes whose buffers
+    hold equal publications are still two, and each removes only its own.
+    """
+
+    __slots__ = ("buffer",)
+
+    def __init__(self) -> None:
+        self.buffer: list[Publication] = []
+
+
 class _Channel:
     """Local state of a channel that has subscribers on this node."""
 
@@ -120,8 +143,8 @@ class _Channel:
 
     def __init__(self, top: Position) -> None:
         self.subscribers: set[Subscriber] = set()
-        # Buffers of subscribe() calls waiting on the broker.
-        self.pending: list[list[Publication]] = []
+        # subscribe() calls waiting on the broker.
+        self.pending: list[_Pending] = []
         # Subscribers whose recovery ran ahead of live delivery (possible with
         # a remote broker): they go live once delivery passes their position.
         self.catching_up: dict[Subscriber, int] = {}
@@ -136,10 +159,13 @@ class Hub:
         broker: Broker,
         *,
         history_for: Callable[[str], HistoryPolicy] = lambda channel: DEFAULT_HISTORY,
+        broker_timeout: float = 5.0,
     ) -> None:
-        """``history_for(channel)`` is the channel's history policy, sent with each publish."""
+        """``history_for(channel)`` is the channel's history policy, sent with each publish;
+        ``broker_timeout`` bounds, in seconds, each call that waits on the broker for a client."""
         self._broker = broker
         self._history_for = history_for
+        self._broker_timeout = broker_timeout
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Client]] = {}
         broker.bind(self._deliver)
@@ -159,19 +185,42 @@ class Hub:
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Position:
-        """Publish raw JSON ``data``; return the position the broker gave it."""
-        pub = await self._broker.publish(
-            channel, data, history=self._history_for(channel), info=info, tags=tags
-        )
+        """Publish raw JSON ``data``; return the position the broker gave it.
+
+        A publish that timed out may still land (the broker may have taken it
+        before it stalled): the caller is told to retry, as with any broker
+        error, and a retry may publish twice; a lost publication would be worse.
+        """
+        async with self._bounded():
+            pub = await self._broker.publish(
+                channel, data, history=self._history_for(channel), info=info, tags=tags
+            )
         return pub.position
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self) -> AsyncIterator[None]:
+        """Bound a wait on the broker: past ``broker_timeout``, the temporary
+        error of an unavailable broker (code 100), which clients retry.
+
+        The one place the bound is applied; a TimeoutError the broker raised
+        itself is not ours to reword.
+        """
+        timeout = asyncio.timeout(self._broker_timeout)
+        try:
+            async with timeout:
+                yield
+        except TimeoutError:
+            if not timeout.expired():
+                raise
+            raise unavailable(f"timed out after {self._broker_timeout:g}s") from None
 
     def _deliver(self, pub: Publication) -> None:
         """The fan-out path: called by the broker once per publication on this node."""
         state = self._channels.get(pub.channel)
         if state is None:
             return
-        for buffer in state.pending:
-            buffer.append(pub)
+        for pending in state.pending:
+            pending.buffer.append(pub)
         top = state.top
         if pub.epoch == top.epoch and pub.offset <= top.offset:
             return  # already delivered (a broker may replay after a reconnect)
@@ -212,47 +261,83 @@ class Hub:
     async def subscribe(
         self, channel: str, subscriber: Subscriber, since: Position | None = None
     ) -> Recovery:
-        """Join ``subscriber`` to ``channel``; see :class:`Recovery` for the result."""
+        """Join ``subscriber`` to ``channel``; see :class:`Recovery` for the result.
+
+        Raises the temporary error (code 100) when the broker does not answer
+        within ``broker_timeout``, or when the channel's live stream did not
+        continue what history returned while the broker was being asked (a
+        skip: a message lost, a new epoch); the subscriber is then not
+        registered and nothing of the call stays behind.
+
+        A skip reaches a waiting subscribe through its buffer, which
+        :meth:`_deliver` fills before it looks for skips: the skipping
+        publication is in every buffer, so :meth:`_merge` sees it beyond the
+        recovered position. When history already returned past it, there is
+        no hole for this subscriber, and it goes live although the channel's
+        other subscribers were told to resync.
+
+        Refusing, rather than registering the subscriber and making it resync
+        at once, is the answer every transport already gives its client in the
+        right order: a WebSocket subscribe gets an error reply that the SDKs
+        retry with their position (where history decides plainly what was
+        recovered); an SSE or poll join fails before anything is written. A
+        resync during the subscribe would reach a WebSocket client before the
+        reply it resyncs, and an SSE stream before its head.
+        """
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel(EMPTY)
             fresh = True
         else:
             fresh = False
-        buffer: list[Publication] = []
-        state.pending.append(buffer)
+        pending = _Pending()
+        state.pending.append(pending)
         try:
-            if fresh:
-                await self._broker.subscribe(channel)
-            recovery = await self._recover(channel, since)
+            async with self._bounded():
+                if fresh:
+                    await self._broker.subscribe(channel)
+                recovery = await self._recover(channel, since)
         except BaseException:
-            state.pending.remove(buffer)
+            state.pending.remove(pending)
             self._drop_if_unused(channel, state)
             raise
-        state.pending.remove(buffer)
+        state.pending.remove(pending)
         if fresh and state.top == EMPTY:
             state.top = recovery.position
-        recovery = self._merge(recovery, buffer)
+        merged = self._merge(recovery, pending.buffer)
+        if merged is None:
+            self._drop_if_unused(channel, state)
+            log.warning("%s skipped while a subscriber joined: it must subscribe again", channel)
+            raise ProtocolError(ErrorCode.INTERNAL, "channel stream skipped: subscribe again")
         top = state.top
-        if recovery.position.epoch == top.epoch and recovery.position.offset > top.offset:
-            state.catching_up[subscriber] = recovery.position.offset
+        if merged.position.epoch == top.epoch and merged.position.offset > top.offset:
+            state.catching_up[subscriber] = merged.position.offset
         else:
             state.subscribers.add(subscriber)
-        return recovery
+        return merged
 
     @staticmethod
-    def _merge(recovery: Recovery, buffer: list[Publication]) -> Recovery:
-        """Append what arrived while the broker was being asked."""
+    def _merge(recovery: Recovery, buffer: list[Publication]) -> Recovery | None:
+        """Append what arrived while the broker was being asked; None on a hole.
+
+        A buffered publication at or before the recovered position is one
+        history already returned. One beyond it that does not follow it (a
+        later offset, another epoch) means the live stream lost what lies
+        between: the subscriber cannot go live from here.
+        """
         position, publications, recovered = recovery
         for pub in buffer:
             if follows(position, pub):
                 publications.append(pub)
                 position = pub.position
+            elif pub.epoch != position.epoch or pub.offset > position.offset:
+                return None
         return Recovery(position, publications, recovered)
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
         """What a client at ``since`` missed, without subscribing (for polling)."""
-        return await self._recover(channel, since)
+        async with self._bounded():
+            return await self._recover(channel, since)
 
     async def _recover(self, channel: str, since: Position | None) -> Recovery:
         if since is None:
@@ -304,13 +389,15 @@ class Hub:
     # -- presence --------------------------------------------------------
 
     async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
-        await self._broker.add_presence(channel, client, info)
+        async with self._bounded():
+            await self._broker.add_presence(channel, client, info)
 
     def remove_presence(self, channel: str, client: str) -> None:
         self._broker.remove_presence(channel, client)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
-        return await self._broker.presence(channel)
+        async with self._bounded():
+            return await self._broker.presence(channel)
 
     async def presence_stats(self, channel: str) -> tuple[int, int]:
         """``(num_clients, num_users)`` present in the channel."""
@@ -341,7 +428,8 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> tuple[list[Publication], Position]:
-        return await self._broker.history(channel, since=since, limit=limit, reverse=reverse)
+        async with self._bounded():
+            return await self._broker.history(channel, since=since, limit=limit, reverse=reverse)
 
     def channels(self) -> Iterator[tuple[str, int]]:
         """Channels with subscribers on this node, with their subscriber counts."""

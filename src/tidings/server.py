@@ -71,7 +71,11 @@ class Server:
     def __init__(self, config: Config, broker: Broker | None = None) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
-        self.hub = Hub(self.broker, history_for=config.history_for)
+        self.hub = Hub(
+            self.broker,
+            history_for=config.history_for,
+            broker_timeout=config.timeouts.broker,
+        )
         self.access = access = Access(config)
         self.cors = cors = CORS(config.allowed_origins)
         self.connections = connections = Connections()

@@ -1,0 +1,90 @@
+"""A memory broker with faults injected at chosen moments, for the race tests.
+
+The races of a remote broker are about *when* things happen: a publication
+landing while a history read is in flight, a pub/sub message lost, a broker
+that stops answering. :class:`FaultyBroker` makes each of those happen at the
+moment a test chooses, deterministically, over the in-memory broker's real
+semantics (offsets, epochs, history).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tidings.brokers.memory import MemoryBroker
+from tidings.hub import ClientInfo, Position, Publication
+from tidings.stream import HistoryPolicy
+
+
+class FaultyBroker(MemoryBroker):
+    """A :class:`MemoryBroker` that can hold history reads, drop deliveries and stall.
+
+    * ``hold_history``: channels whose history reads are held *after* reading,
+      each until its gate in :attr:`held` is set (in the order they were read).
+    * ``drop``: ``(channel, offset)`` of publications stored in history but
+      never delivered live (a message lost on a pub/sub link).
+    * ``stalled``: while cleared, every call that would reach a remote broker
+      (publish, subscribe, history, presence) waits, as a paused Redis does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hold_history: set[str] = set()
+        self.held: list[asyncio.Event] = []
+        self.drop: set[tuple[str, int]] = set()
+        self.running = asyncio.Event()
+        self.running.set()
+
+    def bind(self, deliver: Any) -> None:
+        def lossy(pub: Publication) -> None:
+            if (pub.channel, pub.offset) not in self.drop:
+                deliver(pub)
+
+        super().bind(lossy)
+
+    async def held_reads(self, n: int) -> None:
+        """Wait (bounded) until ``n`` history reads are held in total."""
+        async with asyncio.timeout(5):
+            while len(self.held) < n:
+                await asyncio.sleep(0)
+
+    async def publish(
+        self,
+        channel: str,
+        data: bytes,
+        *,
+        history: HistoryPolicy,
+        info: ClientInfo | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> Publication:
+        await self.running.wait()
+        return await super().publish(channel, data, history=history, info=info, tags=tags)
+
+    async def subscribe(self, channel: str) -> None:
+        await self.running.wait()
+        await super().subscribe(channel)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> tuple[list[Publication], Position]:
+        await self.running.wait()
+        result = await super().history(channel, since=since, limit=limit, reverse=reverse)
+        if channel in self.hold_history:
+            gate = asyncio.Event()
+            self.held.append(gate)
+            await gate.wait()
+        return result
+
+    async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
+        await self.running.wait()
+        await super().add_presence(channel, client, info)
+
+    async def presence(self, channel: str) -> dict[str, ClientInfo]:
+        await self.running.wait()
+        return await super().presence(channel)
