@@ -62,6 +62,14 @@ log = logging.getLogger(__name__)
 
 VERSION = __version__
 
+#: Pushes (publications, joins and leaves, unsubscribes) a connecting session
+#: holds until its connect reply is written. They arrive only while connect
+#: waits on the broker for the token's later channels, so this is far more
+#: than a connect sees unless the broker is stalled; past it the client is
+#: closed with insufficient state and resumes from history. Each held push is
+#: a reference to shared bytes or a shared publication: 8 bytes.
+MAX_HELD_PUSHES = 1024
+
 
 class SessionOptions(NamedTuple):
     """What the protocol needs from the configuration; shared by every session."""
@@ -105,6 +113,7 @@ class ClientSession:
     """
 
     __slots__ = (
+        "_held",
         "_out",
         "channels",
         "client_id",
@@ -127,6 +136,9 @@ class ClientSession:
         self.channels: set[str] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
+        # Pushes held while connect subscribes the token's channels (None
+        # otherwise): nothing may reach the client before its connect reply.
+        self._held: list[Publication | bytes] | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.client_id or 'unconnected'}>"
@@ -141,9 +153,32 @@ class ClientSession:
         """The fan-out path: the pending replies first, then the shared push bytes."""
         if self.closed:
             return
+        if self._held is not None:
+            self._hold(pub)
+            return
         if self._out:
             self.flush()
         self.transport.write_publication(pub)
+
+    def _push(self, payload: bytes) -> None:
+        """A per-connection push: after the replies so far, and never before connect's."""
+        if self._held is not None:
+            self._hold(payload)
+            return
+        self.flush()
+        self.send_payload(payload)
+
+    def _hold(self, push: Publication | bytes) -> None:
+        held = self._held
+        assert held is not None
+        if len(held) < MAX_HELD_PUSHES:
+            held.append(push)
+            return
+        log_client_error(
+            log, "closing %s: over %d pushes while connecting", self.client_id, MAX_HELD_PUSHES
+        )
+        self._held = None
+        self.close(DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
 
     def insufficient_state(self) -> None:
         """A channel's stream skipped: the client reconnects and learns what it lost."""
@@ -188,8 +223,7 @@ class ClientSession:
             return False
         channels.discard(channel)
         self._leave(channel)
-        self.flush()
-        self.send_payload(unsubscribe_push(channel, code, reason))
+        self._push(unsubscribe_push(channel, code, reason))
         return True
 
     def release(self) -> None:
@@ -205,8 +239,7 @@ class ClientSession:
     def deliver_presence(self, event: PresenceEvent) -> None:
         """A join/leave push; rare enough to be framed per connection."""
         if not self.closed and event.info.client != self.client_id:
-            self.flush()
-            self.send_payload(event.encoded(presence_push_json))
+            self._push(event.encoded(presence_push_json))
 
     def check_expiry(self) -> None:
         """Enforce token lifetimes; the transport calls this on its periodic turn.
@@ -326,7 +359,17 @@ class ClientSession:
                 self._reply(error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
         return None
 
-    async def _connect(self, cmd_id: int, req: ConnectRequest) -> bytes:
+    async def _connect(self, cmd_id: int, req: ConnectRequest) -> None:
+        """Authenticate, subscribe the token's channels, then reply.
+
+        The token's channels are live as soon as each is subscribed, while
+        connect still waits on the broker for the next one (or for presence):
+        their pushes are held and written right after the connect reply, whose
+        ``subs`` carry each channel's recovered publications, so the client
+        sees every publication once and in order. If connect fails half-way
+        (a broker timing out), the session is left as it was before it: not
+        connected, in no channel, and the client may connect again.
+        """
         access = self.options.access
         credentials = access.authenticate(req.token or None)
         # The token's channels obey the rules of any subscription (a claim grants
@@ -338,15 +381,23 @@ class ClientSession:
         self.channels = set()
         self.hub.add_client(credentials.user, self)
         subs: dict[str, SubscribeResult] = {}
-        # Server-side subscriptions: the token's channels claim, recovered from
-        # the positions the SDK sends back in connect.subs on a reconnect.
-        for channel in credentials.channels:
-            previous = (req.subs or {}).get(channel)
-            sub = await self._subscribe_channel(channel, previous, None)
-            if sub is None:
-                break
-            subs[channel] = sub
-            await self._join(channel, None)
+        self._held = []
+        try:
+            # Server-side subscriptions: the token's channels claim, recovered from
+            # the positions the SDK sends back in connect.subs on a reconnect.
+            for channel in credentials.channels:
+                if self.closed:
+                    break
+                previous = (req.subs or {}).get(channel)
+                sub = await self._subscribe_channel(channel, previous, None)
+                if sub is None:
+                    break
+                subs[channel] = sub
+                await self._join(channel, None)
+        except BaseException:
+            self._held = None
+            self._disconnect_session()
+            raise
         expires, ttl = _ttl(credentials.expires)
         result = ConnectResult(
             client=self.client_id,
@@ -357,7 +408,27 @@ class ClientSession:
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
         )
-        return encode_reply(Reply(id=cmd_id, connect=result))
+        self._reply(encode_reply(Reply(id=cmd_id, connect=result)))
+        held, self._held = self._held, None
+        if held and not self.closed:
+            self.flush()
+            for push in held:
+                if isinstance(push, bytes):
+                    self.send_payload(push)
+                else:
+                    self.transport.write_publication(push)
+        return None
+
+    def _disconnect_session(self) -> None:
+        """Undo a connect that failed half-way: leave its channels, forget the client."""
+        channels, self.channels = self.channels, None
+        if channels and not self.closed:
+            for channel in channels:
+                self._leave(channel)
+        self.hub.remove_client(self.credentials.user, self)
+        self.client_id = ""
+        self.credentials = ANONYMOUS
+        self.sub_expiries = None
 
     async def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
         credentials = self.options.access.authenticate(req.token or None)
