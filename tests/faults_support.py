@@ -4,7 +4,8 @@ The races of a remote broker are about *when* things happen: a publication
 landing while a history read is in flight, a pub/sub message lost, a broker
 that stops answering. :class:`FaultyBroker` makes each of those happen at the
 moment a test chooses, deterministically, over the in-memory broker's real
-semantics (offsets, epochs, history).
+semantics (offsets, epochs, history); :class:`HeldRedisBroker` does the first
+two over a real Redis.
 """
 
 from __future__ import annotations
@@ -12,29 +13,32 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from tidings.brokers.base import Broker
 from tidings.brokers.memory import MemoryBroker
+from tidings.brokers.redis import RedisBroker
 from tidings.hub import ClientInfo, Position, Publication
 from tidings.stream import HistoryPolicy
 
 
-class FaultyBroker(MemoryBroker):
-    """A :class:`MemoryBroker` that can hold history reads, drop deliveries and stall.
+class HoldsHistory(Broker):
+    """Over any broker: history reads held, deliveries dropped, at a test's choosing.
 
     * ``hold_history``: channels whose history reads are held *after* reading,
       each until its gate in :attr:`held` is set (in the order they were read).
     * ``drop``: ``(channel, offset)`` of publications stored in history but
       never delivered live (a message lost on a pub/sub link).
-    * ``stalled``: while cleared, every call that would reach a remote broker
-      (publish, subscribe, history, presence) waits, as a paused Redis does.
+
+    Mixed in before a real broker class (``class X(HoldsHistory, RedisBroker)``).
     """
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.hold_history: set[str] = set()
-        self.held: list[asyncio.Event] = []
-        self.drop: set[tuple[str, int]] = set()
-        self.running = asyncio.Event()
-        self.running.set()
+    hold_history: set[str]
+    held: list[asyncio.Event]
+    drop: set[tuple[str, int]]
+
+    def init_faults(self) -> None:
+        self.hold_history = set()
+        self.held = []
+        self.drop = set()
 
     def bind(self, deliver: Any) -> None:
         def lossy(pub: Publication) -> None:
@@ -47,7 +51,37 @@ class FaultyBroker(MemoryBroker):
         """Wait (bounded) until ``n`` history reads are held in total."""
         async with asyncio.timeout(5):
             while len(self.held) < n:
-                await asyncio.sleep(0)
+                await asyncio.sleep(0.001)
+
+    async def history(
+        self,
+        channel: str,
+        *,
+        since: Position | None = None,
+        limit: int | None = None,
+        reverse: bool = False,
+    ) -> tuple[list[Publication], Position]:
+        result = await super().history(  # type: ignore[safe-super]
+            channel, since=since, limit=limit, reverse=reverse
+        )
+        if channel in self.hold_history:
+            gate = asyncio.Event()
+            self.held.append(gate)
+            await gate.wait()
+        return result
+
+
+class FaultyBroker(HoldsHistory, MemoryBroker):
+    """The memory broker with :class:`HoldsHistory`'s faults, and one more:
+    ``running``, while cleared, makes every call that would reach a remote
+    broker (publish, subscribe, history, presence) wait, as a paused Redis does.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_faults()
+        self.running = asyncio.Event()
+        self.running.set()
 
     async def publish(
         self,
@@ -74,12 +108,7 @@ class FaultyBroker(MemoryBroker):
         reverse: bool = False,
     ) -> tuple[list[Publication], Position]:
         await self.running.wait()
-        result = await super().history(channel, since=since, limit=limit, reverse=reverse)
-        if channel in self.hold_history:
-            gate = asyncio.Event()
-            self.held.append(gate)
-            await gate.wait()
-        return result
+        return await super().history(channel, since=since, limit=limit, reverse=reverse)
 
     async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
         await self.running.wait()
@@ -88,3 +117,11 @@ class FaultyBroker(MemoryBroker):
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         await self.running.wait()
         return await super().presence(channel)
+
+
+class HeldRedisBroker(HoldsHistory, RedisBroker):
+    """A real Redis broker whose history reads and deliveries a test controls."""
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        super().__init__(url, **kw)
+        self.init_faults()
