@@ -50,6 +50,12 @@ class LimitsConfig(_Section):
     max_channels: Size = 100_000
     #: Bytes all history of the memory broker may hold; past it the oldest is evicted.
     max_history_memory: Size = 256 * 1024 * 1024
+    #: Connections of every kind this process holds at once (HTTP keep-alive, held
+    #: polls, SSE streams, WebSockets); past it a new one is answered 503 with
+    #: Retry-After. Unset: the RLIMIT_NOFILE soft limit minus a reserve of an
+    #: eighth of it, at least 64 (tidings.connections.default_max_connections);
+    #: 0: no cap, only the file limit.
+    max_connections: Annotated[int, Meta(ge=0)] | None = None
 
 
 class TimeoutsConfig(_Section):

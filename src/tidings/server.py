@@ -33,7 +33,7 @@ from .api import ServerAPI
 from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
-from .connections import Connections
+from .connections import Connections, default_max_connections
 from .http import (
     Exchange,
     HTTPConnection,
@@ -46,6 +46,7 @@ from .http import (
 )
 from .http.cors import CORS
 from .hub import Hub
+from .listener import Listening, listen
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
 from .transports.websocket import WebSocketTransport
@@ -78,7 +79,10 @@ class Server:
         )
         self.access = access = Access(config)
         self.cors = cors = CORS(config.allowed_origins)
-        self.connections = connections = Connections()
+        max_connections = config.limits.max_connections
+        if max_connections is None:
+            max_connections = default_max_connections()
+        self.connections = connections = Connections(max_connections)
         self.router = Router()
         self.site = Site(self.router, cors, config.limits, config.timeouts, connections)
         self.uid = secrets.token_hex(8)
@@ -92,7 +96,7 @@ class Server:
         )
         self.api = ServerAPI(hub, access, config.api_key, self.node_info)
         self.transports: tuple[Transport, ...] = (self.sse, self.poll, self.websocket)
-        self._listener: asyncio.base_events.Server | None = None
+        self._listener: Listening | None = None
         self._stopped = asyncio.Event()
         self._static = _read_static("tidings.js", "demo.html")
         for transport in self.transports:
@@ -113,27 +117,28 @@ class Server:
 
         ``reuse_port`` lets several worker processes listen on one port.
         """
-        loop = asyncio.get_running_loop()
         await self.broker.start()
         for transport in self.transports:
             await transport.start()
         site = self.site
-        if sock is not None:
-            self._listener = await loop.create_server(
-                lambda: HTTPConnection(site), sock=sock, backlog=4096
-            )
-        else:
-            self._listener = await loop.create_server(
-                lambda: HTTPConnection(site),
-                self.config.host,
-                self.config.port,
-                backlog=4096,
-                reuse_address=True,
-                reuse_port=reuse_port or None,
-            )
+        # tidings.listener: accepting survives running out of file descriptors.
+        self._listener = await listen(
+            lambda: HTTPConnection(site),
+            sock=sock,
+            host=self.config.host,
+            port=self.config.port,
+            backlog=4096,
+            reuse_port=reuse_port,
+        )
         self.started_at = time.monotonic()
         self._warn_about_development_defaults()
         log.info("tidings listening on %s", self.url)
+        cap = self.connections.max_connections
+        source = "from the file limit" if self.config.limits.max_connections is None else "set"
+        if cap:
+            log.info("limits.max_connections = %d (%s)", cap, source)
+        else:
+            log.info("limits.max_connections = 0 (%s): no cap but the file limit", source)
 
     def _warn_about_development_defaults(self) -> None:
         if not self.config.api_key:

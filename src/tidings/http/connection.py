@@ -40,6 +40,14 @@ What one connection may make the server hold, whatever its peer does:
 * **A closing socket: a bounded time.** After its last response a connection
   gets ``timeouts.write`` (after a refusal, :data:`_LINGER`) to take it, then it
   is aborted; a peer that never reads cannot keep its socket.
+
+**Capacity** (``limits.max_connections``, decided by
+:meth:`~tidings.connections.Connections.admit` when the socket is accepted): a
+connection accepted over the cap is served one answer, whatever it asks — 503
+with ``Retry-After`` and ``Connection: close``, with its CORS headers, so that
+a browser page can read it (a WebSocket handshake gets the same answer). Its
+request head must arrive within :data:`_LINGER`; then it lingers like any
+refusal. So a refused connection is gone within twice :data:`_LINGER`.
 """
 
 from __future__ import annotations
@@ -54,9 +62,10 @@ from typing import TYPE_CHECKING, cast
 
 import httptools
 
-from ..errors import ProtocolError
+from ..connections import RETRY_AFTER, Admission
+from ..errors import ErrorCode, ProtocolError
 from ..logs import log_client_error
-from .messages import Headers, Request, Response, error_response
+from .messages import Headers, Request, Response, error_response, json_response
 from .routing import Handler, Held
 from .state import ANSWERING, READING, Answering, Reading, advance
 
@@ -89,6 +98,23 @@ _RESET_ON_CLOSE = struct.pack("ii", 1, 0)
 
 #: ``_raw_head`` while the head in progress began inside the slice being fed.
 _BEGAN_IN_SLICE = -1
+
+#: The answer to every request on a connection accepted over ``limits.max_connections``.
+#: 503 is the status of a server that cannot serve *now*; the error code is
+#: Centrifugo's temporary "too many requests", so clients retry.
+_AT_CAPACITY = json_response(
+    {
+        "error": {
+            "code": int(ErrorCode.TOO_MANY_REQUESTS),
+            "message": "server at capacity: retry later",
+        }
+    },
+    503,
+    close=True,
+)
+_AT_CAPACITY.headers.append(("Retry-After", str(RETRY_AFTER)))
+#: Lets a cross-origin page read ``Retry-After`` (not a CORS-safelisted header).
+_EXPOSE_RETRY_AFTER = ("Access-Control-Expose-Headers", "Retry-After")
 
 
 class _Refusal(Exception):
@@ -189,8 +215,14 @@ class HTTPConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.client = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         writable.set_write_buffer_limits(high=self.site.limits.max_write_buffer)
-        self.site.connections.add(self)
-        self._arm(self.site.timeouts.request, self._on_request_timeout)
+        admission = self.site.connections.admit(self)
+        if admission is Admission.ADMITTED:
+            self._arm(self.site.timeouts.request, self._on_request_timeout)
+        elif admission is Admission.REFUSED:
+            # Over the cap: one request head, read within _LINGER, gets the 503.
+            self._arm(_LINGER, self._on_request_timeout)
+        else:
+            self._abort()  # too many refusals in flight already: a reset costs nothing
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._answering is not Answering.CLOSED:
@@ -304,7 +336,12 @@ class HTTPConnection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self._read_to(Reading.HEAD)
-        if self._answering is Answering.READY and not self._queue and not self._sending_paused:
+        if (
+            self._answering is Answering.READY
+            and not self._queue
+            and not self._sending_paused
+            and not self.site.connections.refused(self)  # its deadline runs from the accept
+        ):
             # First byte of a request on an idle connection: from now on it
             # must arrive in time. (Not on any byte: blank lines between
             # requests would then keep an idle connection open forever.)
@@ -415,6 +452,9 @@ class HTTPConnection(asyncio.Protocol):
 
     def _dispatch(self, request: Request) -> None:
         cors = self.site.cors
+        if self.site.connections.refused(self):
+            self._refuse_at_capacity(request)
+            return
         if request.method == "OPTIONS":
             self._send(request, cors.preflight(request, self.site.router))
             return
@@ -520,6 +560,13 @@ class HTTPConnection(asyncio.Protocol):
             self.transport.pause_reading()
         self._queue.append(error_response(status, message, close=True))
 
+    def _refuse_at_capacity(self, request: Request) -> None:
+        """Answer 503 with ``Retry-After`` and close: this connection came over the cap."""
+        extra = self.site.cors.headers(request)
+        if extra:
+            extra.append(_EXPOSE_RETRY_AFTER)
+        self._write(_AT_CAPACITY, head=request.method == "HEAD", keep_alive=False, extra=extra)
+
     def _on_upgrade(self, rest: bytes) -> None:
         request = self._queue.pop() if self._queue else None
         if request is None or isinstance(request, Response):
@@ -528,6 +575,10 @@ class HTTPConnection(asyncio.Protocol):
         protocol = (request.headers.get("upgrade") or "").lower()
         self._stop_reading()
         request.keep_alive = False  # whatever happens, the parser stopped here
+        if self.site.connections.refused(self) and not self._queue:
+            # A WebSocket handshake over the cap: refused at the HTTP level (docs/limits.md).
+            self._refuse_at_capacity(request)
+            return
         if (
             not self.site.router.upgrades(protocol)
             or self._queue
