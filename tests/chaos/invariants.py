@@ -196,6 +196,9 @@ class Report:
     by_fault: dict[str, Counter[str]]
     violations: list[Violation]
     notes: list[str] = field(default_factory=list)
+    #: For the first violations of each client and channel: what that client received
+    #: around it (for diagnosis in the JSON file).
+    contexts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def totals(self) -> Counter[str]:
@@ -263,6 +266,7 @@ class Report:
             "fault_log": [
                 {"kind": f.kind, "t": round(f.t, 3), "detail": f.detail} for f in self.faults
             ],
+            "contexts": self.contexts,
             "notes": self.notes,
         }
 
@@ -281,6 +285,7 @@ def check(
     rows: dict[str, Counter[str]] = defaultdict(Counter)
     by_fault: dict[str, Counter[str]] = defaultdict(Counter)
     violations: list[Violation] = []
+    contexts: list[dict[str, Any]] = []
     for rec in recordings:
         row = rows[rec.transport]
         row["clients"] += 1
@@ -297,6 +302,32 @@ def check(
                 row[v.kind] += 1
                 by_fault[attribute(faults, v.t)][v.kind] += 1
             violations += verdict.violations
-    return Report(
+            if verdict.violations and len(contexts) < MAX_CONTEXTS:
+                contexts.append(_context(verdict.violations[0], records, faults))
+    report = Report(
         duration, list(faults), len(acks), publish_failures, dict(rows), dict(by_fault), violations
     )
+    report.contexts = contexts
+    return report
+
+
+#: Violation contexts kept in a report, and records either side of each.
+MAX_CONTEXTS = 50
+CONTEXT = 12
+
+
+def _context(
+    first: Violation, records: Sequence[Record], faults: Sequence[Fault]
+) -> dict[str, Any]:
+    """What the client received around its first violation on a channel, and the faults then."""
+    i = bisect.bisect_left([r.t for r in records], first.t)
+    around = records[max(0, i - CONTEXT) : i + CONTEXT]
+    return {
+        "violation": f"{first.kind} {first.client} {first.channel} {first.epoch}:{first.offset}",
+        "t": round(first.t, 3),
+        "received": [
+            f"{r.t:.3f} {r.epoch}:{r.offset}" if isinstance(r, Pub) else f"{r.t:.3f} {r.kind}"
+            for r in around
+        ],
+        "faults": [f"{f.t:.3f} {f.kind} {f.detail}" for f in faults if abs(f.t - first.t) < 3],
+    }
