@@ -70,6 +70,9 @@ VERSION = __version__
 #: a reference to shared bytes or a shared publication: 8 bytes.
 MAX_HELD_PUSHES = 1024
 
+#: What a closed session holds in place of pushes: nothing, and nothing is added.
+_CLOSED: tuple[()] = ()
+
 
 class SessionOptions(NamedTuple):
     """What the protocol needs from the configuration; shared by every session."""
@@ -136,9 +139,10 @@ class ClientSession:
         self.channels: set[str] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
-        # Pushes held while connect subscribes the token's channels (None
-        # otherwise): nothing may reach the client before its connect reply.
-        self._held: list[Publication | bytes] | None = None
+        # Pushes held while connect subscribes the token's channels, since
+        # nothing may reach the client before its connect reply; _CLOSED once
+        # the session is closed; None while pushes are written at once.
+        self._held: list[Publication | bytes] | tuple[()] | None = None
 
     def __repr__(self) -> str:
         return f"<ClientSession {self.client_id or 'unconnected'}>"
@@ -150,9 +154,12 @@ class ClientSession:
         self.transport.write_payload(payload)
 
     def deliver(self, pub: Publication) -> None:
-        """The fan-out path: the pending replies first, then the shared push bytes."""
-        if self.closed:
-            return
+        """The fan-out path: the pending replies first, then the shared push bytes.
+
+        Runs once per subscriber per publication, so one test stands between a
+        connected, open session and its write: ``_held`` covers both a session
+        still connecting (the push is held) and a closed one (it is dropped).
+        """
         if self._held is not None:
             self._hold(pub)
             return
@@ -169,15 +176,17 @@ class ClientSession:
         self.send_payload(payload)
 
     def _hold(self, push: Publication | bytes) -> None:
+        """Keep a push for after the connect reply (bounded); drop it once closed."""
         held = self._held
-        assert held is not None
+        if not isinstance(held, list):
+            return
         if len(held) < MAX_HELD_PUSHES:
             held.append(push)
             return
         log_client_error(
             log, "closing %s: over %d pushes while connecting", self.client_id, MAX_HELD_PUSHES
         )
-        self._held = None
+        self._held = _CLOSED  # nothing more reaches the client, whatever the transport does
         self.close(DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
 
     def insufficient_state(self) -> None:
@@ -230,6 +239,7 @@ class ClientSession:
         """Leave every channel (the connection is gone). Idempotent."""
         self.closed = True
         self._out = None
+        self._held = _CLOSED
         self.hub.remove_client(self.credentials.user, self)
         channels, self.channels = self.channels, None
         if channels:
@@ -395,7 +405,8 @@ class ClientSession:
                 subs[channel] = sub
                 await self._join(channel, None)
         except BaseException:
-            self._held = None
+            if not self.closed:
+                self._held = None
             self._disconnect_session()
             raise
         expires, ttl = _ttl(credentials.expires)
@@ -409,8 +420,11 @@ class ClientSession:
             pong=self.options.ping_interval > 0,
         )
         self._reply(encode_reply(Reply(id=cmd_id, connect=result)))
-        held, self._held = self._held, None
-        if held and not self.closed:
+        held = self._held
+        if not isinstance(held, list):
+            return None  # closed while connecting
+        self._held = None
+        if held:
             self.flush()
             for push in held:
                 if isinstance(push, bytes):
