@@ -15,12 +15,14 @@ import uuid
 from typing import TYPE_CHECKING, Any
 
 import jwt
+import pytest
 
 from brokers_support import until
 from centrifuge_support import FakeSession
 from faults_support import HeldRedisBroker
 from test_session_faults import OPTIONS, SECRET
 from tidings.brokers.redis import RedisBroker
+from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import Hub, Publication
 
 if TYPE_CHECKING:
@@ -115,6 +117,40 @@ def test_a_push_from_another_node_follows_the_connect_reply(redis_server: RedisS
             recovered = written[0]["connect"]["subs"]["a"]
             assert [p["offset"] for p in recovered["publications"]] == [2]
             assert [m["push"]["pub"]["offset"] for m in written[1:]] == [3]
+        finally:
+            await held.close()
+            await other.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_message_lost_while_subscribing_over_redis_refuses_the_subscribe(
+    redis_server: RedisServer,
+) -> None:
+    """Offset 2 never arrives on the pub/sub link while the subscribe waits on
+    history; offset 3 does: the subscribe is refused (temporary), not live at 1."""
+
+    async def scenario() -> None:
+        held, other = await two_nodes(redis_server)
+        try:
+            hub, publisher = Hub(held), Hub(other)
+            await publisher.publish("a", b"1")
+            held.hold_history.add("a")
+            late = Recorder()
+            joining = asyncio.ensure_future(hub.subscribe("a", late))
+            await held.held_reads(1)
+            held.drop.add(("a", 2))
+            await publisher.publish("a", b"2")
+            await publisher.publish("a", b"3")
+            await until(lambda: hub.top("a").offset == 3, "offset 3 on the subscribing node")
+            held.held[0].set()
+            with pytest.raises(ProtocolError) as refused:
+                await joining
+            assert refused.value.code == ErrorCode.INTERNAL
+            assert hub.num_channels == 0
+            held.hold_history.clear()
+            retry = await hub.subscribe("a", late)
+            assert retry.position.offset == 3
         finally:
             await held.close()
             await other.close()

@@ -142,3 +142,29 @@ def test_a_connect_timing_out_on_the_broker_leaves_nothing_behind() -> None:
         assert hub.num_channels == 2
 
     asyncio.run(scenario())
+
+
+def test_a_subscribe_refused_by_a_skip_answers_a_temporary_error_and_can_be_retried() -> None:
+    async def scenario() -> None:
+        broker = FaultyBroker()
+        hub = Hub(broker)
+        s = FakeSession(hub, OPTIONS)
+        assert await s.send({"id": 1, "connect": {"token": token([])}}) is None
+        await hub.publish("room", b"1")
+        broker.hold_history.add("room")
+        subscribing = asyncio.ensure_future(s.send({"id": 2, "subscribe": {"channel": "room"}}))
+        await broker.held_reads(1)
+        broker.drop.add(("room", 2))
+        await hub.publish("room", b"2")
+        await hub.publish("room", b"3")
+        broker.held[0].set()
+        assert await subscribing is None
+        (refused,) = messages(s)[1:]
+        assert refused["id"] == 2
+        assert refused["error"]["code"] == ErrorCode.INTERNAL and refused["error"]["temporary"]
+        assert s.channels == set() and hub.num_channels == 0
+        broker.hold_history.clear()
+        assert await s.send({"id": 3, "subscribe": {"channel": "room"}}) is None
+        assert messages(s)[-1]["subscribe"]["offset"] == 3
+
+    asyncio.run(scenario())
