@@ -78,42 +78,114 @@ def test_positions_are_node_local_and_history_is_refused(nats_server: NatsServer
     run(nats_server, body, nodes=2)
 
 
-def test_disconnect_starts_a_new_epoch(nats_server: NatsServer) -> None:
-    class Sub:
-        def __init__(self) -> None:
-            self.got: list[Publication] = []
-            self.resyncs = 0
+class Recorder:
+    """A hub subscriber that notes what it was given and each resync."""
 
-        def deliver(self, pub: Publication) -> None:
-            self.got.append(pub)
+    def __init__(self) -> None:
+        self.got: list[Publication] = []
+        self.resyncs = 0
 
-        def insufficient_state(self) -> None:
-            self.resyncs += 1
+    def deliver(self, pub: Publication) -> None:
+        self.got.append(pub)
+
+    def insufficient_state(self) -> None:
+        self.resyncs += 1
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
+
+def test_disconnect_starts_a_new_epoch_and_subscribers_resync_at_once(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """What is published while the link is down never arrives: the subscriber
+    is told when the link drops, with no later publication needed to show the
+    hole, and a resume from before it is not recovered. One WARNING for the event."""
 
     async def body(a: Node, b: Node) -> None:
         hub = Hub(a.broker)
-        sub = Sub()
+        sub = Recorder()
         await hub.subscribe("d", sub)
         await b.broker.publish("d", b"1", history=DEFAULT_HISTORY)
         await until(lambda: len(sub.got) == 1, "first publication")
         before = sub.got[0].position
         nats_server.stop()
-        await until(lambda: not a.broker.healthy, "a unhealthy")
+        await until(lambda: sub.resyncs == 1, "resync when the link drops")
+        assert not a.broker.healthy and len(sub.got) == 1
         with pytest.raises(ProtocolError):
             await b.broker.publish("d", b"lost", history=DEFAULT_HISTORY)
         nats_server.start()
         await until(lambda: a.broker.healthy and b.broker.healthy, "both reconnected")
-        await b.broker.publish("d", b"2", history=DEFAULT_HISTORY)
-        # The new epoch's publication does not continue the old stream: the hub
-        # makes the subscriber resync instead of handing it over as if gapless.
-        await until(lambda: sub.resyncs == 1, "resync after reconnect")
-        assert len(sub.got) == 1
-        assert hub.top("d").epoch != before.epoch
         # A client at the position from before the outage is not recovered.
         rec = await hub.recover("d", before)
-        assert not rec.recovered
+        assert not rec.recovered and rec.position.epoch != before.epoch
+        # The new epoch continues from its start: delivered, not a second resync.
+        await b.broker.publish("d", b"2", history=DEFAULT_HISTORY)
+        await until(lambda: len(sub.got) == 2, "the publication after the reconnect")
+        assert sub.got[1].position == Position(rec.position.epoch, 1)
+        assert sub.resyncs == 1
 
-    run(nats_server, body, nodes=2)
+    with caplog.at_level("INFO", logger="tidings.brokers.nats"):
+        run(nats_server, body, nodes=2)
+    lost = [r for r in caplog.records if "lost the nats connection" in r.getMessage()]
+    # Each node lost the link once: one WARNING each, without a traceback.
+    assert len(lost) == 2, caplog.text
+    assert all(r.levelname == "WARNING" and r.exc_info is None for r in lost)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def test_a_slow_consumer_restarts_the_channel_once_per_burst_never_a_silent_gap(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py drops what arrives while a subscription holds ``pending_limit``
+    messages. A burst far past it: the subscriber resyncs, a resume from before
+    the burst is not recovered, every delivery continues its epoch without a
+    hole, and the WARNINGs count events (a restart needs a delivery since the
+    last one), not dropped messages."""
+    burst = 400
+
+    async def body(a: Node, b: Node) -> None:
+        hub = Hub(a.broker)
+        sub = Recorder()
+        await hub.subscribe("s", sub)
+        await b.broker.publish("s", b"0", history=DEFAULT_HISTORY)
+        await until(lambda: len(sub.got) == 1, "the publication before the burst")
+        before = sub.got[0].position
+        nc = a.broker._nc
+        assert nc is not None
+        received = nc.stats["in_msgs"]
+        # nats-py buffers these and writes them out together: they reach the
+        # other node faster than its subscription hands them over.
+        for n in range(burst):
+            await b.broker.publish("s", str(n).encode(), history=DEFAULT_HISTORY)
+        await until(lambda: nc.stats["in_msgs"] == received + burst, "the burst at node a")
+        await until(lambda: not a.broker._streams["s"].sub.pending_msgs, "the queue drained")
+        assert sub.resyncs >= 1
+        delivered = sub.got[1:]
+        assert len(delivered) < burst  # some were dropped: the test made a slow consumer
+        restarts = sub.resyncs
+        assert restarts <= len(delivered) + 1
+        # No hole inside an epoch: each epoch's offsets run 1, 2, 3, ...
+        by_epoch: dict[str, list[int]] = {}
+        for pub in delivered:
+            by_epoch.setdefault(pub.epoch, []).append(pub.offset)
+        assert before.epoch not in by_epoch
+        assert all(offs == list(range(1, len(offs) + 1)) for offs in by_epoch.values())
+        rec = await hub.recover("s", before)
+        assert not rec.recovered
+        log_restarts = [r for r in caplog.records if "slow consumer" in r.getMessage()]
+        assert len(log_restarts) == restarts, caplog.text
+        assert burst - len(delivered) > restarts  # drops are told per event, not per message
+
+    with caplog.at_level("INFO", logger="tidings.brokers.nats"):
+        run_nodes(
+            lambda: nats_node(nats_server.url, pending_limit=2),
+            body,
+            nodes=2,
+        )
+    warned = [r for r in caplog.records if "slow consumer" in r.getMessage()]
+    assert warned and all(r.levelname == "WARNING" and r.exc_info is None for r in warned)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
 def test_subscribe_without_nats_is_a_clear_error(nats_server: NatsServer) -> None:
@@ -143,6 +215,8 @@ def test_bad_prefix_is_refused() -> None:
         NatsBroker("nats://127.0.0.1:1", prefix="a b")
     with pytest.raises(ValueError):
         NatsBroker("nats://127.0.0.1:1", prefix="a..b")
+    with pytest.raises(ValueError):
+        NatsBroker("nats://127.0.0.1:1", pending_limit=0)
 
 
 def test_closing_the_broker_is_not_reported_as_a_lost_connection(

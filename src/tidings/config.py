@@ -159,6 +159,9 @@ class BrokerConfig(_Section):
     type: Literal["memory", "redis", "nats"] = "memory"
     redis_url: str = "redis://127.0.0.1:6379/0"
     nats_url: str = "nats://127.0.0.1:4222"
+    #: Messages of one channel that may wait in a node before NATS drops more
+    #: (a slow consumer: the channel restarts and its subscribers resync).
+    nats_pending_limit: Annotated[int, Meta(ge=1)] = 512 * 1024
     #: Prefix of every key and subject, so several deployments can share a broker.
     prefix: str = "tidings"
     #: Seconds a presence entry outlives the last refresh of its node (Redis):

@@ -170,6 +170,7 @@ class Hub:
         self._users: dict[str, set[Client]] = {}
         broker.bind(self._deliver)
         broker.bind_presence(self._deliver_presence)
+        broker.bind_restarted(self._restarted)
 
     @property
     def broker(self) -> Broker:
@@ -240,6 +241,21 @@ class Hub:
                 subscriber.deliver(pub)
             except Exception:
                 log.exception("subscriber %r failed to take %r", subscriber, pub)
+
+    def _restarted(self, channel: str, position: Position) -> None:
+        """The broker lost part of the channel's stream on this node, which
+        restarts at ``position`` (a new epoch): a skip that no publication
+        shows, answered as one. The broker has logged it, once per event.
+
+        A subscribe waiting on the broker meanwhile is not told: a broker that
+        calls this reads positions without awaiting (NATS does), so the
+        position it goes live at is read after the restart, never before it.
+        """
+        state = self._channels.get(channel)
+        if state is None:
+            return
+        state.top = position
+        self._lost_state(state)
 
     @staticmethod
     def _lost_state(state: _Channel) -> None:

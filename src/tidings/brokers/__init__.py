@@ -31,7 +31,11 @@ def make_broker(config: Config) -> Broker:
     if kind == "nats":
         from .nats import NatsBroker  # type: ignore[import-not-found, unused-ignore]
 
-        broker = NatsBroker(config.broker.nats_url, prefix=config.broker.prefix)
+        broker = NatsBroker(
+            config.broker.nats_url,
+            prefix=config.broker.prefix,
+            pending_limit=config.broker.nats_pending_limit,
+        )
         return broker
     return MemoryBroker(
         meta_ttl=history.meta_ttl,

@@ -22,6 +22,7 @@ from ..stream import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publica
 
 Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]
+Restarted = Callable[[str, Position], None]
 
 
 def unavailable(cause: object) -> ProtocolError:
@@ -34,6 +35,7 @@ class Broker(ABC):
 
     _deliver: Deliver | None = None
     _deliver_presence: DeliverPresence | None = None
+    _restarted: Restarted | None = None
 
     def bind(self, deliver: Deliver) -> None:
         """Register the node's fan-out; called once by the hub."""
@@ -42,6 +44,17 @@ class Broker(ABC):
     def bind_presence(self, deliver: DeliverPresence) -> None:
         """Register the node's join/leave fan-out; called once by the hub."""
         self._deliver_presence = deliver
+
+    def bind_restarted(self, restarted: Restarted) -> None:
+        """Register the node's answer to a channel whose stream restarted; called once by the hub.
+
+        A broker that can lose publications on their way to this node with no
+        later publication to show it (NATS core: a slow consumer, a lost
+        connection) calls ``restarted(channel, position)`` when it starts the
+        channel's new epoch at ``position``, so that subscribers resync at once
+        instead of at the next publication, or never.
+        """
+        self._restarted = restarted
 
     async def start(self) -> None:
         """Connect and start background work; the default has none."""

@@ -10,13 +10,27 @@ fan-out only (notifications, live dashboards) and already run NATS:
 * Each node numbers the publications of a channel as they reach it, under an
   epoch of its own: positions are meaningful on that node only. A client that
   resumes on another node, or after the node lost its subscription (no
-  subscribers left, or a NATS disconnect, which starts a new epoch for every
-  channel), is told "not recovered" — never handed a silent gap. A client that
-  resumes on the same node having missed nothing is recovered.
+  subscribers left), is told "not recovered" — never handed a silent gap. A
+  client that resumes on the same node having missed nothing is recovered.
 * The publish result has no position (offset 0, empty epoch), as Centrifugo
   answers for channels without history.
 * Reading history (the server API's ``history``, the WebSocket ``history``
   command) is refused with ``NOT_AVAILABLE`` (code 108).
+
+NATS core also drops messages on their way to a node: nats-py discards what
+arrives while a subscription already holds ``pending_limit`` messages (a slow
+consumer), and whatever is published while the connection is down never
+arrives. Numbering on arrival would close such a hole without a trace and
+tell clients "recovered" across it. Of the two honest answers — JetStream,
+whose stream sequence would give real offsets and history, or telling
+subscribers plainly — this broker does the second: each loss is detected
+(nats-py's slow-consumer error, its disconnected callback) and restarts the
+affected channels (the one whose subscription dropped; every channel on a
+disconnect) at a new epoch. The hub is told at once
+(:meth:`~tidings.brokers.base.Broker.bind_restarted`) and makes their
+subscribers resync, and a resume from before the loss is "not recovered". One
+WARNING per event, not per message. JetStream is the way to real history with
+NATS; ``docs/deployment.md`` says what it would take.
 
 Reconnection is nats-py's (forever, with a short wait); ``healthy`` follows
 the connection. For history and recovery across nodes, use the Redis broker.
@@ -37,6 +51,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
+from nats.errors import SlowConsumerError
 
 from ..errors import ErrorCode, ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
@@ -47,16 +62,38 @@ __all__ = ["NatsBroker"]
 
 log = logging.getLogger(__name__)
 
+#: nats-py's own default: messages of one subscription held before it drops more.
+DEFAULT_PENDING_LIMIT = 512 * 1024
+
 
 class _Stream:
     """This node's numbering of one channel."""
 
-    __slots__ = ("epoch", "offset", "sub")
+    __slots__ = ("epoch", "offset", "seen", "sub")
 
     def __init__(self) -> None:
         self.epoch = secrets.token_urlsafe(6)
         self.offset = 0
+        # Whether anyone may hold a position in this epoch: a publication was
+        # numbered in it, or its position was read (a subscribe, a recovery).
+        self.seen = False
         self.sub: Subscription | None = None
+
+    def restart(self) -> bool:
+        """Start a new epoch after a loss; False when the current one was never
+        seen, so that no position in it can hide the loss and the previous
+        restart's signal still holds (a burst of drops is one event)."""
+        if not self.seen:
+            return False
+        self.epoch = secrets.token_urlsafe(6)
+        self.offset = 0
+        self.seen = False
+        return True
+
+    def read(self) -> Position:
+        """The current position, which its reader may now hold."""
+        self.seen = True
+        return Position(self.epoch, self.offset)
 
 
 class NatsBroker(Broker):
@@ -69,13 +106,19 @@ class NatsBroker(Broker):
         prefix: str = "tidings",
         subscribe_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
+        pending_limit: int = DEFAULT_PENDING_LIMIT,
     ) -> None:
+        """``pending_limit`` is how many messages of one channel may wait in this
+        node before nats-py drops more (a slow consumer, which restarts the channel)."""
+        if pending_limit < 1:
+            raise ValueError(f"broker.nats_pending_limit must be at least 1, not {pending_limit}")
         if not prefix or any(c in prefix for c in " \t\r\n*>") or ".." in f".{prefix}.":
             raise ValueError(f"broker.prefix {prefix!r} is not a valid NATS subject prefix")
         self._url = url
         self._prefix = prefix
         self._subscribe_timeout = subscribe_timeout
         self._reconnect_wait = reconnect_wait
+        self._pending_limit = pending_limit
         self._nc: NATS | None = None
         self._streams: dict[str, _Stream] = {}
         self._connector: asyncio.Task[None] | None = None
@@ -144,12 +187,22 @@ class NatsBroker(Broker):
         self._live = False
         if self._closing:
             return  # our own close(), not a lost connection
-        log.warning("lost the nats connection; reconnecting")
-        # What is published while we are away never reaches us: a new epoch for
-        # every channel makes clients that resume from before it "not recovered".
-        for stream in self._streams.values():
-            stream.epoch = secrets.token_urlsafe(6)
-            stream.offset = 0
+        # What is published while we are away never reaches us: every channel restarts.
+        restarted = [channel for channel, stream in self._streams.items() if stream.restart()]
+        log.warning(
+            "lost the nats connection; reconnecting. Publications meanwhile are lost "
+            "to this node: %d channels start a new epoch, their subscribers resync",
+            len(restarted),
+        )
+        self._tell_restarted(restarted)
+
+    def _tell_restarted(self, channels: list[str]) -> None:
+        if self._restarted is None:
+            return
+        for channel in channels:
+            stream = self._streams.get(channel)
+            if stream is not None:
+                self._restarted(channel, Position(stream.epoch, stream.offset))
 
     async def _on_reconnected(self) -> None:
         task = asyncio.get_running_loop().create_task(self._confirm_resubscribed())
@@ -170,7 +223,35 @@ class NatsBroker(Broker):
         log.info("reconnected to nats; %d channels resubscribed", len(self._streams))
 
     async def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, SlowConsumerError):
+            self._dropped(exc)
+            return
+        # Connection errors are followed by the disconnected callback, which
+        # says what matters; each failed reconnect attempt would repeat them.
         log.debug("nats: %s", exc)
+
+    def _dropped(self, exc: SlowConsumerError) -> None:
+        """nats-py dropped a message of a subscription that held ``pending_limit``:
+        the channel restarts, unless this burst of drops was already told."""
+        channel = self._channel_of(exc.subject)
+        stream = None if channel is None else self._streams.get(channel)
+        if channel is None or stream is None or stream.sub is not exc.sub:
+            return  # a subscription we have dropped meanwhile
+        if stream.restart():
+            log.warning(
+                "nats dropped messages of %s on this node (slow consumer: %d waiting): "
+                "it starts a new epoch, its subscribers resync",
+                channel,
+                self._pending_limit,
+            )
+            self._tell_restarted([channel])
+
+    def _channel_of(self, subject: str) -> str | None:
+        token = subject.removeprefix(f"{self._prefix}.")
+        try:
+            return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        except ValueError:
+            return None
 
     # -- publishing and reading --------------------------------------------
 
@@ -203,7 +284,7 @@ class NatsBroker(Broker):
         reverse: bool = False,
     ) -> tuple[list[Publication], Position]:
         stream = self._streams.get(channel)
-        top = EMPTY if stream is None else Position(stream.epoch, stream.offset)
+        top = EMPTY if stream is None else stream.read()
         if since is None and limit != 0:
             raise ProtocolError(
                 ErrorCode.NOT_AVAILABLE, "history is not available with the nats broker"
@@ -226,7 +307,9 @@ class NatsBroker(Broker):
             async def on_message(msg: Msg) -> None:
                 self._on_message(channel, stream, msg)
 
-            stream.sub = await nc.subscribe(self._subject(channel), cb=on_message)
+            stream.sub = await nc.subscribe(
+                self._subject(channel), cb=on_message, pending_msgs_limit=self._pending_limit
+            )
         try:
             await self._server_has_our_commands(nc)
         except (NatsError, OSError) as exc:
@@ -269,5 +352,6 @@ class NatsBroker(Broker):
             log.warning("dropped a malformed message on %s: %s", msg.subject, exc)
             return
         stream.offset += 1
+        stream.seen = True
         if self._deliver is not None:
             self._deliver(pub)
