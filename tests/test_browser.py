@@ -10,6 +10,7 @@ not set; under ``CI=true`` they must run.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ import pytest
 
 from browser_support import Proxy, launch_browser
 from conftest import ServerProcess, free_port
-from helpers import api, publish, unique_channel
+from helpers import SSEClient, api, publish, unique_channel
 
 pytestmark = pytest.mark.browser
 
@@ -349,3 +350,67 @@ def test_demo_is_off_by_default(server: ServerProcess) -> None:
     assert js.status_code == 200
     assert js.headers["content-type"].startswith("application/javascript")
     assert b"export class Tidings" in js.content
+
+
+def test_at_capacity_the_client_waits_retry_after_and_does_not_fall_back(
+    page: Any, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """A server at limits.max_connections refuses the WebSocket handshake with 503 and
+    Retry-After: 5. The browser hides that status, so tidings.js asks /health, gets the
+    same 503, and waits at least 5 s (its own back-off here would be at most 1 s) instead
+    of falling back to SSE; once a slot frees, it connects over WebSocket."""
+    import httpx
+
+    cap = 3
+    srv = server_factory(f"[limits]\nmax_connections = {cap}\n[timeouts]\nkeepalive = 1.0\n")
+    ch = unique_channel("br-capacity-")
+    page.goto(srv.url + "/health")
+    # Count the page's WebSocket attempts, with the time of each.
+    page.evaluate(
+        """async () => {
+      await import('/tidings.js');
+      window.attempts = [];
+      const Native = window.WebSocket;
+      window.WebSocket = function (...args) {
+        window.attempts.push(performance.now());
+        return new Native(...args);
+      };
+    }"""
+    )
+
+    def only_the_probe_connected() -> bool:
+        # The browser's keep-alive connection is closed after 1 s; the probe is the one left.
+        return bool(api(srv, "info").json()["result"]["nodes"][0]["num_clients"] == 1)
+
+    deadline = time.monotonic() + 10
+    while not only_the_probe_connected():
+        assert time.monotonic() < deadline, "the browser's connections were not closed"
+        time.sleep(0.1)
+    streams: list[SSEClient] = []
+    try:
+        while len(streams) < cap:  # fill the server (a probe's slot may still be held: retry)
+            assert time.monotonic() < deadline + 10, f"only {len(streams)} streams admitted"
+            stream = SSEClient(srv, [unique_channel("filler-")])
+            if stream.response.status_code == 200:
+                streams.append(stream)
+            else:
+                stream.close()
+        assert httpx.get(srv.url + "/health").status_code == 503
+
+        page.evaluate(
+            SETUP, {"channels": [ch], "options": FAST, "transports": ["websocket", "sse"]}
+        )
+        page.wait_for_function("() => window.attempts.length >= 2")
+        attempts = page.evaluate("() => window.attempts")
+        assert attempts[1] - attempts[0] >= 5000, attempts  # Retry-After, not the back-off
+        assert page.evaluate("() => window.sub.state") == "connecting"
+
+        streams.pop().close()  # a slot for the page
+        streams.pop().close()  # and one for the publisher
+        wait_connected(page, "websocket")
+        publish(srv, ch, "after the wait")
+        assert data_of(wait_got(page, 1)) == ["after the wait"]
+        assert page.evaluate("() => window.seen") == ["websocket"]
+    finally:
+        for stream in streams:
+            stream.close()

@@ -14,6 +14,11 @@
 // while the server answers /health is considered blocked and the next one is tried; the
 // per-channel position (epoch, offset) is carried over, so nothing is missed within the
 // server's history window, and a channel that cannot be recovered is reported.
+//
+// Back-off: a server at capacity answers 503 with Retry-After (a WebSocket handshake too,
+// whose status a browser hides; /health then says the same). The client waits that long,
+// times 1 to 1.5 so that refused clients do not all come back at once, and does not take
+// the refusal for a blocked transport. Other failures back off exponentially with jitter.
 
 const ALL_TRANSPORTS = ["websocket", "sse", "longpoll", "poll"];
 const TERMINAL = (code) => (code >= 3500 && code < 4000) || (code >= 4500 && code < 5000);
@@ -98,17 +103,38 @@ export function backoff(attempt, min, max) {
   return ceiling / 2 + Math.random() * (ceiling / 2);
 }
 
+/** Seconds a Retry-After header asks for (delay-seconds or an HTTP date); null without one. */
+export function parseRetryAfter(value) {
+  if (value === null || value === undefined || value === "") return null;
+  const seconds = Number(value);
+  if (Number.isFinite(seconds)) return Math.max(0, seconds);
+  const at = Date.parse(value);
+  return Number.isNaN(at) ? null : Math.max(0, (at - Date.now()) / 1000);
+}
+
+/** The delay (ms) after a refusal with Retry-After: at least what the server asked, plus jitter. */
+export function retryAfterDelay(seconds) {
+  return seconds * 1000 * (1 + Math.random() / 2);
+}
+
 class TidingsError extends Error {
-  constructor(code, message, temporary = false) {
+  constructor(code, message, temporary = false, retryAfter = null) {
     super(message || `error ${code}`);
     this.code = code;
     this.temporary = temporary;
+    this.retryAfter = retryAfter; // seconds the server asked us to wait (503), or null
   }
 }
 export { TidingsError };
 
-// An attempt that ends this way was never established: maybe the transport is blocked.
-class NotEstablished extends Error {}
+// An attempt that ends this way was never established: maybe the transport is blocked,
+// unless the server said when to come back (retryAfter, seconds).
+class NotEstablished extends Error {
+  constructor(message, retryAfter = null) {
+    super(message);
+    this.retryAfter = retryAfter;
+  }
+}
 // The server said stop (terminal disconnect code or permanent refusal).
 class Terminal extends Error {
   constructor(code, reason) {
@@ -158,14 +184,19 @@ export class Tidings {
 
   /** Does the server answer? Tells a blocked transport from a server that is down. */
   async healthy() {
+    return (await this.health()).ok;
+  }
+
+  /** {ok, retryAfter}: whether /health answers 200, and the seconds a 503 asks us to wait. */
+  async health() {
     try {
       const ctl = new AbortController();
       const t = setTimeout(() => ctl.abort(), this.options.requestTimeout);
       const resp = await fetch(this.urls.health, { cache: "no-store", signal: ctl.signal });
       clearTimeout(t);
-      return resp.ok;
+      return { ok: resp.ok, retryAfter: parseRetryAfter(resp.headers.get("Retry-After")) };
     } catch (e) {
-      return false;
+      return { ok: false, retryAfter: null };
     }
   }
 
@@ -309,6 +340,7 @@ class Subscription {
     const signal = this._abort.signal;
     let failures = 0;
     while (!signal.aborted) {
+      let retryAfter = null; // seconds, when the server said when to come back
       const name = this.transports[this._index];
       const Session = SESSIONS[name];
       const session = new Session(this);
@@ -332,13 +364,16 @@ class Subscription {
           return;
         }
         client._log(name, "ended:", err && err.message);
-        if (!established && !signal.aborted && !session.closedByUs) {
-          // Never established: blocked transport, or the server is down?
-          if (this._index < this.transports.length - 1 && (await client.healthy())) {
+        retryAfter = (err && err.retryAfter) || null;
+        if (!established && !signal.aborted && !session.closedByUs && retryAfter === null) {
+          // Never established: blocked transport, the server down, or at capacity?
+          const health = await client.health();
+          if (health.ok && this._index < this.transports.length - 1) {
             client._log(name, "cannot be established while the server answers: falling back");
             this._index += 1;
             continue;
           }
+          retryAfter = health.retryAfter;
         }
         if (err && !(err instanceof NotEstablished)) this._emit("onError", err);
       } finally {
@@ -347,7 +382,8 @@ class Subscription {
       if (signal.aborted) break;
       if (session.closedByUs) continue; // useTransport(): switch at once
       this._setState("connecting");
-      const delay = established ? backoff(0, o.minBackoff, o.maxBackoff) : backoff(failures, o.minBackoff, o.maxBackoff);
+      let delay = established ? backoff(0, o.minBackoff, o.maxBackoff) : backoff(failures, o.minBackoff, o.maxBackoff);
+      if (retryAfter !== null) delay = Math.max(delay, retryAfterDelay(retryAfter));
       failures += 1;
       await sleep(delay, signal);
     }
@@ -759,7 +795,8 @@ class PollSession {
           throw new TidingsError(109, "token expired", true);
         }
         if (resp.status === 401 || resp.status === 403) throw new Terminal(err.code || resp.status, err.message);
-        throw new TidingsError(err.code || resp.status, err.message || `HTTP ${resp.status}`);
+        const retryAfter = resp.status === 503 ? parseRetryAfter(resp.headers.get("Retry-After")) : null;
+        throw new TidingsError(err.code || resp.status, err.message || `HTTP ${resp.status}`, retryAfter !== null, retryAfter);
       }
       return body;
     } finally {
@@ -779,7 +816,7 @@ class PollSession {
       } catch (e) {
         if (this.closedByUs) return;
         if (e instanceof Terminal) throw e;
-        throw established ? e : new NotEstablished(e.message);
+        throw established ? e : new NotEstablished(e.message, e.retryAfter || null);
       }
       if (!established) {
         established = true;
