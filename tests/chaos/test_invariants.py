@@ -121,3 +121,16 @@ def test_attribute() -> None:
         "cut",
         "redis_wipe",
     ]
+
+
+def test_signal_excuses_an_epoch_never_seen() -> None:
+    # A node restarted twice while the client was away: epoch B lived and went.
+    records = [*pubs("A", 1), Signal(1.5, "sse-unrecovered"), *pubs("C", 2)]
+    v = verdict(records, [*acks("A", 1), *acks("B", 1, 2), *acks("C", 1, 2)])
+    assert kinds(v) == [] and v.excused == 3
+
+
+def test_an_epoch_never_seen_without_signal_is_lost() -> None:
+    records = [*pubs("A", 1), *pubs("C", 1)]
+    v = verdict(records, [*acks("A", 1), *acks("B", 1), *acks("C", 1)])
+    assert kinds(v) == [("silent_epoch_change", 1), ("lost", 1)]
