@@ -213,7 +213,7 @@ def test_thousands_of_idle_connections_past_the_cap(server_factory):
     srv = server_factory(config(CAP))
     assert wait_for(lambda: served(srv), 5)
     base_fds, base_rss = fds(srv), rss_kib(srv)
-    max_refusals = max(16, CAP // 16)  # Connections.max_refusals
+    max_refusals = max(16, CAP // 64)  # Connections.max_refusals
     flood: list[socket.socket] = []
     try:
         with admitted(srv, CAP) as conns:

@@ -53,7 +53,7 @@ class LimitsConfig(_Section):
     #: Connections of every kind this process holds at once (HTTP keep-alive, held
     #: polls, SSE streams, WebSockets); past it a new one is answered 503 with
     #: Retry-After. Unset: the RLIMIT_NOFILE soft limit minus a reserve of an
-    #: eighth of it, at least 64 (tidings.connections.default_max_connections);
+    #: 32nd of it, at least 64 (tidings.connections.default_max_connections);
     #: 0: no cap, only the file limit.
     max_connections: Annotated[int, Meta(ge=0)] | None = None
 

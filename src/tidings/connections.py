@@ -43,11 +43,11 @@ log = logging.getLogger(__name__)
 RETRY_AFTER = 5
 
 #: File descriptors kept back from the ``RLIMIT_NOFILE`` soft limit when
-#: ``limits.max_connections`` is left unset: an eighth of the limit, at least 64.
+#: ``limits.max_connections`` is left unset: a 32nd of the limit, at least 64.
 #: They hold the listening sockets, the event loop's own (epoll, wake-up pipe),
 #: broker connections (Redis pool and pub/sub, NATS), log files, and the
-#: connections being refused (at most a sixteenth of the cap, see ``admit``).
-_RESERVE_FRACTION = 8
+#: connections being refused (at most a 64th of the cap, see ``admit``).
+_RESERVE_FRACTION = 32
 _RESERVE_MIN = 64
 
 #: One line per interval about refusals, however many there are: a flood of
@@ -103,8 +103,8 @@ class Connections:
         self._refused: set[Connection] = set()
         #: Live connections allowed at once; 0: no cap (the file limit still holds).
         self.max_connections = max_connections
-        #: Refusals in flight allowed at once: a sixteenth of the cap, at least 16.
-        self.max_refusals = max(16, max_connections // 16)
+        #: Refusals in flight allowed at once: a 64th of the cap, at least 16.
+        self.max_refusals = max(16, max_connections // 64)
         #: Set once by :meth:`shutdown`: answer, then close; accept nothing new.
         self.stopping = False
 
