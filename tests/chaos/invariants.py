@@ -199,8 +199,8 @@ class Report:
     by_fault: dict[str, Counter[str]]
     violations: list[Violation]
     notes: list[str] = field(default_factory=list)
-    #: For the first violations of each client and channel: what that client received
-    #: around it (for diagnosis in the JSON file).
+    #: For the first violation of each kind of each client and channel: what that
+    #: client received around it (for diagnosis in the JSON file).
     contexts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -305,8 +305,10 @@ def check(
                 row[v.kind] += 1
                 by_fault[attribute(faults, v.t)][v.kind] += 1
             violations += verdict.violations
-            if verdict.violations and len(contexts) < MAX_CONTEXTS:
-                contexts.append(_context(verdict.violations[0], records, faults))
+            firsts = {v.kind: v for v in reversed(verdict.violations)}
+            for first in firsts.values():
+                if len(contexts) < MAX_CONTEXTS:
+                    contexts.append(_context(first, records, faults))
     report = Report(
         duration, list(faults), len(acks), publish_failures, dict(rows), dict(by_fault), violations
     )
