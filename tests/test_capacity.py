@@ -28,6 +28,8 @@ from websockets.exceptions import InvalidStatus
 
 from conftest import ServerProcess
 from helpers import RawConn, request_bytes, rss_kib
+from tidings import connections as registry
+from tidings.connections import Admission, Connections
 
 #: Seconds a refused connection may take, from accept to close: its request
 #: head within the server's ``_LINGER`` (2 s), then 2 s of lingering.
@@ -116,6 +118,46 @@ def assert_capacity_answer(status: int, headers: httpx.Headers, body: bytes) -> 
 
 def log_lines(srv: ServerProcess, text: str) -> list[str]:
     return [line for line in srv.logs().splitlines() if text in line]
+
+
+# --------------------------------------------------------------------------- the rule
+
+
+class _Conn:
+    def shutdown(self) -> None:
+        pass
+
+
+def test_admission_counts_every_kind_and_bounds_refusals():
+    """Unit: the cap counts connections lent through ``include`` (SSE streams) too; past
+    it connections are refused, past ``max_refusals`` dropped; a departure frees a slot."""
+    connections = Connections(max_connections=2)
+    streams: set[_Conn] = set()
+    connections.include(streams)
+    first = _Conn()
+    assert connections.admit(first) is Admission.ADMITTED
+    streams.add(_Conn())
+    refused = _Conn()
+    assert connections.admit(refused) is Admission.REFUSED
+    assert connections.refused(refused) and len(connections) == 2
+    for _ in range(connections.max_refusals - 1):
+        assert connections.admit(_Conn()) is Admission.REFUSED
+    assert connections.admit(_Conn()) is Admission.DROPPED
+    connections.discard(refused)
+    assert not connections.refused(refused)
+    connections.discard(first)
+    assert connections.admit(_Conn()) is Admission.ADMITTED
+    assert Connections(0).admit(_Conn()) is Admission.ADMITTED  # 0: no cap
+
+
+@pytest.mark.parametrize(
+    ("soft", "cap"),
+    [(64, 1), (1024, 960), (20_000, 19_375), (65_536, 63_488), (resource.RLIM_INFINITY, 0)],
+)
+def test_default_cap_is_the_file_limit_minus_a_reserve(monkeypatch, soft, cap):
+    """Unit: the figures docs/configuration.md gives for an unset limits.max_connections."""
+    monkeypatch.setattr(registry.resource, "getrlimit", lambda _which: (soft, soft))
+    assert registry.default_max_connections() == cap
 
 
 # --------------------------------------------------------------------------- the 503
