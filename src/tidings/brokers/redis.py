@@ -28,17 +28,26 @@ reads with the old epoch return nothing, and the hub answers "not recovered".
 
 Fan-out uses one dedicated pub/sub connection per node
 (:class:`~tidings.brokers.redis_pubsub.RedisPubSub`, which owns subscribing,
-reading and reconnecting). When it breaks, it reconnects with exponential
-backoff and resubscribes every channel the node has subscribers for; then
-this broker fills the hole in its live stream from history
-(:meth:`RedisBroker._catch_up`): for each channel it reads what came after the
-last publication it delivered and delivers it in order (the hub drops
-duplicates by offset). If Redis lost the channel (new epoch), the node
-delivers the new epoch's history from its start when history still holds all
-of it; when history does not reach (more was published during the outage
-than history keeps), nothing is delivered for the hole and a WARNING says so —
-a client that resumes with its position is then told "not recovered", never
-handed a silent gap.
+reading and reconnecting). When it breaks, every channel this node delivered
+something on is *held*: its live publications are kept back, in order, until
+its hole is filled. The link reconnects with exponential backoff and
+resubscribes every channel; then this broker fills the holes from history
+(:meth:`RedisBroker._catch_up`) while the link keeps being read: it reads, in
+pipelined batches, what each channel published after the last publication
+delivered here, delivers it, then what was held back (the hub drops
+duplicates by offset), and releases the channel. So the hub sees every
+channel's offsets in order, and a channel with no delivery yet (its first
+subscribe still in flight) is not caught up at all: its subscriber's own
+history read comes after the resubscribe.
+
+If Redis lost the channel (new epoch), the node delivers the new epoch's
+history from its start when history still holds all of it. When history does
+not reach (more was published during the outage than history keeps), when
+more than ``hold_limit`` publications arrive for one channel before its
+catch-up, or when the catch-up cannot read Redis, the hub is told the stream
+restarted (``bind_restarted``): subscribers resync at once and learn from
+their own resume what was recovered — never a silent gap, never a replay of
+what this node already delivered.
 """
 
 from __future__ import annotations
@@ -98,6 +107,10 @@ return {tonumber(redis.call('HGET', KEYS[1], 'o') or '0'), epoch}
 """
 
 
+#: redis-py's socket timeout for commands: a command has an answer or an error by then.
+_COMMAND_TIMEOUT = 10.0
+
+
 def _new_epoch() -> str:
     return secrets.token_urlsafe(6)
 
@@ -127,6 +140,8 @@ class RedisBroker(Broker):
         ping_interval: float = 5.0,
         max_backoff: float = 5.0,
         presence_ttl: float = 60.0,
+        hold_limit: int = 1000,
+        catch_up_batch: int = 500,
     ) -> None:
         self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
         # This node's present clients: (channel, client) -> ClientInfo JSON.
@@ -134,26 +149,40 @@ class RedisBroker(Broker):
         self._url = url
         self._prefix = prefix
         self._meta_ttl_ms = max(1, int(meta_ttl * 1000))
-        no_retry = Retry(NoBackoff(), 0)
-        self._redis: aioredis.Redis = aioredis.Redis.from_url(
-            url, socket_timeout=10, socket_connect_timeout=5, retry=no_retry
-        )
-        self._publish_script = self._redis.register_script(_PUBLISH)
-        self._ensure_script = self._redis.register_script(_ENSURE)
-        self._presence_script = self._redis.register_script(_PRESENCE)
+        self._redis = self._command_client()
+        #: Command clients replaced after a pub/sub loss, closed once idle.
+        self._retiring: set[asyncio.Task[None]] = set()
         self._pubsub = RedisPubSub(
             url,
             on_message=self._on_message,
             on_resubscribed=self._catch_up,
-            on_lost=self._drop_idle_connections,
+            on_lost=self._hold_all,
             subscribe_timeout=subscribe_timeout,
             ping_interval=ping_interval,
             max_backoff=max_backoff,
         )
         # Channels with subscribers on this node -> last position delivered here.
         self._interest: dict[str, Position] = {}
+        #: Channels waiting for their catch-up after a reconnect -> the live
+        #: publications read meanwhile, kept back so that the hub sees offsets in order.
+        self._held: dict[str, list[Publication]] = {}
+        self._hold_limit = max(1, hold_limit)
+        self._catch_up_batch = max(1, catch_up_batch)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+
+    def _command_client(self) -> aioredis.Redis:
+        """A command client and its scripts (the connection pool for every command)."""
+        client: aioredis.Redis = aioredis.Redis.from_url(
+            self._url,
+            socket_timeout=_COMMAND_TIMEOUT,
+            socket_connect_timeout=5,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._publish_script = client.register_script(_PUBLISH)
+        self._ensure_script = client.register_script(_ENSURE)
+        self._presence_script = client.register_script(_PRESENCE)
+        return client
 
     # -- names -------------------------------------------------------------
 
@@ -191,12 +220,39 @@ class RedisBroker(Broker):
                 await task
         self._tasks = []
         await self._pubsub.close()
+        for retiring in list(self._retiring):
+            retiring.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await retiring
         await self._redis.aclose()
 
-    async def _drop_idle_connections(self) -> None:
-        """The pub/sub connection broke: idle command connections to a Redis that
-        went away are dead too; drop them so that the next command connects afresh."""
-        await self._redis.connection_pool.disconnect(inuse_connections=False)
+    async def _hold_all(self) -> None:
+        """The pub/sub link broke: hold back every channel's live stream until its
+        hole is filled (see the module docstring).
+
+        The command connections may be dead too (a Redis restart closes them,
+        and redis-py lends such a connection without noticing): commands move to
+        a fresh client, and the old one is closed once any command still on it
+        has had its answer or its timeout. Disconnecting the old pool's idle
+        connections at once, as this did before, raced with commands taking one
+        from the pool at that moment: their write failed with "Error UNKNOWN
+        while writing to socket. Connection lost." while Redis was up.
+        """
+        # What a cancelled catch-up had held back is read again from history.
+        self._held = {channel: [] for channel in self._interest}
+        if self._closing:
+            return
+        old, self._redis = self._redis, self._command_client()
+        task = asyncio.get_running_loop().create_task(self._retire(old))
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    @staticmethod
+    async def _retire(client: aioredis.Redis) -> None:
+        try:
+            await asyncio.sleep(_COMMAND_TIMEOUT + 1)
+        finally:
+            await client.aclose()
 
     # -- publishing and reading -------------------------------------------
 
@@ -239,7 +295,7 @@ class RedisBroker(Broker):
     ) -> tuple[list[Publication], Position]:
         meta_key, history_key = self._keys(channel)
         count = limit if limit is not None and limit > 0 else None
-        low = f"{since.offset + 1}-0" if since is not None else "-"
+        low = self._low(since)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hmget(meta_key, ["e", "o"])
@@ -257,16 +313,25 @@ class RedisBroker(Broker):
         top = Position(epoch_raw.decode(), int(offset_raw or 0))
         if limit == 0 or (since is not None and since.epoch != top.epoch and since != EMPTY):
             return [], top
+        return self._decode_entries(channel, top.epoch, results[1]), top
+
+    @staticmethod
+    def _low(since: Position | None) -> str:
+        """The first stream entry ID after ``since``."""
+        return f"{since.offset + 1}-0" if since is not None else "-"
+
+    @staticmethod
+    def _decode_entries(channel: str, epoch: str, entries: list[Any]) -> list[Publication]:
         publications = []
-        for entry_id, fields in results[1]:
+        for entry_id, fields in entries:
             offset = int(entry_id.split(b"-", 1)[0])
             try:
-                publications.append(envelope.decode(channel, offset, top.epoch, fields[b"p"]))
+                publications.append(envelope.decode(channel, offset, epoch, fields[b"p"]))
             except (envelope.MalformedEnvelope, KeyError) as exc:
                 # Left out, so a recovery across it is "not recovered" (``reaches``
                 # counts), never a gap or invalid JSON forwarded to clients.
                 log.warning("channel %r: skipped history entry %d: %s", channel, offset, exc)
-        return publications, top
+        return publications
 
     # -- subscribing -------------------------------------------------------
 
@@ -286,6 +351,7 @@ class RedisBroker(Broker):
         self._advance(channel, top)
 
     def unsubscribe(self, channel: str) -> None:
+        self._held.pop(channel, None)
         if self._interest.pop(channel, None) is not None:
             self._pubsub.unsubscribe(self._pubsub_name(channel))
 
@@ -300,44 +366,115 @@ class RedisBroker(Broker):
         return Position(epoch.decode(), int(offset))
 
     def _advance(self, channel: str, top: Position) -> None:
-        """Remember ``top`` as delivered when nothing newer was delivered here."""
+        """Remember ``top`` as delivered when nothing newer was delivered here.
+
+        Not while the channel is held: its catch-up reads from the last
+        publication delivered, and moving that past the hole would skip it.
+        """
         last = self._interest.get(channel)
         if last is None:
             return
-        if last == EMPTY or last.epoch != top.epoch or last.offset < top.offset:
+        if last == EMPTY or (
+            channel not in self._held and (last.epoch != top.epoch or last.offset < top.offset)
+        ):
             self._interest[channel] = top
 
     # -- what the pub/sub connection hands on ---------------------------------
 
     async def _catch_up(self, names: list[bytes]) -> None:
-        """Deliver what each channel published while the connection was down."""
-        for channel in map(self._channel_of, names):
-            last = self._interest.get(channel)
-            if last is None:
-                continue
-            top = await self._ensure(channel)
-            if last.epoch == top.epoch and last.offset >= top.offset:
-                continue
-            since = last if last.epoch == top.epoch else Position(top.epoch, 0)
+        """Fill each held channel's hole from history, then release it.
+
+        Runs while the pub/sub link is read (live publications of a held
+        channel wait in ``_held``). One pipelined round trip per
+        ``catch_up_batch`` channels, each an ``_ENSURE`` (the position, a new
+        epoch if Redis lost it) and an ``XRANGE`` from the last offset delivered.
+        """
+        del names  # the held channels are the ones to catch up
+        try:
+            while self._held:
+                batch = list(self._held)[: self._catch_up_batch]
+                since = {channel: self._interest.get(channel, EMPTY) for channel in batch}
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    for channel in batch:
+                        keys = self._keys(channel)
+                        await self._ensure_script(
+                            keys=keys, args=[_new_epoch(), self._meta_ttl_ms], client=pipe
+                        )
+                        pipe.xrange(keys[1], self._low(since[channel]), "+")
+                    results: list[Any] = await pipe.execute()
+                for n, channel in enumerate(batch):
+                    offset, epoch = results[2 * n]
+                    top = Position(epoch.decode(), int(offset))
+                    await self._fill(channel, since[channel], top, results[2 * n + 1])
+        except (RedisError, OSError) as exc:
+            # The link is up (else this task was cancelled) but commands fail:
+            # subscribers resync rather than wait on a hole nobody fills.
+            log.warning(
+                "could not catch up %d channels after a reconnect: %s", len(self._held), exc
+            )
+            for channel in list(self._held):
+                self._release_unfilled(channel)
+
+    async def _fill(self, channel: str, since: Position, top: Position, entries: list[Any]) -> None:
+        """Deliver ``channel``'s hole after ``since`` (up to ``top``), then what it held back."""
+        if channel not in self._held:
+            return  # released meanwhile (overflow, unsubscribe)
+        if self._interest.get(channel) != since:
+            return  # a first subscribe set its position meanwhile: the next round reads it
+        if since == EMPTY:
+            # Nothing delivered here yet: its first subscribe is in flight, and
+            # its subscriber's own history read comes after the resubscribe.
+            self._release(channel)
+            return
+        if since.epoch == top.epoch:
+            pubs = self._decode_entries(channel, top.epoch, entries)
+        else:
+            log.warning(
+                "channel %r: redis lost its position (epoch %s -> %s)",
+                channel,
+                since.epoch,
+                top.epoch,
+            )
+            since = Position(top.epoch, 0)
             pubs, top = await self.history(channel, since=since)
-            if not reaches(since, pubs, top):
-                log.warning(
-                    "channel %r: publications made while redis was unreachable are no longer "
-                    "in history; subscribers here missed them and resuming clients will be "
-                    "told they were not recovered",
-                    channel,
-                )
-                self._advance(channel, top)
-                continue
-            if since is not last:
-                log.warning(
-                    "channel %r: redis lost its position (epoch %s -> %s)",
-                    channel,
-                    last.epoch,
-                    top.epoch,
-                )
+            if channel not in self._held:
+                return
+        pubs = [pub for pub in pubs if pub.offset <= top.offset]
+        if not reaches(since, pubs, top):
+            log.warning(
+                "channel %r: publications made while redis was unreachable are no longer "
+                "in history; subscribers here resync and resuming clients will be told "
+                "they were not recovered",
+                channel,
+            )
+            self._interest[channel] = top
+            if self._restarted is not None:
+                self._restarted(channel, top)
+        else:
             for pub in pubs:
                 self._deliver_once(pub)
+        self._release(channel)
+
+    def _release(self, channel: str) -> None:
+        """Deliver what ``channel`` held back (the hub's order), and let it go live."""
+        for pub in self._held.pop(channel, ()):
+            self._deliver_once(pub)
+
+    def _release_unfilled(self, channel: str) -> None:
+        """Let ``channel`` go live with its hole unfilled, and say so to the hub."""
+        held = self._held.pop(channel, None)
+        last = self._interest.get(channel)
+        if held is None or last is None or last == EMPTY:
+            return
+        log.warning(
+            "channel %r: live stream resumed without catching up; subscribers resync", channel
+        )
+        position = Position(held[0].epoch, held[0].offset - 1) if held else last
+        self._interest[channel] = position
+        if self._restarted is not None:
+            self._restarted(channel, position)
+        for pub in held:
+            self._deliver_once(pub)
 
     def _channel_of(self, name: bytes) -> str:
         return name.decode()[len(self._prefix) + 3 :]
@@ -352,7 +489,16 @@ class RedisBroker(Broker):
         except ValueError as exc:  # split, int(), decode() or envelope.MalformedEnvelope
             log.warning("dropped a malformed message on %r: %s", name, exc)
             return
-        self._deliver_once(pub)
+        held = self._held.get(channel)
+        if held is None:
+            self._deliver_once(pub)
+        elif len(held) < self._hold_limit:
+            held.append(pub)
+        else:
+            # Bounded: past hold_limit the channel goes live at once, and its
+            # subscribers resync instead of the node holding more.
+            held.append(pub)
+            self._release_unfilled(channel)
 
     def _deliver_once(self, pub: Publication) -> None:
         last = self._interest.get(pub.channel)

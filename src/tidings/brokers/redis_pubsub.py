@@ -13,7 +13,9 @@ When the connection breaks, it is replaced with exponential backoff; every
 channel still wanted is subscribed again in batches, all confirmations are
 awaited (publications arriving meanwhile are handed on), and only then is the
 owner told (``on_resubscribed``), so that the history it reads to fill the
-hole overlaps the live stream instead of leaving a gap. A connection silent for
+hole overlaps the live stream instead of leaving a gap. The owner fills the
+hole in a task while the connection keeps being read: it is the owner that
+holds back live publications of a channel until its hole is filled. A connection silent for
 three ping intervals is taken for dead (a PING is sent whenever it is idle).
 
 Why not redis-py's ``PubSub``: not for speed or memory, where they are equal,
@@ -49,7 +51,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
@@ -65,7 +67,7 @@ log = logging.getLogger(__name__)
 _BATCH = 1000
 
 OnMessage = Callable[[bytes, bytes], None]
-OnResubscribed = Callable[[list[bytes]], Awaitable[None]]
+OnResubscribed = Callable[[list[bytes]], Coroutine[Any, Any, None]]
 
 
 class _ConnectionLost(Exception):
@@ -76,9 +78,11 @@ class RedisPubSub:
     """The pub/sub connection of one node. See the module docstring.
 
     ``on_message(channel, data)`` gets every publication, in Redis' order.
-    ``on_resubscribed(channels)`` runs after a reconnect, once Redis has
-    confirmed every channel wanted at that moment, before anything else is
-    read. ``on_lost()`` runs when the connection breaks.
+    ``on_resubscribed(channels)`` starts after a reconnect, once Redis has
+    confirmed every channel wanted at that moment, as a task: the connection
+    keeps being read (and ``on_message`` called) while it runs, and it is
+    cancelled if the connection breaks again. ``on_lost()`` runs when the
+    connection breaks, before anything of the next connection is read.
     """
 
     def __init__(
@@ -120,6 +124,8 @@ class RedisPubSub:
         self._write_lock = asyncio.Lock()
         self._last_read = 0.0
         self._reader: asyncio.Task[None] | None = None
+        #: The owner's ``on_resubscribed`` after the last reconnect, while it runs.
+        self._resubscribed: asyncio.Task[None] | None = None
         #: SUBSCRIBEs to send, and the task sending them (see ``_queue_subscribe``).
         self._outbox: list[tuple[bytes, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -141,7 +147,7 @@ class RedisPubSub:
 
     async def close(self) -> None:
         self._closing = True
-        tasks = (self._reader, self._flusher, *self._tasks)
+        tasks = (self._reader, self._flusher, self._resubscribed, *self._tasks)
         for task in tasks:
             if task is not None:
                 task.cancel()
@@ -261,6 +267,7 @@ class RedisPubSub:
                 was_connected = self._connected.is_set()
                 self._connected.clear()
                 self._lost.set()
+                await self._stop_resubscribed()
                 self._fail_awaiting()
                 await self._drop_connection()
                 with contextlib.suppress(Exception):
@@ -274,6 +281,18 @@ class RedisPubSub:
                 failures += 1
                 delay = min(self._max_backoff, 0.05 * 2**failures) * random.uniform(0.5, 1.0)
                 await asyncio.sleep(delay)
+
+    async def _stop_resubscribed(self) -> None:
+        """Cancel the owner's catch-up of the connection that just broke: it
+        starts again, from what was delivered by then, after the next one."""
+        task, self._resubscribed = self._resubscribed, None
+        if task is None:
+            return
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        if not task.cancelled() and task.exception() is not None:
+            log.error("catching up after a reconnect failed", exc_info=task.exception())
 
     async def _connect_and_resubscribe(self) -> None:
         conn: AbstractConnection = self._pool.make_connection()  # type: ignore[no-untyped-call]
@@ -301,7 +320,13 @@ class RedisPubSub:
         self._connected.set()
         if self._ever_connected:
             log.info("reconnected to redis; resubscribed %d channels", len(channels))
-            await self._on_resubscribed(channels)
+            # A task, so that this connection is read while the owner fills the
+            # hole: with thousands of channels that takes many round trips, and
+            # a link left unread meanwhile fills Redis' pub/sub output buffer
+            # until Redis cuts it again (client-output-buffer-limit pubsub).
+            self._resubscribed = asyncio.get_running_loop().create_task(
+                self._on_resubscribed(channels), name="tidings-redis-catch-up"
+            )
         else:
             log.info("connected to redis at %s", self._url)
         self._ever_connected = True
