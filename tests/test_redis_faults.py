@@ -1,0 +1,158 @@
+"""The Redis broker across a broken pub/sub link (issue 12), against a real redis-server.
+
+Each test cuts the node's link with ``CLIENT KILL TYPE pubsub`` (Redis and its
+data stay up) and injects the bad timing with a wrapper around one step of the
+node — a history read held, a publication made between two SUBSCRIBE batches —
+so the interleaving that failed in chaos runs happens every time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import redis.asyncio as aioredis
+
+from brokers_support import Node, until
+from tidings.brokers.redis import RedisBroker
+from tidings.hub import DEFAULT_HISTORY, Position
+
+if TYPE_CHECKING:
+    from brokers_support import RedisServer
+
+KEEP = DEFAULT_HISTORY
+
+
+def make_node(url: str, prefix: str, **kw: Any) -> Node:
+    return Node(RedisBroker(url, prefix=prefix, ping_interval=0.5, max_backoff=0.3, **kw))
+
+
+def offsets(node: Node, channel: str) -> list[int]:
+    return [pub.offset for pub in node.got if pub.channel == channel]
+
+
+def run_two(redis_server: RedisServer, body: Callable[[Node, Node, str], Awaitable[None]]) -> None:
+    """Nodes ``a`` (the publisher) and ``b`` (the one whose link is cut) on a fresh prefix."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+
+    async def main() -> None:
+        a = make_node(redis_server.url, prefix)
+        b = make_node(redis_server.url, prefix)
+        await a.broker.start()
+        await b.broker.start()
+        try:
+            await body(a, b, prefix)
+        finally:
+            await a.broker.close()
+            await b.broker.close()
+
+    asyncio.run(main())
+
+
+async def numsub(client: aioredis.Redis, name: str) -> int:
+    ((_, count),) = await client.pubsub_numsub(name)
+    return int(count)
+
+
+async def cut_and_wait_resubscribed(client: aioredis.Redis, name: str) -> None:
+    """Kill every pub/sub link; return once Redis has ``name`` subscribed again."""
+    await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    assert await numsub(client, name) == 0  # CLIENT KILL has closed it by its reply
+    deadline = time.monotonic() + 10
+    while await numsub(client, name) == 0:
+        assert time.monotonic() < deadline, f"{name} was not subscribed again"
+        await asyncio.sleep(0.02)
+
+
+async def subscribe_all(node: Node, channels: list[str]) -> None:
+    for start in range(0, len(channels), 100):
+        await asyncio.gather(*(node.broker.subscribe(c) for c in channels[start : start + 100]))
+
+
+def test_a_first_subscribe_in_flight_across_a_reconnect_replays_nothing(
+    redis_server: RedisServer,
+) -> None:
+    """A channel whose first subscribe has not finished when the link breaks has
+    delivered nothing on this node: the catch-up must not hand the node its whole
+    history (the chaos run's client at 617 that received 1…620)."""
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        for n in range(20):
+            await a.broker.publish("h", b"%d" % n, history=KEEP)
+        await b.broker.subscribe("x")  # a channel that has delivered, so a catch-up runs
+        await a.broker.publish("x", b"1", history=KEEP)
+        await b.wait_for(1)
+
+        # b's subscribe to "h" is confirmed by Redis but waits on its position read.
+        reading = asyncio.Event()
+        release = asyncio.Event()
+        ensure = b.broker._ensure
+
+        async def held_ensure(channel: str) -> Position:
+            if channel == "h" and not reading.is_set():  # the subscribe's read only
+                reading.set()
+                await release.wait()
+            return await ensure(channel)
+
+        b.broker._ensure = held_ensure  # type: ignore[method-assign]
+        subscribing = asyncio.create_task(b.broker.subscribe("h"))
+        await reading.wait()
+        await cut_and_wait_resubscribed(a.broker._redis, f"{prefix}:p:h")
+        # The catch-up has run once this reaches b: "x" is caught up in the same round.
+        await a.broker.publish("x", b"2", history=KEEP)
+        await until(lambda: offsets(b, "x") == [1, 2], "x's publication after the reconnect")
+        release.set()
+        await subscribing
+        await a.broker.publish("h", b"21", history=KEEP)
+        await until(lambda: bool(offsets(b, "h")), "h's live publication")
+        assert offsets(b, "h") == [21]
+
+    run_two(redis_server, body)
+
+
+def test_a_live_message_between_two_subscribe_batches_waits_for_the_hole(
+    redis_server: RedisServer,
+) -> None:
+    """With 1,500 channels the resubscribe takes two SUBSCRIBE commands; a
+    publication on a channel of the first batch, read while the node waits for
+    the second, must not be delivered before the hole before it is filled."""
+    channels = [f"c{n}" for n in range(1500)]
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        await subscribe_all(b, channels)
+        await a.broker.publish("c0", b"1", history=KEEP)
+        await b.wait_for(1)
+        client = a.broker._redis
+        write = b.broker._pubsub._write
+        batches = 0
+
+        async def spying_write(*args: bytes) -> None:
+            nonlocal batches
+            if args[0] == b"SUBSCRIBE":
+                batches += 1
+                if batches == 1:
+                    # Before the link is back: offset 2 is the hole.
+                    await a.broker.publish("c0", b"2", history=KEEP)
+                elif batches == 2:
+                    # c0 is live again (first batch) while the second is not yet
+                    # confirmed: offset 3 is read during the wait.
+                    deadline = time.monotonic() + 10
+                    while await numsub(client, f"{prefix}:p:c0") == 0:
+                        assert time.monotonic() < deadline, "c0 was not subscribed again"
+                        await asyncio.sleep(0.01)
+                    await a.broker.publish("c0", b"3", history=KEEP)
+            await write(*args)
+
+        b.broker._pubsub._write = spying_write  # type: ignore[method-assign]
+        await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await until(lambda: batches >= 2, "the two SUBSCRIBE batches")
+        await until(lambda: b.broker.healthy, "b to be resubscribed")
+        await a.broker.publish("c0", b"4", history=KEEP)
+        await until(lambda: 4 in offsets(b, "c0"), "offset 4")
+        assert offsets(b, "c0") == [1, 2, 3, 4]
+        assert all(offsets(b, channel) == [] for channel in channels[1:])
+
+    run_two(redis_server, body)
