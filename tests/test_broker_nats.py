@@ -134,14 +134,16 @@ def test_disconnect_starts_a_new_epoch_and_subscribers_resync_at_once(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
-def test_a_slow_consumer_restarts_the_channel_once_per_burst_never_a_silent_gap(
+def test_a_slow_consumer_restarts_the_channel_at_the_hole_never_a_silent_gap(
     nats_server: NatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     """nats-py drops what arrives while a subscription holds ``pending_limit``
-    messages. A burst far past it: the subscriber resyncs, a resume from before
-    the burst is not recovered, every delivery continues its epoch without a
-    hole, and the WARNINGs count events (a restart needs a delivery since the
-    last one), not dropped messages."""
+    messages. A burst far past it, then one more publication: within each
+    epoch, consecutive offsets carry consecutive publications (the new epoch
+    starts at the hole, after the messages that were queued before it), the
+    subscriber resyncs, a resume from before the burst is not recovered, and
+    the WARNINGs count events (a restart needs a delivery since the last one),
+    not dropped messages."""
     burst = 400
 
     async def body(a: Node, b: Node) -> None:
@@ -156,26 +158,32 @@ def test_a_slow_consumer_restarts_the_channel_once_per_burst_never_a_silent_gap(
         received = nc.stats["in_msgs"]
         # nats-py buffers these and writes them out together: they reach the
         # other node faster than its subscription hands them over.
-        for n in range(burst):
+        for n in range(1, burst + 1):
             await b.broker.publish("s", str(n).encode(), history=DEFAULT_HISTORY)
         await until(lambda: nc.stats["in_msgs"] == received + burst, "the burst at node a")
+        # One more, once the burst has drained: it comes after the last hole.
         await until(lambda: not a.broker._streams["s"].sub.pending_msgs, "the queue drained")
+        delivered = len(sub.got)
+        await b.broker.publish("s", str(burst + 1).encode(), history=DEFAULT_HISTORY)
+        await until(lambda: len(sub.got) == delivered + 1, "the publication after the burst")
+        assert len(sub.got) < burst  # some were dropped: the test made a slow consumer
         assert sub.resyncs >= 1
-        delivered = sub.got[1:]
-        assert len(delivered) < burst  # some were dropped: the test made a slow consumer
-        restarts = sub.resyncs
-        assert restarts <= len(delivered) + 1
-        # No hole inside an epoch: each epoch's offsets run 1, 2, 3, ...
-        by_epoch: dict[str, list[int]] = {}
-        for pub in delivered:
-            by_epoch.setdefault(pub.epoch, []).append(pub.offset)
-        assert before.epoch not in by_epoch
-        assert all(offs == list(range(1, len(offs) + 1)) for offs in by_epoch.values())
+        by_epoch: dict[str, list[Publication]] = {}
+        for pub in sub.got:
+            by_epoch.setdefault(pub.epoch, []).append(pub)
+        assert len(by_epoch) == sub.resyncs + 1
+        for pubs in by_epoch.values():
+            assert [p.offset for p in pubs] == list(range(1, len(pubs) + 1))
+            first = int(pubs[0].data)
+            assert [int(p.data) for p in pubs] == list(range(first, first + len(pubs))), (
+                f"a hole inside an epoch: {[p.data for p in pubs]}"
+            )
+        assert sub.resyncs <= len(sub.got)  # each restart after a delivery
         rec = await hub.recover("s", before)
         assert not rec.recovered
         log_restarts = [r for r in caplog.records if "slow consumer" in r.getMessage()]
-        assert len(log_restarts) == restarts, caplog.text
-        assert burst - len(delivered) > restarts  # drops are told per event, not per message
+        assert len(log_restarts) == sub.resyncs, caplog.text
+        assert burst + 2 - len(sub.got) > sub.resyncs  # told per event, not per message
 
     with caplog.at_level("INFO", logger="tidings.brokers.nats"):
         run_nodes(

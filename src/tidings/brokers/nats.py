@@ -44,6 +44,7 @@ import contextlib
 import logging
 import secrets
 import time
+from collections import deque
 from typing import Any
 
 import nats
@@ -67,9 +68,18 @@ DEFAULT_PENDING_LIMIT = 512 * 1024
 
 
 class _Stream:
-    """This node's numbering of one channel."""
+    """This node's numbering of one channel, and where it lost messages.
 
-    __slots__ = ("epoch", "offset", "seen", "sub")
+    A loss is noticed while the messages that came before it still wait in
+    the subscription's queue (nats-py drops only when that queue is full, and
+    a disconnect may leave some in it). Those are numbered in the current
+    epoch as usual; the new epoch starts at the hole, right before the first
+    message after it. Restarting at the moment of the loss instead would put
+    the hole inside the new epoch: a client at the last queued message's
+    position would resume "recovered" across it.
+    """
+
+    __slots__ = ("epoch", "handed", "holes", "offset", "seen", "sub")
 
     def __init__(self) -> None:
         self.epoch = secrets.token_urlsafe(6)
@@ -78,11 +88,15 @@ class _Stream:
         # numbered in it, or its position was read (a subscribe, a recovery).
         self.seen = False
         self.sub: Subscription | None = None
+        # Messages the subscription has handed over (malformed ones too), and
+        # the counts of handed messages after which a loss lies, oldest first.
+        self.handed = 0
+        self.holes: deque[int] = deque()
 
     def restart(self) -> bool:
-        """Start a new epoch after a loss; False when the current one was never
+        """Start a new epoch at a hole; False when the current one was never
         seen, so that no position in it can hide the loss and the previous
-        restart's signal still holds (a burst of drops is one event)."""
+        restart's signal still holds (drops with no delivery between are one event)."""
         if not self.seen:
             return False
         self.epoch = secrets.token_urlsafe(6)
@@ -187,22 +201,36 @@ class NatsBroker(Broker):
         self._live = False
         if self._closing:
             return  # our own close(), not a lost connection
-        # What is published while we are away never reaches us: every channel restarts.
-        restarted = [channel for channel, stream in self._streams.items() if stream.restart()]
+        # What is published while we are away never reaches us: every channel
+        # has a hole behind the messages still queued.
+        restarting = [
+            channel for channel, stream in self._streams.items() if self._lost(channel, stream)
+        ]
         log.warning(
             "lost the nats connection; reconnecting. Publications meanwhile are lost "
             "to this node: %d channels start a new epoch, their subscribers resync",
-            len(restarted),
+            len(restarting),
         )
-        self._tell_restarted(restarted)
 
-    def _tell_restarted(self, channels: list[str]) -> None:
-        if self._restarted is None:
-            return
-        for channel in channels:
-            stream = self._streams.get(channel)
-            if stream is not None:
-                self._restarted(channel, Position(stream.epoch, stream.offset))
+    def _lost(self, channel: str, stream: _Stream) -> bool:
+        """Note a hole behind the messages of ``stream`` still queued; True when
+        it is a new event (not the hole already noted, nor an unseen epoch)."""
+        queued = 0 if stream.sub is None else stream.sub.pending_msgs
+        at = stream.handed + queued
+        if stream.holes and stream.holes[-1] >= at:
+            return False
+        if queued:
+            stream.holes.append(at)
+            return True
+        return self._restart(channel, stream)
+
+    def _restart(self, channel: str, stream: _Stream) -> bool:
+        """Start the channel's new epoch and tell the hub, whose subscribers resync."""
+        if not stream.restart():
+            return False
+        if self._restarted is not None:
+            self._restarted(channel, Position(stream.epoch, stream.offset))
+        return True
 
     async def _on_reconnected(self) -> None:
         task = asyncio.get_running_loop().create_task(self._confirm_resubscribed())
@@ -231,20 +259,18 @@ class NatsBroker(Broker):
         log.debug("nats: %s", exc)
 
     def _dropped(self, exc: SlowConsumerError) -> None:
-        """nats-py dropped a message of a subscription that held ``pending_limit``:
-        the channel restarts, unless this burst of drops was already told."""
+        """nats-py dropped a message of a subscription that held ``pending_limit``."""
         channel = self._channel_of(exc.subject)
         stream = None if channel is None else self._streams.get(channel)
         if channel is None or stream is None or stream.sub is not exc.sub:
             return  # a subscription we have dropped meanwhile
-        if stream.restart():
+        if self._lost(channel, stream):
             log.warning(
                 "nats dropped messages of %s on this node (slow consumer: %d waiting): "
                 "it starts a new epoch, its subscribers resync",
                 channel,
                 self._pending_limit,
             )
-            self._tell_restarted([channel])
 
     def _channel_of(self, subject: str) -> str | None:
         token = subject.removeprefix(f"{self._prefix}.")
@@ -346,12 +372,18 @@ class NatsBroker(Broker):
     def _on_message(self, channel: str, stream: _Stream, msg: Msg) -> None:
         if self._streams.get(channel) is not stream:
             return  # unsubscribed meanwhile
+        stream.handed += 1
         try:
             pub = envelope.decode(channel, stream.offset + 1, stream.epoch, msg.data)
         except envelope.MalformedEnvelope as exc:
             log.warning("dropped a malformed message on %s: %s", msg.subject, exc)
-            return
-        stream.offset += 1
-        stream.seen = True
-        if self._deliver is not None:
-            self._deliver(pub)
+        else:
+            stream.offset += 1
+            stream.seen = True
+            if self._deliver is not None:
+                self._deliver(pub)
+        if stream.holes and stream.holes[0] == stream.handed:
+            # The last message before a hole: restart now, not at the next
+            # message, which may be long in coming (or dropped too).
+            stream.holes.popleft()
+            self._restart(channel, stream)
