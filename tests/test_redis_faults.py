@@ -156,3 +156,131 @@ def test_a_live_message_between_two_subscribe_batches_waits_for_the_hole(
         assert all(offsets(b, channel) == [] for channel in channels[1:])
 
     run_two(redis_server, body)
+
+
+def test_commands_in_flight_when_the_link_breaks_are_not_cut(redis_server: RedisServer) -> None:
+    """Publications racing a pub/sub loss all succeed while Redis is up: the node
+    once disconnected its idle command connections on that loss, under commands
+    that had just taken one ("Error UNKNOWN while writing to socket")."""
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        await b.broker.subscribe("w")
+        errors: list[str] = []
+        published = 0
+        cutting = True
+
+        async def publisher() -> None:
+            nonlocal published
+            while cutting:
+                try:
+                    await b.broker.publish("w", b"1", history=KEEP)
+                    published += 1
+                except Exception as exc:
+                    errors.append(str(exc))
+
+        publishers = [asyncio.create_task(publisher()) for _ in range(20)]
+        try:
+            for _ in range(10):
+                await cut_and_wait_resubscribed(a.broker._redis, f"{prefix}:p:w")
+        finally:
+            cutting = False
+            await asyncio.gather(*publishers)
+        assert published > 0
+        assert errors == []
+
+    run_two(redis_server, body)
+
+
+async def publish_all(node: Node, channels: list[str], data: bytes) -> None:
+    for start in range(0, len(channels), 50):
+        batch = channels[start : start + 50]
+        await asyncio.gather(*(node.broker.publish(c, data, history=KEEP) for c in batch))
+
+
+def test_thousands_of_channels_are_caught_up_in_order_with_publications_right_after(
+    redis_server: RedisServer,
+) -> None:
+    """3,000 channels (three SUBSCRIBE batches): each missed offset 2 while the
+    link was down, and offset 3 is published the moment Redis has confirmed the
+    resubscribe, before the catch-up runs (the SUB race, for a resubscribe).
+    Every channel gets 1, 2, 3, in order, once."""
+    channels = [f"k{n}" for n in range(3000)]
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        await subscribe_all(b, channels)
+        await publish_all(a, channels, b"1")
+        await b.wait_for(len(channels))
+        write = b.broker._pubsub._write
+        resubscribed = b.broker._pubsub._on_resubscribed
+        missed = False
+
+        async def spying_write(*args: bytes) -> None:
+            nonlocal missed
+            if args[0] == b"SUBSCRIBE" and not missed:
+                missed = True
+                await publish_all(a, channels, b"2")
+            await write(*args)
+
+        async def publish_then_catch_up(names: list[bytes]) -> None:
+            await publish_all(a, channels, b"3")
+            await resubscribed(names)
+
+        b.broker._pubsub._write = spying_write  # type: ignore[method-assign]
+        b.broker._pubsub._on_resubscribed = publish_then_catch_up
+        started = time.monotonic()
+        await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await b.wait_for(3 * len(channels), wait=30)
+        print(f"caught up {len(channels)} channels in {time.monotonic() - started:.2f}s")
+        got: dict[str, list[int]] = {}
+        for pub in b.got:
+            got.setdefault(pub.channel, []).append(pub.offset)
+        assert got == {channel: [1, 2, 3] for channel in channels}
+
+    run_two(redis_server, body)
+
+
+async def pubsub_output_buffer(client: aioredis.Redis, subscriptions: int) -> int:
+    """Bytes Redis holds for the pub/sub link with ``subscriptions`` channels (b's)."""
+    links = [
+        link
+        for link in await client.client_list(_type="pubsub")
+        if int(link["sub"]) == subscriptions
+    ]
+    assert len(links) == 1, links
+    return int(links[0]["omem"])
+
+
+def test_the_link_is_read_while_the_hole_is_filled(redis_server: RedisServer) -> None:
+    """While the catch-up waits on Redis, 18 MB published on a caught-up channel
+    are read off the link, not left in Redis' output buffer for the link (whose
+    ``client-output-buffer-limit pubsub`` would cut it again); they reach the node
+    after the hole, in order."""
+    payload = b'"' + b"x" * 20_000 + b'"'
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        await subscribe_all(b, ["q", "r"])
+        await a.broker.publish("q", b"1", history=KEEP)
+        await b.wait_for(1)
+        resubscribed = b.broker._pubsub._on_resubscribed
+        catching_up = asyncio.Event()
+        release = asyncio.Event()
+
+        async def held_catch_up(names: list[bytes]) -> None:
+            catching_up.set()
+            await release.wait()
+            await resubscribed(names)
+
+        b.broker._pubsub._on_resubscribed = held_catch_up
+        await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await catching_up.wait()
+        peak = 0
+        for _ in range(900):
+            await a.broker.publish("q", payload, history=KEEP)
+            peak = max(peak, await pubsub_output_buffer(a.broker._redis, 2))
+        print(f"pub/sub output buffer peak while catching up: {peak} B")
+        release.set()
+        await b.wait_for(901, wait=30)
+        assert offsets(b, "q") == list(range(1, 902))
+        assert peak < 1_000_000
+
+    run_two(redis_server, body)

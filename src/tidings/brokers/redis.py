@@ -320,6 +320,12 @@ class RedisBroker(Broker):
         """The first stream entry ID after ``since``."""
         return f"{since.offset + 1}-0" if since is not None else "-"
 
+    def _high(self, channel: str) -> str:
+        """The last stream entry ID a catch-up of ``channel`` needs: the one
+        before what it held back, or the stream's end."""
+        held = self._held.get(channel)
+        return f"{held[0].offset - 1}-0" if held else "+"
+
     @staticmethod
     def _decode_entries(channel: str, epoch: str, entries: list[Any]) -> list[Publication]:
         publications = []
@@ -400,7 +406,7 @@ class RedisBroker(Broker):
                         await self._ensure_script(
                             keys=keys, args=[_new_epoch(), self._meta_ttl_ms], client=pipe
                         )
-                        pipe.xrange(keys[1], self._low(since[channel]), "+")
+                        pipe.xrange(keys[1], self._low(since[channel]), self._high(channel))
                     results: list[Any] = await pipe.execute()
                 for n, channel in enumerate(batch):
                     offset, epoch = results[2 * n]
@@ -439,6 +445,11 @@ class RedisBroker(Broker):
             pubs, top = await self.history(channel, since=since)
             if channel not in self._held:
                 return
+        # The hole ends where what the channel held back begins: history has to
+        # reach that far only (it may keep less than the live stream brought since).
+        held = self._held[channel]
+        if held and held[0].epoch == top.epoch and held[0].offset <= top.offset:
+            top = Position(top.epoch, held[0].offset - 1)
         pubs = [pub for pub in pubs if pub.offset <= top.offset]
         if not reaches(since, pubs, top):
             log.warning(
