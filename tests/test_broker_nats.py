@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -156,10 +157,15 @@ def test_a_slow_consumer_restarts_the_channel_at_the_hole_never_a_silent_gap(
         nc = a.broker._nc
         assert nc is not None
         received = nc.stats["in_msgs"]
-        # nats-py buffers these and writes them out together: they reach the
-        # other node faster than its subscription hands them over.
-        for n in range(1, burst + 1):
-            await b.broker.publish("s", str(n).encode(), history=DEFAULT_HISTORY)
+        # Concurrent, so that nats-py buffers them in order and writes them
+        # out together: they reach the other node faster than its
+        # subscription hands them over.
+        await asyncio.gather(
+            *(
+                b.broker.publish("s", str(n).encode(), history=DEFAULT_HISTORY)
+                for n in range(1, burst + 1)
+            )
+        )
         await until(lambda: nc.stats["in_msgs"] == received + burst, "the burst at node a")
         # One more, once the burst has drained: it comes after the last hole.
         await until(lambda: not a.broker._streams["s"].sub.pending_msgs, "the queue drained")
@@ -193,6 +199,48 @@ def test_a_slow_consumer_restarts_the_channel_at_the_hole_never_a_silent_gap(
         )
     warned = [r for r in caplog.records if "slow consumer" in r.getMessage()]
     assert warned and all(r.levelname == "WARNING" and r.exc_info is None for r in warned)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def process_state(pid: int) -> str:
+    """The state letter of /proc/<pid>/stat: "T" once a SIGSTOP has taken effect."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_publish_is_answered_once_nats_server_has_it(
+    nats_server: NatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py buffers a publish and writes it later: answering then would
+    acknowledge a publication that a link dropping just after loses, with no
+    node to notice. With nats-server frozen (SIGSTOP: the link looks alive),
+    the publish is a temporary error, not a success; once it thaws, the same
+    connection publishes again."""
+    assert nats_server.proc is not None
+    frozen = False
+
+    async def body(a: Node) -> None:
+        nonlocal frozen
+        await a.broker.publish("p", b"1", history=DEFAULT_HISTORY)
+        nats_server.proc.send_signal(signal.SIGSTOP)
+        frozen = True
+        await until(lambda: process_state(nats_server.proc.pid) == "T", "nats-server stopped")
+        with pytest.raises(ProtocolError) as err:
+            await a.broker.publish("p", b"2", history=DEFAULT_HISTORY)
+        assert err.value.temporary
+        nats_server.proc.send_signal(signal.SIGCONT)
+        frozen = False
+        await a.broker.publish("p", b"3", history=DEFAULT_HISTORY)
+        assert a.broker.healthy
+
+    try:
+        with caplog.at_level("INFO"):
+            run_nodes(lambda: nats_node(nats_server.url, subscribe_timeout=0.5), body)
+    finally:
+        if frozen:
+            nats_server.proc.send_signal(signal.SIGCONT)
+    # The late PONG of the given-up wait must not break nats-py's read loop
+    # (which logs an ERROR with a traceback and stops reading).
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 

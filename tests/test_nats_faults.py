@@ -214,8 +214,13 @@ def test_a_slow_consumer_is_told_to_every_subscriber(
             other = NatsBroker(nats_server.url, prefix=prefix)
             await other.start()
             try:
-                for n in range(2, 2 + BURST):
-                    await other.publish(channel, b'{"n":%d}' % n, history=DEFAULT_HISTORY)
+                # Concurrent: nats-py buffers them in order and writes them together.
+                await asyncio.gather(
+                    *(
+                        other.publish(channel, b'{"n":%d}' % n, history=DEFAULT_HISTORY)
+                        for n in range(2, 2 + BURST)
+                    )
+                )
             finally:
                 await other.close()
 

@@ -12,7 +12,9 @@ fan-out only (notifications, live dashboards) and already run NATS:
   resumes on another node, or after the node lost its subscription (no
   subscribers left), is told "not recovered" — never handed a silent gap. A
   client that resumes on the same node having missed nothing is recovered.
-* The publish result has no position (offset 0, empty epoch), as Centrifugo
+* A publish is answered once nats-server has processed it, so that it went
+  to every node whose link was up (a node whose link was down has a hole to
+  report); the result has no position (offset 0, empty epoch), as Centrifugo
   answers for channels without history.
 * Reading history (the server API's ``history``, the WebSocket ``history``
   command) is refused with ``NOT_AVAILABLE`` (code 108).
@@ -52,7 +54,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import SlowConsumerError
+from nats.errors import FlushTimeoutError, SlowConsumerError
 
 from ..errors import ErrorCode, ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
@@ -65,6 +67,8 @@ log = logging.getLogger(__name__)
 
 #: nats-py's own default: messages of one subscription held before it drops more.
 DEFAULT_PENDING_LIMIT = 512 * 1024
+#: Seconds a PING may wait for its PONG after our caller gave up (see _two_pongs).
+PONG_PATIENCE = 600
 
 
 class _Stream:
@@ -290,13 +294,20 @@ class NatsBroker(Broker):
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
     ) -> Publication:
-        """Send to every node; ``history`` is moot, NATS core keeps nothing."""
+        """Send to every node; ``history`` is moot, NATS core keeps nothing.
+
+        Answered once nats-server has processed the message, so that it went
+        to every node whose link is up (a node whose link is down has a hole
+        to report). Answering when nats-py has merely buffered it would lose a
+        publication sent just as the link drops, with no node to notice.
+        """
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise unavailable("not connected to nats")
         now_ms = int(time.time() * 1000)
         try:
             await nc.publish(self._subject(channel), envelope.encode(data, info, tags, now_ms))
+            await self._server_has_our_commands(nc)
         except (NatsError, OSError) as exc:
             raise unavailable(exc) from exc
         return Publication(channel, 0, "", data, info, tags, now_ms)
@@ -352,9 +363,29 @@ class NatsBroker(Broker):
         PING, PONG, another client's PUB, then our SUB). By the first PONG the
         flusher has written the SUB, so the second PING follows it on the wire.
         """
-        timeout = self._subscribe_timeout
-        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
-        await nc.flush(timeout=timeout)  # type: ignore[arg-type]
+        pongs = asyncio.get_running_loop().create_task(self._two_pongs(nc))
+        self._tasks.add(pongs)
+        pongs.add_done_callback(self._tasks.discard)
+        try:
+            await asyncio.wait_for(asyncio.shield(pongs), self._subscribe_timeout)
+        except TimeoutError:
+            raise FlushTimeoutError from None
+
+    @staticmethod
+    async def _two_pongs(nc: NATS) -> None:
+        """Two PING/PONG round trips, left running when our caller gives up.
+
+        nats-py 2.16 cancels a flush's future when its own timeout expires but
+        leaves it in line for the next PONG; when that PONG comes, setting the
+        cancelled future raises in the read loop, which logs an ERROR with a
+        traceback and stops reading: the node would hear nothing more while
+        looking connected. So our bound is on the wait (shielded), and the
+        flush is given until nats-py's stale-connection check (two missed
+        pings, 2 minutes apart) has replaced a dead link, which drops its
+        PONGs' futures: past that, nothing can answer them.
+        """
+        await nc.flush(timeout=PONG_PATIENCE)
+        await nc.flush(timeout=PONG_PATIENCE)
 
     def unsubscribe(self, channel: str) -> None:
         stream = self._streams.pop(channel, None)
