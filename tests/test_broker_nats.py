@@ -10,9 +10,12 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 import pytest
+from nats.aio.msg import Msg
+from nats.errors import SlowConsumerError
 
 from brokers_support import Node, run_nodes, until
-from tidings.brokers.nats import NatsBroker
+from tidings.brokers import envelope
+from tidings.brokers.nats import NatsBroker, _Stream
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import DEFAULT_HISTORY, EMPTY, ClientInfo, Hub, Position, Publication, reaches
 
@@ -333,3 +336,77 @@ def test_malformed_messages_from_nats_are_logged_and_skipped(
     assert len(dropped) == len(garbage), caplog.text
     assert all(r.levelname == "WARNING" and r.exc_info is None for r in dropped)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+class QueuedSubscription:
+    """Stands in for nats-py's Subscription: only what the loss detection reads."""
+
+    def __init__(self) -> None:
+        self.pending_msgs = 0
+
+
+class LossScript:
+    """A NatsBroker with one subscribed channel and no network: messages handed
+    over and drops reported as nats-py would, the hub's view recorded."""
+
+    def __init__(self) -> None:
+        self.broker = NatsBroker("nats://127.0.0.1:1")
+        self.sub = QueuedSubscription()
+        self.stream = _Stream()
+        self.stream.sub = self.sub  # type: ignore[assignment]
+        self.broker._streams["c"] = self.stream
+        self.subject = self.broker._subject("c")
+        self.log: list[Any] = []
+        self.broker.bind(lambda pub: self.log.append(int(pub.data)))
+        self.broker.bind_restarted(lambda channel, at: self.log.append(("restart", at.offset)))
+        self.stream.read()  # a subscriber now holds the epoch's position
+
+    def queue(self, n: int) -> None:
+        """Message ``n`` waits in the subscription's queue (its number is for the reader)."""
+        self.sub.pending_msgs += 1
+
+    def hand(self, n: int) -> None:
+        self.sub.pending_msgs -= 1
+        msg = Msg(
+            _client=None, subject=self.subject, data=envelope.encode(str(n).encode(), None, None, 0)
+        )  # type: ignore[arg-type]
+        self.broker._on_message("c", self.stream, msg)
+
+    def drop(self) -> None:
+        error = SlowConsumerError(subject=self.subject, reply="", sid=1, sub=self.sub)  # type: ignore[arg-type]
+        self.broker._dropped(error)
+
+
+@pytest.mark.unit
+def test_a_drop_restarts_the_channel_after_the_messages_queued_before_it() -> None:
+    """Two queued, then drops: both are numbered in the old epoch, the restart
+    comes right after the second (not at the next message, which may never
+    come), and the drops with no delivery between them are one event."""
+    script = LossScript()
+    epoch = script.stream.epoch
+    script.queue(1)
+    script.queue(2)
+    script.drop()
+    script.drop()
+    assert script.log == []  # nothing restarts while 1 and 2 wait
+    script.hand(1)
+    assert script.log == [1]
+    script.hand(2)
+    assert script.log == [1, 2, ("restart", 0)]
+    assert script.stream.epoch != epoch
+    script.queue(3)
+    script.hand(3)
+    assert script.log[-1] == 3 and script.stream.offset == 1
+
+
+@pytest.mark.unit
+def test_a_drop_with_nothing_queued_restarts_at_once_and_an_unseen_epoch_is_not_restarted() -> None:
+    script = LossScript()
+    script.drop()
+    assert script.log == [("restart", 0)]
+    script.drop()  # nobody holds a position in the new epoch yet: the same event
+    assert script.log == [("restart", 0)]
+    script.queue(1)
+    script.hand(1)
+    script.drop()
+    assert script.log == [("restart", 0), 1, ("restart", 0)]
