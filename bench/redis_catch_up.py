@@ -117,9 +117,9 @@ async def reconnect(url: str, n: int) -> tuple[float, int]:
     tasks = [asyncio.create_task(sample()), asyncio.create_task(load())]
     try:
         started = time.perf_counter()
-        await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
         await publish_each(publisher, channels)  # a marker per channel, made during the outage
-        marked = set()
+        marked: set[str] = set()
         while len(marked) < n:
             marked.update(p.channel for p in got if p.data == b"1" and p.offset > 1)
             await asyncio.sleep(0.005)

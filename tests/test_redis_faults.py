@@ -59,7 +59,7 @@ async def numsub(client: aioredis.Redis, name: str) -> int:
 
 async def cut_and_wait_resubscribed(client: aioredis.Redis, name: str) -> None:
     """Kill every pub/sub link; return once Redis has ``name`` subscribed again."""
-    await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+    await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
     assert await numsub(client, name) == 0  # CLIENT KILL has closed it by its reply
     deadline = time.monotonic() + 10
     while await numsub(client, name) == 0:
@@ -95,9 +95,10 @@ def test_a_first_subscribe_in_flight_across_a_reconnect_replays_nothing(
             if channel == "h" and not reading.is_set():  # the subscribe's read only
                 reading.set()
                 await release.wait()
-            return await ensure(channel)
+            position: Position = await ensure(channel)
+            return position
 
-        b.broker._ensure = held_ensure  # type: ignore[method-assign]
+        b.broker._ensure = held_ensure
         subscribing = asyncio.create_task(b.broker.subscribe("h"))
         await reading.wait()
         await cut_and_wait_resubscribed(a.broker._redis, f"{prefix}:p:h")
@@ -146,7 +147,7 @@ def test_a_live_message_between_two_subscribe_batches_waits_for_the_hole(
                     await a.broker.publish("c0", b"3", history=KEEP)
             await write(*args)
 
-        b.broker._pubsub._write = spying_write  # type: ignore[method-assign]
+        b.broker._pubsub._write = spying_write
         await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
         await until(lambda: batches >= 2, "the two SUBSCRIBE batches")
         await until(lambda: b.broker.healthy, "b to be resubscribed")
@@ -225,7 +226,7 @@ def test_thousands_of_channels_are_caught_up_in_order_with_publications_right_af
             await publish_all(a, channels, b"3")
             await resubscribed(names)
 
-        b.broker._pubsub._write = spying_write  # type: ignore[method-assign]
+        b.broker._pubsub._write = spying_write
         b.broker._pubsub._on_resubscribed = publish_then_catch_up
         started = time.monotonic()
         await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
