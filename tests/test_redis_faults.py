@@ -34,13 +34,16 @@ def offsets(node: Node, channel: str) -> list[int]:
     return [pub.offset for pub in node.got if pub.channel == channel]
 
 
-def run_two(redis_server: RedisServer, body: Callable[[Node, Node, str], Awaitable[None]]) -> None:
-    """Nodes ``a`` (the publisher) and ``b`` (the one whose link is cut) on a fresh prefix."""
+def run_two(
+    redis_server: RedisServer, body: Callable[[Node, Node, str], Awaitable[None]], **kw: Any
+) -> None:
+    """Nodes ``a`` (the publisher) and ``b`` (the one whose link is cut, made with
+    ``kw``) on a fresh prefix."""
     prefix = f"t{uuid.uuid4().hex[:8]}"
 
     async def main() -> None:
         a = make_node(redis_server.url, prefix)
-        b = make_node(redis_server.url, prefix)
+        b = make_node(redis_server.url, prefix, **kw)
         await a.broker.start()
         await b.broker.start()
         try:
@@ -285,3 +288,50 @@ def test_the_link_is_read_while_the_hole_is_filled(redis_server: RedisServer) ->
         assert peak < 1_000_000
 
     run_two(redis_server, body)
+
+
+def test_past_the_hold_limit_the_channel_goes_live_and_the_hub_is_told(
+    redis_server: RedisServer,
+) -> None:
+    """Holding live publications while a hole waits for its catch-up is bounded:
+    the sixth one past ``hold_limit=5`` lets the channel go live at once, and the
+    hub hears that the stream restarted after the hole (its subscribers resync
+    and recover offset 2 from history themselves) instead of waiting on it."""
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        restarted: list[tuple[str, Position]] = []
+        b.broker.bind_restarted(lambda channel, position: restarted.append((channel, position)))
+        await b.broker.subscribe("q")
+        await a.broker.publish("q", b"1", history=KEEP)
+        await b.wait_for(1)
+        write = b.broker._pubsub._write
+        resubscribed = b.broker._pubsub._on_resubscribed
+        catching_up = asyncio.Event()
+        release = asyncio.Event()
+
+        async def spying_write(*args: bytes) -> None:
+            if args[0] == b"SUBSCRIBE" and not catching_up.is_set():
+                await a.broker.publish("q", b"2", history=KEEP)  # the hole
+            await write(*args)
+
+        async def held_catch_up(names: list[bytes]) -> None:
+            catching_up.set()
+            await release.wait()
+            await resubscribed(names)
+
+        b.broker._pubsub._write = spying_write
+        b.broker._pubsub._on_resubscribed = held_catch_up
+        await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await catching_up.wait()
+        for n in range(3, 9):
+            await a.broker.publish("q", b"%d" % n, history=KEEP)
+        await until(lambda: offsets(b, "q")[-1:] == [8], "the held publications, released")
+        epoch = b.got[0].epoch
+        assert restarted == [("q", Position(epoch, 2))]
+        assert offsets(b, "q") == [1, 3, 4, 5, 6, 7, 8]
+        release.set()
+        await a.broker.publish("q", b"9", history=KEEP)
+        await until(lambda: offsets(b, "q")[-1:] == [9], "a live publication after the catch-up")
+        assert offsets(b, "q") == [1, 3, 4, 5, 6, 7, 8, 9]
+
+    run_two(redis_server, body, hold_limit=5)

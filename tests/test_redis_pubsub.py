@@ -33,7 +33,7 @@ class Owner:
         self.messages: list[tuple[bytes, bytes]] = []
         self.resubscribed: list[list[bytes]] = []
         self.lost = 0
-        #: Run inside on_resubscribed, before the reader reads anything else.
+        #: Run inside on_resubscribed (a task started once every channel is confirmed).
         self.on_resubscribed: Callable[[list[bytes]], Awaitable[None]] | None = None
         self.pubsub = RedisPubSub(
             url,

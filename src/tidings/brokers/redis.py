@@ -238,10 +238,12 @@ class RedisBroker(Broker):
         from the pool at that moment: their write failed with "Error UNKNOWN
         while writing to socket. Connection lost." while Redis was up.
         """
+        if self._closing or not self._pubsub.ever_connected:
+            # Before the first connection no subscribe has gone live: nothing to
+            # catch up, and no catch-up would follow to release a hold.
+            return
         # What a cancelled catch-up had held back is read again from history.
         self._held = {channel: [] for channel in self._interest}
-        if self._closing:
-            return
         old, self._redis = self._redis, self._command_client()
         task = asyncio.get_running_loop().create_task(self._retire(old))
         self._retiring.add(task)
@@ -412,7 +414,7 @@ class RedisBroker(Broker):
                     offset, epoch = results[2 * n]
                     top = Position(epoch.decode(), int(offset))
                     await self._fill(channel, since[channel], top, results[2 * n + 1])
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, ProtocolError) as exc:
             # The link is up (else this task was cancelled) but commands fail:
             # subscribers resync rather than wait on a hole nobody fills.
             log.warning(
@@ -475,7 +477,11 @@ class RedisBroker(Broker):
         """Let ``channel`` go live with its hole unfilled, and say so to the hub."""
         held = self._held.pop(channel, None)
         last = self._interest.get(channel)
-        if held is None or last is None or last == EMPTY:
+        if held is None or last is None:
+            return
+        if last == EMPTY:  # nothing delivered here yet: no hole to speak of
+            for pub in held:
+                self._deliver_once(pub)
             return
         log.warning(
             "channel %r: live stream resumed without catching up; subscribers resync", channel

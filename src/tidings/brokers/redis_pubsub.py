@@ -138,6 +138,11 @@ class RedisPubSub:
         """Connected, with every channel wanted at the (re)connect confirmed."""
         return self._connected.is_set()
 
+    @property
+    def ever_connected(self) -> bool:
+        """Whether a connection was ever up: only a reconnect is followed by ``on_resubscribed``."""
+        return self._ever_connected
+
     async def start(self) -> None:
         """Start connecting; wait up to ``subscribe_timeout`` for the first connection."""
         loop = asyncio.get_running_loop()
