@@ -408,7 +408,10 @@ class RedisBroker(Broker):
                         await self._ensure_script(
                             keys=keys, args=[_new_epoch(), self._meta_ttl_ms], client=pipe
                         )
-                        pipe.xrange(keys[1], self._low(since[channel]), self._high(channel))
+                        if since[channel] == EMPTY:  # no hole (see _fill): an empty range
+                            pipe.xrange(keys[1], "+", "-")
+                        else:
+                            pipe.xrange(keys[1], self._low(since[channel]), self._high(channel))
                     results: list[Any] = await pipe.execute()
                 for n, channel in enumerate(batch):
                     offset, epoch = results[2 * n]
