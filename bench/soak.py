@@ -236,7 +236,6 @@ def plan_for(s: Settings, port: int, workers: int) -> list[list[tuple[dict[str, 
     per_kind = [int(s.n * w / total) for w in s.split]
     per_kind[0] += s.n - sum(per_kind)
     plans: list[list[tuple[dict[str, Any], int]]] = [[] for _ in range(workers)]
-    slot = itertools.count()
     for kind, count in zip(KINDS, per_kind, strict=True):
         for c in range(s.channels):
             n_chan = count // s.channels + (1 if c < count % s.channels else 0)
@@ -244,7 +243,7 @@ def plan_for(s: Settings, port: int, workers: int) -> list[list[tuple[dict[str, 
             for w in range(workers):
                 share = n_chan // workers + (1 if w < n_chan % workers else 0)
                 if share:
-                    plans[(w + next(slot)) % workers].append((spec, share))
+                    plans[(w + c) % workers].append((spec, share))
     return plans
 
 
@@ -364,18 +363,27 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
                 inflight.add(task)
                 task.add_done_callback(on_published)
 
+        stop_churn = asyncio.Event()
+        churn_seconds: list[float] = []
+
         async def churning() -> None:
+            """Stops between calls, never inside one: a call cancelled while its
+            answer is in the pipe would hand that answer to the next call."""
             per_tick = s.churn / nworkers
             owed = 0.0
             nxt = time.monotonic()
-            while True:
+            while not stop_churn.is_set():
                 nxt += 1.0
-                await asyncio.sleep(max(0.0, nxt - time.monotonic()))
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop_churn.wait(), max(0.0, nxt - time.monotonic()))
+                    return
                 owed += per_tick
                 k = int(owed)
                 owed -= k
                 if k:
+                    began = time.monotonic()
                     await pool.all("churn", 30, k=k, timeout=20)
+                    churn_seconds.append(time.monotonic() - began)
 
         writer = None
         csv_file = None
@@ -384,7 +392,8 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             writer = csv.writer(csv_file)
             writer.writerow(Sample.__dataclass_fields__.keys())
         start = time.monotonic()
-        background = [asyncio.ensure_future(publishing()), asyncio.ensure_future(churning())]
+        publish_task = asyncio.ensure_future(publishing())
+        churn_task = asyncio.ensure_future(churning())
         try:
             while True:
                 elapsed = time.monotonic() - start
@@ -418,11 +427,11 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
                 wake = min(start + len(out.samples) * s.sample, start + s.duration)
                 await asyncio.sleep(max(0.0, wake - time.monotonic()))
         finally:
-            for task in background:
-                task.cancel()
-            for task in background:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            publish_task.cancel()
+            stop_churn.set()
+            with contextlib.suppress(asyncio.CancelledError):
+                await publish_task
+            await churn_task
             if inflight:
                 await asyncio.wait(inflight, timeout=15)
             if csv_file:
@@ -442,6 +451,10 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             "statuses": statuses,
             "skipped": publisher.skipped,
             "errors": publisher.errors,
+        }
+        out.result["churn_call_seconds"] = {
+            "median": round(statistics.median(churn_seconds), 3) if churn_seconds else None,
+            "max": round(max(churn_seconds), 3) if churn_seconds else None,
         }
         out.result["server_log_tail"] = server.log_tail(2000)
         return out
