@@ -344,6 +344,9 @@ class QueuedSubscription:
     def __init__(self) -> None:
         self.pending_msgs = 0
 
+    async def unsubscribe(self) -> None:
+        """Nothing to tell a server."""
+
 
 class LossScript:
     """A NatsBroker with one subscribed channel and no network: messages handed
@@ -410,3 +413,26 @@ def test_a_drop_with_nothing_queued_restarts_at_once_and_an_unseen_epoch_is_not_
     script.hand(1)
     script.drop()
     assert script.log == [("restart", 0), 1, ("restart", 0)]
+
+
+@pytest.mark.unit
+def test_a_subscriber_leaving_when_told_does_not_break_the_disconnect_handling() -> None:
+    """A subscriber told to resync may leave at once (the hub then drops the
+    channel): the disconnect callback must still finish, or nats-py's
+    reconnect, which awaits it, dies with it and the node never reconnects."""
+    script = LossScript()
+    told: list[str] = []
+
+    def leave(channel: str, at: Position) -> None:
+        told.append(channel)
+        script.broker.unsubscribe(channel)
+
+    script.broker.bind_restarted(leave)
+    script.broker._streams["d"] = second = _Stream()
+    second.read()
+
+    async def disconnect() -> None:
+        await script.broker._on_disconnected()
+
+    asyncio.run(disconnect())
+    assert sorted(told) == ["c", "d"]

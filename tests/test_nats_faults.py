@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+import pytest
 from centrifuge import (
     Client,
     ClientEventHandler,
@@ -52,6 +53,7 @@ from test_scaleout import wait_health
 from tidings.brokers.nats import NatsBroker
 from tidings.errors import DisconnectCode
 from tidings.hub import DEFAULT_HISTORY
+from ws_support import Proxy
 
 if TYPE_CHECKING:
     from brokers_support import NatsServer
@@ -362,3 +364,49 @@ def test_a_nats_restart_while_publications_flow_is_told_to_every_subscriber(
     assert len(warnings_in(node, "lost the nats connection")) == 1, node.logs()
     assert_logged_cleanly(node)
     assert_logged_cleanly(publisher)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="transports/poll.py: PollWaiter.insufficient_state does nothing, so a held "
+    "long-poll stays on the channel and is answered with the new epoch's publication "
+    "and no 'unrecovered'; answering it at once (answer_now) would let the client "
+    "re-poll from its cursor and be told",
+)
+def test_a_long_poll_held_while_the_link_is_cut_is_told_of_what_it_lost(
+    server_factory: Factory, nats_server: NatsServer
+) -> None:
+    """Node A reaches NATS through a proxy, node B directly. A long-poll is held
+    on A after publication 0; A's link is cut, B publishes 1 (acknowledged, lost
+    to A), the link comes back, B publishes 2. The held poll's answer must not
+    hand over 2 as if 1 had never existed."""
+    prefix = f"t{uuid.uuid4().hex[:8]}"
+    proxy = Proxy(nats_server.port)
+    answers: list[dict[str, Any]] = []
+    try:
+        via_proxy = nats_config(nats_server, prefix).replace(
+            nats_server.url, f"nats://127.0.0.1:{proxy.port}"
+        )
+        node, other = server_factory(via_proxy), server_factory(nats_config(nats_server, prefix))
+        channel = unique_channel("cut")
+        publish(other, channel, {"n": 0})
+        cursor = poll_ok(node, [channel])["cursor"]
+
+        def hold() -> None:
+            answers.append(poll(node, [channel], cursor=cursor, timeout=WAIT).json())
+
+        held = threading.Thread(target=hold)
+        held.start()
+        wait_subscribers(node, channel, 1)
+        proxy.cut()
+        wait_health(node, 503)
+        assert "result" in api(other, "publish", {"channel": channel, "data": {"n": 1}}).json()
+        proxy.restore()
+        wait_health(node, 200)
+        publish(other, channel, {"n": 2})
+        held.join(WAIT)
+    finally:
+        proxy.close()
+    (answer,) = answers
+    got = [pub["data"]["n"] for pub in answer["publications"]]
+    assert answer["unrecovered"] or 2 not in got, f"publication 1 silently missing: {answer}"

@@ -206,9 +206,12 @@ class NatsBroker(Broker):
         if self._closing:
             return  # our own close(), not a lost connection
         # What is published while we are away never reaches us: every channel
-        # has a hole behind the messages still queued.
+        # has a hole behind the messages still queued. A copy: a subscriber told
+        # to resync may leave at once, and the hub then drops its channel.
         restarting = [
-            channel for channel, stream in self._streams.items() if self._lost(channel, stream)
+            channel
+            for channel, stream in list(self._streams.items())
+            if self._lost(channel, stream)
         ]
         log.warning(
             "lost the nats connection; reconnecting. Publications meanwhile are lost "
