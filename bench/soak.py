@@ -621,6 +621,7 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
     p.add_argument("--svg", type=Path)
+    p.add_argument("--svg-from", type=Path, help="draw --svg from this --csv, run nothing")
     a = p.parse_args(argv)
     weights = tuple(float(x) for x in a.split.split(","))
     if len(weights) != 3 or sum(weights) <= 0:
@@ -642,8 +643,44 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     return s, a
 
 
+def samples_from_csv(path: Path) -> list[Sample]:
+    """The samples a run wrote so far (``--csv``), e.g. of a run still going."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    return [
+        Sample(
+            t=float(r["t"]),
+            rss_kib=int(r["rss_kib"]),
+            fds=int(r["fds"]),
+            held=int(r["held"]),
+            deliveries=int(r["deliveries"]),
+            published=int(r["published"]),
+            churned=int(r["churned"]),
+            lost_unexpected=int(r["lost_unexpected"]),
+            cpu_s=float(r["cpu_s"]),
+        )
+        for r in rows
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     s, a = parse_args(argv)
+    if a.svg_from:  # only draw a CSV already written
+        samples = samples_from_csv(a.svg_from)
+        if a.svg:
+            a.svg.write_text(svg(samples, f"tidings soak: N={s.n}, {samples[-1].t:.0f} s"))
+        steady = [x for x in samples if x.t >= s.warmup * samples[-1].t]
+        rss = [x.rss_kib for x in steady]
+        med = statistics.median(rss)
+        slope = slope_per_hour([(x.t, float(x.rss_kib)) for x in steady])
+        print(
+            f"{len(samples)} samples to t={samples[-1].t}s; after t={steady[0].t}s: RSS "
+            f"{min(rss) / 1024:.1f}..{max(rss) / 1024:.1f} MiB, median {med / 1024:.1f}, "
+            f"worst {100 * max(abs(r - med) / med for r in rss):.2f} %, slope {slope:.0f} KiB/h "
+            f"({100 * slope / med:.2f} %/h); fds - held "
+            f"{min(x.fds - x.held for x in steady)}..{max(x.fds - x.held for x in steady)}"
+        )
+        return 0
     with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
         out = asyncio.run(soak(s, Path(tmp), log=lambda m: print(m, flush=True)))
     print(table(out))
