@@ -27,7 +27,6 @@ import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from centrifuge import (
     Client,
     ClientEventHandler,
@@ -366,13 +365,6 @@ def test_a_nats_restart_while_publications_flow_is_told_to_every_subscriber(
     assert_logged_cleanly(publisher)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="transports/poll.py: PollWaiter.insufficient_state does nothing, so a held "
-    "long-poll stays on the channel and is answered with the new epoch's publication "
-    "and no 'unrecovered'; answering it at once (answer_now) would let the client "
-    "re-poll from its cursor and be told",
-)
 def test_a_long_poll_held_while_the_link_is_cut_is_told_of_what_it_lost(
     server_factory: Factory, nats_server: NatsServer
 ) -> None:

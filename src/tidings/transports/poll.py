@@ -90,8 +90,12 @@ class PollWaiter:
             self.publications.append(pub)
 
     def insufficient_state(self) -> None:
-        """Nothing to do here: the client's next poll resumes from its cursor and
-        learns there whether history still reaches it."""
+        """The channel's stream skipped (a remote broker lost part of it): answer
+        now with what was delivered before the skip, so the client re-polls from
+        a cursor before it and learns there, as ``unrecovered``, what history no
+        longer holds. Staying held would hand over the next publication of the
+        new stream as if nothing had been lost."""
+        self.poll.answer(self, {})
 
     def deliver_presence(self, event: PresenceEvent) -> None:
         """Polls carry no join/leave events."""
