@@ -218,6 +218,7 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
             sum(publisher.failures.values()),
         )
         report.notes += _notes(cluster, clients, publisher)
+        report.tracebacks = cluster.logs().count("Traceback")
         return report
 
 

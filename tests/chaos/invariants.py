@@ -199,6 +199,8 @@ class Report:
     by_fault: dict[str, Counter[str]]
     violations: list[Violation]
     notes: list[str] = field(default_factory=list)
+    #: Tracebacks in the nodes' logs: an unhandled exception is a failure of its own.
+    tracebacks: int = 0
     #: For the first violation of each kind of each client and channel: what that
     #: client received around it (for diagnosis in the JSON file).
     contexts: list[dict[str, Any]] = field(default_factory=list)
@@ -269,6 +271,7 @@ class Report:
             "fault_log": [
                 {"kind": f.kind, "t": round(f.t, 3), "detail": f.detail} for f in self.faults
             ],
+            "tracebacks": self.tracebacks,
             "contexts": self.contexts,
             "notes": self.notes,
         }

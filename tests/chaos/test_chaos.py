@@ -79,6 +79,7 @@ def assert_kept_promise(report: Report, min_faults: int, kinds: set[str]) -> Non
     # tmp_path has them all, but a shared /tmp may rotate it away).
     contexts = json.dumps(report.contexts[:3], indent=1)
     assert not report.violations, f"{len(report.violations)} violations\n{table}\n{contexts}"
+    assert report.tracebacks == 0, f"unhandled exception in a node\n{table}"
 
 
 @pytest.mark.server
