@@ -125,3 +125,24 @@ class HeldRedisBroker(HoldsHistory, RedisBroker):
     def __init__(self, url: str, **kw: Any) -> None:
         super().__init__(url, **kw)
         self.init_faults()
+
+
+class Recorder:
+    """A subscriber that remembers what it was given, and how often it was told to resync."""
+
+    def __init__(self) -> None:
+        self.received: list[Publication] = []
+        self.resyncs = 0
+
+    def deliver(self, pub: Publication) -> None:
+        self.received.append(pub)
+
+    def insufficient_state(self) -> None:
+        self.resyncs += 1
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
+
+def offsets(pubs: list[Publication]) -> list[int]:
+    return [pub.offset for pub in pubs]

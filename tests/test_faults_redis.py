@@ -19,33 +19,14 @@ import pytest
 
 from brokers_support import until
 from centrifuge_support import FakeSession
-from faults_support import HeldRedisBroker
+from faults_support import HeldRedisBroker, Recorder, offsets
 from test_session_faults import OPTIONS, SECRET
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import ErrorCode, ProtocolError
-from tidings.hub import Hub, Publication
+from tidings.hub import Hub
 
 if TYPE_CHECKING:
     from brokers_support import RedisServer
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.received: list[Publication] = []
-        self.resyncs = 0
-
-    def deliver(self, pub: Publication) -> None:
-        self.received.append(pub)
-
-    def insufficient_state(self) -> None:
-        self.resyncs += 1
-
-    def deliver_presence(self, event: object) -> None:
-        pass
-
-
-def offsets(pubs: list[Publication]) -> list[int]:
-    return [pub.offset for pub in pubs]
 
 
 async def two_nodes(redis: RedisServer) -> tuple[HeldRedisBroker, RedisBroker]:

@@ -6,32 +6,13 @@ import asyncio
 
 import pytest
 
+from faults_support import Recorder, offsets
 from tidings.brokers.memory import MemoryBroker
 from tidings.cursor import decode_cursor, encode_cursor
 from tidings.errors import ProtocolError
 from tidings.hub import DEFAULT_HISTORY, EMPTY, HistoryPolicy, Hub, Position, Publication
 
 pytestmark = pytest.mark.unit
-
-
-class Recorder:
-    """A subscriber that remembers what it was given."""
-
-    def __init__(self) -> None:
-        self.received: list[Publication] = []
-
-    def deliver(self, pub: Publication) -> None:
-        self.received.append(pub)
-
-    def insufficient_state(self) -> None:
-        pass
-
-    def deliver_presence(self, event: object) -> None:
-        pass
-
-
-def offsets(pubs: list[Publication]) -> list[int]:
-    return [pub.offset for pub in pubs]
 
 
 def run(coro):  # type: ignore[no-untyped-def]

@@ -16,32 +16,11 @@ from typing import Any
 import pytest
 
 from brokers_support import until
-from faults_support import FaultyBroker
+from faults_support import FaultyBroker, Recorder, offsets
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import ClientInfo, Hub, Position, Publication
 
 pytestmark = pytest.mark.unit
-
-
-class Recorder:
-    """A subscriber that remembers what it was given, and how often it was told to resync."""
-
-    def __init__(self) -> None:
-        self.received: list[Publication] = []
-        self.resyncs = 0
-
-    def deliver(self, pub: Publication) -> None:
-        self.received.append(pub)
-
-    def insufficient_state(self) -> None:
-        self.resyncs += 1
-
-    def deliver_presence(self, event: object) -> None:
-        pass
-
-
-def offsets(pubs: list[Publication]) -> list[int]:
-    return [pub.offset for pub in pubs]
 
 
 def pending_of(hub: Hub, channel: str) -> int:
