@@ -77,6 +77,8 @@ class FaultyBroker(HoldsHistory, MemoryBroker):
     broker (publish, subscribe, history, presence) wait, as a paused Redis does.
     """
 
+    remote = True  # its calls can wait, so the hub bounds them
+
     def __init__(self) -> None:
         super().__init__()
         self.init_faults()

@@ -163,6 +163,8 @@ class SlowBroker(MemoryBroker):
     it to the new subscriber exactly once.
     """
 
+    remote = True
+
     def __init__(self) -> None:
         super().__init__()
         self.during_read: bytes | None = None

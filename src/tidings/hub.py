@@ -204,8 +204,12 @@ class Hub:
         error of an unavailable broker (code 100), which clients retry.
 
         The one place the bound is applied; a TimeoutError the broker raised
-        itself is not ours to reword.
+        itself is not ours to reword. A broker that never waits
+        (:attr:`Broker.remote` false) is not bounded: see there why.
         """
+        if not self._broker.remote:
+            yield
+            return
         timeout = asyncio.timeout(self._broker_timeout)
         try:
             async with timeout:

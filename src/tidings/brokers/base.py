@@ -33,6 +33,14 @@ def unavailable(cause: object) -> ProtocolError:
 class Broker(ABC):
     """Stamps publications with ``(epoch, offset)``, keeps history, fans out to nodes."""
 
+    #: Whether a call can wait on something outside this process (a network
+    #: round trip). The hub bounds such calls with ``timeouts.broker``; a
+    #: broker whose calls never wait is not bounded, because the bound is a
+    #: loop timer made and cancelled per call: on the memory broker that was a
+    #: third of a long-poll's CPU per delivery (bench/run.py --transports poll,
+    #: N=5,000: 1.40x the unbounded hub's µs/delivery).
+    remote: bool = True
+
     _deliver: Deliver | None = None
     _deliver_presence: DeliverPresence | None = None
     _restarted: Restarted | None = None

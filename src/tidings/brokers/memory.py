@@ -105,6 +105,8 @@ class _Stream:
 class MemoryBroker(Broker):
     """History rings per channel in this process. See the module docstring."""
 
+    remote = False  # every call completes without waiting: nothing to bound
+
     def __init__(
         self,
         *,
