@@ -21,7 +21,7 @@ from faults_support import FaultyBroker
 from tidings.config import Config
 from tidings.cursor import decode_cursor
 from tidings.server import Server
-from tidings.stream import Position
+from tidings.stream import Position, Publication
 
 TIMEOUT = 10.0
 
@@ -122,3 +122,69 @@ async def _poll(port: int, query: str) -> dict[str, Any]:
     assert head.startswith(b"HTTP/1.1 200"), raw
     result: dict[str, Any] = json.loads(body)
     return result
+
+
+def skip(server: Server, channel: str) -> None:
+    """What a node sees when a remote broker lost the channel's stream (Redis
+    restarted without its data): the next publications come in a new epoch."""
+    for offset in (7, 8):
+        server.hub._deliver(Publication(channel, offset, "new-epoch", b"{}"))
+
+
+def test_a_skip_while_a_poll_joins_its_other_channels_answers_before_the_hole() -> None:
+    """Channel a is joined, b's history read is held, a skips: the poll is
+    answered at once with nothing past the hole, so the client's next poll is
+    told plainly. (It was held and answered with a:8 of the new epoch, a:7
+    never seen and nothing said: the chaos run's redis_wipe failure.)"""
+
+    async def main() -> None:
+        broker = FaultyBroker()
+        server = await serve(broker)
+        try:
+            await server.hub.publish("a", b"{}")
+            first = await _poll(server.port, "channel=a&channel=b&timeout=0")
+            broker.hold_history.add("b")
+            held = asyncio.ensure_future(
+                _poll(server.port, f"channel=a&channel=b&cursor={first['cursor']}&timeout=5")
+            )
+            await broker.held_reads(1)
+            skip(server, "a")
+            broker.held[0].set()
+            answer = await held
+        finally:
+            await server.shutdown()
+        assert answer["publications"] == []
+        cursor = decode_cursor(answer["cursor"])
+        assert cursor["a"] == decode_cursor(first["cursor"])["a"] and cursor["b"].offset == 0
+
+    asyncio.run(main())
+
+
+def test_a_skip_while_an_sse_stream_joins_its_other_channels_ends_it_before_the_hole() -> None:
+    """The same skip on an SSE stream: its head and what came before the
+    skip are written, then the stream ends with its retry line, so the client
+    resumes from before the hole. (The retry line was written before the HTTP
+    head, and what came after the skip would have followed.)"""
+
+    async def main() -> None:
+        broker = FaultyBroker()
+        server = await serve(broker)
+        try:
+            broker.hold_history.add("b")
+            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            writer.write(b"GET /sse?channel=a&channel=b HTTP/1.1\r\nHost: t\r\n\r\n")
+            await broker.held_reads(1)
+            await server.hub.publish("a", b"{}")
+            skip(server, "a")
+            broker.held[0].set()
+            events = await read_events(reader, 2)  # subscribed + a:1
+            async with asyncio.timeout(TIMEOUT):
+                rest = await reader.read()
+            writer.close()
+        finally:
+            await server.shutdown()
+        assert [e.get("event") for e in events] == ["subscribed", None]
+        assert json.loads(events[1]["data"])["offset"] == 1
+        assert rest.startswith(b"retry:") and b"data:" not in rest, rest
+
+    asyncio.run(main())

@@ -69,7 +69,7 @@ def poll_response(
 class PollWaiter:
     """A held long-poll: answered on the first publication or at its deadline."""
 
-    __slots__ = ("channels", "conn", "deadline", "poll", "publications", "since")
+    __slots__ = ("channels", "conn", "deadline", "poll", "publications", "since", "skipped")
 
     def __init__(self, poll: PollTransport, conn: Exchange, channels: tuple[str, ...]):
         self.poll = poll
@@ -78,10 +78,14 @@ class PollWaiter:
         self.publications: list[Publication] | None = None
         #: The cursor of the positions the join returned (set once joined).
         self.since = ""
-        #: The second whose timer answers this waiter; 0 once it has left.
+        #: The second whose timer answers this waiter; 0 until held and once it has left.
         self.deadline = 0
+        #: A channel already joined skipped while later ones were joining.
+        self.skipped = False
 
     def deliver(self, pub: Publication) -> None:
+        if self.skipped:
+            return  # past the hole: the answer stops before it
         if self.publications is None:
             self.publications = [pub]
             if self.deadline:
@@ -94,8 +98,17 @@ class PollWaiter:
         now with what was delivered before the skip, so the client re-polls from
         a cursor before it and learns there, as ``unrecovered``, what history no
         longer holds. Staying held would hand over the next publication of the
-        new stream as if nothing had been lost."""
-        self.poll.answer(self, {})
+        new stream as if nothing had been lost.
+
+        While the poll is still joining its channels (not held yet), the skip
+        is remembered and the join's end answers at once, with nothing from
+        past the hole: answering is the handler's then, and a signal dropped
+        here let the next publication of the new stream through unannounced.
+        """
+        if self.deadline:
+            self.poll.answer(self, {})
+        else:
+            self.skipped = True
 
     def deliver_presence(self, event: PresenceEvent) -> None:
         """Polls carry no join/leave events."""
@@ -156,7 +169,7 @@ class PollTransport:
         joined = await join(hub, channels, since, waiter)
         # With a remote broker, publications can reach the waiter mid-join.
         early = waiter.publications or []
-        if joined.publications or joined.unrecovered or early:
+        if joined.publications or joined.unrecovered or early or waiter.skipped:
             leave(hub, channels, waiter)
             positions = joined.positions | {pub.channel: pub.position for pub in early}
             return poll_response(joined.publications + early, positions, joined.unrecovered)

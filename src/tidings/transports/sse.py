@@ -97,7 +97,7 @@ class Feed:
 class SSEStream(asyncio.Protocol):
     """One subscriber's event stream, once its head and backlog are written."""
 
-    __slots__ = ("_backlog", "credentials", "feed", "sse", "transport")
+    __slots__ = ("_backlog", "_skipped", "credentials", "feed", "sse", "transport")
 
     #: SSE streams have no client id; the server API reaches them by user.
     client_id = ""
@@ -115,12 +115,14 @@ class SSEStream(asyncio.Protocol):
         self.credentials = credentials
         # Publications that arrive while the stream is still joining its channels.
         self._backlog: list[Publication] | None = []
+        #: A channel already joined skipped while later ones were joining.
+        self._skipped = False
 
     def deliver(self, pub: Publication) -> None:
-        if self._backlog is not None:
-            self._backlog.append(pub)
-        else:
+        if self._backlog is None:
             self.transport.write(self.feed.event(pub))
+        elif not self._skipped:
+            self._backlog.append(pub)
 
     def go_live(self, positions: dict[str, Position]) -> None:
         """The stream's head is written and it stands at ``positions``: write what
@@ -133,6 +135,8 @@ class SSEStream(asyncio.Protocol):
                 cursor = encode_cursor(positions)
                 self.transport.write(event(pub.encoded(http_publication_json), id=cursor))
         self.feed.go_live(positions)
+        if self._skipped:
+            self.insufficient_state()
 
     @property
     def live(self) -> bool:
@@ -161,7 +165,16 @@ class SSEStream(asyncio.Protocol):
         self.transport.close()
 
     def insufficient_state(self) -> None:
-        """A channel's stream skipped: reconnecting with the last id reports the loss."""
+        """A channel's stream skipped: reconnecting with the last id reports the loss.
+
+        While the stream is still joining, the head is not written yet: the
+        backlog stops at the skip (what follows it would be written with ids
+        past the hole) and the stream ends once its head and that backlog are
+        written, so the resume starts from before the skip.
+        """
+        if self._backlog is not None:
+            self._skipped = True
+            return
         self.transport.write(self.sse.retry_line)
         self.transport.close()
 
