@@ -17,18 +17,36 @@ open descriptors (``/proc/<pid>/fd``), the connections held and the deliveries
 received are recorded. The server has no cheap way to report its asyncio task
 count from outside (no API call returns it), so that column is left out.
 
+Warm-up is not a fraction picked after the fact: it ends when every
+channel's history ring is full (``history.size`` of the server's config for
+the soak's channels, publications round-robin at ``--publish-rate``, so
+``channels x size / rate`` seconds), plus one long-poll timeout (a churned
+long-poll whose client half-closed is held until its timeout, so the number of
+those reaches its steady level one timeout after churn starts). By default
+(``--prefill``) the rings are filled before the clock starts, so only the
+long-poll timeout is left. Until the rings are full RSS grows by design (each
+publication kept with its encoded forms); after, what is kept is constant.
+
 At the end every client leaves and the server's descriptors must come back to
-the baseline taken before the first subscriber. The verdict: after the warm-up
-(the first ``--warmup`` fraction of the run) RSS stays within ±5 % of its
-median there and its least-squares slope is reported; descriptors while held
-stay at baseline + held connections (+ a small slack for the publisher's
-keep-alive connections and refusals in flight); after the clients leave,
-descriptors return to within ``FD_SLACK`` of the baseline.
+the baseline taken before the first subscriber. The verdict, after warm-up:
+RSS stays within ±5 % of its median there, and its least-squares line moves
+less than half that band over the steady window (so the same run, twice as
+long, would still be in the band); descriptors while held stay at baseline +
+held connections (+ a small slack for the publisher's keep-alive connections
+and refusals in flight); after the clients leave, descriptors return to within
+``FD_SLACK // 8`` of the baseline, and if they do not, what the server still
+holds (descriptor kinds and TCP states) is in the report.
+
+``--tracemalloc FRAMES`` runs the server with ``PYTHONTRACEMALLOC`` and a
+``sitecustomize`` that writes a snapshot on SIGUSR1 (no source edited); the
+soak takes one when warm-up ends and one at the end and reports the largest
+growth sites. It inflates RSS (tracemalloc's own books), so its RSS verdict
+means nothing: use it to find a leak, not to measure one.
 
 Output: a table on stdout, ``--json`` (everything), ``--csv`` (one row per
 sample, written as the run goes so that an interrupted run keeps its figures)
-and ``--svg`` (RSS and descriptors over time; matplotlib is not installed
-here, and an SVG polyline needs no library).
+and ``--png`` (RSS and descriptors over time, with the warm-up and the band;
+matplotlib, from the ``bench`` extra).
 """
 
 from __future__ import annotations
@@ -41,12 +59,15 @@ import itertools
 import json
 import math
 import multiprocessing as mp
+import os
 import random
+import signal
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+import tracemalloc
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -58,10 +79,25 @@ import load
 import measure
 from run import Pool, Publisher, ServerProc, WorkerHandle, free_port, worker_capacity
 from servers import CENTRIFUGE_SUBSCRIBE, HOST, REDIS, SERVERS, tidings_scaled
+from tidings.config import load_config
 
 KINDS = ("sse", "ws", "poll")
 FD_SLACK = 40  # publisher keep-alives (16), churn handshakes in flight, the broker link
 RSS_BAND = 0.05  # ± around the post-warm-up median
+#: The server's ``sitecustomize`` under ``--tracemalloc``: a snapshot per SIGUSR1.
+SNAPSHOT_HOOK = """\
+import os, signal, tracemalloc
+
+def _snapshot(signum, frame):
+    if tracemalloc.is_tracing():
+        _snapshot.n += 1
+        path = os.path.join(os.environ["SOAK_SNAPSHOT_DIR"], f"snap-{_snapshot.n}.pickle")
+        tracemalloc.take_snapshot().dump(path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+_snapshot.n = 0
+signal.signal(signal.SIGUSR1, _snapshot)
+"""
 
 
 # --------------------------------------------------------------------------- worker side
@@ -203,11 +239,31 @@ class Settings:
     publish_rate: float = 20.0
     duration: float = 1800.0
     sample: float = 10.0
-    warmup: float = 0.2
+    warmup: float | None = None  # seconds; None: until history is full + one poll timeout
+    prefill: bool = True
     workers: int = 0  # 0: as many as the descriptor limit asks, at least 2
     broker: str = "memory"
     poll_timeout: int = 30
     csv_path: Path | None = None
+    tracemalloc: int = 0  # frames per traceback; 0: off
+
+    @property
+    def history_size(self) -> int:
+        """Publications the server keeps per soak channel (its config, as it will load it)."""
+        path = os.environ.get("TIDINGS_BENCH_CONFIG") if self.broker == "memory" else None
+        return load_config(path).history_for("soak-0").size
+
+    @property
+    def history_fill_s(self) -> float:
+        """Seconds of publishing at ``publish_rate`` until every channel's ring is full."""
+        return self.channels * self.history_size / self.publish_rate
+
+    @property
+    def warmup_s(self) -> float:
+        """Seconds of the run left out of the RSS verdict (see the module docstring)."""
+        if self.warmup is not None:
+            return self.warmup
+        return (0.0 if self.prefill else self.history_fill_s) + self.poll_timeout
 
 
 @dataclass
@@ -285,6 +341,160 @@ async def wait_fds(pid: int, target: int, timeout: float) -> int:
     return fds
 
 
+TCP_STATES = {
+    "01": "ESTABLISHED",
+    "02": "SYN_SENT",
+    "03": "SYN_RECV",
+    "04": "FIN_WAIT1",
+    "05": "FIN_WAIT2",
+    "06": "TIME_WAIT",
+    "07": "CLOSE",
+    "08": "CLOSE_WAIT",
+    "09": "LAST_ACK",
+    "0A": "LISTEN",
+    "0B": "CLOSING",
+}
+
+
+def held_descriptors(pid: int) -> dict[str, int]:
+    """What ``pid``'s descriptors are, counted by kind: TCP sockets by state and peer
+    address (``tcp CLOSE_WAIT 127.251.1.2``), pipes, anon inodes, files.
+
+    The ``ls -l /proc/PID/fd`` + ``ss -tanp`` of a run whose descriptors did not
+    come back, taken by the soak itself so that the report says what was held.
+    """
+    sockets: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/net/{table}") as f:
+            for line in itertools.islice(f, 1, None):
+                cols = line.split()
+                peer_hex = cols[2].split(":")[0]
+                peer = (
+                    ".".join(str(b) for b in reversed(bytes.fromhex(peer_hex)))
+                    if len(peer_hex) == 8
+                    else "v6"
+                )
+                sockets[cols[9]] = f"tcp {TCP_STATES.get(cols[3], cols[3])} {peer}"
+    kinds: dict[str, int] = {}
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                kind = sockets.get(target[8:-1], "socket (not tcp)")
+            elif target.startswith("pipe:"):
+                kind = "pipe"
+            elif target.startswith("anon_inode:"):
+                kind = target
+            else:
+                kind = "file"
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return dict(sorted(kinds.items()))
+
+
+@contextlib.contextmanager
+def traced_server_env(frames: int, workdir: Path) -> Iterator[Path | None]:
+    """Environment for a server started inside: ``PYTHONTRACEMALLOC`` and the
+    snapshot hook, if ``frames``; the directory its snapshots go to."""
+    if not frames:
+        yield None
+        return
+    hook_dir = workdir / "hook"
+    snapshots = workdir / "snapshots"
+    hook_dir.mkdir(exist_ok=True)
+    snapshots.mkdir(exist_ok=True)
+    (hook_dir / "sitecustomize.py").write_text(SNAPSHOT_HOOK)
+    extra = {
+        "PYTHONTRACEMALLOC": str(frames),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(hook_dir), os.environ.get("PYTHONPATH")])),
+        "SOAK_SNAPSHOT_DIR": str(snapshots),
+    }
+    saved = {k: os.environ.get(k) for k in extra}
+    os.environ.update(extra)
+    try:
+        yield snapshots
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+async def take_snapshot(pid: int, snapshots: Path, n: int, timeout: float = 300.0) -> Path:
+    """Signal the server's hook and wait for its ``n``-th snapshot file."""
+    path = snapshots / f"snap-{n}.pickle"
+    os.kill(pid, signal.SIGUSR1)
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no tracemalloc snapshot {path} after {timeout}s")
+        await asyncio.sleep(0.5)
+    return path
+
+
+def growth_sites(first: Path, last: Path, top: int = 15) -> dict[str, Any]:
+    """Largest growth of live allocations between two snapshots: by line, and the
+    tracebacks of the first few."""
+    ignore = [
+        tracemalloc.Filter(False, tracemalloc.__file__),
+        tracemalloc.Filter(False, "<frozen importlib._bootstrap*>"),
+        tracemalloc.Filter(False, "<unknown>"),
+    ]
+    old = tracemalloc.Snapshot.load(str(first)).filter_traces(ignore)
+    new = tracemalloc.Snapshot.load(str(last)).filter_traces(ignore)
+    total_old = sum(st.size for st in old.statistics("filename"))
+    total_new = sum(st.size for st in new.statistics("filename"))
+    by_line = new.compare_to(old, "lineno")[:top]
+    by_trace = new.compare_to(old, "traceback")[:5]
+    return {
+        "traced_kib": [round(total_old / 1024), round(total_new / 1024)],
+        "by_line": [
+            {
+                "site": str(st.traceback[0]),
+                "size_diff_kib": round(st.size_diff / 1024, 1),
+                "size_kib": round(st.size / 1024, 1),
+                "count_diff": st.count_diff,
+            }
+            for st in by_line
+        ],
+        "by_traceback": [
+            {"size_diff_kib": round(st.size_diff / 1024, 1), "traceback": st.traceback.format()}
+            for st in by_trace
+        ],
+    }
+
+
+async def prefill(publisher: Publisher, count: int, lanes: int = 8) -> dict[int, int]:
+    """Publish seqs 1..``count`` (``lanes`` at a time): with ``count`` = channels x
+    history size, every ring is full before the clock starts."""
+    seqs = iter(range(1, count + 1))
+    statuses: dict[int, int] = {}
+
+    async def lane() -> None:
+        for seq in seqs:
+            status = await publisher.publish(seq, 30.0)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    await asyncio.gather(*(lane() for _ in range(lanes)))
+    return statuses
+
+
+async def deliveries_settled(pool: SoakPool, timeout: float) -> int:
+    """Until the subscribers' delivery count stops moving for a second (or the deadline)."""
+    deadline = time.monotonic() + timeout
+    last = -1
+    while time.monotonic() < deadline:
+        now: int = sum(a["deliveries"] for a in await pool.all("sample", 30))
+        if now == last:
+            return now
+        last = now
+        await asyncio.sleep(1.0)
+    return last
+
+
 async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
     """Run one soak and return its samples and verdict; every process is stopped."""
     capacity = worker_capacity() or load.MAX_SOCKETS_PER_PROCESS
@@ -304,7 +514,8 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             sdef = tidings_scaled(1, redis_port)
         port = free_port(1)
         (workdir / "server").mkdir(exist_ok=True)
-        server = ServerProc(sdef, port, workdir / "server")
+        with traced_server_env(s.tracemalloc, workdir) as snapshots:
+            server = ServerProc(sdef, port, workdir / "server")
         await server.wait_ready()
         pid = server.proc.pid
         pool = SoakPool(nworkers)
@@ -312,15 +523,21 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
 
         # Warm-up: one subscriber per (transport, channel 0), one publication,
         # close: first-use allocations are not what the soak looks for.
-        warm = [(channel_specs(port, "soak-0")[k].__dict__, 1) for k in KINDS]
+        warm = [(channel_specs(port, "soak-0", s.poll_timeout)[k].__dict__, 1) for k in KINDS]
         await pool.workers[0].call("open_plan", 30, plan=warm, ips=soak_ips(99), timeout=20)
         await publisher.publish(0)
         await pool.all("close", 10)
         await pool.all("reset", 10)
-        baseline_fds = await wait_fds(pid, 0, 1.0)
-        with contextlib.suppress(TimeoutError):
-            baseline_fds = await wait_fds(pid, baseline_fds - 1, 2.0)
+        # The warm-up's long-poll, half-closed, is held until its timeout: the
+        # baseline is taken once no subscriber's socket is left.
+        deadline = time.monotonic() + s.poll_timeout + 5.0
+        while time.monotonic() < deadline and any(
+            ".251." in kind for kind in held_descriptors(pid)
+        ):
+            await asyncio.sleep(0.2)
+        baseline_fds = measure.open_files(pid)
         baseline_rss = server.rss_kib()
+        baseline_held = held_descriptors(pid)
         log(f"server pid {pid} port {port}: baseline {baseline_fds} fds, {baseline_rss} KiB")
 
         plans = plan_for(s, port, nworkers)
@@ -338,7 +555,27 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             raise RuntimeError(f"no subscriber connected: {server.log_tail(400)}")
         out.result["opened"] = {"held": held, "seconds": round(time.monotonic() - t0, 1)}
 
-        seq = itertools.count(1)
+        filled = s.channels * s.history_size if s.prefill else 0
+        if filled:
+            began = time.monotonic()
+            statuses_prefill = await prefill(publisher, filled)
+            delivered = await deliveries_settled(pool, 180.0)
+            out.result["prefill"] = {
+                "publications": filled,
+                "statuses": statuses_prefill,
+                "deliveries": delivered,
+                "seconds": round(time.monotonic() - began, 1),
+            }
+            log(f"prefilled history: {out.result['prefill']}")
+        warmup_s = s.warmup_s
+        log(
+            f"warm-up {warmup_s:.0f}s (history {s.history_size}/channel, "
+            f"fill {s.history_fill_s:.0f}s at {s.publish_rate}/s, prefilled: {bool(filled)}, "
+            f"poll timeout {s.poll_timeout}s)"
+        )
+        snaps: list[Path] = []
+
+        seq = itertools.count(filled + 1)
         published = 0
         inflight: set[asyncio.Task[int]] = set()
         statuses: dict[int, int] = {}
@@ -422,6 +659,9 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
                 if writer and csv_file:
                     writer.writerow(smp.__dict__.values())
                     csv_file.flush()
+                if snapshots and not snaps and elapsed >= warmup_s:
+                    snaps.append(await take_snapshot(pid, snapshots, 1))
+                    log(f"tracemalloc snapshot 1 at t={time.monotonic() - start:.0f}s")
                 if elapsed >= s.duration:
                     break
                 wake = min(start + len(out.samples) * s.sample, start + s.duration)
@@ -437,13 +677,22 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             if csv_file:
                 csv_file.close()
         final = await pool.all("sample", 30)
+        if snapshots and snaps:
+            snaps.append(await take_snapshot(pid, snapshots, 2))
+            out.result["tracemalloc"] = growth_sites(snaps[0], snaps[1])
         publisher.close()
         await pool.all("close", 30)
         # A long-poll whose client closed (FIN) is held until its timeout: the
         # server answers what was asked before closing its half (eof_received).
         left = time.monotonic()
-        after_fds = await wait_fds(pid, baseline_fds + FD_SLACK // 8, s.poll_timeout + 15.0)
+        target = baseline_fds + FD_SLACK // 8
+        out.result["after_close_held"] = {"0": held_descriptors(pid)}
+        after_fds = await wait_fds(pid, target, s.poll_timeout + 15.0)
         out.result["after_close_seconds"] = round(time.monotonic() - left, 1)
+        out.result["after_close_held"][str(out.result["after_close_seconds"])] = held_descriptors(
+            pid
+        )
+        out.result["baseline_held"] = baseline_held
         out.result.update(
             verdict(s, out.samples, baseline_fds, baseline_rss, after_fds, held, final)
         )
@@ -479,12 +728,14 @@ def verdict(
     final: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """RSS band and slope after the warm-up; descriptors while held and after."""
-    end = samples[-1].t if samples else 0.0
-    steady = [x for x in samples if x.t >= s.warmup * end] or samples
-    rss = [x.rss_kib for x in steady]
-    median = statistics.median(rss)
-    worst = max(abs(r - median) / median for r in rss)
-    slope = slope_per_hour([(x.t, float(x.rss_kib)) for x in steady])
+    steady = steady_samples(samples, s.warmup_s)
+    st = rss_steady(steady)
+    median, worst, slope, drift = (
+        st["median"],
+        st["worst"],
+        st["slope_kib_per_hour"],
+        st["drift"],
+    )
     fd_excess = [x.fds - baseline_fds - x.held for x in steady]
     fds_slope = slope_per_hour([(x.t, float(x.fds - x.held)) for x in steady])
     errors: dict[str, int] = {}
@@ -498,14 +749,21 @@ def verdict(
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in s.__dict__.items()},
         "baseline": {"fds": baseline_fds, "rss_kib": baseline_rss},
         "held_at_open": held,
+        "warmup": {
+            "seconds": s.warmup_s,
+            "history_size": s.history_size,
+            "history_fill_s": s.history_fill_s,
+            "prefilled": s.prefill,
+        },
         "steady": {
             "from_s": steady[0].t if steady else None,
             "rss_median_kib": median,
-            "rss_min_kib": min(rss),
-            "rss_max_kib": max(rss),
+            "rss_min_kib": st["min"],
+            "rss_max_kib": st["max"],
             "rss_worst_deviation": round(worst, 4),
             "rss_slope_kib_per_hour": round(slope, 1),
             "rss_slope_percent_per_hour": round(100 * slope / median, 2),
+            "rss_drift_over_window": round(drift, 4),
             "fd_excess_max": max(fd_excess),
             "fd_excess_min": min(fd_excess),
             "fd_minus_held_slope_per_hour": round(fds_slope, 1),
@@ -515,9 +773,36 @@ def verdict(
         "churn_failures": churn_failures,
         "ok": {
             "rss_within_band": worst <= RSS_BAND,
+            "rss_slope_flat": drift <= RSS_BAND / 2,
             "fds_while_held": max(fd_excess) <= FD_SLACK,
             "fds_after_close": after_fds <= baseline_fds + FD_SLACK // 8,
         },
+    }
+
+
+def steady_samples(samples: Sequence[Sample], warmup_s: float) -> list[Sample]:
+    """The samples after the warm-up (all of them if the run ended inside it)."""
+    return [x for x in samples if x.t >= warmup_s] or list(samples)
+
+
+def rss_steady(steady: Sequence[Sample]) -> dict[str, float]:
+    """RSS median, band deviation, slope and drift over the steady window.
+
+    ``drift`` is how far the least-squares line moves over the window, as a
+    fraction of the median: at most half the band means the same trend, run
+    as long again, would still stay within the band.
+    """
+    rss = [x.rss_kib for x in steady]
+    median = statistics.median(rss)
+    slope = slope_per_hour([(x.t, float(x.rss_kib)) for x in steady])
+    window_h = (steady[-1].t - steady[0].t) / 3600.0
+    return {
+        "median": median,
+        "min": min(rss),
+        "max": max(rss),
+        "worst": max(abs(r - median) / median for r in rss),
+        "slope_kib_per_hour": slope,
+        "drift": abs(slope) * window_h / median,
     }
 
 
@@ -542,8 +827,14 @@ def table(out: Soak) -> str:
         ),
         ("RSS worst deviation from median", f"{100 * st['rss_worst_deviation']:.2f} %"),
         (
-            "RSS slope after warm-up",
-            f"{st['rss_slope_kib_per_hour']:.0f} KiB/h ({st['rss_slope_percent_per_hour']} %/h)",
+            "RSS slope after warm-up (drift over window)",
+            f"{st['rss_slope_kib_per_hour']:.0f} KiB/h ({st['rss_slope_percent_per_hour']} %/h; "
+            f"{100 * st['rss_drift_over_window']:.2f} %)",
+        ),
+        (
+            "warm-up",
+            f"{r['warmup']['seconds']:.0f} s (history {r['warmup']['history_size']}/channel, "
+            f"fill {r['warmup']['history_fill_s']:.0f} s, prefilled: {r['warmup']['prefilled']})",
         ),
         ("fds - baseline - held (min..max)", f"{st['fd_excess_min']}..{st['fd_excess_max']}"),
         (
@@ -558,51 +849,48 @@ def table(out: Soak) -> str:
     return "\n".join(f"| {k.ljust(width)} | {v} |" for k, v in rows)
 
 
-def svg(samples: Sequence[Sample], title: str) -> str:
-    """RSS (MiB, left) and fds - held (right) over time, as two polylines."""
-    w, h, pad = 760, 320, 50
-    tmax = max(x.t for x in samples) or 1.0
+def png(samples: Sequence[Sample], warmup_s: float, title: str, path: Path) -> None:
+    """RSS (MiB, left) and descriptors minus held connections (right) over time,
+    with the warm-up shaded and the ±5 % band around the steady median."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ts = [x.t for x in samples]
     rss = [x.rss_kib / 1024 for x in samples]
-    lo, hi = 0.0, max(rss) * 1.1
+    steady = steady_samples(samples, warmup_s)
+    median = statistics.median(x.rss_kib for x in steady) / 1024
+    fig, ax = plt.subplots(figsize=(9, 4.2), dpi=100)
+    ax.axvspan(0, min(warmup_s, ts[-1]), color="#eeeeee", label="warm-up")
+    ax.axhspan(
+        median * (1 - RSS_BAND),
+        median * (1 + RSS_BAND),
+        color="#1f77b4",
+        alpha=0.12,
+        label=f"±{100 * RSS_BAND:.0f} % of steady median",
+    )
+    ax.plot(ts, rss, color="#1f77b4", linewidth=2, label="server RSS")
+    ax.set_ylim(0, max(rss) * 1.15)
+    ax.set_xlabel("seconds")
+    ax.set_ylabel("server RSS (MiB)", color="#1f77b4")
+    right = ax.twinx()
+    right.plot(
+        ts,
+        [x.fds - x.held for x in samples],
+        color="#d62728",
+        linewidth=1,
+        label="fds − held connections",
+    )
+    right.set_ylabel("descriptors − held connections", color="#d62728")
     extra = [x.fds - x.held for x in samples]
-    elo, ehi = min(0, min(extra)), max(extra) * 1.2 + 1
-
-    def px(t: float) -> float:
-        return pad + (w - 2 * pad) * t / tmax
-
-    def py(v: float, a: float, b: float) -> float:
-        return h - pad - (h - 2 * pad) * (v - a) / (b - a)
-
-    rss_pts = " ".join(
-        f"{px(x.t):.1f},{py(r, lo, hi):.1f}" for x, r in zip(samples, rss, strict=True)
-    )
-    fd_pts = " ".join(
-        f"{px(x.t):.1f},{py(e, elo, ehi):.1f}" for x, e in zip(samples, extra, strict=True)
-    )
-    ticks = "".join(
-        f'<text x="{pad - 6}" y="{py(v, lo, hi) + 4:.1f}" text-anchor="end">{v:.0f}</text>'
-        f'<line x1="{pad}" x2="{w - pad}" y1="{py(v, lo, hi):.1f}" y2="{py(v, lo, hi):.1f}" '
-        'stroke="#ddd"/>'
-        for v in (hi * k / 5 for k in range(6))
-    )
-    tticks = "".join(
-        f'<text x="{px(t):.1f}" y="{h - pad + 16}" text-anchor="middle">{t:.0f}</text>'
-        for t in (tmax * k / 6 for k in range(7))
-    )
-    return (
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" '
-        'font-family="sans-serif" font-size="11">'
-        f'<rect width="{w}" height="{h}" fill="white"/>{ticks}{tticks}'
-        f'<text x="{w / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>'
-        f'<text x="{w / 2}" y="{h - 10}" text-anchor="middle">seconds</text>'
-        f'<text x="12" y="{h / 2}" transform="rotate(-90 12 {h / 2})" text-anchor="middle" '
-        'fill="#1f77b4">server RSS (MiB)</text>'
-        f'<text x="{w - 12}" y="{h / 2}" transform="rotate(90 {w - 12} {h / 2})" '
-        f'text-anchor="middle" fill="#d62728">fds - held ({elo:.0f}..{ehi:.0f})</text>'
-        f'<polyline fill="none" stroke="#1f77b4" stroke-width="2" points="{rss_pts}"/>'
-        f'<polyline fill="none" stroke="#d62728" stroke-width="1" points="{fd_pts}"/>'
-        "</svg>\n"
-    )
+    right.set_ylim(min(0, min(extra)) * 1.5, max(extra) * 1.5 + 1)
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower right", fontsize=8)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
@@ -614,14 +902,33 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
     p.add_argument("--publish-rate", type=float, default=20.0, help="per second (default 20)")
     p.add_argument("--duration", type=float, default=1800.0, help="seconds (default 1800)")
     p.add_argument("--sample", type=float, default=10.0, help="seconds between samples")
-    p.add_argument("--warmup", type=float, default=0.2, help="fraction left out of the verdict")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=None,
+        help="seconds left out of the RSS verdict (default: until history is full, "
+        "plus one long-poll timeout)",
+    )
+    p.add_argument(
+        "--prefill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="fill every channel's history before the clock starts (default on)",
+    )
     p.add_argument("--workers", type=int, default=0, help="load processes (0: automatic)")
     p.add_argument("--broker", choices=("memory", "redis"), default="memory")
     p.add_argument("--poll-timeout", type=int, default=30, help="long-poll hold, seconds")
+    p.add_argument(
+        "--tracemalloc",
+        type=int,
+        default=0,
+        metavar="FRAMES",
+        help="trace the server's allocations; report growth from warm-up to end",
+    )
     p.add_argument("--json", type=Path)
     p.add_argument("--csv", type=Path)
-    p.add_argument("--svg", type=Path)
-    p.add_argument("--svg-from", type=Path, help="draw --svg from this --csv, run nothing")
+    p.add_argument("--png", type=Path, help="RSS and fds chart (needs matplotlib)")
+    p.add_argument("--from-csv", type=Path, help="read this --csv (e.g. a run still going)")
     a = p.parse_args(argv)
     weights = tuple(float(x) for x in a.split.split(","))
     if len(weights) != 3 or sum(weights) <= 0:
@@ -635,10 +942,12 @@ def parse_args(argv: list[str] | None) -> tuple[Settings, argparse.Namespace]:
         duration=a.duration,
         sample=a.sample,
         warmup=a.warmup,
+        prefill=a.prefill,
         workers=a.workers,
         broker=a.broker,
         poll_timeout=a.poll_timeout,
         csv_path=a.csv,
+        tracemalloc=a.tracemalloc,
     )
     return s, a
 
@@ -665,31 +974,33 @@ def samples_from_csv(path: Path) -> list[Sample]:
 
 def main(argv: list[str] | None = None) -> int:
     s, a = parse_args(argv)
-    if a.svg_from:  # only draw a CSV already written
-        samples = samples_from_csv(a.svg_from)
-        if a.svg:
-            a.svg.write_text(svg(samples, f"tidings soak: N={s.n}, {samples[-1].t:.0f} s"))
-        steady = [x for x in samples if x.t >= s.warmup * samples[-1].t]
-        rss = [x.rss_kib for x in steady]
-        med = statistics.median(rss)
-        slope = slope_per_hour([(x.t, float(x.rss_kib)) for x in steady])
+    if a.from_csv:  # only read a CSV already written (same settings as its run)
+        samples = samples_from_csv(a.from_csv)
+        if a.png:
+            png(samples, s.warmup_s, f"tidings soak: N={s.n}, {samples[-1].t:.0f} s", a.png)
+        steady = steady_samples(samples, s.warmup_s)
+        st = rss_steady(steady)
+        med = st["median"]
         print(
             f"{len(samples)} samples to t={samples[-1].t}s; after t={steady[0].t}s: RSS "
-            f"{min(rss) / 1024:.1f}..{max(rss) / 1024:.1f} MiB, median {med / 1024:.1f}, "
-            f"worst {100 * max(abs(r - med) / med for r in rss):.2f} %, slope {slope:.0f} KiB/h "
-            f"({100 * slope / med:.2f} %/h); fds - held "
-            f"{min(x.fds - x.held for x in steady)}..{max(x.fds - x.held for x in steady)}"
+            f"{st['min'] / 1024:.1f}..{st['max'] / 1024:.1f} MiB, median {med / 1024:.1f}, "
+            f"worst {100 * st['worst']:.2f} %, slope {st['slope_kib_per_hour']:.0f} KiB/h "
+            f"({100 * st['slope_kib_per_hour'] / med:.2f} %/h, drift {100 * st['drift']:.2f} %); "
+            f"fds - held {min(x.fds - x.held for x in steady)}.."
+            f"{max(x.fds - x.held for x in steady)}"
         )
         return 0
     with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
         out = asyncio.run(soak(s, Path(tmp), log=lambda m: print(m, flush=True)))
     print(table(out))
+    if "tracemalloc" in out.result:
+        print(json.dumps(out.result["tracemalloc"]["by_line"], indent=1))
     if a.json:
         a.json.write_text(
             json.dumps({**out.result, "samples": [x.__dict__ for x in out.samples]}, indent=1)
         )
-    if a.svg:
-        a.svg.write_text(svg(out.samples, f"tidings soak: N={s.n}, {s.duration:.0f} s"))
+    if a.png:
+        png(out.samples, s.warmup_s, f"tidings soak: N={s.n}, {s.duration:.0f} s", a.png)
     return 0 if all(out.result["ok"].values()) else 1
 
 
