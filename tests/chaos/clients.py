@@ -7,11 +7,12 @@ from its last position the way that transport's documentation says:
 * SSE: ``Last-Event-ID`` = the last ``id:`` received (httpx; the stream is parsed
   by ``tidings.client.sse.SSEParser``, the parser the project ships);
 * long-poll and poll: ``/poll`` with the last ``cursor`` (httpx);
-* WebSocket: centrifuge-python, unmodified, with its built-in recovery.
+* WebSocket: centrifuge-python, unmodified, with its built-in recovery;
+* ``browser`` and ``browser-<transport>``: tidings.js, unmodified, in headless
+  Chromium (:mod:`chaos.browser`), on the transport it picks or on the one pinned.
 
-A future client (tidings.js in Chromium, issue 12) only has to implement
-:class:`ChaosClient`: ``start()``, ``stop()``, ``ready`` and a :class:`Recording`;
-:data:`TRANSPORTS` maps its name to its class.
+A client implements :class:`ChaosClient`: ``start()``, ``stop()``, ``ready`` and a
+:class:`Recording`; :data:`TRANSPORTS` maps its kind to what makes one.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import contextlib
 import json
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
@@ -100,6 +101,10 @@ class ChaosClient:
 
     async def _run(self) -> None:
         raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Lines about this client for the end of the report (what the table cannot say)."""
+        return []
 
     def _error(self, what: str) -> None:
         # Bounded: a client in a reconnect loop against a dead node must not grow memory.
@@ -271,10 +276,45 @@ class WebSocketChaosClient(ChaosClient):
         await super().stop()
 
 
-#: Transport name → client class (add tidings.js in Chromium here).
-TRANSPORTS: dict[str, type[ChaosClient]] = {
+#: tidings.js in Chromium: kind → the ``transports`` it may use (None: tidings.js's own order).
+BROWSER_KINDS: dict[str, tuple[str, ...] | None] = {
+    "browser": None,
+    "browser-websocket": ("websocket",),
+    "browser-sse": ("sse",),
+    "browser-longpoll": ("longpoll",),
+    "browser-poll": ("poll",),
+}
+
+#: What makes a client: ``(name, channels, node_ports)`` → a :class:`ChaosClient`.
+ClientFactory = Callable[[str, Sequence[str], Sequence[int]], ChaosClient]
+
+
+class _BrowserKind:
+    """Makes a :class:`chaos.browser.BrowserChaosClient` of one kind.
+
+    Imported on first use, not above: that module extends :class:`ChaosClient`
+    (importing it here would be circular) and needs playwright, which the other
+    kinds do not.
+    """
+
+    __slots__ = ("kind",)
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+
+    def __call__(
+        self, name: str, channels: Sequence[str], node_ports: Sequence[int]
+    ) -> ChaosClient:
+        from .browser import BrowserChaosClient
+
+        return BrowserChaosClient(name, channels, node_ports, self.kind)
+
+
+#: Client kind → what makes one.
+TRANSPORTS: dict[str, ClientFactory] = {
     "sse": SSEChaosClient,
     "longpoll": PollChaosClient,
     "poll": ShortPollChaosClient,
     "websocket": WebSocketChaosClient,
+    **{kind: _BrowserKind(kind) for kind in BROWSER_KINDS},
 }

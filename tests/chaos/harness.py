@@ -164,6 +164,7 @@ def _notes(cluster: Cluster, clients: Sequence[ChaosClient], publisher: Publishe
     errors: Counter[str] = Counter()
     for client in clients:
         errors.update(e[:90] for e in client.errors)
+        notes += client.notes()
         if isinstance(client, WebSocketChaosClient) and client.disconnects:
             notes.append(f"{client.name} disconnect codes: {client.disconnects}")
     if errors:
