@@ -299,10 +299,16 @@ TRANSPORTS: dict[str, Callable[[Any, Attempt], str]] = {
 }
 
 
-def refused(transport: str, refusal: Refusal) -> str:
-    """The documented answer (docs/security.md, "What each error means")."""
+def refused(transport: str, refusal: Refusal, *, subscription: bool = False) -> str:
+    """The documented answer (docs/security.md, "What each error means").
+
+    Over WebSocket a subscription token that does not verify fails only its
+    subscribe, with 103, as Centrifugo answers it.
+    """
     if transport == "websocket":
-        return "close 3500" if refusal == "invalid" else "error 109"
+        if refusal == "invalid":
+            return "error 103" if subscription else "close 3500"
+        return "error 109"
     return "401 101" if refusal == "invalid" else "401 109"
 
 
@@ -328,7 +334,8 @@ def test_subscription_token_attack(secure: Any, transport: str, attack: str) -> 
     user = unique_channel("user")
     connection = signed({"sub": user, "exp": _now() + 600})
     send = TRANSPORTS[transport]
-    for make, expected in ((genuine, "accepted"), (forged, refused(transport, refusal))):
+    refusal_answer = refused(transport, refusal, subscription=True)
+    for make, expected in ((genuine, "accepted"), (forged, refusal_answer)):
         channel = f"private:{unique_channel()}"
         claims = {"sub": user, "channel": channel, "exp": _now() + 600}
         assert send(secure, Attempt(channel, connection, make(claims))) == expected

@@ -271,10 +271,11 @@ def ensure_js_deps() -> None:
 class NodeClient:
     """tests/js/client.mjs in a child process: events out as JSON lines, commands in."""
 
-    def __init__(self, ws_url: str, *channels: str) -> None:
+    def __init__(self, ws_url: str, *channels: str, env: dict[str, str] | None = None) -> None:
         self.proc = subprocess.Popen(
             ["node", str(JS_DIR / "client.mjs"), ws_url, *channels],
             cwd=JS_DIR,
+            env={**os.environ, **(env or {})},
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

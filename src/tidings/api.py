@@ -14,6 +14,7 @@ can hold.
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import hmac
 import logging
@@ -23,6 +24,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from .auth import PRESENCE_OFF, Access
+from .centrifuge.schema import presence_entries
 from .codec import CentrifugoPublication
 from .errors import DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, Router, error_response, json_response
@@ -101,16 +103,53 @@ class InfoParams(_Body):
     pass
 
 
+class BatchParams(_Body):
+    """``{"commands": [{"<method>": {params}}, ...], "parallel": bool}``, as Centrifugo.
+
+    Each command stays raw until the whole batch is known to fit the bound,
+    then is decoded by its method's decoder; a null command is a bad request.
+    """
+
+    commands: list[dict[str, msgspec.Raw] | None] = msgspec.field(default_factory=list)
+    parallel: bool = False
+
+
 Method = Callable[[Any], Awaitable[dict[str, Any]]]
+
+#: Centrifugo's precedence when one batch command carries several methods.
+BATCH_ORDER = (
+    "publish",
+    "broadcast",
+    "unsubscribe",
+    "disconnect",
+    "history",
+    "presence",
+    "presence_stats",
+    "info",
+    "channels",
+)
+
+#: What a batch runs: a method's reply key, entry and decoded parameters; or an
+#: error reply already decided while decoding (an empty or unknown command).
+_BatchItem = tuple[str, Method, Any] | dict[str, Any]
 
 
 class ServerAPI:
     """The ``/api/`` methods, over the hub and the access rules they are given."""
 
-    def __init__(self, hub: Hub, access: Access, api_key: str, node_info: NodeInfo) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        access: Access,
+        api_key: str,
+        node_info: NodeInfo,
+        *,
+        max_batch_commands: int = 1000,
+    ) -> None:
         self.hub = hub
         self.access = access
         self.node_info = node_info
+        self.max_batch_commands = max_batch_commands
         self._key = api_key.encode()
         self.methods: dict[str, tuple[type[_Body], Method]] = {
             "publish": (PublishParams, self.publish),
@@ -123,9 +162,11 @@ class ServerAPI:
             "unsubscribe": (UnsubscribeParams, self.unsubscribe),
             "info": (InfoParams, self.info),
         }
+        assert set(BATCH_ORDER) == set(self.methods)
         self._decoders = {
             name: msgspec.json.Decoder(params) for name, (params, _) in self.methods.items()
         }
+        self._batch_decoder = msgspec.json.Decoder(BatchParams)
 
     def mount(self, router: Router) -> None:
         router.add_prefix("POST", "/api/", self.handle)
@@ -145,6 +186,8 @@ class ServerAPI:
             log_client_error(log, "API request refused from %s: wrong or missing key", conn.client)
             return error_response(401, "unauthorized: missing or wrong API key")
         name = request.path.removeprefix("/api/")
+        if name == "batch":
+            return await self._handle_batch(request, conn)
         entry = self.methods.get(name)
         if entry is None:
             return error_response(404, f"method not found: {name}")
@@ -156,8 +199,58 @@ class ServerAPI:
         try:
             result = await entry[1](params)
         except ProtocolError as exc:
-            return json_response({"error": {"code": int(exc.code), "message": exc.message}})
+            return json_response(_error_reply(exc))
         return json_response({"result": result})
+
+    async def _handle_batch(self, request: Request, conn: Exchange) -> Response:
+        """``POST /api/batch``: ``{"replies": [...]}``, one reply per command, in order.
+
+        Each reply is ``{"<method>": result}`` or ``{"error": {code, message}}``,
+        as in Centrifugo (which answers the batch itself without a ``result``
+        wrapper). Every command is decoded before any runs, so a malformed one
+        refuses the whole batch (400, 107) with nothing done; more than
+        ``limits.max_batch_commands`` commands is 400 with 106. ``parallel``
+        runs the commands concurrently; replies keep the commands' order.
+        """
+        try:
+            batch = decode_params(self._batch_decoder, request.body or b"{}")
+            if len(batch.commands) > self.max_batch_commands:
+                raise ProtocolError(
+                    ErrorCode.LIMIT_EXCEEDED,
+                    f"more than {self.max_batch_commands} commands in one batch",
+                )
+            items = [self._batch_item(command) for command in batch.commands]
+        except ProtocolError as exc:
+            log_client_error(log, "bad API batch from %s: %s", conn.client, exc.message)
+            return error_response(exc)
+        if batch.parallel:
+            replies = list(await asyncio.gather(*(self._run_batch_item(i) for i in items)))
+        else:
+            replies = [await self._run_batch_item(item) for item in items]
+        return json_response({"replies": replies})
+
+    def _batch_item(self, command: dict[str, msgspec.Raw] | None) -> _BatchItem:
+        """Decode one batch command (raises the batch's 400 on bad parameters)."""
+        if not command:
+            return _error_reply(ProtocolError(ErrorCode.BAD_REQUEST, "empty command"))
+        name = next((name for name in BATCH_ORDER if name in command), None)
+        if name is None:
+            unknown = ", ".join(sorted(command))
+            return _error_reply(
+                ProtocolError(ErrorCode.METHOD_NOT_FOUND, f"method not found: {unknown}")
+            )
+        params = decode_params(self._decoders[name], bytes(command[name]))
+        return name, self.methods[name][1], params
+
+    @staticmethod
+    async def _run_batch_item(item: _BatchItem) -> dict[str, Any]:
+        if isinstance(item, dict):
+            return item
+        name, method, params = item
+        try:
+            return {name: await method(params)}
+        except ProtocolError as exc:
+            return _error_reply(exc)
 
     def _known(self, channel: str) -> None:
         """Refuse a bad name (107) or a channel of an unknown namespace (102), as
@@ -179,7 +272,7 @@ class ServerAPI:
                 self._known(channel)
                 position = await self.hub.publish(channel, data, tags=params.tags)
             except ProtocolError as exc:
-                responses.append({"error": {"code": int(exc.code), "message": exc.message}})
+                responses.append(_error_reply(exc))
             else:
                 responses.append({"result": {"offset": position.offset, "epoch": position.epoch}})
         return {"responses": responses}
@@ -213,7 +306,7 @@ class ServerAPI:
 
     async def presence(self, params: ChannelParams) -> dict[str, Any]:
         self._check_presence(params.channel)
-        return {"presence": await self.hub.presence(params.channel)}
+        return {"presence": presence_entries(await self.hub.presence(params.channel))}
 
     async def presence_stats(self, params: ChannelParams) -> dict[str, Any]:
         self._check_presence(params.channel)
@@ -247,6 +340,11 @@ class ServerAPI:
 
     async def info(self, params: InfoParams) -> dict[str, Any]:
         return {"nodes": [self.node_info()]}
+
+
+def _error_reply(exc: ProtocolError) -> dict[str, Any]:
+    """A call that parsed but could not be served: ``{"error": {"code", "message"}}``."""
+    return {"error": {"code": int(exc.code), "message": exc.message}}
 
 
 def decode_params(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:

@@ -22,7 +22,12 @@ the same codes. Subscribing goes through one door,
   (anyone), ``authenticated`` (a connection token with a non-empty ``sub``),
   ``token`` (a subscription token only);
 - an expired token is error 109 (HTTP 401), which SDKs answer by refreshing;
-  any other invalid token is :class:`InvalidToken` (WebSocket close 3500).
+  a connection token without ``sub`` (or with an empty one) is an anonymous
+  user whose token verified (user ``""``), as Centrifugo has it;
+- any other invalid token is :class:`InvalidToken` (WebSocket close 3500,
+  HTTP 401) — except that the WebSocket session, as Centrifugo, answers a
+  subscription token that does not verify (:class:`UnverifiedToken`) with
+  error 103 and keeps the connection.
 
 Token verification is PyJWT's; this module only fixes which key and which
 single algorithm may verify a token, so that ``alg: none`` and HS/RS
@@ -62,6 +67,7 @@ __all__ = [
     "InvalidToken",
     "Policy",
     "TokenVerifier",
+    "UnverifiedToken",
 ]
 
 
@@ -70,6 +76,14 @@ class InvalidToken(ProtocolError):
 
     def __init__(self, message: str) -> None:
         super().__init__(ErrorCode.UNAUTHORIZED, f"invalid token: {message}")
+
+
+class UnverifiedToken(InvalidToken):
+    """A token that does not verify at all: bad signature, malformed, a claim
+    of the wrong type. (A token that verifies but names another user or
+    channel is a plain :class:`InvalidToken`.) The distinction exists because
+    Centrifugo answers an unverifiable *subscription* token with error 103 and
+    keeps the connection, but closes it (3500) for a mismatched one."""
 
 
 class Credentials(NamedTuple):
@@ -120,13 +134,13 @@ class TokenVerifier:
 
     def _decode(self, token: str, required: list[str]) -> dict[str, Any]:
         if not self._keys:
-            raise InvalidToken("this server has no keys configured to verify tokens")
+            raise UnverifiedToken("this server has no keys configured to verify tokens")
         try:
             algorithm = jwt.get_unverified_header(token).get("alg")
         except jwt.InvalidTokenError as exc:
-            raise InvalidToken(str(exc)) from None
+            raise UnverifiedToken(str(exc)) from None
         if not isinstance(algorithm, str) or algorithm not in self._keys:
-            raise InvalidToken(f"algorithm {algorithm!r} is not accepted")
+            raise UnverifiedToken(f"algorithm {algorithm!r} is not accepted")
         key = self._keys[algorithm]
         try:
             claims: dict[str, Any] = jwt.decode(
@@ -139,34 +153,51 @@ class TokenVerifier:
         except jwt.ExpiredSignatureError:
             raise ProtocolError(ErrorCode.TOKEN_EXPIRED) from None
         except jwt.InvalidTokenError as exc:
-            raise InvalidToken(str(exc)) from None
+            raise UnverifiedToken(str(exc)) from None
         # JSON allows a lone surrogate escape ("\ud800") and PyJWT's decoder
         # accepts it, but no UTF-8 encoder can write it: a user id or info
         # holding one would break every reply and push that carries it.
         try:
             msgspec.json.encode(claims)
         except UnicodeEncodeError:
-            raise InvalidToken("a claim holds a lone surrogate") from None
+            raise UnverifiedToken("a claim holds a lone surrogate") from None
         return claims
 
     def connection(self, token: str) -> Credentials:
-        claims = self._decode(token, ["sub"])
-        user, channels = claims["sub"], claims.get("channels", [])
-        if not isinstance(user, str):
-            raise InvalidToken("sub must be a string")
+        """The client a connection token describes.
+
+        ``sub`` may be missing or empty: the client is then an anonymous user
+        (``""``) whose token verified, as Centrifugo has it — its ``channels``,
+        ``info`` and expiry hold, and namespaces open to ``authenticated``
+        users stay closed to it.
+        """
+        claims = self._decode(token, [])
+        user, channels = _subject(claims), claims.get("channels", [])
         if not isinstance(channels, list) or not all(isinstance(c, str) for c in channels):
-            raise InvalidToken("channels must be a list of strings")
+            raise UnverifiedToken("channels must be a list of strings")
         return Credentials(user, _json(claims.get("info")), _expiry(claims), tuple(channels))
 
     def subscription(self, token: str, credentials: Credentials) -> tuple[str, Grant]:
-        """The channel a subscription token grants, checked against the holder."""
-        claims = self._decode(token, ["sub", "channel"])
+        """The channel a subscription token grants, checked against the holder.
+
+        A missing ``sub`` is the anonymous user ``""``, as in a connection
+        token, so an anonymous client may hold a subscription token too.
+        """
+        claims = self._decode(token, ["channel"])
         channel = claims["channel"]
         if not isinstance(channel, str) or not channel:
-            raise InvalidToken("channel must be a non-empty string")
-        if claims["sub"] != credentials.user:
+            raise UnverifiedToken("channel must be a non-empty string")
+        if _subject(claims) != credentials.user:
             raise InvalidToken("the subscription token belongs to another user")
         return channel, Grant(_json(claims.get("info")), _expiry(claims))
+
+
+def _subject(claims: dict[str, Any]) -> str:
+    """The user a token names: ``sub``, or ``""`` (anonymous) when it is missing."""
+    user = claims.get("sub", "")
+    if not isinstance(user, str):
+        raise UnverifiedToken("sub must be a string")
+    return user
 
 
 def _expiry(claims: dict[str, Any]) -> int:
@@ -198,6 +229,7 @@ class Policy(NamedTuple):
     presence: bool
     presence_read: Who
     join_leave: bool
+    force_push_join_leave: bool = False
 
     @classmethod
     def of(cls, config: NamespaceConfig, secure: bool) -> Policy:
@@ -208,6 +240,7 @@ class Policy(NamedTuple):
             config.presence,
             config.presence_read,
             config.join_leave,
+            config.force_push_join_leave,
         )
 
 
@@ -232,6 +265,17 @@ class Access:
             name: Policy.of(namespace, secure) for name, namespace in config.namespaces.items()
         }
         self._strict = secure or bool(config.namespaces)
+        personal = config.client.subscribe_to_user_personal_channel
+        #: The personal channel's name before the user id, or None when off.
+        self._personal_prefix = (
+            (
+                f"{personal.personal_channel_namespace}:#"
+                if personal.personal_channel_namespace
+                else "#"
+            )
+            if personal.enabled
+            else None
+        )
 
     @property
     def secure(self) -> bool:
@@ -282,6 +326,21 @@ class Access:
         """The client behind a connection token; anonymous without one."""
         return self.tokens.connection(token) if token else ANONYMOUS
 
+    def server_channels(self, credentials: Credentials) -> tuple[str, ...]:
+        """The channels the server subscribes a connecting client to: the token's
+        ``channels`` claim, then the user's personal channel (``#<user>``, a
+        user-limited channel, so the usual rules admit its user and nobody else)
+        when ``client.subscribe_to_user_personal_channel`` is on. Anonymous
+        clients have no personal channel, as in Centrifugo.
+        """
+        prefix = self._personal_prefix
+        if prefix is None or not credentials.user:
+            return credentials.channels
+        personal = prefix + credentials.user
+        if personal in credentials.channels:
+            return credentials.channels
+        return (*credentials.channels, personal)
+
     def authorize_subscribe(
         self,
         credentials: Credentials,
@@ -295,9 +354,10 @@ class Access:
         ``tokens`` are subscription tokens, each naming one of ``channels``;
         ``held`` is how many channels the connection already follows. Raises
         the first refusal — a bad name (107), too many channels (106), an
-        invalid token (:class:`InvalidToken`), an unknown namespace (102), a
-        subscription the rules deny (103) — and returns the grants the tokens
-        carried (their ``info`` and expiry), by channel.
+        expired token (109), an invalid token (:class:`InvalidToken`; one that
+        does not verify at all is an :class:`UnverifiedToken`), an unknown
+        namespace (102), a subscription the rules deny (103) — and returns the
+        grants the tokens carried (their ``info`` and expiry), by channel.
         """
         for channel in channels:
             self.validate_channel(channel)

@@ -56,6 +56,9 @@ class LimitsConfig(_Section):
     #: 32nd of it, at least 64 (tidings.connections.default_max_connections);
     #: 0: no cap, only the file limit.
     max_connections: Annotated[int, Meta(ge=0)] | None = None
+    #: Commands one ``POST /api/batch`` may carry; past it the whole batch is
+    #: refused (400, code 106). The body limit bounds it too.
+    max_batch_commands: Size = 1000
 
 
 class TimeoutsConfig(_Section):
@@ -147,6 +150,9 @@ class NamespaceConfig(_Section):
     presence: bool = False
     presence_read: Who = "subscribers"
     join_leave: bool = False
+    #: With ``join_leave``: a subscriber is pushed its own join too (Centrifugo's
+    #: option of this name; its SDKs' ``joinLeave`` subscription option asks the same).
+    force_push_join_leave: bool = False
 
 
 class BrokerConfig(_Section):
@@ -169,6 +175,29 @@ class BrokerConfig(_Section):
     presence_ttl: Annotated[float, Meta(ge=1.0)] = 60.0
 
 
+class PersonalChannelConfig(_Section):
+    """Centrifugo's ``client.subscribe_to_user_personal_channel``.
+
+    When enabled, a WebSocket client connecting as a user (a token with a
+    non-empty ``sub``) is subscribed by the server to its personal channel,
+    ``#<user>`` or ``<namespace>:#<user>``, as to a token's ``channels``.
+    """
+
+    enabled: bool = False
+    #: The namespace of the personal channel; "" for the default one.
+    personal_channel_namespace: str = ""
+    #: Centrifugo's "one connection per user"; not supported (must stay false).
+    single_connection: bool = False
+
+
+class ClientConfig(_Section):
+    """What the server does for a WebSocket client on its own initiative."""
+
+    subscribe_to_user_personal_channel: PersonalChannelConfig = msgspec.field(
+        default_factory=PersonalChannelConfig
+    )
+
+
 class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
@@ -189,6 +218,7 @@ class Config(_Section):
     #: The namespace of channels without ``:`` in their name.
     channels: NamespaceConfig = msgspec.field(default_factory=NamespaceConfig)
     namespaces: dict[str, NamespaceConfig] = msgspec.field(default_factory=dict)
+    client: ClientConfig = msgspec.field(default_factory=ClientConfig)
     #: Serve the demo page at ``/demo``.
     demo: bool = False
 
@@ -214,6 +244,17 @@ class Config(_Section):
         for name in self.namespaces:
             if not name or ":" in name or not name.isprintable():
                 raise ValueError(f"namespaces.{name}: a namespace name is non-empty, without ':'")
+        personal = self.client.subscribe_to_user_personal_channel
+        if personal.single_connection:
+            raise ValueError(
+                "client.subscribe_to_user_personal_channel.single_connection: not supported"
+            )
+        namespace = personal.personal_channel_namespace
+        if namespace and namespace not in self.namespaces:
+            raise ValueError(
+                "client.subscribe_to_user_personal_channel.personal_channel_namespace: "
+                f"{namespace!r} is not a configured namespace"
+            )
         if self.workers > 1 and self.broker.type == "memory":
             raise ValueError(
                 "workers: more than one process needs a shared broker "

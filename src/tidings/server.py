@@ -94,7 +94,13 @@ class Server:
         self.websocket = WebSocketTransport(
             hub, access, cors, connections, config.websocket, limits
         )
-        self.api = ServerAPI(hub, access, config.api_key, self.node_info)
+        self.api = ServerAPI(
+            hub,
+            access,
+            config.api_key,
+            self.node_info,
+            max_batch_commands=config.limits.max_batch_commands,
+        )
         self.transports: tuple[Transport, ...] = (self.sse, self.poll, self.websocket)
         self._listener: Listening | None = None
         self._stopped = asyncio.Event()

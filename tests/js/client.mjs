@@ -5,8 +5,13 @@
 // Connects, subscribes to every channel, and prints one JSON object per line
 // for each event (connected, disconnected, subscribed, publication, error...).
 // Lines on stdin are commands: {"cmd": "publish", "channel": c, "data": d},
-// {"cmd": "history", "channel": c}, {"cmd": "disconnect"}, {"cmd": "connect"},
+// {"cmd": "history", "channel": c}, {"cmd": "presence", "channel": c},
+// {"cmd": "presence_stats", "channel": c}, {"cmd": "disconnect"}, {"cmd": "connect"},
 // {"cmd": "exit"}. The process also exits when stdin closes.
+// Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKEN (the
+// subscription token of every channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
+// subscription option). Server-side subscriptions (token channels, the personal
+// channel) print server_subscribed and server_publication events.
 import { createInterface } from "node:readline";
 import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
@@ -14,20 +19,30 @@ import WebSocket from "ws";
 const [url, ...channels] = process.argv.slice(2);
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
 
-const client = new Centrifuge(url, {
+const options = {
   websocket: WebSocket,
   minReconnectDelay: 100,
   maxReconnectDelay: 500,
   timeout: 5000,
-});
+};
+if (process.env.TIDINGS_JS_TOKEN) options.token = process.env.TIDINGS_JS_TOKEN;
+const client = new Centrifuge(url, options);
 client.on("connected", (ctx) => out({ event: "connected", client: ctx.client, transport: ctx.transport }));
 client.on("disconnected", (ctx) => out({ event: "disconnected", code: ctx.code, reason: ctx.reason }));
 client.on("connecting", (ctx) => out({ event: "connecting", code: ctx.code, reason: ctx.reason }));
 client.on("error", (ctx) => out({ event: "client_error", error: String(ctx.error && ctx.error.message) }));
+client.on("subscribed", (ctx) => out({ event: "server_subscribed", channel: ctx.channel }));
+client.on("publication", (ctx) =>
+  out({ event: "server_publication", channel: ctx.channel, data: ctx.data, offset: ctx.offset }),
+);
+
+const subOptions = {};
+if (process.env.TIDINGS_JS_SUB_TOKEN) subOptions.token = process.env.TIDINGS_JS_SUB_TOKEN;
+if (process.env.TIDINGS_JS_JOIN_LEAVE) subOptions.joinLeave = true;
 
 const subs = {};
 for (const channel of channels) {
-  const sub = client.newSubscription(channel);
+  const sub = client.newSubscription(channel, subOptions);
   sub.on("subscribed", (ctx) =>
     out({
       event: "subscribed",
@@ -40,7 +55,17 @@ for (const channel of channels) {
     }),
   );
   sub.on("publication", (ctx) => out({ event: "publication", channel, data: ctx.data, offset: ctx.offset }));
-  sub.on("error", (ctx) => out({ event: "sub_error", channel, error: String(ctx.error && ctx.error.message) }));
+  sub.on("error", (ctx) =>
+    out({
+      event: "sub_error",
+      channel,
+      code: ctx.error && ctx.error.code,
+      error: String(ctx.error && ctx.error.message),
+    }),
+  );
+  sub.on("unsubscribed", (ctx) => out({ event: "unsubscribed", channel, code: ctx.code, reason: ctx.reason }));
+  sub.on("join", (ctx) => out({ event: "join", channel, client: ctx.info.client, user: ctx.info.user }));
+  sub.on("leave", (ctx) => out({ event: "leave", channel, client: ctx.info.client, user: ctx.info.user }));
   sub.subscribe();
   subs[channel] = sub;
 }
@@ -62,6 +87,18 @@ rl.on("line", async (line) => {
         epoch: res.epoch,
         offset: res.offset,
         publications: res.publications.map((p) => ({ data: p.data, offset: p.offset })),
+      });
+    } else if (msg.cmd === "presence") {
+      const res = await client.presence(msg.channel);
+      out({ event: "presence", channel: msg.channel, clients: res.clients });
+    } else if (msg.cmd === "presence_stats") {
+      const res = await client.presenceStats(msg.channel);
+      out({
+        event: "presence_stats",
+        channel: msg.channel,
+        // JSON.stringify drops undefined: null stands for a field the server left out.
+        numClients: res.numClients === undefined ? null : res.numClients,
+        numUsers: res.numUsers === undefined ? null : res.numUsers,
       });
     } else if (msg.cmd === "disconnect") {
       client.disconnect();

@@ -231,8 +231,17 @@ class Empty(_Res):
     pass
 
 
-class HistoryResult(_Res):
-    publications: list[msgspec.Raw] | None = None
+class _Always(msgspec.Struct, kw_only=True):
+    """A result whose fields Centrifugo always sends, zero or empty included.
+
+    ``client.proto``'s Go JSON tags carry no ``omitempty`` on these fields, so
+    the SDKs read them without a default: centrifuge-js reports
+    ``numClients: undefined`` for an absent ``num_clients``.
+    """
+
+
+class HistoryResult(_Always):
+    publications: list[msgspec.Raw] = msgspec.field(default_factory=list)
     epoch: str = ""
     offset: int = 0
 
@@ -249,11 +258,30 @@ class SubRefreshResult(_Res):
     ttl: int = 0
 
 
-class PresenceResult(_Res):
-    presence: dict[str, ClientInfo] = msgspec.field(default_factory=dict)
+class PresenceInfo(_Res):
+    """``ClientInfo`` as a presence entry or a join/leave carries it: ``user`` and
+    ``client`` always (an anonymous user is ``""``, not absent), the infos when set."""
+
+    user: str
+    client: str
+    conn_info: msgspec.Raw | None = None
+    chan_info: msgspec.Raw | None = None
+
+    @classmethod
+    def of(cls, info: ClientInfo) -> PresenceInfo:
+        return cls(info.user, info.client, info.conn_info, info.chan_info)
 
 
-class PresenceStatsResult(_Res):
+def presence_entries(presence: dict[str, ClientInfo]) -> dict[str, PresenceInfo]:
+    """The ``presence`` map of a presence result (client protocol and server API)."""
+    return {client: PresenceInfo.of(info) for client, info in presence.items()}
+
+
+class PresenceResult(_Always):
+    presence: dict[str, PresenceInfo] = msgspec.field(default_factory=dict)
+
+
+class PresenceStatsResult(_Always):
     num_clients: int = 0
     num_users: int = 0
 
@@ -310,7 +338,7 @@ def push_json(pub: Publication) -> bytes:
 
 
 class _Info(_Res):
-    info: ClientInfo
+    info: PresenceInfo
 
 
 def presence_push_json(event: PresenceEvent) -> bytes:
@@ -320,7 +348,7 @@ def presence_push_json(event: PresenceEvent) -> bytes:
             b'{"push":{"channel":',
             _encode(event.channel),
             b',"' + event.kind.encode() + b'":',
-            _encode(_Info(event.info)),
+            _encode(_Info(PresenceInfo.of(event.info))),
             b"}}",
         )
     )

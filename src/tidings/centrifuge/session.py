@@ -23,7 +23,7 @@ from typing import Any, NamedTuple, Protocol
 import msgspec
 
 from .. import __version__
-from ..auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken
+from ..auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken, UnverifiedToken
 from ..errors import DisconnectCode, ErrorCode, ProtocolError
 from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
@@ -53,6 +53,7 @@ from .schema import (
     decode_commands,
     encode_reply,
     error_reply,
+    presence_entries,
     presence_push_json,
     raw_publications,
     unsubscribe_push,
@@ -123,6 +124,7 @@ class ClientSession:
         "closed",
         "credentials",
         "hub",
+        "join_leave_asked",
         "options",
         "sub_expiries",
         "transport",
@@ -136,6 +138,8 @@ class ClientSession:
         self.credentials: Credentials = ANONYMOUS
         # Unix expiry of subscriptions granted by expiring subscription tokens.
         self.sub_expiries: dict[str, int] | None = None
+        # Channels subscribed with ``join_leave: true``: their own join is pushed too.
+        self.join_leave_asked: set[str] | None = None
         self.channels: set[str] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
@@ -247,9 +251,28 @@ class ClientSession:
                 self._leave(channel)
 
     def deliver_presence(self, event: PresenceEvent) -> None:
-        """A join/leave push; rare enough to be framed per connection."""
-        if not self.closed and event.info.client != self.client_id:
-            self._push(event.encoded(presence_push_json))
+        """A join/leave push; rare enough to be framed per connection.
+
+        Others' joins and leaves go to every subscriber of a ``join_leave``
+        namespace. Its own join reaches a client only where Centrifugo sends
+        it: the namespace forces join/leave pushes (``force_push_join_leave``)
+        or the client asked for them (``join_leave`` in its subscribe, the
+        SDKs' ``joinLeave`` option).
+        """
+        if self.closed:
+            return
+        if event.info.client == self.client_id and not self._wants_own_presence(event.channel):
+            return
+        self._push(event.encoded(presence_push_json))
+
+    def _wants_own_presence(self, channel: str) -> bool:
+        asked = self.join_leave_asked
+        if asked is not None and channel in asked:
+            return True
+        try:
+            return self.options.access.policy(channel).force_push_join_leave
+        except ProtocolError:
+            return False
 
     def check_expiry(self) -> None:
         """Enforce token lifetimes; the transport calls this on its periodic turn.
@@ -281,6 +304,8 @@ class ClientSession:
         self.hub.unsubscribe(channel, self)
         if self.sub_expiries is not None:
             self.sub_expiries.pop(channel, None)
+        if self.join_leave_asked is not None:
+            self.join_leave_asked.discard(channel)
         try:
             policy = self.options.access.policy(channel)
         except ProtocolError:
@@ -382,10 +407,12 @@ class ClientSession:
         """
         access = self.options.access
         credentials = access.authenticate(req.token or None)
-        # The token's channels obey the rules of any subscription (a claim grants
-        # a namespace's token requirement, not a user-limited channel of others),
-        # and are all checked before the client counts as connected.
-        access.authorize_subscribe(credentials, credentials.channels)
+        # The token's channels (and the personal channel) obey the rules of any
+        # subscription (a claim grants a namespace's token requirement, not a
+        # user-limited channel of others), and are all checked before the client
+        # counts as connected.
+        server_channels = access.server_channels(credentials)
+        access.authorize_subscribe(credentials, server_channels)
         self.credentials = credentials
         self.client_id = str(uuid.uuid4())
         self.channels = set()
@@ -393,9 +420,10 @@ class ClientSession:
         subs: dict[str, SubscribeResult] = {}
         self._held = []
         try:
-            # Server-side subscriptions: the token's channels claim, recovered from
-            # the positions the SDK sends back in connect.subs on a reconnect.
-            for channel in credentials.channels:
+            # Server-side subscriptions: the token's channels claim and the personal
+            # channel, recovered from the positions the SDK sends back in
+            # connect.subs on a reconnect.
+            for channel in server_channels:
                 if self.closed:
                     break
                 previous = (req.subs or {}).get(channel)
@@ -443,6 +471,7 @@ class ClientSession:
         self.client_id = ""
         self.credentials = ANONYMOUS
         self.sub_expiries = None
+        self.join_leave_asked = None
 
     async def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
         credentials = self.options.access.authenticate(req.token or None)
@@ -462,9 +491,15 @@ class ClientSession:
         if channel in channels:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED)
         tokens = (req.token,) if req.token else ()
-        grants = self.options.access.authorize_subscribe(
-            self.credentials, (channel,), tokens, held=len(channels)
-        )
+        try:
+            grants = self.options.access.authorize_subscribe(
+                self.credentials, (channel,), tokens, held=len(channels)
+            )
+        except UnverifiedToken as exc:
+            # Centrifugo's answer: this subscribe fails, the connection stays
+            # (a token for another user or channel still closes it, 3500).
+            log_client_error(log, "subscribe of %s to %s: %s", self, channel, exc.message)
+            raise ProtocolError(ErrorCode.PERMISSION_DENIED) from None
         grant = grants.get(channel)
         result = await self._subscribe_channel(channel, req, grant)
         if result is None:
@@ -473,6 +508,10 @@ class ClientSession:
         # the first live publication can reach deliver(), which flushes it first.
         self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
         self._remember_expiry(channel, grant)
+        if req.join_leave:
+            if self.join_leave_asked is None:
+                self.join_leave_asked = set()
+            self.join_leave_asked.add(channel)
         await self._join(channel, grant)
 
     async def _subscribe_channel(
@@ -566,13 +605,13 @@ class ClientSession:
         if since is not None and since.epoch != top.epoch and since.epoch and top.epoch:
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         result = HistoryResult(
-            publications=raw_publications(pubs) or None, epoch=top.epoch, offset=top.offset
+            publications=raw_publications(pubs), epoch=top.epoch, offset=top.offset
         )
         return encode_reply(Reply(id=cmd_id, history=result))
 
     async def _presence(self, cmd_id: int, req: ChannelRequest) -> bytes:
         self._check_presence(req.channel)
-        result = PresenceResult(presence=await self.hub.presence(req.channel))
+        result = PresenceResult(presence=presence_entries(await self.hub.presence(req.channel)))
         return encode_reply(Reply(id=cmd_id, presence=result))
 
     async def _presence_stats(self, cmd_id: int, req: ChannelRequest) -> bytes:
