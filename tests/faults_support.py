@@ -27,6 +27,8 @@ class HoldsHistory(Broker):
       each until its gate in :attr:`held` is set (in the order they were read).
     * ``drop``: ``(channel, offset)`` of publications stored in history but
       never delivered live (a message lost on a pub/sub link).
+    * ``unsubscribed``: channels whose publications are not delivered live,
+      as Redis pub/sub delivers nothing before its SUBSCRIBE takes effect.
 
     Mixed in before a real broker class (``class X(HoldsHistory, RedisBroker)``).
     """
@@ -34,15 +36,17 @@ class HoldsHistory(Broker):
     hold_history: set[str]
     held: list[asyncio.Event]
     drop: set[tuple[str, int]]
+    unsubscribed: set[str]
 
     def init_faults(self) -> None:
         self.hold_history = set()
         self.held = []
         self.drop = set()
+        self.unsubscribed = set()
 
     def bind(self, deliver: Any) -> None:
         def lossy(pub: Publication) -> None:
-            if (pub.channel, pub.offset) not in self.drop:
+            if (pub.channel, pub.offset) not in self.drop and pub.channel not in self.unsubscribed:
                 deliver(pub)
 
         super().bind(lossy)
@@ -72,9 +76,12 @@ class HoldsHistory(Broker):
 
 
 class FaultyBroker(HoldsHistory, MemoryBroker):
-    """The memory broker with :class:`HoldsHistory`'s faults, and one more:
+    """The memory broker with :class:`HoldsHistory`'s faults, and two more:
     ``running``, while cleared, makes every call that would reach a remote
-    broker (publish, subscribe, history, presence) wait, as a paused Redis does.
+    broker (publish, subscribe, history, presence) wait, as a paused Redis does;
+    ``hold_subscribe`` holds the broker subscription of its channels until
+    their gate in :attr:`held_subscribes` is set, delivering nothing live
+    meanwhile, as a SUBSCRIBE not yet confirmed.
     """
 
     remote = True  # its calls can wait, so the hub bounds them
@@ -84,6 +91,8 @@ class FaultyBroker(HoldsHistory, MemoryBroker):
         self.init_faults()
         self.running = asyncio.Event()
         self.running.set()
+        self.hold_subscribe: set[str] = set()
+        self.held_subscribes: list[asyncio.Event] = []
 
     async def publish(
         self,
@@ -99,6 +108,14 @@ class FaultyBroker(HoldsHistory, MemoryBroker):
 
     async def subscribe(self, channel: str) -> None:
         await self.running.wait()
+        if channel in self.hold_subscribe:
+            gate = asyncio.Event()
+            self.held_subscribes.append(gate)
+            self.unsubscribed.add(channel)
+            try:
+                await gate.wait()
+            finally:
+                self.unsubscribed.discard(channel)
         await super().subscribe(channel)
 
     async def history(

@@ -222,3 +222,36 @@ def test_a_skip_that_history_already_covered_lets_the_subscribe_go_live() -> Non
         assert offsets(late.received) == [4] and late.resyncs == 0
 
     asyncio.run(scenario())
+
+
+def test_a_subscriber_joining_while_the_broker_subscription_is_in_flight_waits_for_it() -> None:
+    """A second subscribe of a channel whose broker subscription is still
+    being made must not read history before live delivery is on: what is
+    published in between reaches neither. (It did: its read at offset 1,
+    the first subscriber's at 3 set the live position, and offset 4 went to
+    the second with 2 and 3 never seen — the chaos run's long-poll gaps
+    after a pub/sub link was killed.)"""
+
+    async def scenario() -> None:
+        broker = FaultyBroker()
+        hub = Hub(broker)
+        await hub.publish("a", b"1")
+        broker.hold_subscribe.add("a")
+        first, second = Recorder(), Recorder()
+        joining_first = asyncio.ensure_future(hub.subscribe("a", first))
+        await until(lambda: len(broker.held_subscribes) == 1, "the broker subscription")
+        joining_second = asyncio.ensure_future(hub.subscribe("a", second))
+        await until(
+            lambda: joining_second.done() or pending_of(hub, "a") == 2, "the second subscribe"
+        )
+        await hub.publish("a", b"2")  # published, never delivered live
+        await hub.publish("a", b"3")
+        broker.held_subscribes[0].set()
+        async with asyncio.timeout(5):
+            joined = await asyncio.gather(joining_first, joining_second)
+        await hub.publish("a", b"4")
+        for recovery, recorder in zip(joined, (first, second), strict=True):
+            assert recovery.position.offset == 3
+            assert offsets(recorder.received) == [4]
+
+    asyncio.run(scenario())

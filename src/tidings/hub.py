@@ -137,18 +137,27 @@ class _Pending:
 
 
 class _Channel:
-    """Local state of a channel that has subscribers on this node."""
+    """Local state of a channel that has subscribers on this node.
 
-    __slots__ = ("catching_up", "pending", "subscribers", "top")
+    The invariant the fan-out rests on: a subscriber in :attr:`subscribers`
+    stands at :attr:`top`, so the next publication that follows ``top`` is
+    the next one it needs. One that joined at another position (its history
+    read ran ahead of live delivery, or live delivery has not started) waits
+    in :attr:`catching_up` until the live stream reaches it.
+    """
+
+    __slots__ = ("catching_up", "pending", "subscribed", "subscribers", "top")
 
     def __init__(self, top: Position) -> None:
         self.subscribers: set[Subscriber] = set()
         # subscribe() calls waiting on the broker.
         self.pending: list[_Pending] = []
-        # Subscribers whose recovery ran ahead of live delivery (possible with
-        # a remote broker): they go live once delivery passes their position.
-        self.catching_up: dict[Subscriber, int] = {}
+        # Subscribers at a position other than ``top``, by that position.
+        self.catching_up: dict[Subscriber, Position] = {}
         self.top = top
+        #: The broker subscription: None until asked for (or after it failed),
+        #: a future while asked, done (True) once live delivery is on.
+        self.subscribed: asyncio.Future[bool] | None = None
 
 
 class Hub:
@@ -230,10 +239,12 @@ class Hub:
         if pub.epoch == top.epoch and pub.offset <= top.offset:
             return  # already delivered (a broker may replay after a reconnect)
         state.top = Position(pub.epoch, pub.offset)
-        if top != EMPTY and not follows(top, pub):
+        if not follows(top, pub) and (top != EMPTY or state.subscribers):
             # The live stream skipped: a remote broker lost history (new epoch)
             # or a message. Subscribers cannot be caught up here; make them
             # reconnect, so that their resume says plainly what was lost.
+            # (Before any live delivery, subscribers stand at the empty
+            # stream: a first publication past offset 1 skipped for them too.)
             log.warning("%s jumped from %s to %s: subscribers must resync", pub.channel, top, pub)
             self._lost_state(state)
             return
@@ -271,10 +282,21 @@ class Hub:
 
     @staticmethod
     def _promote(state: _Channel, pub: Publication) -> None:
-        for subscriber, offset in list(state.catching_up.items()):
-            if pub.offset > offset:
+        """Live delivery reached ``pub``: subscribers it continues go live with
+        it; one it passed without continuing (live delivery began past its
+        position) is told, like a skip."""
+        for subscriber, position in list(state.catching_up.items()):
+            if follows(position, pub):
                 del state.catching_up[subscriber]
                 state.subscribers.add(subscriber)
+            elif (pub.epoch == position.epoch or position == EMPTY) and (
+                pub.offset > position.offset
+            ):
+                del state.catching_up[subscriber]
+                try:
+                    subscriber.insufficient_state()
+                except Exception:
+                    log.exception("subscriber %r failed to resync", subscriber)
 
     # -- subscribing -----------------------------------------------------
 
@@ -307,34 +329,62 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             state = self._channels[channel] = _Channel(EMPTY)
-            fresh = True
-        else:
-            fresh = False
         pending = _Pending()
         state.pending.append(pending)
         try:
             async with self._bounded():
-                if fresh:
-                    await self._broker.subscribe(channel)
+                subscribed = state.subscribed
+                if subscribed is None or not subscribed.done():
+                    await self._subscribe_broker(channel, state)
                 recovery = await self._recover(channel, since)
         except BaseException:
             state.pending.remove(pending)
             self._drop_if_unused(channel, state)
             raise
         state.pending.remove(pending)
-        if fresh and state.top == EMPTY:
-            state.top = recovery.position
         merged = self._merge(recovery, pending.buffer)
+        top = state.top
+        behind = merged is not None and (
+            merged.position.epoch == top.epoch and merged.position.offset < top.offset
+        )
+        if behind:
+            merged = None  # live delivery passed what history returned
         if merged is None:
             self._drop_if_unused(channel, state)
             log.warning("%s skipped while a subscriber joined: it must subscribe again", channel)
             raise ProtocolError(ErrorCode.INTERNAL, "channel stream skipped: subscribe again")
-        top = state.top
-        if merged.position.epoch == top.epoch and merged.position.offset > top.offset:
-            state.catching_up[subscriber] = merged.position.offset
-        else:
+        if top == EMPTY and not state.subscribers and not state.catching_up:
+            state.top = top = merged.position  # the first to join: live delivery starts here
+        if merged.position == top:
             state.subscribers.add(subscriber)
+        else:
+            state.catching_up[subscriber] = merged.position
         return merged
+
+    async def _subscribe_broker(self, channel: str, state: _Channel) -> None:
+        """Return once the broker delivers ``channel`` live to this node.
+
+        Every subscriber waits for it, not only the one that asked: a history
+        read made before the broker subscription took effect (Redis: before
+        SUBSCRIBE was confirmed) can miss publications that live delivery
+        will not bring either, a silent gap (chaos run, pubsub_kill).
+        """
+        while True:
+            subscribed = state.subscribed
+            if subscribed is None:
+                subscribed = state.subscribed = asyncio.get_running_loop().create_future()
+                try:
+                    await self._broker.subscribe(channel)
+                except BaseException:
+                    state.subscribed = None  # the next subscribe asks again
+                    subscribed.set_result(False)
+                    raise
+                subscribed.set_result(True)
+                return
+            if subscribed.done() and subscribed.result():
+                return
+            if await asyncio.shield(subscribed):
+                return
 
     @staticmethod
     def _merge(recovery: Recovery, buffer: list[Publication]) -> Recovery | None:
