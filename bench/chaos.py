@@ -42,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", default="0.5,2.0", help="seconds between faults: min,max")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--json", type=Path, default=Path("chaos-report.json"))
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="keep the nodes' logs and Redis' files here (default: a temporary directory)",
+    )
     args = parser.parse_args(argv)
 
     weights = {}
@@ -63,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         fault_interval=(low, high),
         faults=weights,
         seed=args.seed,
+        workdir=args.workdir,
     )
     report = asyncio.run(run_chaos(cfg))
     print(report.table())
