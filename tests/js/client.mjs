@@ -8,8 +8,8 @@
 // {"cmd": "history", "channel": c}, {"cmd": "presence", "channel": c},
 // {"cmd": "presence_stats", "channel": c}, {"cmd": "disconnect"}, {"cmd": "connect"},
 // {"cmd": "exit"}. The process also exits when stdin closes.
-// Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKEN (the
-// subscription token of every channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
+// Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKENS (JSON:
+// subscription tokens by channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
 // subscription option). Server-side subscriptions (token channels, the personal
 // channel) print server_subscribed and server_publication events.
 import { createInterface } from "node:readline";
@@ -36,13 +36,17 @@ client.on("publication", (ctx) =>
   out({ event: "server_publication", channel: ctx.channel, data: ctx.data, offset: ctx.offset }),
 );
 
-const subOptions = {};
-if (process.env.TIDINGS_JS_SUB_TOKEN) subOptions.token = process.env.TIDINGS_JS_SUB_TOKEN;
-if (process.env.TIDINGS_JS_JOIN_LEAVE) subOptions.joinLeave = true;
+const subTokens = JSON.parse(process.env.TIDINGS_JS_SUB_TOKENS || "{}");
+const subOptions = (channel) => {
+  const options = {};
+  if (subTokens[channel]) options.token = subTokens[channel];
+  if (process.env.TIDINGS_JS_JOIN_LEAVE) options.joinLeave = true;
+  return options;
+};
 
 const subs = {};
 for (const channel of channels) {
-  const sub = client.newSubscription(channel, subOptions);
+  const sub = client.newSubscription(channel, subOptions(channel));
   sub.on("subscribed", (ctx) =>
     out({
       event: "subscribed",
