@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         workdir=args.workdir,
     )
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
     report = asyncio.run(run_chaos(cfg))
     print(report.table())
     save(report, args.json)
