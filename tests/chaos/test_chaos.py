@@ -38,6 +38,11 @@ only, SSE, poll and WebSocket clients kept the promise in the same runs:
     .venv/bin/python bench/chaos.py --duration 60 --faults redis_wipe=1 --transports longpoll
 
 Once fixed, add them to ``REDIS_FAULTS``.
+
+tidings.js in headless Chromium (:mod:`chaos.browser`) has runs of its own, marked
+``browser`` like ``tests/test_browser.py``: one client of each browser kind (the
+transport tidings.js picks, and each transport pinned), ``cut`` and ``node_kill``,
+on Redis and on the memory broker.
 """
 
 from __future__ import annotations
@@ -48,6 +53,8 @@ from pathlib import Path
 
 import pytest
 
+from browser_support import require_browser
+from chaos.clients import BROWSER_KINDS
 from chaos.harness import ChaosConfig, run_chaos, save
 from chaos.invariants import Report
 
@@ -59,6 +66,9 @@ MEMORY_SECONDS = 45.0
 INTERVAL = (0.1, 0.3)
 REDIS_FAULTS: dict[str, float] = {"cut": 6, "node_kill": 1, "redis_pause": 1}
 MEMORY_FAULTS: dict[str, float] = {"cut": 4, "node_kill": 1}
+#: The browser runs: shorter (five pages in one Chromium are most of the machine's load).
+BROWSER_SECONDS = 30.0
+BROWSER_FAULTS: dict[str, float] = {"cut": 4, "node_kill": 1}
 
 
 def run(cfg: ChaosConfig, tmp_path: Path) -> Report:
@@ -113,3 +123,27 @@ def test_one_node_on_memory_broker_cut_and_killed(tmp_path: Path) -> None:
     assert_kept_promise(report, min_faults=80, kinds=set(MEMORY_FAULTS))
     # A restarted memory broker has lost its history: clients are told so.
     assert report.totals["signals"] > 0, report.table()
+
+
+@pytest.mark.server
+@pytest.mark.browser
+@pytest.mark.timeout(BROWSER_SECONDS + 150)
+@pytest.mark.parametrize("broker", [pytest.param("redis", marks=pytest.mark.redis), "memory"])
+def test_tidings_js_in_chromium_cut_and_killed(tmp_path: Path, broker: str) -> None:
+    require_browser()
+    cfg = ChaosConfig(
+        duration=BROWSER_SECONDS,
+        nodes=2 if broker == "redis" else 1,
+        broker=broker,
+        transports=tuple(BROWSER_KINDS),
+        clients_per_transport=1,
+        fault_interval=INTERVAL,
+        faults=BROWSER_FAULTS,
+        workdir=tmp_path,
+    )
+    report = run(cfg, tmp_path)
+    assert_kept_promise(report, min_faults=50, kinds=set(BROWSER_FAULTS))
+    assert set(report.rows) == set(BROWSER_KINDS), report.table()
+    if broker == "memory":
+        # A restarted memory broker has lost its history: tidings.js says so.
+        assert report.totals["signals"] > 0, report.table()
