@@ -4,7 +4,9 @@ Shapes follow Centrifugo's HTTP API where they overlap, so its clients (such
 as ``cent``) work: ``{"result": {...}}`` on success; a request that parses but
 cannot be served is HTTP 200 with ``{"error": {"code", "message"}}``; a body
 that is not valid JSON for the method is HTTP 400 with code 107; a wrong key is
-HTTP 401 with code 101.
+HTTP 401 with code 101. An unavailable broker is HTTP 503 with
+``Retry-After`` and code 100 (a ``batch`` or ``broadcast`` answers 200, with
+code 100 in the replies it concerns, since the others may have succeeded).
 
 Nothing invalid is stored: the body is checked as UTF-8 whole before it is
 decoded (``data`` is kept as the raw JSON it arrived as, and msgspec does not
@@ -26,7 +28,7 @@ import msgspec
 from .auth import PRESENCE_OFF, Access
 from .centrifuge.schema import presence_entries
 from .codec import CentrifugoPublication
-from .errors import DisconnectCode, ErrorCode, ProtocolError
+from .errors import BrokerUnavailable, DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, Router, error_response, json_response
 from .hub import EMPTY, Hub, Position
 from .logs import log_client_error
@@ -198,6 +200,10 @@ class ServerAPI:
             return error_response(exc)
         try:
             result = await entry[1](params)
+        except BrokerUnavailable as exc:
+            # 503 with Retry-After, same body: the transports' answer to the
+            # same fault, which retrying HTTP clients and proxies understand.
+            return error_response(exc)
         except ProtocolError as exc:
             return json_response(_error_reply(exc))
         return json_response({"result": result})

@@ -100,5 +100,29 @@ class ProtocolError(TidingsError):
         return self.code in TEMPORARY_ERRORS
 
 
+class BrokerUnavailable(ProtocolError):
+    """The broker cannot be reached now (down, or paused past ``timeouts.broker``).
+
+    Its code stays Centrifugo's 100, which the SDKs retry; it is a class of its
+    own because code 100 also reports real internal errors, and only this one
+    is known to pass by itself: over HTTP it is 503 Service Unavailable with
+    ``Retry-After: RETRY_AFTER`` (tidings.http.messages), the answer proxies,
+    curl's ``--retry`` and tidings.js retry on, where a 500 reads as a bug.
+    """
+
+    #: Seconds a client is asked to wait before retrying. A floor, not a
+    #: schedule: tidings.js waits the larger of this and its own growing
+    #: backoff, so it only keeps the first retries of every client from
+    #: arriving at once. Two seconds cover a Redis restart with little data
+    #: and the node's first pub/sub reconnect attempts (50 ms, doubling); the
+    #: capacity refusal asks for 5 s because idle keep-alive connections take
+    #: that long to free their slots, while here waiting longer than the
+    #: outage only delays recovery.
+    RETRY_AFTER = 2
+
+    def __init__(self, cause: object) -> None:
+        super().__init__(ErrorCode.INTERNAL, f"broker unavailable: {cause}")
+
+
 class ConfigError(TidingsError):
     """An invalid configuration value; the message names the key."""

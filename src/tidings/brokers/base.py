@@ -17,7 +17,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
-from ..errors import ErrorCode, ProtocolError
+from ..errors import BrokerUnavailable, ErrorCode, ProtocolError
 from ..stream import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publication
 
 Deliver = Callable[[Publication], None]
@@ -25,9 +25,9 @@ DeliverPresence = Callable[[PresenceEvent], None]
 Restarted = Callable[[str, Position], None]
 
 
-def unavailable(cause: object) -> ProtocolError:
+def unavailable(cause: object) -> BrokerUnavailable:
     """The error for a broker that cannot be reached: temporary (100), so clients retry."""
-    return ProtocolError(ErrorCode.INTERNAL, f"broker unavailable: {cause}")
+    return BrokerUnavailable(cause)
 
 
 class Broker(ABC):

@@ -67,7 +67,7 @@ from ..errors import ErrorCode, ProtocolError
 from ..logs import log_client_error
 from .messages import Headers, Request, Response, error_response, json_response
 from .routing import Handler, Held
-from .state import ANSWERING, READING, Answering, Reading, advance
+from .state import ANSWERING, NOT_PARSING, READING, Answering, Reading, advance
 
 if TYPE_CHECKING:
     from .site import Site
@@ -193,7 +193,7 @@ class HTTPConnection(asyncio.Protocol):
 
     def _stop_reading(self) -> None:
         """Parse nothing more on this connection."""
-        if self._reading is not Reading.STOPPED:
+        if self._reading not in NOT_PARSING:
             self._read_to(Reading.STOPPED)
         self.parser = None
         self._unparsed = b""
@@ -201,7 +201,7 @@ class HTTPConnection(asyncio.Protocol):
     def _may_read(self) -> bool:
         """Whether more requests may be parsed now (see the bounds in the module docstring)."""
         return (
-            self._reading is not Reading.STOPPED
+            self._reading not in NOT_PARSING
             and self._answering not in (Answering.LINGERING, Answering.CLOSED)
             and not self._sending_paused
             and len(self._queue) < self.site.limits.max_pipelined_requests
@@ -261,7 +261,7 @@ class HTTPConnection(asyncio.Protocol):
         self._process(answered=True)
 
     def data_received(self, data: bytes) -> None:
-        if self._reading is Reading.STOPPED:
+        if self._reading in NOT_PARSING:
             return  # refused, upgraded or closing: drained unread
         if self._unparsed:  # not read while paused, so rare: a copy is fine
             self._unparsed, data = b"", b"".join((self._unparsed, data))
@@ -269,16 +269,32 @@ class HTTPConnection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool:
-        """The peer sent its last byte: answer what it asked, then close.
+        """The peer sent its last byte: answer what it asked, then close —
+        except a held response, which is abandoned at once.
 
-        Returning True keeps our half of the socket open for those answers
+        HTTP/1.1 lets a client half-close after its request, so requests are
+        still answered. But a held long-poll can wait up to
+        ``poll.max_timeout``, and EOF there almost always means the client is
+        gone (a killed curl, a closed tab, a proxy giving up): answering at
+        the deadline kept the socket and the waiter for nobody until then.
+        So, as nginx (``proxy_ignore_client_abort off``) and uvicorn do, EOF
+        while a response is held releases it and closes. A handler still
+        running learns it when it holds (:meth:`hold`) or takes the socket
+        over (:meth:`detach`).
+
+        Returning True keeps our half of the socket open for the answers
         (asyncio's default would close it, and a peer that never reads would
         then hold it, and our unsent answers, forever).
         """
         if self._answering in (Answering.LINGERING, Answering.CLOSED):
             return False
-        self._stop_reading()
-        self._process()
+        self.parser = None
+        self._unparsed = b""
+        self._read_to(Reading.ENDED)
+        if self._answering is Answering.HOLDING:
+            self._abandon()
+        else:
+            self._process()
         return True
 
     # -- parsing ---------------------------------------------------------
@@ -295,7 +311,7 @@ class HTTPConnection(asyncio.Protocol):
         view = memoryview(data)
         start = 0
         while start < len(view):
-            if self._reading is Reading.STOPPED:
+            if self._reading in NOT_PARSING:
                 return
             room = limits.max_pipelined_requests - len(self._queue)
             if self._sending_paused or room <= 0:
@@ -436,7 +452,7 @@ class HTTPConnection(asyncio.Protocol):
                 assert self.transport is not None
                 self.transport.resume_reading()
             return
-        if self._reading is Reading.STOPPED and not self._queue:
+        if self._reading in NOT_PARSING and not self._queue:
             # Nothing more will come (the peer sent EOF) and all is answered.
             self._finish(drain=False)
             return
@@ -492,6 +508,11 @@ class HTTPConnection(asyncio.Protocol):
         self._enter(Answering.HOLDING)
         self._task = None
         self._held = held
+        if self._reading is Reading.ENDED:
+            # The peer left while the handler ran. Abandoned on the next loop
+            # iteration, not now: the handler may register what ``cancel``
+            # releases after this call (the long-poll sets its deadline then).
+            asyncio.get_running_loop().call_soon(self._abandon_if_held, held)
         if not self._queue and self._reading is Reading.IDLE and not self._unparsed:
             # Nothing more to parse until the answer: a held long-poll should
             # cost what its socket costs, and a parser is ~900 bytes.
@@ -501,6 +522,20 @@ class HTTPConnection(asyncio.Protocol):
             request.keep_alive,
             self.site.cors.headers(request),
         )
+
+    def _abandon_if_held(self, held: Held) -> None:
+        if self._answering is Answering.HOLDING and self._held is held:
+            self._abandon()
+
+    def _abandon(self) -> None:
+        """The peer sent EOF while its answer was held: release what the answer
+        waits on and close now (see :meth:`eof_received`)."""
+        log.debug("client %s left while its answer was held: abandoned", self.client)
+        held, self._held = self._held, None
+        self._reply_to = None
+        if held is not None:
+            held.cancel()
+        self._finish(drain=False)
 
     def respond_held(self, response: Response) -> None:
         """Answer the held request, then go on with the next."""
@@ -525,6 +560,9 @@ class HTTPConnection(asyncio.Protocol):
         self, response: Response, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]
     ) -> None:
         assert self.transport is not None
+        if extra and response.status == 503:
+            # Cross-origin: a page may read Retry-After only if it is exposed.
+            extra = [*extra, _EXPOSE_RETRY_AFTER]
         self.transport.write(response.encode(head=head, keep_alive=keep_alive, extra=extra))
         if not keep_alive:
             self._finish(drain=response.status >= 400)
@@ -563,8 +601,6 @@ class HTTPConnection(asyncio.Protocol):
     def _refuse_at_capacity(self, request: Request) -> None:
         """Answer 503 with ``Retry-After`` and close: this connection came over the cap."""
         extra = self.site.cors.headers(request)
-        if extra:
-            extra.append(_EXPOSE_RETRY_AFTER)
         self._write(_AT_CAPACITY, head=request.method == "HEAD", keep_alive=False, extra=extra)
 
     def _on_upgrade(self, rest: bytes) -> None:
@@ -599,10 +635,16 @@ class HTTPConnection(asyncio.Protocol):
     def detach(self) -> asyncio.Transport:
         """Hand the socket to a stream protocol; this object stops serving it."""
         assert self.transport is not None
+        ended = self._reading is Reading.ENDED
         self._enter(Answering.CLOSED)
         # Called from the handler task itself (SSE): it must not be cancelled.
         self._task = None
         self._release()
+        if ended:
+            # The peer's EOF came here while the handler ran; the protocol that
+            # takes the socket would never hear of it, so it is passed on once
+            # that protocol is set (by the caller, right after this returns).
+            asyncio.get_running_loop().call_soon(_pass_on_eof, self.transport)
         return self.transport
 
     # -- timers and shutdown ---------------------------------------------
@@ -689,3 +731,13 @@ class HTTPConnection(asyncio.Protocol):
             self._held.answer_now()
         elif self._answering is Answering.READY and not self._queue and self.transport is not None:
             self._finish(drain=False)
+
+
+def _pass_on_eof(transport: asyncio.Transport) -> None:
+    """Tell the protocol now holding ``transport`` of the EOF its peer sent
+    earlier, as the loop would have: closed unless it asks to stay half-open."""
+    if transport.is_closing():
+        return
+    protocol = cast(asyncio.Protocol, transport.get_protocol())
+    if not protocol.eof_received():
+        transport.close()

@@ -10,7 +10,7 @@ from urllib.parse import parse_qs
 
 import msgspec
 
-from ..errors import ErrorCode, ProtocolError
+from ..errors import BrokerUnavailable, ErrorCode, ProtocolError
 
 __all__ = ["Headers", "Request", "Response", "error_response", "json_response"]
 
@@ -229,13 +229,25 @@ def error_response(
     close: bool = False,
     headers: list[tuple[str, str]] | None = None,
 ) -> Response:
-    """The JSON error body every HTTP endpoint uses: ``{"error": {code, message}}``."""
-    if isinstance(error, ProtocolError):
+    """The JSON error body every HTTP endpoint uses: ``{"error": {code, message}}``.
+
+    The HTTP status follows the error code (:data:`_STATUS`), except for an
+    unavailable broker: 503 with ``Retry-After`` rather than code 100's 500.
+    """
+    extra: list[tuple[str, str]] = []
+    if isinstance(error, BrokerUnavailable):
+        # Code 100 like any internal error, but known to pass: see BrokerUnavailable.
+        status, code, text = 503, error.code, error.message
+        extra.append(("Retry-After", str(error.RETRY_AFTER)))
+    elif isinstance(error, ProtocolError):
         status, code, text = _STATUS.get(error.code, 400), error.code, error.message
     else:
         status, code = error, _CODE.get(error, ErrorCode.BAD_REQUEST)
         text = message or HTTPStatus(error).phrase.lower()
     body = _encode({"error": {"code": int(code), "message": text}})
     return Response(
-        status, body, [("Content-Type", "application/json"), *(headers or [])], close=close
+        status,
+        body,
+        [("Content-Type", "application/json"), *extra, *(headers or [])],
+        close=close,
     )

@@ -25,7 +25,15 @@ from __future__ import annotations
 import enum
 from typing import TypeVar
 
-__all__ = ["ANSWERING", "READING", "Answering", "InvalidTransition", "Reading", "advance"]
+__all__ = [
+    "ANSWERING",
+    "NOT_PARSING",
+    "READING",
+    "Answering",
+    "InvalidTransition",
+    "Reading",
+    "advance",
+]
 
 
 class Reading(enum.Enum):
@@ -40,6 +48,10 @@ class Reading(enum.Enum):
     #: Nothing more will be parsed: the request stream was refused or upgraded,
     #: or the connection is closing. Bytes still arriving are drained unread.
     STOPPED = "stopped"
+    #: The peer sent EOF: nothing more will come, and a response held for it
+    #: is abandoned (the client went away); what it asked otherwise is still
+    #: answered. Nothing is parsed, as in :attr:`STOPPED`, which it may follow.
+    ENDED = "ended"
 
 
 class Answering(enum.Enum):
@@ -49,7 +61,8 @@ class Answering(enum.Enum):
     READY = "ready"
     #: A handler task runs for the request at the head of the line.
     HANDLING = "handling"
-    #: The handler will answer later (a held long-poll; see ``Held``).
+    #: The handler will answer later (a held long-poll; see ``Held``), unless
+    #: the peer sends EOF first: then the answer is abandoned (LINGERING).
     HOLDING = "holding"
     #: The last response is written and the socket is closing: it gets a bounded
     #: time to deliver it (and, after a refusal, to drain what the peer still
@@ -60,16 +73,21 @@ class Answering(enum.Enum):
 
 
 READING: dict[Reading, frozenset[Reading]] = {
-    Reading.IDLE: frozenset({Reading.HEAD, Reading.STOPPED}),
-    Reading.HEAD: frozenset({Reading.BODY, Reading.STOPPED}),
-    Reading.BODY: frozenset({Reading.IDLE, Reading.STOPPED}),
-    Reading.STOPPED: frozenset(),
+    Reading.IDLE: frozenset({Reading.HEAD, Reading.STOPPED, Reading.ENDED}),
+    Reading.HEAD: frozenset({Reading.BODY, Reading.STOPPED, Reading.ENDED}),
+    Reading.BODY: frozenset({Reading.IDLE, Reading.STOPPED, Reading.ENDED}),
+    Reading.STOPPED: frozenset({Reading.ENDED}),
+    Reading.ENDED: frozenset(),
 }
+
+#: The reading states in which nothing more is parsed.
+NOT_PARSING = frozenset({Reading.STOPPED, Reading.ENDED})
 
 ANSWERING: dict[Answering, frozenset[Answering]] = {
     Answering.READY: frozenset({Answering.HANDLING, Answering.LINGERING, Answering.CLOSED}),
     Answering.HANDLING: frozenset({Answering.READY, Answering.HOLDING, Answering.CLOSED}),
-    Answering.HOLDING: frozenset({Answering.READY, Answering.CLOSED}),
+    # HOLDING -> LINGERING: the peer sent EOF while its answer was held (abandoned).
+    Answering.HOLDING: frozenset({Answering.READY, Answering.LINGERING, Answering.CLOSED}),
     Answering.LINGERING: frozenset({Answering.CLOSED}),
     Answering.CLOSED: frozenset(),
 }
