@@ -4,12 +4,15 @@
 a frame's payload, runs the commands in order against the hub and hands
 back the reply frame payload through :meth:`ClientSession.send_payload`,
 or a :class:`~tidings.centrifuge.schema.Disconnect` when the client broke
-the protocol. The wire (commands, replies, pushes) is
-:mod:`tidings.centrifuge.schema`'s.
+the protocol. The bytes of commands, replies and pushes are the
+:class:`~tidings.centrifuge.wire.Wire`'s the connection chose (JSON,
+:mod:`tidings.centrifuge.schema`, or Protobuf,
+:mod:`tidings.centrifuge.protobuf`); the commands and replies are the
+same objects in both.
 
 No sockets, no timers: the transport (``transports/websocket.py``) owns those.
-Frames may carry several messages separated by ``\\n``; replies to one frame
-are batched into one frame.
+Frames may carry several messages (``\\n``-separated JSON, length-prefixed
+Protobuf); replies to one frame are batched into one frame.
 """
 
 from __future__ import annotations
@@ -50,14 +53,9 @@ from .schema import (
     SubRefreshResult,
     SubscribeRequest,
     SubscribeResult,
-    decode_commands,
-    encode_reply,
-    error_reply,
     presence_entries,
-    presence_push_json,
-    raw_publications,
-    unsubscribe_push,
 )
+from .wire import JSON, Wire
 
 log = logging.getLogger(__name__)
 
@@ -128,12 +126,22 @@ class ClientSession:
         "options",
         "sub_expiries",
         "transport",
+        "wire",
     )
 
-    def __init__(self, hub: Hub, options: SessionOptions, transport: SessionTransport) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        options: SessionOptions,
+        transport: SessionTransport,
+        wire: Wire = JSON,
+    ) -> None:
         self.hub = hub
         self.options = options
         self.transport = transport
+        # The wire format the client chose (JSON or Protobuf): it decodes
+        # commands and encodes replies and pushes; the protocol is the same.
+        self.wire = wire
         self.client_id = ""  # set by connect; "" means not connected yet
         self.credentials: Credentials = ANONYMOUS
         # Unix expiry of subscriptions granted by expiring subscription tokens.
@@ -216,7 +224,7 @@ class ClientSession:
         out = self._out
         if out:
             self._out = None
-            self.send_payload(out[0] if len(out) == 1 else b"\n".join(out))
+            self.send_payload(out[0] if len(out) == 1 else self.wire.separator.join(out))
 
     def _reply(self, data: bytes) -> None:
         if self._out is None:
@@ -236,7 +244,7 @@ class ClientSession:
             return False
         channels.discard(channel)
         self._leave(channel)
-        self._push(unsubscribe_push(channel, code, reason))
+        self._push(self.wire.unsubscribe_push(channel, code, reason))
         return True
 
     def release(self) -> None:
@@ -263,7 +271,7 @@ class ClientSession:
             return
         if event.info.client == self.client_id and not self._wants_own_presence(event.channel):
             return
-        self._push(event.encoded(presence_push_json))
+        self._push(event.encoded(self.wire.presence_push))
 
     def _wants_own_presence(self, channel: str) -> bool:
         asked = self.join_leave_asked
@@ -333,7 +341,7 @@ class ClientSession:
         replies to the commands before the offending one are still written).
         """
         try:
-            commands = decode_commands(payload)
+            commands = self.wire.decode_commands(payload)
         except BadRequest as exc:
             log_client_error(log, "bad frame from %s: %s", self.client_id or "new client", exc)
             return exc.disconnect
@@ -387,11 +395,11 @@ class ClientSession:
             return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
         except ProtocolError as exc:
             if not self.closed:
-                self._reply(error_reply(cmd_id, exc))
+                self._reply(self.wire.error_reply(cmd_id, exc))
         except Exception:
             log.exception("command %d of %s failed", cmd_id, self.client_id)
             if not self.closed:
-                self._reply(error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
+                self._reply(self.wire.error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
         return None
 
     async def _connect(self, cmd_id: int, req: ConnectRequest) -> None:
@@ -447,7 +455,7 @@ class ClientSession:
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
         )
-        self._reply(encode_reply(Reply(id=cmd_id, connect=result)))
+        self._reply(self.wire.encode_reply(Reply(id=cmd_id, connect=result)))
         held = self._held
         if not isinstance(held, list):
             return None  # closed while connecting
@@ -482,7 +490,7 @@ class ClientSession:
         result = RefreshResult(
             client=self.client_id, version=self.options.version, expires=expires, ttl=ttl
         )
-        return encode_reply(Reply(id=cmd_id, refresh=result))
+        return self.wire.encode_reply(Reply(id=cmd_id, refresh=result))
 
     async def _subscribe(self, cmd_id: int, req: SubscribeRequest) -> None:
         channel = req.channel
@@ -506,7 +514,7 @@ class ClientSession:
             return
         # No await between the hub's answer and this: the reply is queued before
         # the first live publication can reach deliver(), which flushes it first.
-        self._reply(encode_reply(Reply(id=cmd_id, subscribe=result)))
+        self._reply(self.wire.encode_reply(Reply(id=cmd_id, subscribe=result)))
         self._remember_expiry(channel, grant)
         if req.join_leave:
             if self.join_leave_asked is None:
@@ -552,7 +560,7 @@ class ClientSession:
             offset=position.offset,
             recovered=recovery.recovered,
             was_recovering=recover,
-            publications=raw_publications(recovery.publications) or None,
+            publications=self.wire.publications(recovery.publications) or None,
         )
 
     async def _join(self, channel: str, grant: Grant | None) -> None:
@@ -580,7 +588,7 @@ class ClientSession:
         if channels is not None and req.channel in channels:
             channels.discard(req.channel)
             self._leave(req.channel)
-        return encode_reply(Reply(id=cmd_id, unsubscribe=Empty()))
+        return self.wire.encode_reply(Reply(id=cmd_id, unsubscribe=Empty()))
 
     async def _publish(self, cmd_id: int, req: PublishRequest) -> bytes:
         if not req.data:
@@ -589,7 +597,7 @@ class ClientSession:
         self.options.access.check_publish(self.credentials, req.channel, subscribed)
         info = ClientInfo(user=self.credentials.user, client=self.client_id)
         await self.hub.publish(req.channel, bytes(req.data), info=info)
-        return encode_reply(Reply(id=cmd_id, publish=Empty()))
+        return self.wire.encode_reply(Reply(id=cmd_id, publish=Empty()))
 
     async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
         subscribed = self.channels is not None and req.channel in self.channels
@@ -605,20 +613,20 @@ class ClientSession:
         if since is not None and since.epoch != top.epoch and since.epoch and top.epoch:
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         result = HistoryResult(
-            publications=raw_publications(pubs), epoch=top.epoch, offset=top.offset
+            publications=self.wire.publications(pubs), epoch=top.epoch, offset=top.offset
         )
-        return encode_reply(Reply(id=cmd_id, history=result))
+        return self.wire.encode_reply(Reply(id=cmd_id, history=result))
 
     async def _presence(self, cmd_id: int, req: ChannelRequest) -> bytes:
         self._check_presence(req.channel)
         result = PresenceResult(presence=presence_entries(await self.hub.presence(req.channel)))
-        return encode_reply(Reply(id=cmd_id, presence=result))
+        return self.wire.encode_reply(Reply(id=cmd_id, presence=result))
 
     async def _presence_stats(self, cmd_id: int, req: ChannelRequest) -> bytes:
         self._check_presence(req.channel)
         clients, users = await self.hub.presence_stats(req.channel)
         result = PresenceStatsResult(num_clients=clients, num_users=users)
-        return encode_reply(Reply(id=cmd_id, presence_stats=result))
+        return self.wire.encode_reply(Reply(id=cmd_id, presence_stats=result))
 
     def _check_presence(self, channel: str) -> None:
         subscribed = self.channels is not None and channel in self.channels
@@ -630,7 +638,7 @@ class ClientSession:
 
     async def _ping(self, cmd_id: int, req: msgspec.Raw) -> bytes:
         """A client ping (protocol v1 SDKs); v2 SDKs only answer ours."""
-        return encode_reply(Reply(id=cmd_id, ping=Empty()))
+        return self.wire.encode_reply(Reply(id=cmd_id, ping=Empty()))
 
     async def _send(self, cmd_id: int, req: SendRequest) -> None:
         """An asynchronous message, with or without an id: no handler yet, no reply by design."""
@@ -645,7 +653,7 @@ class ClientSession:
         )
         self._remember_expiry(req.channel, grant)
         expires, ttl = _ttl(grant.expires if grant is not None else 0)
-        return encode_reply(
+        return self.wire.encode_reply(
             Reply(id=cmd_id, sub_refresh=SubRefreshResult(expires=expires, ttl=ttl))
         )
 
