@@ -53,6 +53,8 @@ from centrifuge import (
 )
 
 from helpers import TIMEOUT, api, check_serving, publish, rss_kib, unique_channel
+from tidings.auth import Access, Credentials
+from tidings.config import ConfigError, load_config
 from ws_support import RawClient
 
 SECRET = "compat-test-secret-of-sufficient-length"
@@ -512,3 +514,40 @@ def test_hostile_batches_hold_nothing_and_others_are_served(srv: Any) -> None:
     too_big = b'{"commands":[' + b" " * (1024 * 1024) + b"]}"
     answer = httpx.post(f"{srv.url}/api/batch", content=too_big, timeout=TIMEOUT)
     assert answer.status_code == 413
+
+
+# --------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        (
+            "[client.subscribe_to_user_personal_channel]\nenabled = true\n"
+            'personal_channel_namespace = "personal"\n',
+            "'personal' is not a configured namespace",
+        ),
+        (
+            "[client.subscribe_to_user_personal_channel]\nsingle_connection = true\n",
+            "single_connection: not supported",
+        ),
+        ("[limits]\nmax_batch_commands = 0\n", "limits.max_batch_commands"),
+    ],
+    ids=["undeclared namespace", "single connection", "no batch"],
+)
+def test_compat_keys_are_validated(tmp_path: Any, toml: str, message: str) -> None:
+    path = tmp_path / "tidings.toml"
+    path.write_text(toml)
+    with pytest.raises(ConfigError) as refused:
+        load_config(str(path))
+    assert message in str(refused.value)
+
+
+def test_the_personal_channel_follows_its_namespace(tmp_path: Any) -> None:
+    path = tmp_path / "tidings.toml"
+    path.write_text("[client.subscribe_to_user_personal_channel]\nenabled = true\n")
+    access = Access(load_config(str(path)))
+    assert access.server_channels(Credentials("42", channels=("a",))) == ("a", "#42")
+    assert access.server_channels(Credentials("42", channels=("#42",))) == ("#42",)
+    assert access.server_channels(Credentials("", channels=("a",))) == ("a",)
+    assert Access(load_config(None)).server_channels(Credentials("42")) == ()
