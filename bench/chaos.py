@@ -41,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--interval", default="0.5,2.0", help="seconds between faults: min,max")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument(
+        "--max-faults", type=int, default=None, help="end the run once this many were injected"
+    )
     parser.add_argument("--json", type=Path, default=Path("chaos-report.json"))
     parser.add_argument(
         "--workdir",
@@ -70,6 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         faults=weights,
         seed=args.seed,
         workdir=args.workdir,
+        max_faults=args.max_faults,
     )
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)

@@ -54,6 +54,8 @@ class ChaosConfig:
         }
     )
     settle: float = 20.0
+    #: Stop injecting after this many faults (the run then ends before ``duration``).
+    max_faults: int | None = None
     seed: int | None = None
     workdir: Path | None = None
 
@@ -118,6 +120,7 @@ class FaultInjector:
         weights: dict[str, float],
         interval: tuple[float, float],
         rng: random.Random,
+        max_faults: int | None = None,
     ) -> None:
         self.cluster = cluster
         self.clients = clients
@@ -125,6 +128,7 @@ class FaultInjector:
         self.weights = [weights[k] for k in self.kinds]
         self.interval = interval
         self.rng = rng
+        self.max_faults = max_faults
         self.faults: list[Fault] = []
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -139,6 +143,8 @@ class FaultInjector:
             t = time.monotonic()
             detail = await self.cluster.inject(kind, self.clients, self.rng)
             self.faults.append(Fault(kind, t, detail))
+            if self.max_faults is not None and len(self.faults) >= self.max_faults:
+                return
 
 
 def _caught_up(clients: Sequence[ChaosClient], acks: Sequence[Ack]) -> bool:
@@ -192,7 +198,9 @@ async def run_chaos(cfg: ChaosConfig) -> Report:
                 await client.start()
             await asyncio.wait_for(asyncio.gather(*(c.ready.wait() for c in clients)), timeout=30)
             publisher = Publisher(cluster.ports, channels, cfg.rate)
-            injector = FaultInjector(cluster, clients, cfg.faults, cfg.fault_interval, rng)
+            injector = FaultInjector(
+                cluster, clients, cfg.faults, cfg.fault_interval, rng, cfg.max_faults
+            )
             stop_faults, stop_publishing = asyncio.Event(), asyncio.Event()
             started = time.monotonic()
             publishing = asyncio.create_task(publisher.run(stop_publishing))
