@@ -62,7 +62,7 @@ OPTIONS: dict[str, Any] = {
 # ["p", t, channel, epoch, offset] or ["u", t, channel]; t is performance.now() in ms.
 SETUP = """async ({channels, options, transports}) => {
   const m = await import('/tidings.js');
-  const state = window.__chaos = {records: [], errors: [], transports: [], connected: 0};
+  const state = window.__chaos = {records: [], errors: [], transports: [], connected: 0, masked: 0};
   const client = new m.Tidings(location.origin, options);
   window.__chaosSub = client.subscribe(channels, (p) => {
     state.records.push(['p', performance.now(), p.channel, p.epoch, p.offset]);
@@ -76,12 +76,20 @@ SETUP = """async ({channels, options, transports}) => {
     onState: (s) => { if (s === 'connected') state.connected += 1; },
     onError: (e) => state.errors.push(String((e && e.message) || e)),
   });
+  // tidings.js drops a publication at or before the position it has delivered: count
+  // those, so that a repeat by the server is seen even though the app never sees it.
+  const sub = window.__chaosSub, deliver = sub._deliver.bind(sub);
+  sub._deliver = (p) => {
+    const last = sub.positions.get(p.channel);
+    if (last && last.epoch === p.epoch && p.offset <= last.offset) state.masked += 1;
+    deliver(p);
+  };
 }"""
 
 DRAIN = """() => {
   const state = window.__chaos;
   const out = {records: state.records, errors: state.errors, transports: state.transports,
-               connected: state.connected};
+               connected: state.connected, masked: state.masked};
   state.records = []; state.errors = []; state.transports = [];
   return out;
 }"""
@@ -157,6 +165,8 @@ class BrowserChaosClient(ChaosClient):
         super().__init__(name, channels, node_ports)
         #: Transports tidings.js reported using, in order (``onTransport``).
         self.transports_used: list[str] = []
+        #: Publications tidings.js received again and did not pass on (a server repeat).
+        self.masked_repeats = 0
         self._page: Page | None = None
         self._browser: SharedChromium | None = None
         #: ``time.monotonic()`` minus the page's ``performance.now()``, in seconds.
@@ -232,6 +242,7 @@ class BrowserChaosClient(ChaosClient):
         for error in out["errors"]:
             self._error(f"tidings.js: {error}")
         self.transports_used += out["transports"]
+        self.masked_repeats = int(out["masked"])
         connected = int(out["connected"])
         # Every establishment after the first is a reconnect that resumed from a position.
         self.recording.resumes = max(0, connected - 1)
@@ -241,7 +252,10 @@ class BrowserChaosClient(ChaosClient):
     def notes(self) -> list[str]:
         # Which transport tidings.js was on matters for the unpinned kind: a WebSocket
         # that fails while /health answers is given up for the next transport for good.
-        return [f"{self.name} transports: {' -> '.join(self.transports_used) or 'none'}"]
+        used = " -> ".join(self.transports_used) or "none"
+        return [
+            f"{self.name} transports: {used}; repeats dropped by tidings.js: {self.masked_repeats}"
+        ]
 
     def _add(self, channel: str, record: Pub | Signal) -> None:
         records = self.recording.channels.get(channel)
