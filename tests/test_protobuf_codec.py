@@ -39,8 +39,12 @@ from tidings.centrifuge.schema import (
     presence_entries,
 )
 from tidings.centrifuge.schema import decode_commands as decode_json
+from tidings.centrifuge.wire import JSON
 from tidings.errors import DisconnectCode, ErrorCode, ProtocolError
+from tidings.frames import OP_BINARY, OP_TEXT, Deflater
 from tidings.stream import ClientInfo, PresenceEvent, Publication
+from tidings.transports.websocket import PushEncoder
+from ws_support import strict_inflate
 
 pytestmark = pytest.mark.unit
 
@@ -354,3 +358,26 @@ def test_presence_results_and_pushes_read_as_centrifugos() -> None:
         "channel": "room",
         "unsubscribe": {"code": 2501, "reason": "subscription expired"},
     }
+
+
+# --------------------------------------------------------------------------- frames
+
+
+def test_protobuf_pushes_are_binary_frames_encoded_once_per_variant() -> None:
+    """The transport's encoders: binary frames, plain or deflated (RSV1), one ``bytes``
+    object per publication per variant, shared by every subscriber of it."""
+    plain = PushEncoder(PROTOBUF)
+    deflated = PushEncoder(PROTOBUF, Deflater(15), threshold=0, plain=plain)
+    json_plain = PushEncoder(JSON)
+    pub = Publication("a", 1, "e", b'{"text":"' + b"x" * 500 + b'"}', time_ms=0)
+    frame = pub.encoded(plain)
+    assert frame[0] == 0x80 | OP_BINARY
+    assert frame.endswith(push_protobuf(pub))
+    assert pub.encoded(plain) is frame, "encoded once, shared"
+    compressed = pub.encoded(deflated)
+    assert compressed[0] == 0xC0 | OP_BINARY, "RSV1 and binary"
+    assert compressed[1] < 126, "a short frame: 2 bytes of header"
+    assert strict_inflate(compressed[2:], 15) == push_protobuf(pub)
+    assert pub.encoded(json_plain)[0] == 0x80 | OP_TEXT
+    assert plain.ping_frame == bytes((0x80 | OP_BINARY, 1)) + PROTOBUF.ping
+    assert plain.message_frame(b"\x00")[0] == 0x80 | OP_BINARY

@@ -9,10 +9,14 @@ From there a
 in, replies out), and does only the I/O between them:
 
 * **Handshake** — the ``websockets`` sans-I/O :class:`~websockets.server.ServerProtocol`
-  checks the request (key, version, ``Origin`` allowlist, subprotocol
-  ``centrifuge-json``, permessage-deflate negotiation) and builds the 101
-  response. An *empty* ``Sec-WebSocket-Protocol`` header, which some
-  centrifuge-js builds send and which ``websockets`` rejects, is dropped first.
+  checks the request (key, version, ``Origin`` allowlist, subprotocol,
+  permessage-deflate negotiation) and builds the 101 response. The
+  subprotocol picks the connection's wire format
+  (:class:`~tidings.centrifuge.wire.Wire`): ``centrifuge-protobuf`` for
+  Protobuf in binary frames (the mobile SDKs), ``centrifuge-json`` or none
+  for JSON in text frames; the one chosen is echoed. An *empty*
+  ``Sec-WebSocket-Protocol`` header, which some centrifuge-js builds send
+  and which ``websockets`` rejects, is dropped first.
   The ``ServerProtocol`` object is then thrown away, for two reasons. It
   frames and compresses every message for its one connection, which rules
   out framing a publication once for all its subscribers (encode once,
@@ -22,10 +26,11 @@ in, replies out), and does only the I/O between them:
   connection (1.96 KiB of RSS, docs/benchmark-results.md), where a
   ``FrameReader`` holds a few integers.
 
-* **Encode once** — a publication's push is framed once per wire variant
-  (plain, or deflated with one window size) by a :class:`PushEncoder`, via
-  ``pub.encoded(encoder)``; every subscriber of that variant gets the same
-  ``bytes`` object, so a delivery is one ``transport.write``.
+* **Encode once** — a publication's push is encoded once per wire format
+  and framed once per variant of it (plain, or deflated with one window
+  size) by a :class:`PushEncoder`, via ``pub.encoded(encoder)``; every
+  subscriber of that variant gets the same ``bytes`` object, so a delivery
+  is one ``transport.write``.
 
 * **Compression** — permessage-deflate is negotiated with
   ``server_no_context_takeover`` (each compressed message is a standalone
@@ -40,8 +45,9 @@ in, replies out), and does only the I/O between them:
 
 * **Timers** — no task and no timer per connection. One periodic callback per
   server walks a timing wheel: each tick pings one slot of connections with
-  ``{}`` (the same 4 bytes for everyone), closes those that did not answer the
-  previous ping within ``websocket.pong_timeout`` (3012), and checks the few
+  an empty message (``{}`` in JSON, an empty reply in Protobuf: one frame
+  per format, the same bytes for everyone), closes those that did not answer
+  the previous ping within ``websocket.pong_timeout`` (3012), and checks the few
   connections with a deadline: no ``connect`` within
   ``websocket.connect_timeout`` (3502), or a close handshake that did not
   finish within ``websocket.handshake_timeout`` (then the socket is aborted).
@@ -75,12 +81,15 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
 from ..auth import Access
-from ..centrifuge import PING, ClientSession, Disconnect, SessionOptions, push_json
+from ..centrifuge import ClientSession, Disconnect, SessionOptions
+from ..centrifuge.protobuf import PROTOBUF
+from ..centrifuge.wire import JSON, Wire
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
 from ..errors import DisconnectCode
 from ..frames import (
     CLOSE_NORMAL,
+    OP_BINARY,
     OP_PONG,
     OP_TEXT,
     CloseReceived,
@@ -130,7 +139,9 @@ class _HandshakeLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 _handshake_log = _HandshakeLog(logging.getLogger(f"{__name__}.handshake"))
 
-SUBPROTOCOL = Subprotocol("centrifuge-json")
+SUBPROTOCOL = Subprotocol(JSON.subprotocol)
+#: The wire format of each subprotocol a client may offer.
+WIRES: dict[str, Wire] = {JSON.subprotocol: JSON, PROTOBUF.subprotocol: PROTOBUF}
 
 _MAX_QUEUED_MESSAGES = 16  # messages waiting for the running commands before we stop reading
 
@@ -138,36 +149,45 @@ _MAX_QUEUED_MESSAGES = 16  # messages waiting for the running commands before we
 # transport closing (nothing more is read); lost.
 _OPEN, _CLOSING, _DRAINING, _CLOSED = 0, 1, 2, 3
 
-PING_FRAME = frame(0x80 | OP_TEXT, PING)
-
 
 class PushEncoder:
-    """Frames for every connection of one wire variant: plain, or deflated with one window.
+    """Frames for every connection of one wire variant: one wire format (JSON
+    in text frames, Protobuf in binary ones), plain or deflated with one window.
 
     Instances are the keys of ``Publication.encoded``'s cache (they are
-    callable), so a push is framed once per variant and shared.
+    callable), so a push is encoded once per format, framed once per variant
+    and shared.
     """
 
-    __slots__ = ("_deflater", "_plain", "_threshold")
+    __slots__ = ("_deflater", "_opcode", "_plain", "_push", "_threshold", "ping_frame", "wire")
 
     def __init__(
-        self, deflater: Deflater | None = None, threshold: int = 0, plain: PushEncoder | None = None
+        self,
+        wire: Wire = JSON,
+        deflater: Deflater | None = None,
+        threshold: int = 0,
+        plain: PushEncoder | None = None,
     ) -> None:
+        self.wire = wire
+        self._push = wire.push
+        self._opcode = OP_BINARY if wire.binary else OP_TEXT
         self._deflater = deflater
         self._threshold = threshold
         # Pushes too small (or too random) to compress share the plain frame.
         self._plain = plain if plain is not None else self
+        #: The server's ping in this format (the same bytes for every connection).
+        self.ping_frame = frame(0x80 | self._opcode, wire.ping)
 
     def __call__(self, pub: Publication) -> bytes:
         if self._deflater is None:
-            return frame(0x80 | OP_TEXT, pub.encoded(push_json))
-        compressed = self._compress(pub.encoded(push_json))
+            return frame(0x80 | self._opcode, pub.encoded(self._push))
+        compressed = self._compress(pub.encoded(self._push))
         return compressed if compressed is not None else pub.encoded(self._plain)
 
-    def text_frame(self, payload: bytes) -> bytes:
+    def message_frame(self, payload: bytes) -> bytes:
         """A frame for one connection (replies, per-connection pushes)."""
         compressed = self._compress(payload)
-        return compressed if compressed is not None else frame(0x80 | OP_TEXT, payload)
+        return compressed if compressed is not None else frame(0x80 | self._opcode, payload)
 
     def _compress(self, payload: bytes) -> bytes | None:
         deflater = self._deflater
@@ -176,7 +196,7 @@ class PushEncoder:
         compressed = deflater.compress(payload)
         if len(compressed) >= len(payload):
             return None
-        return frame(0xC0 | OP_TEXT, compressed)
+        return frame(0xC0 | self._opcode, compressed)
 
 
 class WebSocketTransport:
@@ -207,9 +227,11 @@ class WebSocketTransport:
             access=access,
             ping_interval=max(1, round(ws.ping_interval)),
         )
-        self.plain = PushEncoder()
-        # One compressor per server window size in use (at most 7: 9 to 15 bits).
-        self._deflate_encoders: dict[int, PushEncoder] = {}
+        #: The plain (uncompressed) encoder of each wire format.
+        self.plain = {wire: PushEncoder(wire) for wire in WIRES.values()}
+        # One compressor per wire format and server window size in use (at most
+        # 7 sizes: 9 to 15 bits).
+        self._deflate_encoders: dict[tuple[Wire, int], PushEncoder] = {}
         # Timer wheel: a tick every `tick` seconds pings one slot.
         self.tick = max(0.05, min(1.0, ws.ping_interval, ws.pong_timeout / 2))
         self.slots: list[set[WebSocketConnection]] = [
@@ -238,12 +260,12 @@ class WebSocketTransport:
         response.headers.append(("Upgrade", "websocket"))
         return response
 
-    def deflate_encoder(self, window_bits: int) -> PushEncoder:
-        """The shared encoder of connections whose server window is ``window_bits``."""
-        encoder = self._deflate_encoders.get(window_bits)
+    def deflate_encoder(self, window_bits: int, wire: Wire = JSON) -> PushEncoder:
+        """The shared encoder of connections of ``wire`` whose server window is ``window_bits``."""
+        encoder = self._deflate_encoders.get((wire, window_bits))
         if encoder is None:
-            encoder = PushEncoder(Deflater(window_bits), self.threshold, self.plain)
-            self._deflate_encoders[window_bits] = encoder
+            encoder = PushEncoder(wire, Deflater(window_bits), self.threshold, self.plain[wire])
+            self._deflate_encoders[wire, window_bits] = encoder
         return encoder
 
     def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> None:
@@ -267,7 +289,7 @@ class WebSocketTransport:
             ]
         handshake = ServerProtocol(
             extensions=extensions,
-            subprotocols=[SUBPROTOCOL],
+            subprotocols=[Subprotocol(name) for name in WIRES],
             select_subprotocol=_select_subprotocol,
             max_size=self.max_message_size,
             logger=_handshake_log,
@@ -293,15 +315,16 @@ class WebSocketTransport:
             transport.write(head)
             transport.close()
             return
+        wire = WIRES.get(handshake.subprotocol or "", JSON)
         negotiated = [ext for ext in handshake.extensions if isinstance(ext, PerMessageDeflate)]
         if negotiated:
             ext = negotiated[0]
-            encoder = self.deflate_encoder(ext.local_max_window_bits)
+            encoder = self.deflate_encoder(ext.local_max_window_bits, wire)
             reader = FrameReader(
                 self.max_message_size, deflate=True, client_window_bits=ext.remote_max_window_bits
             )
         else:
-            encoder = self.plain
+            encoder = self.plain[wire]
             reader = FrameReader(self.max_message_size)
         conn = WebSocketConnection(self, transport, reader, encoder)
         transport.set_protocol(conn)
@@ -380,8 +403,9 @@ class WebSocketTransport:
 
 
 def _select_subprotocol(protocol: ServerProtocol, subprotocols: Any) -> Subprotocol | None:
-    # Accept centrifuge-json when offered, and clients that offer nothing.
-    return SUBPROTOCOL if SUBPROTOCOL in subprotocols else None
+    """The first wire format the client offers that we speak; None (JSON, and no
+    header in the response) when it offers none of them or nothing at all."""
+    return next((offer for offer in subprotocols if offer in WIRES), None)
 
 
 class WebSocketConnection(asyncio.Protocol):
@@ -417,7 +441,7 @@ class WebSocketConnection(asyncio.Protocol):
         self.transport = transport
         self._reader = reader
         self._encoder = encoder
-        self.session = ClientSession(ctx.hub, ctx.options, self)
+        self.session = ClientSession(ctx.hub, ctx.options, self, encoder.wire)
         self._state = _OPEN
         self._task: asyncio.Task[None] | None = None
         self._queue: deque[bytes] | None = None
@@ -437,7 +461,7 @@ class WebSocketConnection(asyncio.Protocol):
 
     def write_payload(self, payload: bytes) -> None:
         if self._state == _OPEN:
-            self.transport.write(self._encoder.text_frame(payload))
+            self.transport.write(self._encoder.message_frame(payload))
 
     def pong(self) -> None:
         self._ping_at = 0.0
@@ -472,7 +496,7 @@ class WebSocketConnection(asyncio.Protocol):
                 self.close(DisconnectCode.NO_PONG, "no pong")
             return
         self._ping_at = now
-        self.transport.write(PING_FRAME)
+        self.transport.write(self._encoder.ping_frame)
 
     def _pong_late(self, now: float) -> bool:
         return bool(self._ping_at) and now - self._ping_at >= self._ctx.pong_timeout
@@ -572,7 +596,7 @@ class WebSocketConnection(asyncio.Protocol):
             if len(queue) >= _MAX_QUEUED_MESSAGES:
                 self.transport.pause_reading()
             return
-        if payload == PING and self.session.client_id:
+        if payload == self.session.wire.ping and self.session.client_id:
             return  # the hot path: the answer to our ping needs no task
         self._task = self._ctx._loop().create_task(self._run(payload))
 
