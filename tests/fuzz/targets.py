@@ -27,6 +27,9 @@ from typing import Any
 import h11
 import httptools
 import msgspec
+from centrifuge.protocol import client_pb2 as sdk_pb
+from google.protobuf.json_format import ParseDict
+from google.protobuf.message import DecodeError
 from websockets import exceptions as ws_exceptions
 from websockets import frames as ws_frames
 from websockets.streams import StreamReader
@@ -38,8 +41,9 @@ from tidings.centrifuge import (
     Disconnect,
     SessionOptions,
     decode_commands,
-    push_json,
 )
+from tidings.centrifuge import protobuf as centrifuge_protobuf
+from tidings.centrifuge.wire import JSON, Wire
 from tidings.config import load_config
 from tidings.cursor import decode_cursor, encode_cursor
 from tidings.errors import ProtocolError
@@ -569,20 +573,22 @@ class _RecordingTransport:
     """The connection a fuzzed session speaks through: it records what it would send.
 
     A publication is recorded as the push bytes every WebSocket subscriber
-    would get, so invalid data a fuzzed publish stored shows up here.
+    of its wire format would get, so invalid data a fuzzed publish stored
+    shows up here.
     """
 
-    __slots__ = ("closed_with", "sent")
+    __slots__ = ("closed_with", "push", "sent")
 
-    def __init__(self) -> None:
+    def __init__(self, wire: Wire = JSON) -> None:
         self.sent: list[bytes] = []
         self.closed_with: tuple[int, str] | None = None
+        self.push = wire.push
 
     def write_payload(self, payload: bytes) -> None:
         self.sent.append(payload)
 
     def write_publication(self, pub: Publication) -> None:
-        self.sent.append(push_json(pub))
+        self.sent.append(self.push(pub))
 
     def pong(self) -> None:
         pass
@@ -635,6 +641,92 @@ def command_session(data: bytes) -> None:
     publications, so invalid data stored by a publish shows up in a push.
     """
     runtime().run(_run_session(data))
+
+
+# --------------------------------------------------------------------------- 3b. Protobuf
+
+#: What the Protobuf decoder may close with: bad request, or invalid UTF-8.
+_PROTOBUF_CLOSE_CODES = {3501, 1007}
+
+
+def _check_json_data(commands: list[Command]) -> None:
+    """Every ``data`` a Protobuf command carries is what the JSON form would accept:
+    UTF-8 JSON (the hub stores it and JSON subscribers receive it as it is)."""
+    for cmd in commands:
+        requests = (cmd.connect, cmd.subscribe, cmd.publish, cmd.rpc, cmd.send)
+        subs = list((cmd.connect.subs or {}).values()) if cmd.connect is not None else []
+        for req in (*requests, *subs):
+            data = getattr(req, "data", None)
+            if data:
+                raw = bytes(data)
+                try:
+                    raw.decode("utf-8")
+                    msgspec.json.decode(raw)
+                except (UnicodeDecodeError, msgspec.DecodeError) as exc:
+                    raise InvariantBroken(f"data accepted that is not JSON: {raw[:80]!r}") from exc
+
+
+def protobuf_command_decoder(data: bytes) -> None:
+    """``protobuf.decode_commands`` raises :class:`BadRequest` (3501 or 1007) or returns
+    commands whose data is JSON and whose offsets the JSON form would accept."""
+    try:
+        commands = centrifuge_protobuf.decode_commands(data)
+    except BadRequest as exc:
+        code = exc.disconnect.code
+        check(code in _PROTOBUF_CLOSE_CODES, f"BadRequest closing with {code}")
+        return
+    check(commands, "a frame decoded to no command")
+    check(all(isinstance(cmd, Command) for cmd in commands), "decoded a non-command")
+    _check_json_data(commands)
+    for cmd in commands:
+        offsets = [cmd.subscribe.offset] if cmd.subscribe is not None else []
+        if cmd.history is not None and cmd.history.since is not None:
+            offsets.append(cmd.history.since.offset)
+        check(all(0 <= o <= 2**63 - 1 for o in offsets), f"offsets {offsets} accepted")
+
+
+def _sdk_replies(payload: bytes, what: str) -> list[Any]:
+    """``payload`` read as centrifuge-python reads a Protobuf frame; InvariantBroken if it can't.
+    Every ``data`` in a push must be JSON (a JSON subscriber gets the same bytes)."""
+    replies = []
+    pos = 0
+    while pos < len(payload):
+        length, pos = centrifuge_protobuf._read_varint(payload, pos)
+        check(pos + length <= len(payload), f"{what}: a reply runs past the frame")
+        try:
+            reply = sdk_pb.Reply.FromString(payload[pos : pos + length])
+        except DecodeError as exc:
+            raise InvariantBroken(f"{what}: not a Reply: {payload[:80]!r}") from exc
+        pos += length
+        if reply.HasField("push") and reply.push.HasField("pub"):
+            try:
+                msgspec.json.decode(reply.push.pub.data)
+            except msgspec.DecodeError as exc:
+                raise InvariantBroken(f"{what}: a push whose data is not JSON") from exc
+        replies.append(reply)
+    return replies
+
+
+async def _run_protobuf_session(data: bytes) -> None:
+    server = runtime().server()
+    transport = _RecordingTransport(centrifuge_protobuf.PROTOBUF)
+    session = ClientSession(
+        server.hub, SessionOptions(access=server.access), transport, centrifuge_protobuf.PROTOBUF
+    )
+    try:
+        outcome = await session.handle(data)
+        check(outcome is None or isinstance(outcome, Disconnect), f"handle gave {outcome!r}")
+        await _settle()
+        for payload in transport.sent:
+            _sdk_replies(payload, "a frame sent to the client")
+    finally:
+        session.release()
+
+
+def protobuf_session(data: bytes) -> None:
+    """One Protobuf frame of commands through a session on a real (memory) hub; what
+    the client would receive reads as Protobuf replies to centrifuge-python."""
+    runtime().run(_run_protobuf_session(data))
 
 
 # --------------------------------------------------------------------------- 4. cursor
@@ -911,6 +1003,30 @@ def _command_seeds() -> list[bytes]:
     ]
 
 
+def _protobuf_seeds() -> list[bytes]:
+    """The command seeds in Protobuf form, built with centrifuge-python's classes."""
+
+    def as_protobuf(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                key: base64.b64encode(msgspec.json.encode(item)).decode()
+                if key == "data"
+                else as_protobuf(item)
+                for key, item in value.items()
+            }
+        return value
+
+    seeds = []
+    for seed in _command_seeds():
+        frame = b""
+        for line in seed.split(b"\n"):
+            command = ParseDict(as_protobuf(msgspec.json.decode(line)), sdk_pb.Command())
+            body = command.SerializeToString()
+            frame += centrifuge_protobuf._varint(len(body)) + body
+        seeds.append(frame)
+    return seeds
+
+
 def _cursor_seeds() -> list[bytes]:
     one = encode_cursor({"news": Position("abc", 3)})
     two = encode_cursor({"news": Position("abc", 3), "chat:room": Position("", 0)})
@@ -947,6 +1063,8 @@ TARGETS: dict[str, Target] = {
     "frames": Target(frame_reader, _frame_seeds(), 4096),
     "commands": Target(command_decoder, _command_seeds(), 4096),
     "session": Target(command_session, _command_seeds(), 4096),
+    "protobuf_commands": Target(protobuf_command_decoder, _protobuf_seeds(), 4096),
+    "protobuf_session": Target(protobuf_session, _protobuf_seeds(), 4096),
     "cursor": Target(cursor, _cursor_seeds(), 2048),
     "query": Target(query, _query_seeds(), 2048),
 }

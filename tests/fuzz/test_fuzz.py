@@ -36,6 +36,8 @@ _EXAMPLES = {
     "frames": 2000,
     "commands": 2000,
     "session": 800,
+    "protobuf_commands": 2000,
+    "protobuf_session": 800,
     "cursor": 2000,
     "query": 2000,
 }
@@ -99,6 +101,10 @@ test_frames_bytes, test_frames_mutated_seeds = (
 )
 test_commands_bytes, test_commands_mutated_seeds = _fuzz_tests("commands")
 test_session_bytes, test_session_mutated_seeds = _fuzz_tests("session")
+test_protobuf_commands_bytes, test_protobuf_commands_mutated_seeds = _fuzz_tests(
+    "protobuf_commands"
+)
+test_protobuf_session_bytes, test_protobuf_session_mutated_seeds = _fuzz_tests("protobuf_session")
 test_cursor_bytes, test_cursor_mutated_seeds = _fuzz_tests("cursor")
 test_query_bytes, test_query_mutated_seeds = _fuzz_tests("query")
 
