@@ -10,11 +10,20 @@
 // {"cmd": "exit"}. The process also exits when stdin closes.
 // Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKENS (JSON:
 // subscription tokens by channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
-// subscription option). Server-side subscriptions (token channels, the personal
-// channel) print server_subscribed and server_publication events.
+// subscription option), TIDINGS_JS_PROTOBUF=1 (the SDK's Protobuf build,
+// centrifuge/build/protobuf: publication data travels as bytes, here the UTF-8
+// of its JSON both ways, so events and commands look the same in both modes).
+// Server-side subscriptions (token channels, the personal channel) print
+// server_subscribed and server_publication events.
 import { createInterface } from "node:readline";
-import { Centrifuge } from "centrifuge";
 import WebSocket from "ws";
+
+const protobuf = Boolean(process.env.TIDINGS_JS_PROTOBUF);
+const { Centrifuge } = await import(protobuf ? "centrifuge/build/protobuf" : "centrifuge");
+const fromWire = (data) => (protobuf ? JSON.parse(new TextDecoder().decode(data)) : data);
+const toWire = (data) => (protobuf ? new TextEncoder().encode(JSON.stringify(data)) : data);
+// The Protobuf build hands out uint64 offsets as protobufjs longs ({low, high, unsigned}).
+const num = (v) => (v !== null && typeof v === "object" ? v.high * 4294967296 + v.low : v);
 
 const [url, ...channels] = process.argv.slice(2);
 const out = (obj) => process.stdout.write(JSON.stringify(obj) + "\n");
@@ -33,7 +42,7 @@ client.on("connecting", (ctx) => out({ event: "connecting", code: ctx.code, reas
 client.on("error", (ctx) => out({ event: "client_error", error: String(ctx.error && ctx.error.message) }));
 client.on("subscribed", (ctx) => out({ event: "server_subscribed", channel: ctx.channel }));
 client.on("publication", (ctx) =>
-  out({ event: "server_publication", channel: ctx.channel, data: ctx.data, offset: ctx.offset }),
+  out({ event: "server_publication", channel: ctx.channel, data: fromWire(ctx.data), offset: num(ctx.offset) }),
 );
 
 const subTokens = JSON.parse(process.env.TIDINGS_JS_SUB_TOKENS || "{}");
@@ -58,7 +67,9 @@ for (const channel of channels) {
       streamPosition: ctx.streamPosition || null,
     }),
   );
-  sub.on("publication", (ctx) => out({ event: "publication", channel, data: ctx.data, offset: ctx.offset }));
+  sub.on("publication", (ctx) =>
+    out({ event: "publication", channel, data: fromWire(ctx.data), offset: num(ctx.offset) }),
+  );
   sub.on("error", (ctx) =>
     out({
       event: "sub_error",
@@ -81,7 +92,7 @@ rl.on("line", async (line) => {
   const msg = JSON.parse(line);
   try {
     if (msg.cmd === "publish") {
-      await subs[msg.channel].publish(msg.data);
+      await subs[msg.channel].publish(toWire(msg.data));
       out({ event: "published", channel: msg.channel });
     } else if (msg.cmd === "history") {
       const res = await subs[msg.channel].history({ limit: -1 });
@@ -90,7 +101,7 @@ rl.on("line", async (line) => {
         channel: msg.channel,
         epoch: res.epoch,
         offset: res.offset,
-        publications: res.publications.map((p) => ({ data: p.data, offset: p.offset })),
+        publications: res.publications.map((p) => ({ data: fromWire(p.data), offset: num(p.offset) })),
       });
     } else if (msg.cmd === "presence") {
       const res = await client.presence(msg.channel);
