@@ -44,7 +44,9 @@ class Spec:
     ``kind`` is ``"sse"``, ``"ws"`` or ``"poll"``. ``ready`` is the byte string
     that proves the subscription is in place (``None``: the response head for
     SSE/poll, the 101 for WebSocket). ``ws_first`` is the text frame a
-    WebSocket client sends right after the handshake (connect + subscribe).
+    WebSocket client sends right after the handshake (connect + subscribe), in
+    a binary frame when ``ws_binary`` (Centrifugo's Protobuf form, whose pings
+    are an empty binary message).
     ``poll_style`` is ``"cursor"`` (tidings/floor JSON cursor) or ``"nchan"``
     (If-Modified-Since / If-None-Match).
     """
@@ -57,6 +59,7 @@ class Spec:
     ws_first: bytes | None = None
     poll_style: str = "cursor"
     headers: tuple[tuple[str, str], ...] = ()
+    ws_binary: bool = False
 
 
 @dataclass
@@ -205,7 +208,8 @@ class WSClient(Base):
 
     Pings come in three dialects and all are answered: the protocol-level ping
     opcode (websockets, uvicorn, Nchan), Centrifugo's ``{}`` text frame
-    (tidings) and Engine.IO's ``2`` (python-socketio).
+    (tidings; an empty binary message in its Protobuf form) and Engine.IO's
+    ``2`` (python-socketio).
     """
 
     __slots__ = ("upgraded",)
@@ -236,7 +240,8 @@ class WSClient(Base):
                 return
             self.upgraded = True
             if self.spec.ws_first is not None:
-                self.transport.write(mask_frame(self.spec.ws_first))
+                opcode = 2 if self.spec.ws_binary else 1
+                self.transport.write(mask_frame(self.spec.ws_first, opcode))
             if self.spec.ready is None:
                 self.set_ready()
             buf = buf[end + 4 :]
@@ -274,6 +279,9 @@ class WSClient(Base):
     def on_text(self, payload: bytes) -> None:
         if payload == b"{}":  # Centrifugo ping
             self.transport.write(mask_frame(b"{}"))
+            return
+        if payload == b"\x00" and self.spec.ws_binary:  # Centrifugo ping, Protobuf form
+            self.transport.write(mask_frame(b"\x00", 2))
             return
         if payload == b"2":  # Engine.IO ping
             self.transport.write(mask_frame(b"3"))

@@ -28,6 +28,9 @@ HOST = "127.0.0.1"
 NCHAN_MODULE = "/usr/lib/nginx/modules/ngx_nchan_module.so"
 SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")  # Debian puts nginx and redis-server here
 CENTRIFUGE_SUBSCRIBE = b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"bench"}}'
+#: The same two commands in Protobuf form (``centrifuge-protobuf``), each prefixed with its
+#: length: Command{id: 1, connect: {}} and Command{id: 2, subscribe: {channel: "bench"}}.
+CENTRIFUGE_SUBSCRIBE_PROTOBUF = b"\x04\x08\x01\x22\x00" + b"\x0b\x08\x02\x2a\x07\x0a\x05bench"
 
 
 def tidings_body(data: dict[str, Any]) -> bytes:
@@ -110,6 +113,23 @@ def _centrifuge_like(port: int) -> dict[str, Spec]:
     }
 
 
+def _tidings_specs(port: int) -> dict[str, Spec]:
+    """tidings' endpoints, and WebSocket in the Protobuf form too (``wspb``): the
+    subscribe reply is the first reply with id 2 (``\\x08\\x02``)."""
+    specs = _centrifuge_like(port)
+    specs["wspb"] = Spec(
+        "ws",
+        HOST,
+        port,
+        "/connection/websocket",
+        ready=b"\x08\x02",
+        ws_first=CENTRIFUGE_SUBSCRIBE_PROTOBUF,
+        headers=(("Sec-WebSocket-Protocol", "centrifuge-protobuf"),),
+        ws_binary=True,
+    )
+    return specs
+
+
 def _nchan_cmd(port: int, wd: Path) -> list[str]:
     nginx = binary("nginx") or "nginx"
     return [nginx, "-p", str(wd), "-c", str(wd / "nginx.conf"), "-g", "daemon off;"]
@@ -126,9 +146,9 @@ SERVERS: dict[str, ServerDef] = {
     for s in [
         ServerDef(
             "tidings",
-            ("sse", "ws", "poll"),
+            ("sse", "ws", "wspb", "poll"),
             _tidings_cmd,
-            _centrifuge_like,
+            _tidings_specs,
             needs=("tidings",),
             setup=_tidings_setup,
         ),
