@@ -54,18 +54,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
+import select
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
+from redis.maint_notifications import MaintNotificationsConfig
 
-from ..errors import ErrorCode, ProtocolError
+from ..errors import ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
 from . import envelope
 from .base import Broker, unavailable
@@ -74,6 +79,8 @@ from .redis_pubsub import RedisPubSub
 __all__ = ["RedisBroker"]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 # KEYS: meta, history. ARGV: new epoch, history size, history ttl (ms),
 # meta ttl (ms), pub/sub channel, payload.
@@ -109,6 +116,73 @@ return {tonumber(redis.call('HGET', KEYS[1], 'o') or '0'), epoch}
 
 #: redis-py's socket timeout for commands: a command has an answer or an error by then.
 _COMMAND_TIMEOUT = 10.0
+
+
+class _NotSent(RedisConnectionError):
+    """A command's write failed: Redis has not received the whole command."""
+
+
+class _CheckedConnection(aioredis.Connection):
+    """A pooled command connection that is not used once Redis has closed it,
+    and that tells a failed write from a failed read.
+
+    A connection Redis closed while it sat in the pool (``CLIENT KILL``, its
+    ``timeout`` setting, a restart) is lent by redis-py as long as the event loop
+    has not yet read the close: redis-py asks the stream whether it has data or
+    EOF, and the stream knows only what the loop has read. The command then
+    goes out into a half-closed socket and fails on its read ("Connection
+    closed by server.") while Redis is up. :meth:`can_read` also asks the
+    kernel whether the socket is readable; an idle connection with nothing
+    left to read never is, so readable means closed, reset, or a stray reply:
+    redis-py's pool then connects afresh before writing anything.
+
+    A write error is raised as :class:`_NotSent`, which the client retries
+    once on a new connection (``Retry(..., supported_errors=(_NotSent,))``).
+    That retry is safe even for the publish script, which must not run twice
+    (it increments the offset): the write raises only when the command's bytes
+    did not all reach the socket. Either the transport was already closed
+    (asyncio drops the bytes: the "Error UNKNOWN while writing to socket.
+    Connection lost." of issue 12), or ``send()`` failed (nothing of that call
+    was sent), or the stream was still paused for flow control when the
+    connection was lost (unsent bytes were still buffered here). Redis runs a
+    command only once it has read all of it, and a dead connection delivers
+    no more. A failed *read* is not retried here: Redis may have run the
+    command and lost only the reply (idempotent commands are retried by
+    :meth:`RedisBroker._idempotent`).
+    """
+
+    async def can_read(self) -> bool:
+        return await super().can_read() or self._socket_readable()
+
+    def _socket_readable(self) -> bool:
+        """Whether the kernel holds anything for this idle socket (EOF and
+        resets included) that the loop has not read yet.
+
+        One ``poll`` with a zero timeout: ``select()`` cannot take the
+        descriptors above 1,023 that a server holding many clients hands out.
+        """
+        writer = self._writer
+        if writer is None:
+            return False
+        sock = writer.transport.get_extra_info("socket")
+        if sock is None:
+            return False
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
+
+    async def send_packed_command(
+        self, command: bytes | str | Iterable[bytes], check_health: bool = True
+    ) -> None:
+        if not self.is_connected:
+            # Connect errors pass unchanged: not connected is not "not sent".
+            await self.connect_check_health(check_health=False)
+        try:
+            await super().send_packed_command(command, check_health)
+        except _NotSent:
+            raise
+        except RedisConnectionError as exc:
+            raise _NotSent(*exc.args) from exc
 
 
 def _new_epoch() -> str:
@@ -150,8 +224,6 @@ class RedisBroker(Broker):
         self._prefix = prefix
         self._meta_ttl_ms = max(1, int(meta_ttl * 1000))
         self._redis = self._command_client()
-        #: Command clients replaced after a pub/sub loss, closed once idle.
-        self._retiring: set[asyncio.Task[None]] = set()
         self._pubsub = RedisPubSub(
             url,
             on_message=self._on_message,
@@ -172,17 +244,44 @@ class RedisBroker(Broker):
         self._closing = False
 
     def _command_client(self) -> aioredis.Redis:
-        """A command client and its scripts (the connection pool for every command)."""
+        """A command client and its scripts (the connection pool for every command).
+
+        Its connections check, when the pool lends them, that Redis has not
+        closed them meanwhile, and every command whose write fails is sent once
+        more on a new connection: see :class:`_CheckedConnection`.
+        """
         client: aioredis.Redis = aioredis.Redis.from_url(
             self._url,
             socket_timeout=_COMMAND_TIMEOUT,
             socket_connect_timeout=5,
-            retry=Retry(NoBackoff(), 0),
+            connection_class=_CheckedConnection,
+            retry=Retry(NoBackoff(), 1, supported_errors=(_NotSent,)),
+            # Off, not redis-py 8.1's "auto": while a pool has this on, it lends
+            # connections that hold data or EOF instead of replacing them
+            # (redis/redis-py#4252). One plain Redis sends no maintenance events.
+            maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
         self._publish_script = client.register_script(_PUBLISH)
         self._ensure_script = client.register_script(_ENSURE)
         self._presence_script = client.register_script(_PRESENCE)
         return client
+
+    @staticmethod
+    async def _idempotent(call: Callable[[], Awaitable[_T]]) -> _T:
+        """``call()``, once more on a new connection if its connection breaks.
+
+        Only for commands that may run twice: reads, the ``_ENSURE`` script
+        (it creates an epoch only where none is, so a second run answers what
+        the first did), presence writes and TTL refreshes. A broken connection
+        is closed by redis-py before the error reaches here, so the pool lends
+        a new one. Not for the publish script, which may have run before its
+        reply was lost (see :class:`_CheckedConnection` for what is retried there).
+        """
+        try:
+            return await call()
+        except RedisConnectionError as exc:
+            log.info("redis connection broke under a command (%s); retrying once", exc)
+            return await call()
 
     # -- names -------------------------------------------------------------
 
@@ -220,23 +319,18 @@ class RedisBroker(Broker):
                 await task
         self._tasks = []
         await self._pubsub.close()
-        for retiring in list(self._retiring):
-            retiring.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await retiring
         await self._redis.aclose()
 
     async def _hold_all(self) -> None:
         """The pub/sub link broke: hold back every channel's live stream until its
         hole is filled (see the module docstring).
 
-        The command connections may be dead too (a Redis restart closes them,
-        and redis-py lends such a connection without noticing): commands move to
-        a fresh client, and the old one is closed once any command still on it
-        has had its answer or its timeout. Disconnecting the old pool's idle
-        connections at once, as this did before, raced with commands taking one
-        from the pool at that moment: their write failed with "Error UNKNOWN
-        while writing to socket. Connection lost." while Redis was up.
+        The command connections are left alone: a pool connection that Redis
+        closed too (a restart) is replaced when the pool lends it
+        (:class:`_CheckedConnection`). Disconnecting the pool's idle connections
+        here, as this once did, raced with commands taking one at that moment:
+        their write failed with "Error UNKNOWN while writing to socket.
+        Connection lost." while Redis was up (tests/test_redis_stale.py).
         """
         if self._closing or not self._pubsub.ever_connected:
             # Before the first connection no subscribe has gone live: nothing to
@@ -244,17 +338,6 @@ class RedisBroker(Broker):
             return
         # What a cancelled catch-up had held back is read again from history.
         self._held = {channel: [] for channel in self._interest}
-        old, self._redis = self._redis, self._command_client()
-        task = asyncio.get_running_loop().create_task(self._retire(old))
-        self._retiring.add(task)
-        task.add_done_callback(self._retiring.discard)
-
-    @staticmethod
-    async def _retire(client: aioredis.Redis) -> None:
-        try:
-            await asyncio.sleep(_COMMAND_TIMEOUT + 1)
-        finally:
-            await client.aclose()
 
     # -- publishing and reading -------------------------------------------
 
@@ -298,7 +381,8 @@ class RedisBroker(Broker):
         meta_key, history_key = self._keys(channel)
         count = limit if limit is not None and limit > 0 else None
         low = self._low(since)
-        try:
+
+        async def read() -> list[Any]:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.hmget(meta_key, ["e", "o"])
                 if limit != 0:
@@ -307,6 +391,10 @@ class RedisBroker(Broker):
                     else:
                         pipe.xrange(history_key, low, "+", count=count)
                 results: list[Any] = await pipe.execute()
+                return results
+
+        try:
+            results = await self._idempotent(read)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         epoch_raw, offset_raw = results[0]
@@ -349,11 +437,9 @@ class RedisBroker(Broker):
         try:
             await self._pubsub.subscribe(self._pubsub_name(channel))
         except TimeoutError:
-            raise ProtocolError(
-                ErrorCode.INTERNAL, "broker unavailable: redis did not confirm the subscription"
-            ) from None
+            raise unavailable("redis did not confirm the subscription") from None
         try:
-            top = await self._ensure(channel)
+            top = await self._idempotent(lambda: self._ensure(channel))
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         self._advance(channel, top)
@@ -402,17 +488,7 @@ class RedisBroker(Broker):
             while self._held:
                 batch = list(self._held)[: self._catch_up_batch]
                 since = {channel: self._interest.get(channel, EMPTY) for channel in batch}
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    for channel in batch:
-                        keys = self._keys(channel)
-                        await self._ensure_script(
-                            keys=keys, args=[_new_epoch(), self._meta_ttl_ms], client=pipe
-                        )
-                        if since[channel] == EMPTY:  # no hole (see _fill): an empty range
-                            pipe.xrange(keys[1], "+", "-")
-                        else:
-                            pipe.xrange(keys[1], self._low(since[channel]), self._high(channel))
-                    results: list[Any] = await pipe.execute()
+                results = await self._idempotent(functools.partial(self._read_holes, batch, since))
                 for n, channel in enumerate(batch):
                     offset, epoch = results[2 * n]
                     top = Position(epoch.decode(), int(offset))
@@ -425,6 +501,21 @@ class RedisBroker(Broker):
             )
             for channel in list(self._held):
                 self._release_unfilled(channel)
+
+    async def _read_holes(self, batch: list[str], since: dict[str, Position]) -> list[Any]:
+        """One pipelined round trip: each channel's position and what it missed."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel in batch:
+                keys = self._keys(channel)
+                await self._ensure_script(
+                    keys=keys, args=[_new_epoch(), self._meta_ttl_ms], client=pipe
+                )
+                if since[channel] == EMPTY:  # no hole (see _fill): an empty range
+                    pipe.xrange(keys[1], "+", "-")
+                else:
+                    pipe.xrange(keys[1], self._low(since[channel]), self._high(channel))
+            results: list[Any] = await pipe.execute()
+            return results
 
     async def _fill(self, channel: str, since: Position, top: Position, entries: list[Any]) -> None:
         """Deliver ``channel``'s hole after ``since`` (up to ``top``), then what it held back."""
@@ -538,12 +629,16 @@ class RedisBroker(Broker):
                 continue
             try:
                 for start in range(0, len(channels), 1000):
-                    async with self._redis.pipeline(transaction=False) as pipe:
-                        for channel in channels[start : start + 1000]:
-                            pipe.pexpire(self._keys(channel)[0], self._meta_ttl_ms)
-                        await pipe.execute()
+                    part = channels[start : start + 1000]
+                    await self._idempotent(functools.partial(self._refresh_meta, part))
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh channel positions in redis: %s", exc)
+
+    async def _refresh_meta(self, channels: list[str]) -> None:
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                pipe.pexpire(self._keys(channel)[0], self._meta_ttl_ms)
+            await pipe.execute()
 
     # -- presence ------------------------------------------------------------
 
@@ -555,7 +650,7 @@ class RedisBroker(Broker):
         encoded = msgspec.json.encode(info)
         self._present[(channel, client)] = encoded
         try:
-            await self._write_presence([(channel, client, encoded)])
+            await self._idempotent(lambda: self._write_presence([(channel, client, encoded)]))
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
 
@@ -579,19 +674,25 @@ class RedisBroker(Broker):
 
     async def _remove_presence(self, channel: str, client: str) -> None:
         zset, table = self._presence_keys(channel)
-        try:
+
+        async def remove() -> None:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.zrem(zset, client)
                 pipe.hdel(table, client)
                 await pipe.execute()
+
+        try:
+            await self._idempotent(remove)
         except (RedisError, OSError) as exc:
             # The entry expires within presence_ttl anyway.
             log.info("could not remove %s from %s presence now: %s", client, channel, exc)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
         try:
-            flat = await self._presence_script(
-                keys=self._presence_keys(channel), args=[int(time.time() * 1000)]
+            flat = await self._idempotent(
+                lambda: self._presence_script(
+                    keys=self._presence_keys(channel), args=[int(time.time() * 1000)]
+                )
             )
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
@@ -614,6 +715,7 @@ class RedisBroker(Broker):
                 continue
             try:
                 for start in range(0, len(entries), 1000):
-                    await self._write_presence(entries[start : start + 1000])
+                    part = entries[start : start + 1000]
+                    await self._idempotent(functools.partial(self._write_presence, part))
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh presence in redis: %s", exc)
