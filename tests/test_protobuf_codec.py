@@ -31,10 +31,14 @@ from tidings.centrifuge.protobuf import (
 )
 from tidings.centrifuge.schema import (
     BadRequest,
+    ConnectResult,
+    Empty,
     HistoryResult,
     PresenceResult,
     PresenceStatsResult,
+    RefreshResult,
     Reply,
+    SubRefreshResult,
     SubscribeResult,
     presence_entries,
 )
@@ -381,3 +385,43 @@ def test_protobuf_pushes_are_binary_frames_encoded_once_per_variant() -> None:
     assert pub.encoded(json_plain)[0] == 0x80 | OP_TEXT
     assert plain.ping_frame == bytes((0x80 | OP_BINARY, 1)) + PROTOBUF.ping
     assert plain.message_frame(b"\x00")[0] == 0x80 | OP_BINARY
+
+
+def test_every_other_result_reads_as_centrifugos() -> None:
+    """connect (with server-side subscriptions), refresh, sub_refresh and the empty results."""
+    sub = SubscribeResult(recoverable=True, positioned=True, epoch="ep", offset=3)
+    connect = ConnectResult(
+        client="c1", version="1.0", expires=True, ttl=60, subs={"#alice": sub}, ping=25, pong=True
+    )
+    frame = b"".join(
+        [
+            encode_reply(Reply(id=1, connect=connect)),
+            encode_reply(Reply(id=2, refresh=RefreshResult(client="c1", expires=True, ttl=30))),
+            encode_reply(Reply(id=3, sub_refresh=SubRefreshResult(expires=True, ttl=10))),
+            encode_reply(Reply(id=4, unsubscribe=Empty())),
+            encode_reply(Reply(id=5, publish=Empty())),
+            encode_reply(Reply(id=6, ping=Empty())),
+        ]
+    )
+    got = sdk_replies(frame)
+    assert got[0] == {
+        "id": 1,
+        "connect": {
+            "client": "c1",
+            "version": "1.0",
+            "expires": True,
+            "ttl": 60,
+            "subs": {
+                "#alice": {"recoverable": True, "positioned": True, "epoch": "ep", "offset": "3"}
+            },
+            "ping": 25,
+            "pong": True,
+        },
+    }
+    assert got[1] == {"id": 2, "refresh": {"client": "c1", "expires": True, "ttl": 30}}
+    assert got[2] == {"id": 3, "sub_refresh": {"expires": True, "ttl": 10}}
+    assert got[3:] == [
+        {"id": 4, "unsubscribe": {}},
+        {"id": 5, "publish": {}},
+        {"id": 6, "ping": {}},
+    ], "an empty result is still there: the SDK matches the reply by its presence"
