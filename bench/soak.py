@@ -17,15 +17,17 @@ open descriptors (``/proc/<pid>/fd``), the connections held and the deliveries
 received are recorded. The server has no cheap way to report its asyncio task
 count from outside (no API call returns it), so that column is left out.
 
-Warm-up is not a fraction picked after the fact: it ends when every
-channel's history ring is full (``history.size`` of the server's config for
-the soak's channels, publications round-robin at ``--publish-rate``, so
-``channels x size / rate`` seconds), plus one long-poll timeout (a churned
-long-poll whose client half-closed is held until its timeout, so the number of
-those reaches its steady level one timeout after churn starts). By default
-(``--prefill``) the rings are filled before the clock starts, so only the
-long-poll timeout is left. Until the rings are full RSS grows by design (each
-publication kept with its encoded forms); after, what is kept is constant.
+Warm-up is not a fraction picked after the fact: it ends once every
+publication in every channel's history ring was published during the run
+(``history.size`` of the server's config for the soak's channels, publications
+round-robin at ``--publish-rate``, so ``channels x size / rate`` seconds: one
+rotation of the rings), plus one long-poll timeout (a churned long-poll whose
+client half-closed is held until its timeout, so the number of those reaches
+its steady level one timeout after churn starts). By default (``--prefill``)
+the rings are filled before the clock starts, so RSS starts near its plateau
+instead of growing with the rings; the rotation still counts as warm-up,
+because the N = 10,000 run showed RSS rising by another ~4 % until the
+prefilled publications had all been replaced, and flat after (docs/soak.md).
 
 At the end every client leaves and the server's descriptors must come back to
 the baseline taken before the first subscriber. The verdict, after warm-up:
@@ -39,9 +41,10 @@ holds (descriptor kinds and TCP states) is in the report.
 
 ``--tracemalloc FRAMES`` runs the server with ``PYTHONTRACEMALLOC`` and a
 ``sitecustomize`` that writes a snapshot on SIGUSR1 (no source edited); the
-soak takes one when warm-up ends and one at the end and reports the largest
-growth sites. It inflates RSS (tracemalloc's own books), so its RSS verdict
-means nothing: use it to find a leak, not to measure one.
+soak takes one when the clock starts, one when warm-up ends and one at the end,
+and reports the largest growth sites of both intervals. It inflates RSS
+(tracemalloc's own books) and slows the server, so its RSS verdict means
+nothing: use it to find a leak, not to measure one.
 
 Output: a table on stdout, ``--json`` (everything), ``--csv`` (one row per
 sample, written as the run goes so that an interrupted run keeps its figures)
@@ -263,7 +266,7 @@ class Settings:
         """Seconds of the run left out of the RSS verdict (see the module docstring)."""
         if self.warmup is not None:
             return self.warmup
-        return (0.0 if self.prefill else self.history_fill_s) + self.poll_timeout
+        return self.history_fill_s + self.poll_timeout
 
 
 @dataclass
@@ -516,7 +519,7 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
         (workdir / "server").mkdir(exist_ok=True)
         with traced_server_env(s.tracemalloc, workdir) as snapshots:
             server = ServerProc(sdef, port, workdir / "server")
-        await server.wait_ready()
+        await server.wait_ready(120.0 if s.tracemalloc else 20.0)  # tracing slows the start
         pid = server.proc.pid
         pool = SoakPool(nworkers)
         publisher = Publisher(HOST, port, "/api/publish", body_for(s.channels))
@@ -574,6 +577,9 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             f"poll timeout {s.poll_timeout}s)"
         )
         snaps: list[Path] = []
+        if snapshots:
+            snaps.append(await take_snapshot(pid, snapshots, 1))
+            log("tracemalloc snapshot 1 at t=0")
 
         seq = itertools.count(filled + 1)
         published = 0
@@ -659,9 +665,9 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
                 if writer and csv_file:
                     writer.writerow(smp.__dict__.values())
                     csv_file.flush()
-                if snapshots and not snaps and elapsed >= warmup_s:
-                    snaps.append(await take_snapshot(pid, snapshots, 1))
-                    log(f"tracemalloc snapshot 1 at t={time.monotonic() - start:.0f}s")
+                if snapshots and len(snaps) == 1 and elapsed >= warmup_s:
+                    snaps.append(await take_snapshot(pid, snapshots, 2))
+                    log(f"tracemalloc snapshot 2 at t={time.monotonic() - start:.0f}s")
                 if elapsed >= s.duration:
                     break
                 wake = min(start + len(out.samples) * s.sample, start + s.duration)
@@ -677,9 +683,12 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
             if csv_file:
                 csv_file.close()
         final = await pool.all("sample", 30)
-        if snapshots and snaps:
-            snaps.append(await take_snapshot(pid, snapshots, 2))
-            out.result["tracemalloc"] = growth_sites(snaps[0], snaps[1])
+        if snapshots and len(snaps) == 2:
+            snaps.append(await take_snapshot(pid, snapshots, 3))
+            out.result["tracemalloc"] = {
+                "warmup": growth_sites(snaps[0], snaps[1]),
+                "steady": growth_sites(snaps[1], snaps[2]),
+            }
         publisher.close()
         await pool.all("close", 30)
         # A long-poll whose client closed (FIN) is held until its timeout: the
@@ -993,8 +1002,10 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tidings-soak-") as tmp:
         out = asyncio.run(soak(s, Path(tmp), log=lambda m: print(m, flush=True)))
     print(table(out))
-    if "tracemalloc" in out.result:
-        print(json.dumps(out.result["tracemalloc"]["by_line"], indent=1))
+    for phase, diff in out.result.get("tracemalloc", {}).items():
+        print(f"tracemalloc, {phase}: traced KiB {diff['traced_kib']}")
+        for site in diff["by_line"]:
+            print(f"  {site['size_diff_kib']:+9.1f} KiB {site['count_diff']:+7d}  {site['site']}")
     if a.json:
         a.json.write_text(
             json.dumps({**out.result, "samples": [x.__dict__ for x in out.samples]}, indent=1)

@@ -7,12 +7,17 @@ left, its descriptors are back to within ``FD_MARGIN`` of the count taken
 before the first subscriber (a held long-poll whose client closed is answered
 at its timeout, 10 s here, so the harness waits for that).
 
-RSS after the warm-up (the first quarter) must stay within ``RSS_BAND`` of its
-median. Why that bound catches a leak: the bench's figure for a held
-connection is ~1.8 KiB of server RSS ((60.1 - 42.7) MiB / 10,000 in the
-N = 10,000 soak, docs/soak.md); over the ~3,000 reopens after the warm-up, a
-connection whose state outlived it would add ~5.4 MiB to a process of ~45 MiB,
-about 12 %, more than twice the band; the steady run moves by well under 1 %.
+Warm-up is what the soak computes, not a fraction: every channel's history
+is filled before the clock starts (2,000 publications), then one long-poll
+timeout passes (the half-closed long-polls of churn reach their steady number).
+After it RSS must stay within ``RSS_BAND`` of its median, and its
+least-squares line must move less than the band over the window. Why
+that bound catches a leak: the bench's figure for a held connection is
+~1.8 KiB of server RSS ((60.1 - 42.7) MiB / 10,000 in the N = 10,000 soak,
+docs/soak.md); over the ~3,000 reopens after the warm-up, a connection whose
+state outlived it would add ~5.4 MiB to a process of ~45 MiB, about 12 %, more
+than twice the band, and a drift of the same size; the steady run moves by
+well under 1 %.
 
 The soak runs as a subprocess (its own ``finally`` stops the server and the
 load processes); if it has to be interrupted, SIGINT lets that ``finally`` run,
@@ -63,8 +68,6 @@ def run_soak(tmp_path: Path, env: dict[str, str] | None = None) -> dict[str, Any
         str(DURATION_S),
         "--sample",
         "2",
-        "--warmup",
-        "0.25",
         "--poll-timeout",
         str(POLL_TIMEOUT_S),
         "--json",
@@ -114,10 +117,20 @@ def test_soak_leaves_no_descriptor_and_rss_stays_flat(tmp_path: Path) -> None:
     assert report["churn_failures"] == {}, context
     assert report["client_errors"] == {}, context
     assert set(report["publish"]["statuses"]) == {"200"}, context  # JSON keys
+    # Warm-up: history filled before the clock, then one long-poll timeout.
+    assert report["prefill"]["statuses"] == {"200": 20 * 100}, context
+    assert report["warmup"]["seconds"] == POLL_TIMEOUT_S, context
     assert last["deliveries"] > 0, context
     # While held: the server holds one descriptor per connection, plus its
     # baseline and the publisher's keep-alives; nothing piles up with churn.
     assert report["steady"]["fd_excess_max"] <= 40, context
     # After every client left: back to the start.
-    assert report["after_close_fds"] <= report["baseline"]["fds"] + FD_MARGIN, context
+    held_after = report["after_close_held"]
+    assert report["after_close_fds"] <= report["baseline"]["fds"] + FD_MARGIN, (held_after, context)
     assert report["steady"]["rss_worst_deviation"] <= RSS_BAND, context
+    # The fitted line: a leak of connection state (~12 % over the window, see
+    # above) moves it as much; what moves it here is the allocator settling in
+    # the minutes after history filled (1.8-1.9 % over 30 s in runs alongside
+    # the long soak, docs/soak.md), so the bound is the band, not the long
+    # run's half band.
+    assert report["steady"]["rss_drift_over_window"] <= RSS_BAND, context
