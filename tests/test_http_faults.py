@@ -95,17 +95,17 @@ def hold_request(srv: ServerProcess, channel: str, cursor: str) -> bytes:
 
 
 def server_saw_eof(srv: ServerProcess, sock: socket.socket) -> bool:
-    """The server's end of ``sock`` has received our FIN (TCP state CLOSE_WAIT)."""
+    """The server's end of ``sock`` has received our FIN: it is no longer
+    ESTABLISHED (CLOSE_WAIT, or closed already)."""
     client_port = sock.getsockname()[1]
     with open("/proc/net/tcp") as table:
         for line in table.readlines()[1:]:
-            fields = line.split()
-            local, remote, state = fields[1], fields[2], fields[3]
+            local, remote, state = line.split()[1:4]
             if int(local.split(":")[1], 16) == srv.port and int(remote.split(":")[1], 16) == (
                 client_port
             ):
-                return state == "08"
-    return False
+                return state != "01"
+    return True
 
 
 def ended_unanswered(sock: socket.socket) -> bool:
@@ -272,17 +272,25 @@ def test_half_closed_long_polls_release_their_waiters_and_fds_at_once(
 
 
 def test_a_half_closed_request_answered_at_once_still_gets_its_answer(
-    server_factory: Callable[..., ServerProcess],
+    server_factory: Callable[..., ServerProcess], redis_server: RedisServer
 ) -> None:
-    """HTTP/1.1 allows a client to half-close after its request; only a held one is dropped."""
-    srv = server_factory()
+    """HTTP/1.1 allows a client to half-close after its request; only a held one is dropped.
+
+    The EOF reaches the server while the poll's handler still waits on Redis
+    (stopped meanwhile), so it is the handler's answer that must survive it.
+    """
+    srv = server_factory(config=redis_config(redis_server, extra="[timeouts]\nbroker = 30\n"))
     channel = unique_channel("answered")
+    cursor = cursor_of(srv, channel)
     with RawConn(srv) as conn:
-        conn.send(request_bytes("GET", f"/poll?channel={channel}&timeout=0"))
-        conn.sock.shutdown(socket.SHUT_WR)
+        with paused(redis_server):
+            conn.send(request_bytes("GET", f"/poll?channel={channel}&cursor={cursor}&timeout=0"))
+            conn.sock.shutdown(socket.SHUT_WR)
+            wait_for(lambda: server_saw_eof(srv, conn.sock), TIMEOUT, "the server got our FIN")
         resp = conn.read_response()
-        assert resp.status == 200 and resp.json()["cursor"]
+        assert resp.status == 200 and resp.json()["cursor"] == cursor
         assert conn.closed_by_peer(TIMEOUT)
+    no_error_logged(srv)
 
 
 def test_half_closed_sse_streams_are_closed_at_once(

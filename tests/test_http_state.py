@@ -63,6 +63,8 @@ def test_a_request_cycle_is_allowed() -> None:
     [
         (READING, Reading.IDLE, Reading.BODY),  # a body without a head
         (READING, Reading.STOPPED, Reading.IDLE),  # parsing again after a refusal
+        (READING, Reading.ENDED, Reading.HEAD),  # a request after the peer's EOF
+        (READING, Reading.ENDED, Reading.STOPPED),  # forgetting that the peer has left
         (ANSWERING, Answering.READY, Answering.READY),  # answering what nobody asked
         (ANSWERING, Answering.READY, Answering.HOLDING),  # holding without a handler
         (ANSWERING, Answering.LINGERING, Answering.READY),  # answering after the last answer
