@@ -37,6 +37,11 @@ What one connection may make the server hold, whatever its peer does:
   the socket is not read, until the queue has room.
 * **A request head: at most ``limits.max_request_head`` plus one parser slice**
   (:data:`_SLICE`), counted per request, whatever its chunking.
+* **A held answer: only while the peer is there.** EOF from the peer while
+  a long-poll is held (or while its handler still joins) releases the waiter
+  and closes at once (:meth:`HTTPConnection.eof_received`), instead of
+  holding both until the poll's timeout; requests answered at once are still
+  answered after a half-close.
 * **A closing socket: a bounded time.** After its last response a connection
   gets ``timeouts.write`` (after a refusal, :data:`_LINGER`) to take it, then it
   is aborted; a peer that never reads cannot keep its socket.
