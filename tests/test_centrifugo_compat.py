@@ -54,6 +54,8 @@ from centrifuge import (
 
 from helpers import TIMEOUT, api, check_serving, publish, rss_kib, unique_channel
 from tidings.auth import Access, Credentials
+from tidings.client import calls
+from tidings.client.api import APIError, HistoryResult, PublishResult, SyncAPIClient
 from tidings.config import ConfigError, load_config
 from ws_support import RawClient
 
@@ -456,6 +458,26 @@ def test_cent_batch(srv: Any) -> None:
     assert (first.offset, second.offset) == (1, 2)  # type: ignore[attr-defined]
     assert (stats.num_clients, stats.num_users) == (0, 0)  # type: ignore[attr-defined]
     assert [p.data for p in history.publications] == [{"n": 1}, {"n": 2}]  # type: ignore[attr-defined]
+
+
+def test_tidings_client_batch_reads_each_reply_as_its_call(srv: Any) -> None:
+    channel = f"room:{unique_channel()}"
+    with SyncAPIClient(srv.url) as client:
+        published, refused, history = client.batch(
+            [
+                calls.publish(channel, {"n": 1}),
+                calls.publish("nowhere:x", {}),
+                calls.history(channel, limit=-1),
+            ],
+            parallel=False,
+        )
+        assert isinstance(published, PublishResult) and published.offset == 1
+        assert isinstance(refused, APIError) and refused.code == 102
+        assert isinstance(history, HistoryResult)
+        assert [p.data for p in history.publications] == [{"n": 1}]
+        with pytest.raises(APIError) as too_many:
+            client.batch([calls.info()] * (MAX_BATCH + 1))
+        assert (too_many.value.code, too_many.value.status) == (106, 400)
 
 
 def test_a_batch_over_the_command_limit_is_refused_whole(srv: Any) -> None:

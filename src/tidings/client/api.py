@@ -18,6 +18,7 @@ sends the :class:`~tidings.client.calls.Call` it gets there, with
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 try:
@@ -108,6 +109,11 @@ class APIClient:
         """One result per channel, in order: a :class:`PublishResult` or an :class:`APIError`."""
         return await self.send(calls.broadcast(channels, data, tags=tags))
 
+    async def batch(self, commands: Sequence[Call[Any]], *, parallel: bool = False) -> list[Any]:
+        """Several calls in one request, e.g. ``[calls.publish(...), calls.history(...)]``:
+        each call's result or :class:`APIError`, in order (see :func:`calls.batch`)."""
+        return await self.send(calls.batch(commands, parallel=parallel))
+
     async def history(
         self,
         channel: str,
@@ -191,6 +197,11 @@ class SyncAPIClient:
     ) -> list[PublishResult | APIError]:
         """One result per channel, in order: a :class:`PublishResult` or an :class:`APIError`."""
         return self.send(calls.broadcast(channels, data, tags=tags))
+
+    def batch(self, commands: Sequence[Call[Any]], *, parallel: bool = False) -> list[Any]:
+        """Several calls in one request, e.g. ``[calls.publish(...), calls.history(...)]``:
+        each call's result or :class:`APIError`, in order (see :func:`calls.batch`)."""
+        return self.send(calls.batch(commands, parallel=parallel))
 
     def history(
         self,

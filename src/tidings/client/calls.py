@@ -14,7 +14,7 @@ Nothing here needs httpx, so the CLI works without the ``client`` extra.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -34,6 +34,7 @@ __all__ = [
     "PresenceResult",
     "PresenceStatsResult",
     "PublishResult",
+    "batch",
     "broadcast",
     "call",
     "channels",
@@ -275,3 +276,54 @@ def disconnect(
 def unsubscribe(user: str, channel: str, *, client: str | None = None) -> Call[None]:
     params = _params(user=user, channel=channel, client=client)
     return _then("unsubscribe", params, _Empty, _nothing)
+
+
+def batch(calls: Sequence[Call[Any]], *, parallel: bool = False) -> Call[list[Any]]:
+    """Several calls in one request (``POST /api/batch``), answered in order.
+
+    Each element of the result is what that call alone would return, or the
+    :class:`APIError` it would raise (one failed command does not fail the
+    others): each reply is read by its own call's ``read``, so a method's
+    answer is decoded in one place whether it comes alone or in a batch. An
+    error of the batch itself (too many commands, a malformed one) raises.
+    """
+    pending = tuple(calls)
+    commands = [{c.method: c.params} for c in pending]
+
+    def read(status: int, body: bytes) -> list[Any]:
+        replies = _batch_replies(status, body, len(pending))
+        return [_read_reply(c, reply) for c, reply in zip(pending, replies, strict=True)]
+
+    return Call("batch", {"commands": commands, "parallel": parallel}, read)
+
+
+def _batch_replies(status: int, body: bytes, count: int) -> list[dict[str, Any]]:
+    """The ``replies`` of a batch answer, one object per command; raises as :func:`_result`."""
+    try:
+        decoded = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        decoded = None
+    if isinstance(decoded, dict) and "error" in decoded:
+        err = msgspec.convert(decoded["error"], _ErrorBody)
+        raise APIError(err.code, err.message, status)
+    replies = decoded.get("replies") if isinstance(decoded, dict) else None
+    if (
+        status != 200
+        or not isinstance(replies, list)
+        or len(replies) != count
+        or not all(isinstance(reply, dict) for reply in replies)
+    ):
+        raise APIError(0, f"HTTP {status}: " + body.decode(errors="replace")[:200], status)
+    return replies
+
+
+def _read_reply(call_: Call[Any], reply: dict[str, Any]) -> Any:
+    """One batch reply, as its call reads a lone answer: the result, or the APIError."""
+    if "error" in reply:
+        answer = {"error": reply["error"]}
+    else:
+        answer = {"result": reply.get(call_.method, {})}
+    try:
+        return call_.read(200, _encode(answer))
+    except APIError as exc:
+        return exc
