@@ -17,7 +17,7 @@ import pytest
 
 from brokers_support import until
 from faults_support import FaultyBroker, Recorder, offsets
-from tidings.errors import ErrorCode, ProtocolError
+from tidings.errors import BrokerUnavailable, ErrorCode, ProtocolError
 from tidings.hub import ClientInfo, Hub, Position, Publication
 
 pytestmark = pytest.mark.unit
@@ -76,6 +76,7 @@ def test_a_skip_while_a_subscribe_waits_refuses_it_for_a_retry() -> None:
         with pytest.raises(ProtocolError) as refused:
             await joining
         assert refused.value.code == ErrorCode.INTERNAL  # temporary: the client retries
+        assert isinstance(refused.value, BrokerUnavailable)  # over HTTP: 503, Retry-After
         assert pending_of(hub, "a") == 0
         assert hub.num_subscribers("a") == 1  # the watcher only
         await hub.publish("a", b"4")

@@ -42,7 +42,6 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol
 
 from .brokers.base import Broker, unavailable
-from .errors import ErrorCode, ProtocolError
 from .stream import (
     DEFAULT_HISTORY,
     EMPTY,
@@ -352,7 +351,9 @@ class Hub:
         if merged is None:
             self._drop_if_unused(channel, state)
             log.warning("%s skipped while a subscriber joined: it must subscribe again", channel)
-            raise ProtocolError(ErrorCode.INTERNAL, "channel stream skipped: subscribe again")
+            # Temporary like an unreachable broker (code 100, over HTTP 503):
+            # the subscribe again finds the stream whole or says what is lost.
+            raise unavailable("the channel's stream skipped while subscribing")
         if top == EMPTY and not state.subscribers and not state.catching_up:
             state.top = top = merged.position  # the first to join: live delivery starts here
         if merged.position == top:
