@@ -9,7 +9,7 @@ publish script's round trip each time). Prints, best of ``--repeat``, the wall
 time and the process's CPU time per publication in microseconds: CPU time is
 the figure to compare on a loaded machine, wall time includes Redis' side.
 Written to price the pooled connection's liveness check made before each
-command (``brokers/redis.py``, ``_CheckedConnection``).
+command (``brokers/redis.py``, ``_Checked``).
 """
 
 from __future__ import annotations

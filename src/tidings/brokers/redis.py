@@ -64,6 +64,7 @@ from typing import Any, TypeVar
 
 import msgspec
 import redis.asyncio as aioredis
+from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -122,9 +123,10 @@ class _NotSent(RedisConnectionError):
     """A command's write failed: Redis has not received the whole command."""
 
 
-class _CheckedConnection(aioredis.Connection):
+class _Checked(AbstractConnection):
     """A pooled command connection that is not used once Redis has closed it,
-    and that tells a failed write from a failed read.
+    and that tells a failed write from a failed read (mixed into the class the
+    URL picks: TCP, TLS or a Unix socket, by :func:`_checked`).
 
     A connection Redis closed while it sat in the pool (``CLIENT KILL``, its
     ``timeout`` setting, a restart) is lent by redis-py as long as the event loop
@@ -183,6 +185,26 @@ class _CheckedConnection(aioredis.Connection):
             raise
         except RedisConnectionError as exc:
             raise _NotSent(*exc.args) from exc
+
+
+class _CheckedTCP(_Checked, aioredis.Connection):
+    pass
+
+
+class _CheckedTLS(_Checked, aioredis.SSLConnection):
+    pass
+
+
+class _CheckedUnix(_Checked, aioredis.UnixDomainSocketConnection):
+    pass
+
+
+#: The checked form of each connection class ``redis_url`` can choose.
+_CHECKED: dict[type[AbstractConnection], type[_Checked]] = {
+    aioredis.Connection: _CheckedTCP,
+    aioredis.SSLConnection: _CheckedTLS,
+    aioredis.UnixDomainSocketConnection: _CheckedUnix,
+}
 
 
 def _new_epoch() -> str:
@@ -248,19 +270,20 @@ class RedisBroker(Broker):
 
         Its connections check, when the pool lends them, that Redis has not
         closed them meanwhile, and every command whose write fails is sent once
-        more on a new connection: see :class:`_CheckedConnection`.
+        more on a new connection: see :class:`_Checked`.
         """
         client: aioredis.Redis = aioredis.Redis.from_url(
             self._url,
             socket_timeout=_COMMAND_TIMEOUT,
             socket_connect_timeout=5,
-            connection_class=_CheckedConnection,
             retry=Retry(NoBackoff(), 1, supported_errors=(_NotSent,)),
             # Off, not redis-py 8.1's "auto": while a pool has this on, it lends
             # connections that hold data or EOF instead of replacing them
             # (redis/redis-py#4252). One plain Redis sends no maintenance events.
             maint_notifications_config=MaintNotificationsConfig(enabled=False),
         )
+        pool = client.connection_pool
+        pool.connection_class = _CHECKED[pool.connection_class]  # before any connection
         self._publish_script = client.register_script(_PUBLISH)
         self._ensure_script = client.register_script(_ENSURE)
         self._presence_script = client.register_script(_PRESENCE)
@@ -275,7 +298,7 @@ class RedisBroker(Broker):
         the first did), presence writes and TTL refreshes. A broken connection
         is closed by redis-py before the error reaches here, so the pool lends
         a new one. Not for the publish script, which may have run before its
-        reply was lost (see :class:`_CheckedConnection` for what is retried there).
+        reply was lost (see :class:`_Checked` for what is retried there).
         """
         try:
             return await call()
@@ -327,7 +350,7 @@ class RedisBroker(Broker):
 
         The command connections are left alone: a pool connection that Redis
         closed too (a restart) is replaced when the pool lends it
-        (:class:`_CheckedConnection`). Disconnecting the pool's idle connections
+        (:class:`_Checked`). Disconnecting the pool's idle connections
         here, as this once did, raced with commands taking one at that moment:
         their write failed with "Error UNKNOWN while writing to socket.
         Connection lost." while Redis was up (tests/test_redis_stale.py).
