@@ -34,9 +34,9 @@ the baseline taken before the first subscriber. The verdict, after warm-up:
 RSS stays within ±5 % of its median there, and its least-squares line moves
 less than half that band over the steady window (so the same run, twice as
 long, would still be in the band); descriptors while held stay at baseline +
-held connections (+ a small slack for the publisher's keep-alive connections
-and refusals in flight); after the clients leave, descriptors return to within
-``FD_SLACK // 8`` of the baseline, and if they do not, what the server still
+held connections (+ ``fd_slack``: the publisher's keep-alives and one churn
+tick of reopens in flight); after the clients leave, descriptors return to within
+``FD_AFTER_CLOSE`` of the baseline, and if they do not, what the server still
 holds (descriptor kinds and TCP states) is in the report.
 
 ``--tracemalloc FRAMES`` runs the server with ``PYTHONTRACEMALLOC`` and a
@@ -85,7 +85,14 @@ from servers import CENTRIFUGE_SUBSCRIBE, HOST, REDIS, SERVERS, tidings_scaled
 from tidings.config import load_config
 
 KINDS = ("sse", "ws", "poll")
-FD_SLACK = 40  # publisher keep-alives (16), churn handshakes in flight, the broker link
+#: Descriptors beyond baseline + held connections that a sample may see, besides
+#: the reopens in flight (one churn tick's worth, opened at once and not yet
+#: counted as held): the publisher's keep-alives (``Publisher.limit``, 16) and a
+#: few for connections being accepted or torn down. The first N = 10,000 run at
+#: the full 50 reopens/s saw up to 53 in all (docs/soak.md).
+FD_SLACK = 24
+#: Descriptors above the baseline allowed once every client has left.
+FD_AFTER_CLOSE = 5
 RSS_BAND = 0.05  # ± around the post-warm-up median
 #: The server's ``sitecustomize`` under ``--tracemalloc``: a snapshot per SIGUSR1.
 SNAPSHOT_HOOK = """\
@@ -715,7 +722,7 @@ async def soak(s: Settings, workdir: Path, log: Any = print) -> Soak:
         # A long-poll whose client closed (FIN) is held until its timeout: the
         # server answers what was asked before closing its half (eof_received).
         left = time.monotonic()
-        target = baseline_fds + FD_SLACK // 8
+        target = baseline_fds + FD_AFTER_CLOSE
         out.result["after_close_held"] = {"0": held_descriptors(pid)}
         after_fds = await wait_fds(pid, target, s.poll_timeout + 15.0)
         out.result["after_close_seconds"] = round(time.monotonic() - left, 1)
@@ -796,6 +803,7 @@ def verdict(
             "rss_drift_over_window": round(drift, 4),
             "fd_excess_max": max(fd_excess),
             "fd_excess_min": min(fd_excess),
+            "fd_excess_allowed": fd_slack(s),
             "fd_minus_held_slope_per_hour": round(fds_slope, 1),
         },
         "after_close_fds": after_fds,
@@ -804,10 +812,15 @@ def verdict(
         "ok": {
             "rss_within_band": worst <= RSS_BAND,
             "rss_slope_flat": drift <= RSS_BAND / 2,
-            "fds_while_held": max(fd_excess) <= FD_SLACK,
-            "fds_after_close": after_fds <= baseline_fds + FD_SLACK // 8,
+            "fds_while_held": max(fd_excess) <= fd_slack(s),
+            "fds_after_close": after_fds <= baseline_fds + FD_AFTER_CLOSE,
         },
     }
+
+
+def fd_slack(s: Settings) -> int:
+    """Descriptors above baseline + held that are not a leak (see ``FD_SLACK``)."""
+    return FD_SLACK + math.ceil(s.churn)
 
 
 def steady_samples(samples: Sequence[Sample], warmup_s: float) -> list[Sample]:
