@@ -8,12 +8,15 @@ close, a connection closed between the pool lending it and the write (the
 "Error UNKNOWN while writing to socket. Connection lost." itself), a reply lost
 after Redis ran the publish (which must not be sent again: it would publish
 twice), and commands cancelled by ``timeouts.broker`` while Redis is paused.
-Each test runs under asyncio and uvloop, whose transports differ.
+The broker tests run under asyncio and uvloop, whose transports differ; one
+test does the first fault to a ``tidings serve`` process, with httpx and the
+``websockets`` client.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import select
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
@@ -22,8 +25,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import redis
 import uvloop
+from websockets.sync.client import connect
 
-from test_broker_stall import paused
+from conftest import ServerProcess
+from helpers import publish, unique_channel
+from test_broker_stall import WAIT, command, paused
+from test_scaleout import redis_config
 from tidings.brokers.redis import RedisBroker
 from tidings.errors import BrokerUnavailable
 from tidings.hub import DEFAULT_HISTORY
@@ -260,3 +267,29 @@ def test_commands_cancelled_while_redis_is_paused_leave_no_reply_behind(
             assert top_before[1].offset in (publication.offset - 1, publication.offset)
 
     run(loop, with_broker(redis_server.url, body))
+
+
+def test_a_node_publishes_after_redis_closed_its_command_connections(
+    server_factory: Callable[..., ServerProcess], redis_server: RedisServer
+) -> None:
+    """``CLIENT KILL TYPE normal`` closes every command connection of a running
+    node (its pub/sub link, subscribed, is kept): the next publication over the
+    server API is stored and delivered, not answered "broker unavailable", and
+    so on five times over. The WebSocket subscriber gets every offset once."""
+    srv = server_factory(config=redis_config(redis_server))
+    admin = redis.Redis.from_url(redis_server.url)
+    channel = unique_channel("stale")
+    with connect(srv.ws_url + "/connection/websocket") as ws:
+        assert "connect" in command(ws, {"id": 1, "connect": {}})
+        assert "subscribe" in command(ws, {"id": 2, "subscribe": {"channel": channel}})
+        offsets = [publish(srv, channel, {"n": 0})["offset"]]
+        for n in range(1, 6):
+            killed = admin.client_kill_filter(_type="normal", skipme=True)
+            assert killed >= 1
+            offsets.append(publish(srv, channel, {"n": n})["offset"])
+        pushed = [json.loads(str(ws.recv(timeout=WAIT)))["push"]["pub"] for _ in offsets]
+    assert offsets == list(range(1, 7))
+    assert [pub["offset"] for pub in pushed] == offsets
+    assert [pub["data"] for pub in pushed] == [{"n": n} for n in range(6)]
+    assert "broker unavailable" not in srv.logs()
+    assert "Traceback" not in srv.logs()
