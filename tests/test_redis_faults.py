@@ -9,6 +9,7 @@ so the interleaving that failed in chaos runs happens every time.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -335,3 +336,77 @@ def test_past_the_hold_limit_the_channel_goes_live_and_the_hub_is_told(
         assert offsets(b, "q") == [1, 3, 4, 5, 6, 7, 8, 9]
 
     run_two(redis_server, body, hold_limit=5)
+
+
+def test_past_hold_bytes_over_all_channels_the_receiving_channel_goes_live(
+    redis_server: RedisServer,
+) -> None:
+    """What a node holds back while holes wait for their catch-up is bounded
+    over all channels too: with ``hold_bytes`` = 100 kB, five channels each
+    receiving five 20 kB publications during the wait (and five receiving
+    small ones) never make the node hold more than 100 kB, summed from what it
+    holds, not from its own count. Each channel whose publication pushes past
+    the bound goes live at once and the hub is told it restarted after its
+    hole (offset 2); the channels that stayed within it are caught up whole."""
+    channels = [f"c{n}" for n in range(10)]
+    big, small = channels[:5], channels[5:]
+    payload = b'"' + b"x" * 20_000 + b'"'
+    hold_bytes = 100_000
+
+    async def body(a: Node, b: Node, prefix: str) -> None:
+        restarted: list[tuple[str, Position]] = []
+        b.broker.bind_restarted(lambda channel, position: restarted.append((channel, position)))
+        await subscribe_all(b, channels)
+        await publish_all(a, channels, b"1")
+        await b.wait_for(len(channels))
+        epochs = {pub.channel: pub.epoch for pub in b.got}
+        write = b.broker._pubsub._write
+        resubscribed = b.broker._pubsub._on_resubscribed
+        catching_up = asyncio.Event()
+        release = asyncio.Event()
+
+        async def spying_write(*args: bytes) -> None:
+            if args[0] == b"SUBSCRIBE" and not catching_up.is_set():
+                await publish_all(a, channels, b"2")  # the holes
+            await write(*args)
+
+        async def held_catch_up(names: list[bytes]) -> None:
+            catching_up.set()
+            await release.wait()
+            await resubscribed(names)
+
+        def read_by_b(channel: str, offset: int) -> bool:
+            held = b.broker._held.get(channel, [])
+            return any(pub.offset == offset for pub in held) or offset in offsets(b, channel)
+
+        b.broker._pubsub._write = spying_write
+        b.broker._pubsub._on_resubscribed = held_catch_up
+        await a.broker._redis.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+        await catching_up.wait()
+        peak = 0
+        for offset in range(3, 8):
+            for channel in small + big:
+                data = payload if channel in big else b'"s"'
+                await a.broker.publish(channel, data, history=KEEP)
+                await until(
+                    functools.partial(read_by_b, channel, offset), f"{channel} {offset} read"
+                )
+                held = sum(len(pub.data) for pubs in b.broker._held.values() for pub in pubs)
+                peak = max(peak, held)
+        print(f"held at most {peak} B of {hold_bytes} B")
+        assert peak <= hold_bytes
+        gone_live = {channel for channel, _ in restarted}
+        assert gone_live, "no channel went live: the bound was not reached"
+        assert gone_live <= set(big)
+        release.set()
+        for channel in channels:
+            await until(functools.partial(read_by_b, channel, 7), f"{channel} offset 7")
+        await until(lambda: not b.broker._held, "the catch-up")
+        assert sorted(restarted) == sorted((ch, Position(epochs[ch], 2)) for ch in gone_live)
+        for channel in channels:
+            if channel in gone_live:
+                assert offsets(b, channel) == [1, 3, 4, 5, 6, 7], channel
+            else:
+                assert offsets(b, channel) == [1, 2, 3, 4, 5, 6, 7], channel
+
+    run_two(redis_server, body, hold_bytes=hold_bytes)

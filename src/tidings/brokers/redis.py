@@ -44,7 +44,9 @@ If Redis lost the channel (new epoch), the node delivers the new epoch's
 history from its start when history still holds all of it. When history does
 not reach (more was published during the outage than history keeps), when
 more than ``hold_limit`` publications arrive for one channel before its
-catch-up, or when the catch-up cannot read Redis, the hub is told the stream
+catch-up (or the node holds more than ``hold_bytes`` of publication data
+over all its channels: then each channel that receives one more), or when
+the catch-up cannot read Redis, the hub is told the stream
 restarted (``bind_restarted``): subscribers resync at once and learn from
 their own resume what was recovered — never a silent gap, never a replay of
 what this node already delivered.
@@ -237,6 +239,7 @@ class RedisBroker(Broker):
         max_backoff: float = 5.0,
         presence_ttl: float = 60.0,
         hold_limit: int = 1000,
+        hold_bytes: int = 64 * 1024 * 1024,
         catch_up_batch: int = 500,
     ) -> None:
         self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
@@ -260,7 +263,11 @@ class RedisBroker(Broker):
         #: Channels waiting for their catch-up after a reconnect -> the live
         #: publications read meanwhile, kept back so that the hub sees offsets in order.
         self._held: dict[str, list[Publication]] = {}
+        #: The data bytes of every publication in ``_held``: bounded by
+        #: ``hold_bytes`` over all channels, as ``hold_limit`` bounds one.
+        self._held_bytes = 0
         self._hold_limit = max(1, hold_limit)
+        self._hold_bytes = max(1, hold_bytes)
         self._catch_up_batch = max(1, catch_up_batch)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
@@ -361,6 +368,7 @@ class RedisBroker(Broker):
             return
         # What a cancelled catch-up had held back is read again from history.
         self._held = {channel: [] for channel in self._interest}
+        self._held_bytes = 0
 
     # -- publishing and reading -------------------------------------------
 
@@ -468,7 +476,7 @@ class RedisBroker(Broker):
         self._advance(channel, top)
 
     def unsubscribe(self, channel: str) -> None:
-        self._held.pop(channel, None)
+        self._take_held(channel)
         if self._interest.pop(channel, None) is not None:
             self._pubsub.unsubscribe(self._pubsub_name(channel))
 
@@ -585,14 +593,21 @@ class RedisBroker(Broker):
                 self._deliver_once(pub)
         self._release(channel)
 
+    def _take_held(self, channel: str) -> list[Publication] | None:
+        """Stop holding ``channel``: what it held back, if it was held."""
+        held = self._held.pop(channel, None)
+        if held:
+            self._held_bytes -= sum(len(pub.data) for pub in held)
+        return held
+
     def _release(self, channel: str) -> None:
         """Deliver what ``channel`` held back (the hub's order), and let it go live."""
-        for pub in self._held.pop(channel, ()):
+        for pub in self._take_held(channel) or ():
             self._deliver_once(pub)
 
     def _release_unfilled(self, channel: str) -> None:
         """Let ``channel`` go live with its hole unfilled, and say so to the hub."""
-        held = self._held.pop(channel, None)
+        held = self._take_held(channel)
         last = self._interest.get(channel)
         if held is None or last is None:
             return
@@ -626,12 +641,13 @@ class RedisBroker(Broker):
         held = self._held.get(channel)
         if held is None:
             self._deliver_once(pub)
-        elif len(held) < self._hold_limit:
-            held.append(pub)
-        else:
-            # Bounded: past hold_limit the channel goes live at once, and its
+            return
+        held.append(pub)
+        self._held_bytes += len(pub.data)
+        if len(held) > self._hold_limit or self._held_bytes > self._hold_bytes:
+            # Bounded: past hold_limit publications on this channel, or
+            # hold_bytes on all, this channel goes live at once and its
             # subscribers resync instead of the node holding more.
-            held.append(pub)
             self._release_unfilled(channel)
 
     def _deliver_once(self, pub: Publication) -> None:
