@@ -293,3 +293,23 @@ def test_a_node_publishes_after_redis_closed_its_command_connections(
     assert [pub["data"] for pub in pushed] == [{"n": n} for n in range(6)]
     assert "broker unavailable" not in srv.logs()
     assert "Traceback" not in srv.logs()
+
+
+@LOOPS
+def test_a_publish_after_a_redis_restart_goes_out_on_a_new_connection(
+    redis_server: RedisServer, loop: str
+) -> None:
+    """Redis restarts (killed, started again on its port, data lost) between
+    two publications: the first one after it is stored, in a new epoch, rather
+    than written into the connection the old process closed. The restart
+    blocks the loop, so the loop has not read that close when the publish
+    takes the connection (the check has to ask the kernel)."""
+
+    async def body(broker: RedisBroker) -> None:
+        first = await broker.publish("c", b"1", history=KEEP)
+        redis_server.restart()
+        second = await broker.publish("c", b"2", history=KEEP)
+        assert (second.offset, second.epoch != first.epoch) == (1, True)
+        assert await history_offsets(broker, "c") == [1]
+
+    run(loop, with_broker(redis_server.url, body))
