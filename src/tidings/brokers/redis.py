@@ -128,7 +128,7 @@ class _NotSent(RedisConnectionError):
 class _Checked(AbstractConnection):
     """A pooled command connection that is not used once Redis has closed it,
     and that tells a failed write from a failed read (mixed into the class the
-    URL picks: TCP, TLS or a Unix socket, by :func:`_checked`).
+    URL picks: TCP, TLS or a Unix socket, see ``_CHECKED``).
 
     A connection Redis closed while it sat in the pool (``CLIENT KILL``, its
     ``timeout`` setting, a restart) is lent by redis-py as long as the event loop
@@ -190,15 +190,15 @@ class _Checked(AbstractConnection):
 
 
 class _CheckedTCP(_Checked, aioredis.Connection):
-    pass
+    """``redis://``."""
 
 
 class _CheckedTLS(_Checked, aioredis.SSLConnection):
-    pass
+    """``rediss://``."""
 
 
 class _CheckedUnix(_Checked, aioredis.UnixDomainSocketConnection):
-    pass
+    """``unix://``."""
 
 
 #: The checked form of each connection class ``redis_url`` can choose.
