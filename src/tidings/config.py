@@ -168,6 +168,14 @@ class BrokerConfig(_Section):
     #: Messages of one channel that may wait in a node before NATS drops more
     #: (a slow consumer: the channel restarts and its subscribers resync).
     nats_pending_limit: Annotated[int, Meta(ge=1)] = 512 * 1024
+    #: After a lost Redis pub/sub link, live publications of one channel a
+    #: node holds while it reads what the link missed; past it the channel
+    #: restarts and its subscribers resync (docs/deployment.md).
+    redis_hold_limit: Annotated[int, Meta(ge=1)] = 1000
+    #: The same bound in bytes of publication data, over all channels at once.
+    redis_hold_bytes: Annotated[int, Meta(ge=1)] = 64 * 1024 * 1024
+    #: Channels whose missed publications are read in one pipelined round trip.
+    redis_catch_up_batch: Annotated[int, Meta(ge=1)] = 500
     #: Prefix of every key and subject, so several deployments can share a broker.
     prefix: str = "tidings"
     #: Seconds a presence entry outlives the last refresh of its node (Redis):

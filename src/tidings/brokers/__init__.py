@@ -26,6 +26,9 @@ def make_broker(config: Config) -> Broker:
             prefix=config.broker.prefix,
             meta_ttl=history.meta_ttl,
             presence_ttl=config.broker.presence_ttl,
+            hold_limit=config.broker.redis_hold_limit,
+            hold_bytes=config.broker.redis_hold_bytes,
+            catch_up_batch=config.broker.redis_catch_up_batch,
         )
         return broker
     if kind == "nats":
