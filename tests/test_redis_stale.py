@@ -21,6 +21,7 @@ import select
 import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
+from unittest import mock
 
 import pytest
 import redis
@@ -311,5 +312,42 @@ def test_a_publish_after_a_redis_restart_goes_out_on_a_new_connection(
         second = await broker.publish("c", b"2", history=KEEP)
         assert (second.offset, second.epoch != first.epoch) == (1, True)
         assert await history_offsets(broker, "c") == [1]
+
+    run(loop, with_broker(redis_server.url, body))
+
+
+@LOOPS
+def test_a_connection_closed_while_it_connects_is_a_broker_error_not_a_crash(
+    redis_server: RedisServer, loop: str
+) -> None:
+    """Redis goes away between the TCP connect and the handshake's HELLO (the
+    chaos run's Redis kills): under uvloop the write raised RuntimeError
+    through redis-py, a traceback and a 500. Now it is a write not sent: sent
+    once more on a new connection (or, if that fails too, the temporary error)."""
+
+    async def body(broker: RedisBroker) -> None:
+        pool = broker._redis.connection_pool
+        connection_class = pool.connection_class
+        original: Callable[[AbstractConnection], Awaitable[None]] = connection_class._connect
+        closed: list[AbstractConnection] = []
+
+        async def connect_then_lose_it(self: AbstractConnection) -> None:
+            await original(self)
+            if not closed:
+                closed.append(self)
+                assert self._writer is not None
+                self._writer.transport.close()
+
+        await pool.disconnect()
+        with mock.patch.object(connection_class, "_connect", connect_then_lose_it):
+            try:
+                publication = await broker.publish("c", b"1", history=KEEP)
+            except BrokerUnavailable:
+                publication = None  # asyncio: the HELLO's reply never comes
+        assert closed
+        if publication is not None:
+            assert await history_offsets(broker, "c") == [1]
+        if loop == "uvloop":
+            assert publication is not None and publication.offset == 1
 
     run(loop, with_broker(redis_server.url, body))

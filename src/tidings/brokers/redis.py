@@ -187,6 +187,12 @@ class _Checked(AbstractConnection):
             raise
         except RedisConnectionError as exc:
             raise _NotSent(*exc.args) from exc
+        except RuntimeError as exc:
+            # uvloop refuses a write on a transport already closed ("unable to
+            # perform operation on <TCPTransport closed=True>") where asyncio
+            # drops the bytes: not sent either, and not a bug of ours (the
+            # chaos run: Redis killed while a connection said HELLO).
+            raise _NotSent(f"write on a closed connection: {exc}") from exc
 
 
 class _CheckedTCP(_Checked, aioredis.Connection):
