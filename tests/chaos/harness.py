@@ -164,7 +164,7 @@ def _notes(cluster: Cluster, clients: Sequence[ChaosClient], publisher: Publishe
     notes.append(f"\ntracebacks in node logs: {tracebacks}; node restarts: {cluster.restarts}")
     if tracebacks:
         first = logs.index("Traceback")
-        notes.append(logs[first : first + 1500])
+        notes.append(logs[first : first + 5000])
     if publisher.failures:
         notes.append(f"publish failures: {dict(publisher.failures.most_common(8))}")
     errors: Counter[str] = Counter()

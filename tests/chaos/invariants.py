@@ -236,14 +236,14 @@ class Report:
                 f"{k} {v}" for k, v in sorted(Counter(f.kind for f in self.faults).items())
             ),
             "",
-            f"{'transport':<14}" + "".join(f"{c:>{len(c) + 2}}" for c in cols),
+            f"{'transport':<18}" + "".join(f"{c:>{len(c) + 2}}" for c in cols),
         ]
         for name, row in [*sorted(self.rows.items()), ("total", self.totals)]:
-            lines.append(f"{name:<14}" + "".join(f"{row[c]:>{len(c) + 2}}" for c in cols))
+            lines.append(f"{name:<18}" + "".join(f"{row[c]:>{len(c) + 2}}" for c in cols))
         lines += ["", "violations by the last fault before them:"]
-        lines.append(f"{'fault':<14}" + "".join(f"{c:>{len(c) + 2}}" for c in VIOLATIONS))
+        lines.append(f"{'fault':<18}" + "".join(f"{c:>{len(c) + 2}}" for c in VIOLATIONS))
         for kind, row in sorted(self.by_fault.items()):
-            lines.append(f"{kind:<14}" + "".join(f"{row[c]:>{len(c) + 2}}" for c in VIOLATIONS))
+            lines.append(f"{kind:<18}" + "".join(f"{row[c]:>{len(c) + 2}}" for c in VIOLATIONS))
         lines += self.notes
         return "\n".join(lines)
 
