@@ -47,6 +47,7 @@ from .http import (
 from .http.cors import CORS
 from .hub import Hub
 from .listener import Listening, listen
+from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
 from .transports.websocket import WebSocketTransport
@@ -101,7 +102,15 @@ class Server:
             self.node_info,
             max_batch_commands=config.limits.max_batch_commands,
         )
-        self.transports: tuple[Transport, ...] = (self.sse, self.poll, self.websocket)
+        self.emulation = EmulationTransport(
+            hub, access, cors, connections, config.websocket, limits, node=self.uid
+        )
+        self.transports: tuple[Transport, ...] = (
+            self.sse,
+            self.poll,
+            self.websocket,
+            self.emulation,
+        )
         self._listener: Listening | None = None
         self._stopped = asyncio.Event()
         self._static = _read_static("tidings.js", "demo.html")

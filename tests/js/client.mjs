@@ -13,6 +13,9 @@
 // subscription option), TIDINGS_JS_PROTOBUF=1 (the SDK's Protobuf build,
 // centrifuge/build/protobuf: publication data travels as bytes, here the UTF-8
 // of its JSON both ways, so events and commands look the same in both modes).
+// TIDINGS_JS_TRANSPORT=http_stream|sse: the SDK's bidirectional emulation only
+// (WebSocket left out of its `transports` list); <ws-url> is then the server's
+// http:// base URL.
 // Server-side subscriptions (token channels, the personal channel) print
 // server_subscribed and server_publication events.
 import { createInterface } from "node:readline";
@@ -35,7 +38,15 @@ const options = {
   timeout: 5000,
 };
 if (process.env.TIDINGS_JS_TOKEN) options.token = process.env.TIDINGS_JS_TOKEN;
-const client = new Centrifuge(url, options);
+const emulated = process.env.TIDINGS_JS_TRANSPORT;
+let endpoint = url;
+if (emulated) {
+  const { EventSource } = await import("eventsource");
+  Object.assign(options, { fetch, readableStream: ReadableStream, eventsource: EventSource });
+  options.emulationEndpoint = url + "/emulation";
+  endpoint = [{ transport: emulated, endpoint: url + "/connection/" + emulated }];
+}
+const client = new Centrifuge(endpoint, options);
 client.on("connected", (ctx) => out({ event: "connected", client: ctx.client, transport: ctx.transport }));
 client.on("disconnected", (ctx) => out({ event: "disconnected", code: ctx.code, reason: ctx.reason }));
 client.on("connecting", (ctx) => out({ event: "connecting", code: ctx.code, reason: ctx.reason }));

@@ -322,6 +322,8 @@ def _connect_result(result: ConnectResult) -> pb.ConnectResult:
         data=bytes(result.data) if result.data else b"",
         ping=result.ping,
         pong=result.pong,
+        session=result.session,
+        node=result.node,
     )
     if result.subs:
         for channel, sub in result.subs.items():

@@ -225,6 +225,10 @@ class ConnectResult(_Res):
     subs: dict[str, SubscribeResult] | None = None
     ping: int = 0
     pong: bool = False
+    #: Bidirectional emulation only: the secret id later commands are posted
+    #: with (``POST /emulation``), and the node holding the session.
+    session: str = ""
+    node: str = ""
 
 
 class Empty(_Res):

@@ -79,6 +79,8 @@ class SessionOptions(NamedTuple):
     access: Access
     ping_interval: int = 25
     version: str = VERSION
+    #: This node's id, sent in the connect reply of emulated sessions.
+    node: str = ""
 
 
 class SessionTransport(Protocol):
@@ -124,6 +126,7 @@ class ClientSession:
         "hub",
         "join_leave_asked",
         "options",
+        "session_id",
         "sub_expiries",
         "transport",
         "wire",
@@ -135,8 +138,12 @@ class ClientSession:
         options: SessionOptions,
         transport: SessionTransport,
         wire: Wire = JSON,
+        session_id: str = "",
     ) -> None:
         self.hub = hub
+        #: Bidirectional emulation: the secret its later commands are posted
+        #: with; "" on a WebSocket, whose commands come on the connection itself.
+        self.session_id = session_id
         self.options = options
         self.transport = transport
         # The wire format the client chose (JSON or Protobuf): it decodes
@@ -454,6 +461,8 @@ class ClientSession:
             subs=subs or None,
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
+            session=self.session_id,
+            node=self.options.node if self.session_id else "",
         )
         self._reply(self.wire.encode_reply(Reply(id=cmd_id, connect=result)))
         held = self._held

@@ -1,0 +1,423 @@
+"""Centrifugo's bidirectional emulation: the fallback of centrifuge-js where
+WebSocket is blocked (a proxy that refuses upgrades).
+
+Three endpoints make one Centrifugo session out of plain HTTP:
+
+* ``POST /connection/http_stream`` — the body is the client's first commands
+  (its ``connect``); the response is a stream of replies and pushes, one
+  JSON message per line, in HTTP/1.1 chunks.
+* ``GET /connection/sse?cf_connect=<commands>`` — the same with the first
+  commands in the URL (``EventSource`` cannot POST); each message batch is
+  one ``data:`` event.
+* ``POST /emulation`` — ``{"session": .., "node": .., "data": "<commands>"}``:
+  every later command of a session, found by the secret ``session`` id its
+  connect reply carried.
+
+The session behind a stream is the same :class:`~tidings.centrifuge.ClientSession`
+as a WebSocket's (connect, subscribe with recovery, publish, presence,
+refresh, expiry): :class:`EmulatedStream` is only another
+:class:`~tidings.centrifuge.SessionTransport`, writing what the session says
+onto an HTTP response instead of into WebSocket frames. Bounds are the
+WebSocket's: ``websocket.max_message_size`` on every command payload (413),
+``limits.max_write_buffer`` on what a stream holds unsent (then it is cut
+with 3008 and the client recovers from history), ``websocket.ping_interval``
+for the server's pings, answered by a pong posted to ``/emulation``.
+
+Encode once (DESIGN principle 2): a publication's push line is framed once
+per stream kind (:func:`stream_push`, :func:`sse_push` are the keys of
+``pub.encoded``), so every emulated subscriber of a kind gets the same bytes.
+
+Sessions are found in this process only. With several nodes a client's
+``/emulation`` posts must reach the node holding its stream (a load balancer
+with sticky sessions, or one node); routing them through the broker is the
+next step (docs/emulation.md). JSON only: the Protobuf form of http_stream
+(length-delimited messages, ``application/octet-stream``) is refused with 415.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ..auth import Access
+from ..centrifuge import ClientSession, SessionOptions
+from ..centrifuge.schema import push_json
+from ..config import LimitsConfig, WebSocketConfig
+from ..connections import Connections
+from ..errors import DisconnectCode
+from ..http import Response, Router, error_response
+from ..http.cors import CORS
+from ..hub import Hub, Publication
+from ..logs import log_client_error
+from ..utf8 import check_utf8
+
+if TYPE_CHECKING:
+    from ..http import Exchange, Request
+
+__all__ = [
+    "EMULATION_PATH",
+    "HTTP_STREAM_PATH",
+    "SSE_PATH",
+    "EmulatedStream",
+    "EmulationTransport",
+    "sse_push",
+    "stream_push",
+]
+
+log = logging.getLogger(__name__)
+
+HTTP_STREAM_PATH = "/connection/http_stream"
+SSE_PATH = "/connection/sse"
+EMULATION_PATH = "/emulation"
+
+#: Command payloads of one session waiting for the one running; past it a
+#: post is answered 429 (a client sends one post per batch of commands).
+MAX_QUEUED_PAYLOADS = 16
+
+_PING = b"{}"
+
+
+def _chunk(data: bytes) -> bytes:
+    """One HTTP/1.1 chunk (RFC 9112 §7.1)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+def _sse_event(payload: bytes) -> bytes:
+    """One ``data:`` event; a batch's lines become the event's lines (its data
+    is then the batch, ``\\n``-joined, as a WebSocket frame would carry it)."""
+    return b"data: " + payload.replace(b"\n", b"\ndata: ") + b"\n\n"
+
+
+def stream_push(pub: Publication) -> bytes:
+    """``pub``'s push as an http_stream line in its chunk; cached per publication."""
+    return _chunk(pub.encoded(push_json) + b"\n")
+
+
+def sse_push(pub: Publication) -> bytes:
+    """``pub``'s push as an SSE event; cached per publication."""
+    return _sse_event(pub.encoded(push_json))
+
+
+def _stream_frame(payload: bytes) -> bytes:
+    return _chunk(payload + b"\n")
+
+
+class EmulationRequest(msgspec.Struct, forbid_unknown_fields=False):
+    """The body of ``POST /emulation`` (centrifuge-js: ``{session, node, data}``)."""
+
+    session: str
+    data: str
+    node: str = ""
+
+
+_decode_request = msgspec.json.Decoder(EmulationRequest)
+
+# Stream states: open; ending (the last bytes are written, the socket closes); gone.
+_OPEN, _ENDING, _CLOSED = 0, 1, 2
+
+
+class EmulatedStream(asyncio.Protocol):
+    """One emulated session's response stream: the session's transport.
+
+    Commands come from the request that opened the stream and from later
+    ``/emulation`` posts; they run in order in one short-lived task at a
+    time (they may await the hub), as a WebSocket's messages do.
+    """
+
+    __slots__ = (
+        "_ctx",
+        "_frame",
+        "_ping_at",
+        "_push",
+        "_queue",
+        "_state",
+        "_task",
+        "session",
+        "transport",
+    )
+
+    def __init__(self, ctx: EmulationTransport, transport: asyncio.Transport, sse: bool) -> None:
+        self._ctx = ctx
+        self.transport = transport
+        self._frame = _sse_event if sse else _stream_frame
+        self._push = sse_push if sse else stream_push
+        self.session = ClientSession(
+            ctx.hub, ctx.options, self, session_id=secrets.token_urlsafe(24)
+        )
+        self._state = _OPEN
+        self._ping_at = 0.0
+        self._task: asyncio.Task[None] | None = None
+        self._queue: deque[bytes] | None = None
+
+    def __repr__(self) -> str:
+        return f"<EmulatedStream {self.session.client_id or 'unconnected'}>"
+
+    # -- SessionTransport -----------------------------------------------------
+
+    def write_publication(self, pub: Publication) -> None:
+        if self._state == _OPEN:
+            self.transport.write(pub.encoded(self._push))
+
+    def write_payload(self, payload: bytes) -> None:
+        if self._state == _OPEN:
+            self.transport.write(self._frame(payload))
+
+    def pong(self) -> None:
+        self._ping_at = 0.0
+
+    def close(self, code: int, reason: str) -> None:
+        """Tell the client why in a ``disconnect`` push (a stream has no close
+        code), end the response, and leave every channel."""
+        if self._state != _OPEN:
+            return
+        push = msgspec.json.encode({"push": {"disconnect": {"code": code, "reason": reason}}})
+        self.transport.write(self._frame(push))
+        self._end()
+        log.debug("closing %r: %d %s", self, code, reason)
+
+    def _end(self) -> None:
+        self._state = _ENDING
+        self.session.release()
+        self._queue = None
+        self._ctx.forget(self)
+        if self._frame is _stream_frame:
+            self.transport.write(b"0\r\n\r\n")
+        self.transport.close()
+
+    # -- server hooks ---------------------------------------------------------
+
+    def shutdown(self) -> None:
+        self.close(DisconnectCode.SHUTDOWN, "shutdown")
+
+    def ping(self, now: float) -> None:
+        """The transport's periodic turn: expiry, the last ping's pong, the next ping."""
+        if self._state != _OPEN or not self.session.client_id:
+            return
+        self.session.check_expiry()
+        if self._state != _OPEN:
+            return
+        if self._ping_at:
+            self.close(DisconnectCode.NO_PONG, "no pong")
+            return
+        self._ping_at = now
+        self.transport.write(self._frame(_PING))
+
+    # -- commands -------------------------------------------------------------
+
+    def submit(self, payload: bytes) -> bool:
+        """Run ``payload``'s commands after those before it; False when too many wait."""
+        if self._state != _OPEN:
+            return False
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(payload))
+            return True
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        if len(queue) >= MAX_QUEUED_PAYLOADS:
+            return False
+        queue.append(payload)
+        return True
+
+    async def _run(self, payload: bytes) -> None:
+        session = self.session
+        try:
+            while self._state == _OPEN:
+                disconnect = await session.handle(payload)
+                if disconnect is not None:
+                    log_client_error(
+                        log, "disconnecting %r: %d %s", self, disconnect.code, disconnect.reason
+                    )
+                    self.close(disconnect.code, disconnect.reason)
+                    return
+                if not session.client_id and self._state == _OPEN:
+                    # The opening commands did not connect (the reply says why):
+                    # a stream without a session has nothing more to carry.
+                    self._end()
+                    return
+                queue = self._queue
+                if not queue:
+                    return
+                payload = queue.popleft()
+        except Exception:  # pragma: no cover - handle() answers errors itself
+            log.exception("emulated session %r failed", self)
+            self.close(DisconnectCode.INTERNAL, "internal server error")
+        finally:
+            self._task = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        """Commands come by ``/emulation``; anything sent on the stream is ignored."""
+
+    def eof_received(self) -> bool | None:
+        return False  # the client went: close
+
+    def pause_writing(self) -> None:
+        # The client reads slower than we publish: past limits.max_write_buffer
+        # it is cut off (it reconnects and recovers from history).
+        if self._state == _OPEN:
+            log_client_error(
+                log, "closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer
+            )
+            self._state = _ENDING
+            self.session.release()
+            self._ctx.forget(self)
+            self.transport.abort()
+
+    def resume_writing(self) -> None:
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state == _CLOSED:
+            return
+        self._state = _CLOSED
+        self.session.release()
+        self._queue = None
+        self._ctx.forget(self)
+        self._ctx.streams.discard(self)
+
+
+class EmulationTransport:
+    """The three emulation endpoints and this node's emulated sessions by id."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        access: Access,
+        cors: CORS,
+        connections: Connections,
+        ws: WebSocketConfig,
+        limits: LimitsConfig,
+        node: str = "",
+    ) -> None:
+        self.hub = hub
+        self.cors = cors
+        self.connections = connections
+        self.max_message_size = ws.max_message_size
+        self.max_write_buffer = limits.max_write_buffer
+        self.ping_interval = ws.ping_interval
+        self.options = SessionOptions(
+            access=access, ping_interval=max(1, round(ws.ping_interval)), node=node
+        )
+        #: Streams of this node (the connection registry counts them).
+        self.streams: set[EmulatedStream] = set()
+        connections.include(self.streams)
+        #: Open sessions by their secret id: where ``/emulation`` posts go.
+        self.sessions: dict[str, EmulatedStream] = {}
+        self._pinger: asyncio.Task[None] | None = None
+
+    def mount(self, router: Router) -> None:
+        router.add("POST", HTTP_STREAM_PATH, self.http_stream)
+        router.add("GET", SSE_PATH, self.sse)
+        router.add("POST", EMULATION_PATH, self.emulation)
+
+    async def start(self) -> None:
+        self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
+
+    async def stop(self) -> None:
+        if self._pinger is not None:
+            self._pinger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pinger
+
+    def forget(self, stream: EmulatedStream) -> None:
+        """``stream`` takes no more commands."""
+        if self.sessions.get(stream.session.session_id) is stream:
+            del self.sessions[stream.session.session_id]
+
+    # -- endpoints --------------------------------------------------------------
+
+    async def http_stream(self, request: Request, conn: Exchange) -> Response | None:
+        content_type = request.headers.get("content-type") or ""
+        if "octet-stream" in content_type:
+            return error_response(415, "http_stream speaks JSON here; Protobuf is not supported")
+        return self._open(request, conn, request.body, sse=False)
+
+    async def sse(self, request: Request, conn: Exchange) -> Response | None:
+        commands = request.query_value("cf_connect")
+        if commands is None:
+            return error_response(400, "cf_connect (the connect command) is missing")
+        return self._open(request, conn, commands.encode(), sse=True)
+
+    def _open(
+        self, request: Request, conn: Exchange, payload: bytes, *, sse: bool
+    ) -> Response | None:
+        refused = self._check_payload(payload)
+        if refused is not None:
+            log_client_error(log, "emulation stream refused for %s", request.client)
+            return refused
+        if self.connections.stopping:
+            return error_response(503, "server shutting down")
+        transport = conn.detach()
+        stream = EmulatedStream(self, transport, sse)
+        transport.set_protocol(stream)
+        head = [
+            b"HTTP/1.1 200 OK",
+            b"Content-Type: text/event-stream; charset=utf-8"
+            if sse
+            else b"Content-Type: application/json",
+            b"Cache-Control: no-cache",
+            b"X-Accel-Buffering: no",
+            b"Connection: close",
+            *([] if sse else [b"Transfer-Encoding: chunked"]),
+            *(f"{name}: {value}".encode("latin-1") for name, value in self.cors.headers(request)),
+        ]
+        transport.write(b"\r\n".join(head) + b"\r\n\r\n")
+        transport.set_write_buffer_limits(high=self.max_write_buffer)
+        self.streams.add(stream)
+        self.sessions[stream.session.session_id] = stream
+        stream.submit(payload)
+        return None
+
+    def _check_payload(self, payload: bytes) -> Response | None:
+        """The one place a command payload's size and encoding are checked."""
+        if not payload.strip():
+            return error_response(400, "no commands")
+        if len(payload) > self.max_message_size:
+            return error_response(413, f"commands larger than {self.max_message_size} bytes")
+        try:
+            check_utf8(payload)
+        except UnicodeDecodeError:
+            return error_response(400, "commands are not valid UTF-8")
+        return None
+
+    async def emulation(self, request: Request, conn: Exchange) -> Response:
+        try:
+            check_utf8(request.body)
+            body = _decode_request.decode(request.body)
+        except (UnicodeDecodeError, msgspec.DecodeError) as exc:
+            log_client_error(log, "bad emulation request from %s: %s", request.client, exc)
+            return error_response(400, "body must be {session, node, data} in UTF-8 JSON")
+        payload = body.data.encode()
+        refused = self._check_payload(payload)
+        if refused is not None:
+            log_client_error(log, "emulation commands refused for %s", request.client)
+            return refused
+        stream = self.sessions.get(body.session)
+        if stream is None:
+            log_client_error(
+                log, "emulation request for an unknown session from %s", request.client
+            )
+            return error_response(404, "no such session on this node")
+        if not stream.submit(payload):
+            return error_response(429, "too many commands waiting in this session")
+        return Response(204)
+
+    # -- pings ------------------------------------------------------------------
+
+    async def _ping_forever(self) -> None:
+        """One task pings every stream each ``websocket.ping_interval``; a stream
+        whose previous ping got no pong by then is closed (3012)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.ping_interval)
+            now = loop.time()
+            for stream in tuple(self.streams):
+                stream.ping(now)
