@@ -1,0 +1,229 @@
+"""Centrifugo's bidirectional emulation over real sockets, with httpx as the client:
+``POST /connection/http_stream``, ``GET /connection/sse`` and ``POST /emulation``,
+and the hostile clients of each (oversize, invalid UTF-8, unknown sessions, a
+stream that is never read), each with a bystander still served.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from helpers import TIMEOUT, api, check_serving, publish, request_bytes, rss_kib, unique_channel
+
+CONNECT = b'{"id":1,"connect":{}}'
+
+
+class EmulatedClient:
+    """One emulated session driven by hand: the stream read by httpx, commands posted."""
+
+    def __init__(self, http: httpx.Client, lines: Iterator[str]) -> None:
+        self.http = http
+        self.lines = lines
+        connect = self.next()
+        self.session = connect["connect"]["session"]
+        self.node = connect["connect"]["node"]
+        self.client = connect["connect"]["client"]
+
+    def next(self) -> dict[str, Any]:
+        """The next message, skipping the server's pings."""
+        while True:
+            line = next(self.lines).strip()
+            if line.startswith("data: "):
+                line = line[len("data: ") :]
+            if line and line != "{}":
+                return dict(json.loads(line))
+
+    def post(self, *commands: dict[str, Any]) -> httpx.Response:
+        data = "\n".join(json.dumps(c) for c in commands)
+        body = {"session": self.session, "node": self.node, "data": data}
+        return self.http.post("/emulation", json=body)
+
+
+@contextmanager
+def http_stream(srv: Any, body: bytes = CONNECT) -> Iterator[EmulatedClient]:
+    with (
+        httpx.Client(base_url=srv.url, timeout=TIMEOUT) as http,
+        http.stream(
+            "POST",
+            "/connection/http_stream",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        ) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["transfer-encoding"] == "chunked"
+        yield EmulatedClient(http, resp.iter_lines())
+
+
+@contextmanager
+def sse_stream(srv: Any) -> Iterator[EmulatedClient]:
+    target = "/connection/sse?cf_connect=" + quote(CONNECT.decode())
+    with (
+        httpx.Client(base_url=srv.url, timeout=TIMEOUT) as http,
+        http.stream("GET", target) as resp,
+    ):
+        assert resp.status_code == 200
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        yield EmulatedClient(http, resp.iter_lines())
+
+
+def _subscribe_publish_receive(srv: Any, client: EmulatedClient) -> None:
+    ch = unique_channel("emu")
+    assert client.post({"id": 2, "subscribe": {"channel": ch}}).status_code == 204
+    reply = client.next()
+    assert reply["id"] == 2 and reply["subscribe"]["recoverable"] is True
+    res = publish(srv, ch, {"n": 1})
+    push = client.next()["push"]
+    assert push["channel"] == ch
+    assert push["pub"]["data"] == {"n": 1} and push["pub"]["offset"] == res["offset"]
+    client.post({"id": 3, "publish": {"channel": ch, "data": {"n": 2}}})
+    replies = [client.next(), client.next()]
+    assert {"id": 3, "publish": {}} in replies
+    assert any(r.get("push", {}).get("pub", {}).get("data") == {"n": 2} for r in replies)
+
+
+def test_http_stream_connects_subscribes_receives_and_publishes(server: Any) -> None:
+    with http_stream(server) as client:
+        assert client.session and client.node and client.client
+        assert client.session != client.client  # the client id is public, the session secret
+        _subscribe_publish_receive(server, client)
+
+
+def test_sse_connects_from_the_url_and_takes_commands_by_post(server: Any) -> None:
+    with sse_stream(server) as client:
+        _subscribe_publish_receive(server, client)
+
+
+def test_unknown_session_is_404_and_others_are_served(server: Any) -> None:
+    with http_stream(server) as client:
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+            body = {"session": "not-" + client.session, "data": '{"id":2,"subscribe":{}}'}
+            resp = http.post("/emulation", json=body)
+            # The client id is public (presence): it must not open the session.
+            leaked = http.post("/emulation", json={"session": client.client, "data": "{}"})
+        assert resp.status_code == 404 and leaked.status_code == 404
+        assert resp.json()["error"]["message"] == "no such session on this node"
+        _subscribe_publish_receive(server, client)
+    check_serving(server)
+
+
+def test_oversize_commands_are_413_before_any_is_run(server_factory: Any) -> None:
+    srv = server_factory("[websocket]\nmax_message_size = 1024\n")
+    ch = unique_channel("big")
+    big = json.dumps({"id": 2, "publish": {"channel": ch, "data": "x" * 2000}})
+    with http_stream(srv) as client:
+        resp = client.post(json.loads(big))
+        assert resp.status_code == 413
+        _subscribe_publish_receive(srv, client)
+    with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as http:
+        opening = http.post("/connection/http_stream", content=CONNECT + b"\n" + big.encode())
+        huge = http.post("/emulation", content=b"x" * (2 * 1024 * 1024))  # limits.max_body_size
+        sse = http.get("/connection/sse?cf_connect=" + quote(big))
+    assert opening.status_code == 413 and sse.status_code == 413
+    assert huge.status_code == 413
+    assert api(srv, "history", {"channel": ch, "limit": -1}).json()["result"]["publications"] == []
+    check_serving(srv)
+
+
+def test_invalid_utf8_is_400_and_nothing_is_published(server: Any) -> None:
+    ch = unique_channel("utf8")
+    bad_publish = b'{"id":2,"publish":{"channel":"' + ch.encode() + b'","data":"\xff\xfe"}}'
+    with http_stream(server) as client:
+        body = b'{"session":"' + client.session.encode() + b'","data":"\xc3\x28"}'
+        with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+            resp = http.post("/emulation", content=body)
+            opening = http.post("/connection/http_stream", content=CONNECT + b"\n" + bad_publish)
+        assert resp.status_code == 400 and opening.status_code == 400
+        assert "UTF-8" in opening.json()["error"]["message"]
+        _subscribe_publish_receive(server, client)  # the session goes on
+    history = api(server, "history", {"channel": ch, "limit": -1}).json()["result"]
+    assert history["publications"] == []
+    check_serving(server)
+
+
+def test_a_broken_command_disconnects_with_a_push_and_ends_the_stream(server: Any) -> None:
+    with http_stream(server) as client:
+        client.post({"id": 2, "no_such_method": {}})
+        disconnect = client.next()["push"]["disconnect"]
+        assert disconnect == {"code": 3501, "reason": "unknown command"}
+        assert list(client.lines) == []  # the response ended
+        # The session is gone with its stream.
+        assert client.post({"id": 3, "presence_stats": {"channel": "x"}}).status_code == 404
+    check_serving(server)
+
+
+def test_a_stream_that_is_never_read_is_cut_at_the_write_buffer(server_factory: Any) -> None:
+    """A client that opens a stream, subscribes and stops reading: the server
+    holds about limits.max_write_buffer for it, then cuts it off (the client
+    would recover from history); a bystander keeps receiving every publication."""
+    # History of one publication: what the server holds beyond it is the stream's.
+    srv = server_factory("[limits]\nmax_write_buffer = 65536\n[history]\nsize = 1\n")
+    ch = unique_channel("slow")
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.settimeout(TIMEOUT)
+    slow.connect((srv.host, srv.port))
+    slow.sendall(
+        request_bytes(
+            "POST",
+            "/connection/http_stream",
+            body=CONNECT,
+            headers={"Content-Type": "application/json"},
+        )
+    )
+    head = b""
+    while b'"session":"' not in head:
+        head += slow.recv(4096)
+    session = head.split(b'"session":"')[1].split(b'"')[0].decode()
+    with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as http:
+        body = {"session": session, "data": json.dumps({"id": 2, "subscribe": {"channel": ch}})}
+        assert http.post("/emulation", json=body).status_code == 204
+    rss_before = rss_kib(srv)
+    big = "x" * 100_000
+    with http_stream(srv) as good:
+        assert good.post({"id": 2, "subscribe": {"channel": ch}}).status_code == 204
+        good.next()
+        got: list[int] = []
+        reader = threading.Thread(
+            target=lambda: got.extend(good.next()["push"]["pub"]["data"]["i"] for _ in range(120))
+        )
+        reader.start()
+        for i in range(120):  # 12 MB: far more than the kernel buffers and max_write_buffer
+            publish(srv, ch, {"i": i, "pad": big})
+        reader.join(TIMEOUT * 3)
+        assert got == list(range(120))
+    grown = rss_kib(srv) - rss_before
+    assert grown < 6 * 1024, f"RSS grew {grown} KiB: the unread stream's bytes were held"
+    closed = False
+    deadline = time.monotonic() + TIMEOUT
+    try:
+        while time.monotonic() < deadline:
+            if not slow.recv(1 << 20):
+                closed = True
+                break
+    except ConnectionResetError:
+        closed = True
+    finally:
+        slow.close()
+    assert closed, "a stream that was never read was never cut off"
+    assert "write buffer over 65536 bytes" in srv.logs()
+    check_serving(srv)
+
+
+def test_protobuf_http_stream_is_refused_with_415(server: Any) -> None:
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+        resp = http.post(
+            "/connection/http_stream",
+            content=b"\x02\x08\x01",
+            headers={"Content-Type": "application/octet-stream"},
+        )
+    assert resp.status_code == 415

@@ -1,0 +1,98 @@
+"""centrifuge-js (npm, unmodified) under node, forced onto its WebSocket
+fallbacks — the ``http_stream`` and ``sse`` transports of Centrifugo's
+bidirectional emulation — with WebSocket out of its transport list.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from helpers import publish, unique_channel
+from ws_support import NodeClient, Proxy, ensure_js_deps, node_available
+
+pytestmark = [
+    pytest.mark.node,
+    pytest.mark.skipif(
+        not node_available() and not os.environ.get("CI"), reason="node and npm are needed"
+    ),
+]
+
+EMULATED = ["http_stream", "sse"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def js_deps() -> None:
+    ensure_js_deps()
+
+
+@pytest.fixture
+def node_clients() -> Iterator[list[NodeClient]]:
+    clients: list[NodeClient] = []
+    yield clients
+    for c in clients:
+        c.close()
+
+
+def start(clients: list[NodeClient], transport: str, url: str, *channels: str) -> NodeClient:
+    c = NodeClient(url, *channels, env={"TIDINGS_JS_TRANSPORT": transport})
+    clients.append(c)
+    return c
+
+
+@pytest.mark.parametrize("transport", EMULATED)
+def test_js_connects_subscribes_receives_and_publishes(
+    server: Any, node_clients: list[NodeClient], transport: str
+) -> None:
+    channel = unique_channel("emujs")
+    js = start(node_clients, transport, server.url, channel)
+    connected = js.wait(lambda e: e["event"] == "connected")
+    assert connected["transport"] == transport and connected["client"]
+    sub = js.wait(lambda e: e["event"] == "subscribed")
+    assert sub["recoverable"] is True and sub["wasRecovering"] is False
+
+    res = publish(server, channel, {"hello": transport})
+    pub = js.wait(lambda e: e["event"] == "publication")
+    assert pub["data"] == {"hello": transport} and pub["offset"] == res["offset"]
+
+    # Commands after connect travel by POST /emulation.
+    js.command(cmd="publish", channel=channel, data={"from": "node"})
+    js.wait(lambda e: e["event"] == "publication" and e["data"] == {"from": "node"})
+    js.command(cmd="history", channel=channel)
+    hist = js.wait(lambda e: e["event"] == "history")
+    assert hist["epoch"] == res["epoch"]
+    assert [p["data"] for p in hist["publications"]] == [{"hello": transport}, {"from": "node"}]
+
+
+@pytest.mark.parametrize("transport", EMULATED)
+def test_js_recovers_missed_publications_after_a_cut(
+    server: Any, node_clients: list[NodeClient], transport: str
+) -> None:
+    channel = unique_channel("emurec")
+    publish(server, channel, {"n": 0})  # the stream exists, with an epoch
+    proxy = Proxy(server.port)
+    try:
+        js = start(node_clients, transport, f"http://127.0.0.1:{proxy.port}", channel)
+        js.wait(lambda e: e["event"] == "subscribed")
+        publish(server, channel, {"n": 1})
+        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 1})
+        mark = len(js.events)
+
+        proxy.cut()
+        js.wait(lambda e: e["event"] == "connecting", start=mark)
+        for n in (2, 3, 4):
+            publish(server, channel, {"n": n})
+        proxy.restore()
+
+        again = js.wait(lambda e: e["event"] == "subscribed", start=mark)
+        assert again["wasRecovering"] is True and again["recovered"] is True
+        publish(server, channel, {"n": 5})
+        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 5}, start=mark)
+        got = [e for e in js.events[mark:] if e["event"] == "publication"]
+        assert [e["data"]["n"] for e in got] == [2, 3, 4, 5]
+        assert [e["offset"] for e in got] == [3, 4, 5, 6]
+    finally:
+        proxy.close()
