@@ -116,22 +116,15 @@ def test_soak_leaves_no_descriptor_and_rss_stays_flat(tmp_path: Path) -> None:
     report = run_soak(tmp_path)
     last = report["samples"][-1]
     context = report["stdout"][-3000:]
-    assert report["held_at_open"] == N, context
-    assert last["held"] == N, context
-    assert last["lost_unexpected"] == 0, context
-    assert last["churned"] >= CHURN_PER_S * DURATION_S // 2, context
-    assert report["churn_failures"] == {}, context
-    assert report["client_errors"] == {}, context
-    assert set(report["publish"]["statuses"]) == {"200"}, context  # JSON keys
     # Warm-up: history filled before the clock, one rotation, one long-poll timeout.
-    assert report["prefill"]["statuses"] == {"200": CHANNELS * HISTORY_SIZE}, context
     rotation = CHANNELS * HISTORY_SIZE / PUBLISH_PER_S
     assert report["warmup"]["seconds"] == rotation + POLL_TIMEOUT_S, context
     assert report["steady"]["from_s"] >= rotation + POLL_TIMEOUT_S, context
-    assert last["deliveries"] > 0, context
-    # While held: the server holds one descriptor per connection, plus its
-    # baseline and the publisher's keep-alives; nothing piles up with churn.
-    assert report["steady"]["fd_excess_max"] <= 40, context
+    # The bounds first, so that a leak fails on its own bound.
+    # While held: one descriptor per connection, plus the baseline, the
+    # publisher's keep-alives and one churn tick of reopens in flight (the
+    # harness's allowance, bench/soak.py fd_slack); nothing piles up with churn.
+    assert report["steady"]["fd_excess_max"] <= report["steady"]["fd_excess_allowed"], context
     # After every client left: back to the start.
     held_after = report["after_close_held"]
     assert report["after_close_fds"] <= report["baseline"]["fds"] + FD_MARGIN, (held_after, context)
@@ -141,3 +134,13 @@ def test_soak_leaves_no_descriptor_and_rss_stays_flat(tmp_path: Path) -> None:
     # window this short, sampling noise of a few hundred KiB weighs more, so
     # the bound here is the band.
     assert report["steady"]["rss_drift_over_window"] <= RSS_BAND, context
+    # And everyone was served throughout.
+    assert report["held_at_open"] == N, context
+    assert last["held"] == N, context
+    assert last["lost_unexpected"] == 0, context
+    assert last["churned"] >= CHURN_PER_S * DURATION_S // 2, context
+    assert report["churn_failures"] == {}, context
+    assert report["client_errors"] == {}, context
+    assert report["prefill"]["statuses"] == {"200": CHANNELS * HISTORY_SIZE}, context
+    assert set(report["publish"]["statuses"]) == {"200"}, (report["publish"], context)
+    assert last["deliveries"] > 0, context
