@@ -230,6 +230,8 @@ class Policy(NamedTuple):
     presence_read: Who
     join_leave: bool
     force_push_join_leave: bool = False
+    #: ``allowed_delta_types`` holds ``"fossil"``.
+    fossil_delta: bool = False
 
     @classmethod
     def of(cls, config: NamespaceConfig, secure: bool) -> Policy:
@@ -241,6 +243,7 @@ class Policy(NamedTuple):
             config.presence_read,
             config.join_leave,
             config.force_push_join_leave,
+            "fossil" in config.allowed_delta_types,
         )
 
 

@@ -153,6 +153,11 @@ class NamespaceConfig(_Section):
     #: With ``join_leave``: a subscriber is pushed its own join too (Centrifugo's
     #: option of this name; its SDKs' ``joinLeave`` subscription option asks the same).
     force_push_join_leave: bool = False
+    #: Delta compression a subscriber may ask for (``delta: "fossil"`` in its
+    #: subscribe, Centrifugo's option of this name): then each publication
+    #: reaches it as a Fossil delta against the channel's previous one. Off by
+    #: default: a delta costs the server one encoding per publication.
+    allowed_delta_types: list[Literal["fossil"]] = msgspec.field(default_factory=list)
 
 
 class BrokerConfig(_Section):

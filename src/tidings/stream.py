@@ -16,6 +16,9 @@ from typing import Any, Literal, NamedTuple
 
 import msgspec
 
+from .fossil import create_delta
+from .utf8 import check_utf8
+
 __all__ = [
     "DEFAULT_HISTORY",
     "EMPTY",
@@ -103,7 +106,14 @@ class EncodedOnce:
 class Publication(EncodedOnce):
     """One event in one channel, immutable once the broker has stamped it."""
 
-    __slots__ = ("channel", "data", "epoch", "info", "offset", "tags", "time")
+    __slots__ = ("_delta_forms", "channel", "data", "epoch", "info", "offset", "tags", "time")
+
+    #: Whether ``data`` is a Fossil delta against the channel's previous
+    #: publication's data (only in the form a delta subscriber receives).
+    delta = False
+    #: Whether this is the form a delta subscriber receives: its JSON wire
+    #: carries ``data`` as a JSON string (the bytes the SDK applies deltas to).
+    delta_form = False
 
     def __init__(
         self,
@@ -122,6 +132,8 @@ class Publication(EncodedOnce):
         self.info = info
         self.tags = tags
         self.time = int(time.time() * 1000) if time_ms is None else time_ms
+        # [full form, delta form | None | _UNTRIED], built on the first delta subscriber.
+        self._delta_forms: list[Any] | None = None
         super().__init__()
 
     @property
@@ -130,6 +142,72 @@ class Publication(EncodedOnce):
 
     def __repr__(self) -> str:
         return f"<Publication {self.channel}@{self.epoch}:{self.offset}>"
+
+    def for_delta_subscriber(self, previous: Publication | None) -> Publication:
+        """This publication as a ``delta: "fossil"`` subscriber receives it.
+
+        ``previous`` is the publication of the channel that subscriber
+        received last. When it is the one right before this (same epoch,
+        offset one less), the subscriber gets the Fossil delta against its
+        data; otherwise (the first publication after a subscribe, a gap) the
+        full data. The delta is a function of this publication alone (the
+        data at the offset before it is unique), so it is computed once, by
+        the first delta subscriber, and every other shares the same form
+        object and thus its encoded bytes (``EncodedOnce``). A delta no
+        smaller than the data, or that is not UTF-8 (JSON carries it in a
+        string), is not used: the full form goes instead.
+        """
+        forms = self._delta_forms
+        if forms is None:
+            forms = self._delta_forms = [_DeltaForm(self, self.data), _UNTRIED]
+        if previous is None or previous.offset + 1 != self.offset or previous.epoch != self.epoch:
+            return forms[0]  # type: ignore[no-any-return]
+        delta = forms[1]
+        if delta is _UNTRIED:
+            patch = create_delta(previous.data, self.data)
+            delta = forms[1] = (
+                _DeltaPatch(self, patch)
+                if len(patch) < len(self.data) and _is_utf8(patch)
+                else None
+            )
+        return delta or forms[0]  # type: ignore[no-any-return]
+
+
+#: A delta form not computed yet (None: computed, and not worth sending).
+_UNTRIED = object()
+
+
+def _is_utf8(data: bytes) -> bool:
+    """A delta copies byte ranges, so its literal parts may split a UTF-8 character."""
+    try:
+        check_utf8(data)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _DeltaForm(Publication):
+    """A publication as delta subscribers receive it: the full data or a delta.
+
+    The same position, info, tags and time; its own ``EncodedOnce`` cache, so
+    each form is encoded once per wire format like any publication. Class
+    attributes carry the flags: a plain publication pays no memory for them.
+    """
+
+    __slots__ = ()
+
+    delta_form = True
+
+    def __init__(self, pub: Publication, data: bytes) -> None:
+        super().__init__(pub.channel, pub.offset, pub.epoch, data, pub.info, pub.tags, pub.time)
+
+
+class _DeltaPatch(_DeltaForm):
+    """The delta form whose data is a Fossil delta."""
+
+    __slots__ = ()
+
+    delta = True
 
 
 class PresenceEvent(EncodedOnce):

@@ -10,7 +10,8 @@
 // {"cmd": "exit"}. The process also exits when stdin closes.
 // Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKENS (JSON:
 // subscription tokens by channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
-// subscription option), TIDINGS_JS_PROTOBUF=1 (the SDK's Protobuf build,
+// subscription option), TIDINGS_JS_DELTA=fossil (the delta subscription option; the
+// command {"cmd": "delta_stats", "channel": c} prints the SDK's deltaStats()), TIDINGS_JS_PROTOBUF=1 (the SDK's Protobuf build,
 // centrifuge/build/protobuf: publication data travels as bytes, here the UTF-8
 // of its JSON both ways, so events and commands look the same in both modes).
 // TIDINGS_JS_TRANSPORT=http_stream|sse: the SDK's bidirectional emulation only
@@ -61,6 +62,7 @@ const subOptions = (channel) => {
   const options = {};
   if (subTokens[channel]) options.token = subTokens[channel];
   if (process.env.TIDINGS_JS_JOIN_LEAVE) options.joinLeave = true;
+  if (process.env.TIDINGS_JS_DELTA) options.delta = process.env.TIDINGS_JS_DELTA;
   return options;
 };
 
@@ -126,6 +128,8 @@ rl.on("line", async (line) => {
         numClients: res.numClients === undefined ? null : res.numClients,
         numUsers: res.numUsers === undefined ? null : res.numUsers,
       });
+    } else if (msg.cmd === "delta_stats") {
+      out({ event: "delta_stats", channel: msg.channel, ...subs[msg.channel].deltaStats() });
     } else if (msg.cmd === "disconnect") {
       client.disconnect();
     } else if (msg.cmd === "connect") {

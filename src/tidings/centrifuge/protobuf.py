@@ -206,6 +206,7 @@ def _subscribe(req: pb.SubscribeRequest, field: str) -> SubscribeRequest:
         recoverable=req.recoverable,
         join_leave=req.join_leave,
         flag=req.flag,
+        delta=req.delta,
     )
 
 
@@ -308,6 +309,7 @@ def _subscribe_result(result: SubscribeResult) -> pb.SubscribeResult:
         offset=result.offset,
         positioned=result.positioned,
         was_recovering=result.was_recovering,
+        delta=result.delta,
     )
     _publications(message.publications, result.publications)
     return message
@@ -408,6 +410,8 @@ def _fill_publication(message: pb.Publication, pub: Publication) -> None:
     if pub.tags:
         message.tags.update(pub.tags)
     message.time = pub.time
+    if pub.delta:
+        message.delta = True
 
 
 def publication_protobuf(pub: Publication) -> bytes:

@@ -123,6 +123,7 @@ class ClientSession:
         "client_id",
         "closed",
         "credentials",
+        "deltas",
         "hub",
         "join_leave_asked",
         "options",
@@ -156,6 +157,9 @@ class ClientSession:
         # Channels subscribed with ``join_leave: true``: their own join is pushed too.
         self.join_leave_asked: set[str] | None = None
         self.channels: set[str] | None = None
+        # Channels subscribed with delta compression, each with the publication
+        # the client received last there (its next delta's base); None for none.
+        self.deltas: dict[str, Publication | None] | None = None
         self.closed = False
         self._out: list[bytes] | None = None
         # Pushes held while connect subscribes the token's channels, since
@@ -184,7 +188,18 @@ class ClientSession:
             return
         if self._out:
             self.flush()
+        if self.deltas is not None:
+            pub = self._delta_form(pub)
         self.transport.write_publication(pub)
+
+    def _delta_form(self, pub: Publication) -> Publication:
+        """``pub`` as this client receives it: its delta form in a delta subscription."""
+        deltas = self.deltas
+        if deltas is None or pub.channel not in deltas:
+            return pub
+        previous = deltas[pub.channel]
+        deltas[pub.channel] = pub
+        return pub.for_delta_subscriber(previous)
 
     def _push(self, payload: bytes) -> None:
         """A per-connection push: after the replies so far, and never before connect's."""
@@ -321,6 +336,8 @@ class ClientSession:
             self.sub_expiries.pop(channel, None)
         if self.join_leave_asked is not None:
             self.join_leave_asked.discard(channel)
+        if self.deltas is not None:
+            self.deltas.pop(channel, None)
         try:
             policy = self.options.access.policy(channel)
         except ProtocolError:
@@ -475,7 +492,7 @@ class ClientSession:
                 if isinstance(push, bytes):
                     self.send_payload(push)
                 else:
-                    self.transport.write_publication(push)
+                    self.transport.write_publication(self._delta_form(push))
         return None
 
     def _disconnect_session(self) -> None:
@@ -489,6 +506,7 @@ class ClientSession:
         self.credentials = ANONYMOUS
         self.sub_expiries = None
         self.join_leave_asked = None
+        self.deltas = None
 
     async def _refresh(self, cmd_id: int, req: RefreshRequest) -> bytes:
         credentials = self.options.access.authenticate(req.token or None)
@@ -518,7 +536,10 @@ class ClientSession:
             log_client_error(log, "subscribe of %s to %s: %s", self, channel, exc.message)
             raise ProtocolError(ErrorCode.PERMISSION_DENIED) from None
         grant = grants.get(channel)
-        result = await self._subscribe_channel(channel, req, grant)
+        # Centrifugo's negotiation: a delta type the namespace does not allow
+        # (or an unknown one) is not an error, the subscription is plain.
+        delta = req.delta == "fossil" and self.options.access.policy(channel).fossil_delta
+        result = await self._subscribe_channel(channel, req, grant, delta)
         if result is None:
             return
         # No await between the hub's answer and this: the reply is queued before
@@ -532,9 +553,18 @@ class ClientSession:
         await self._join(channel, grant)
 
     async def _subscribe_channel(
-        self, channel: str, req: SubscribeRequest | None, grant: Grant | None
+        self,
+        channel: str,
+        req: SubscribeRequest | None,
+        grant: Grant | None,
+        delta: bool = False,
     ) -> SubscribeResult | None:
-        """Join the hub (recovering from ``req``'s position); None if the client left."""
+        """Join the hub (recovering from ``req``'s position); None if the client left.
+
+        With ``delta``, recovered publications go in their full delta form
+        (each one stands alone, as Centrifugo's first one does) and the last
+        of them is the base of the first live delta.
+        """
         channels = self.channels
         assert channels is not None
         recover = req is not None and req.recover
@@ -559,6 +589,12 @@ class ClientSession:
             channels.discard(channel)
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         position = recovery.position
+        publications = recovery.publications
+        if delta:
+            if self.deltas is None:
+                self.deltas = {}
+            self.deltas[channel] = publications[-1] if publications else None
+            publications = [pub.for_delta_subscriber(None) for pub in publications]
         expires, ttl = _ttl(grant.expires if grant is not None else 0)
         return SubscribeResult(
             expires=expires,
@@ -569,7 +605,8 @@ class ClientSession:
             offset=position.offset,
             recovered=recovery.recovered,
             was_recovering=recover,
-            publications=self.wire.publications(recovery.publications) or None,
+            publications=self.wire.publications(publications) or None,
+            delta=delta,
         )
 
     async def _join(self, channel: str, grant: Grant | None) -> None:
