@@ -7,6 +7,7 @@ stream that is never read), each with a bystander still served.
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import threading
 import time
@@ -227,3 +228,14 @@ def test_protobuf_http_stream_is_refused_with_415(server: Any) -> None:
             headers={"Content-Type": "application/octet-stream"},
         )
     assert resp.status_code == 415
+
+
+def test_shutdown_ends_streams_with_a_disconnect_push(server_factory: Any) -> None:
+    """A graceful shutdown tells an emulated client to come back (3001), as a
+    WebSocket's close code does, and ends its response."""
+    srv = server_factory()
+    with http_stream(srv) as client:
+        srv.proc.send_signal(signal.SIGTERM)
+        assert client.next()["push"]["disconnect"] == {"code": 3001, "reason": "shutdown"}
+        assert list(client.lines) == []
+    assert srv.proc.wait(TIMEOUT) == 0
