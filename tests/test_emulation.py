@@ -239,3 +239,18 @@ def test_shutdown_ends_streams_with_a_disconnect_push(server_factory: Any) -> No
         assert client.next()["push"]["disconnect"] == {"code": 3001, "reason": "shutdown"}
         assert list(client.lines) == []
     assert srv.proc.wait(TIMEOUT) == 0
+
+
+def test_a_session_that_never_pongs_is_ended_and_one_that_does_is_kept(
+    server_factory: Any,
+) -> None:
+    srv = server_factory("[websocket]\nping_interval = 1.0\n")
+    with http_stream(srv) as silent, http_stream(srv) as alive:
+        for _ in range(3):  # three pings answered by post, as centrifuge-js does
+            line = next(alive.lines).strip()
+            while line != "{}":
+                line = next(alive.lines).strip()
+            assert alive.post({}).status_code == 204
+        assert silent.next()["push"]["disconnect"] == {"code": 3012, "reason": "no pong"}
+        reply = alive.post({"id": 2, "presence_stats": {"channel": "x"}})
+        assert reply.status_code == 204 and alive.next()["id"] == 2
