@@ -167,13 +167,13 @@ def test_a_frame_of_several_commands_and_a_pong_decodes_in_order() -> None:
 
 
 def test_unknown_fields_are_skipped() -> None:
-    """Newer SDKs send fields we do not read (``delta``, ``tf``, map subscriptions, headers)."""
+    """Newer SDKs send fields we do not read (``tf``, map subscriptions, headers)."""
     subscribe = sdk.SubscribeRequest(channel="news", delta="fossil", tf=sdk.FilterNode(op="and"))
     # type = 1 and limit = 5 (map subscriptions, newer than the SDK's schema), field 127 = 1.
     subscribe_bytes = subscribe.SerializeToString() + b"\x78\x01\x90\x01\x05\xf8\x07\x01"
     command = b"\x08\x02\x2a" + varint(len(subscribe_bytes)) + subscribe_bytes + b"\xf8\x07\x01"
     (decoded,) = decode_commands(delimited(command))
-    assert decoded == decode_json(b'{"id":2,"subscribe":{"channel":"news"}}')[0]
+    assert decoded == decode_json(b'{"id":2,"subscribe":{"channel":"news","delta":"fossil"}}')[0]
 
 
 # --------------------------------------------------------------------------- hostile frames
