@@ -1,6 +1,6 @@
 """Bidirectional emulation with a Redis broker: one node serves emulated
-sessions as with the memory broker; a post that reaches another node than the
-one holding its stream is the part not built yet (docs/emulation.md).
+sessions as with the memory broker, and a post that reaches another node than
+the one holding its stream is routed there through Redis (no sticky sessions).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import pytest
 
 from helpers import TIMEOUT, publish, unique_channel
 from test_emulation import http_stream
+from ws_support import NodeClient, ensure_js_deps, node_available
 
 if TYPE_CHECKING:
     from brokers_support import RedisServer
@@ -46,14 +47,44 @@ def test_one_node_on_redis_serves_emulated_sessions(
     _subscribe_and_receive(srv, srv)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="not built: POST /emulation finds sessions on its own node only; routing it "
-    "through the broker to the node named in the request is the next step",
-)
 def test_a_post_to_another_node_reaches_the_session(
     server_factory: Any, redis_server: RedisServer
 ) -> None:
     config = _redis(redis_server)
     holder, other = server_factory(config), server_factory(config)
     _subscribe_and_receive(holder, other)
+
+
+def test_a_post_naming_a_node_nobody_is_is_404(
+    server_factory: Any, redis_server: RedisServer
+) -> None:
+    srv = server_factory(_redis(redis_server))
+    body = {"session": "s", "node": "nobody", "data": '{"id":2,"presence":{"channel":"x"}}'}
+    resp = httpx.post(srv.url + "/emulation", json=body, timeout=TIMEOUT)
+    too_long = httpx.post(srv.url + "/emulation", json={**body, "node": "n" * 65}, timeout=TIMEOUT)
+    assert resp.status_code == 404 and too_long.status_code == 400
+
+
+@pytest.mark.node
+@pytest.mark.skipif(not node_available(), reason="node and npm are needed")
+@pytest.mark.parametrize("transport", ["http_stream", "sse"])
+def test_js_streams_from_one_node_and_posts_to_another(
+    server_factory: Any, redis_server: RedisServer, transport: str
+) -> None:
+    """centrifuge-js with its stream on one node and every later command posted
+    to another, as a load balancer without sticky sessions would send them."""
+    ensure_js_deps()
+    config = _redis(redis_server)
+    holder, other = server_factory(config), server_factory(config)
+    ch = unique_channel("emujs")
+    env = {"TIDINGS_JS_TRANSPORT": transport, "TIDINGS_JS_EMULATION_URL": other.url}
+    js = NodeClient(holder.url, ch, env=env)
+    try:
+        js.wait(lambda e: e["event"] == "subscribed")
+        res = publish(other, ch, {"n": 1})
+        pub = js.wait(lambda e: e["event"] == "publication")
+        assert pub["data"] == {"n": 1} and pub["offset"] == res["offset"]
+        js.command(cmd="publish", channel=ch, data={"from": "node"})
+        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"from": "node"})
+    finally:
+        js.close()

@@ -103,7 +103,7 @@ class Server:
             max_batch_commands=config.limits.max_batch_commands,
         )
         self.emulation = EmulationTransport(
-            hub, access, cors, connections, config.websocket, limits, node=self.uid
+            hub, access, cors, connections, config.websocket, limits, self.broker, self.uid
         )
         self.transports: tuple[Transport, ...] = (
             self.sse,

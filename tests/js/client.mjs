@@ -16,7 +16,8 @@
 // of its JSON both ways, so events and commands look the same in both modes).
 // TIDINGS_JS_TRANSPORT=http_stream|sse: the SDK's bidirectional emulation only
 // (WebSocket left out of its `transports` list); <ws-url> is then the server's
-// http:// base URL.
+// http:// base URL; TIDINGS_JS_EMULATION_URL another node's, which the
+// commands after connect are posted to.
 // Server-side subscriptions (token channels, the personal channel) print
 // server_subscribed and server_publication events.
 import { createInterface } from "node:readline";
@@ -44,7 +45,7 @@ let endpoint = url;
 if (emulated) {
   const { EventSource } = await import("eventsource");
   Object.assign(options, { fetch, readableStream: ReadableStream, eventsource: EventSource });
-  options.emulationEndpoint = url + "/emulation";
+  options.emulationEndpoint = (process.env.TIDINGS_JS_EMULATION_URL || url) + "/emulation";
   endpoint = [{ transport: emulated, endpoint: url + "/connection/" + emulated }];
 }
 const client = new Centrifuge(endpoint, options);

@@ -23,6 +23,8 @@ from ..stream import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publica
 Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]
 Restarted = Callable[[str, Position], None]
+#: A message for this node alone (see :meth:`Broker.listen_node`).
+NodeMessage = Callable[[bytes], None]
 
 
 def unavailable(cause: object) -> BrokerUnavailable:
@@ -66,6 +68,18 @@ class Broker(ABC):
 
     async def start(self) -> None:
         """Connect and start background work; the default has none."""
+
+    # Messages between nodes, for a client whose requests reach another node
+    # than the one holding its connection (Centrifugo's bidirectional
+    # emulation: POST /emulation without sticky sessions). The default is
+    # one process: no other node can be reached.
+
+    async def listen_node(self, node: str, on_message: NodeMessage) -> None:
+        """Receive from now on the messages :meth:`send_node` sends to ``node``."""
+
+    async def send_node(self, node: str, message: bytes) -> bool:
+        """Send ``message`` to ``node``; False when no node of that name listens."""
+        return False
 
     async def close(self) -> None:
         """Stop background work and release connections."""

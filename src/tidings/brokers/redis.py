@@ -76,7 +76,7 @@ from redis.maint_notifications import MaintNotificationsConfig
 from ..errors import ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
 from . import envelope
-from .base import Broker, unavailable
+from .base import Broker, NodeMessage, unavailable
 from .redis_pubsub import RedisPubSub
 
 __all__ = ["RedisBroker"]
@@ -277,6 +277,9 @@ class RedisBroker(Broker):
         self._catch_up_batch = max(1, catch_up_batch)
         self._tasks: list[asyncio.Task[None]] = []
         self._closing = False
+        #: This node's own pub/sub channel and what it does with a message there.
+        self._node_name = b""
+        self._on_node_message: NodeMessage | None = None
 
     def _command_client(self) -> aioredis.Redis:
         """A command client and its scripts (the connection pool for every command).
@@ -634,7 +637,27 @@ class RedisBroker(Broker):
     def _channel_of(self, name: bytes) -> str:
         return name.decode()[len(self._prefix) + 3 :]
 
+    async def listen_node(self, node: str, on_message: NodeMessage) -> None:
+        """Subscribe this node's own pub/sub channel (``<prefix>:n:<node>``),
+        resubscribed after a reconnect like every channel."""
+        self._on_node_message = on_message
+        self._node_name = self._node_channel(node)
+        await self._pubsub.subscribe(self._node_name)
+
+    async def send_node(self, node: str, message: bytes) -> bool:
+        try:
+            receivers = await self._redis.publish(self._node_channel(node), message)
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+        return bool(receivers)
+
+    def _node_channel(self, node: str) -> bytes:
+        return f"{self._prefix}:n:{node}".encode()
+
     def _on_message(self, name: bytes, message: bytes) -> None:
+        if name == self._node_name and self._on_node_message is not None:
+            self._on_node_message(message)
+            return
         channel = self._channel_of(name)
         if channel not in self._interest:
             return

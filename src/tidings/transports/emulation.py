@@ -27,11 +27,13 @@ Encode once (DESIGN principle 2): a publication's push line is framed once
 per stream kind (:func:`stream_push`, :func:`sse_push` are the keys of
 ``pub.encoded``), so every emulated subscriber of a kind gets the same bytes.
 
-Sessions are found in this process only. With several nodes a client's
-``/emulation`` posts must reach the node holding its stream (a load balancer
-with sticky sessions, or one node); routing them through the broker is the
-next step (docs/emulation.md). JSON only: the Protobuf form of http_stream
-(length-delimited messages, ``application/octet-stream``) is refused with 415.
+No sticky sessions: a post for a session this process does not hold, naming
+another node (the ``node`` of the connect reply), is handed to that node
+through the broker (:meth:`~tidings.brokers.base.Broker.send_node`: a
+per-node Redis pub/sub channel), which submits it to the session. The memory
+broker is one process, and NATS does not route yet: there such a post is a
+404. JSON only: the Protobuf form of http_stream (length-delimited messages,
+``application/octet-stream``) is refused with 415.
 """
 
 from __future__ import annotations
@@ -46,11 +48,12 @@ from typing import TYPE_CHECKING
 import msgspec
 
 from ..auth import Access
+from ..brokers import Broker
 from ..centrifuge import ClientSession, SessionOptions
 from ..centrifuge.schema import push_json
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
-from ..errors import DisconnectCode
+from ..errors import BrokerUnavailable, DisconnectCode
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
@@ -117,6 +120,10 @@ class EmulationRequest(msgspec.Struct, forbid_unknown_fields=False):
 
 
 _decode_request = msgspec.json.Decoder(EmulationRequest)
+_encode_routed = msgspec.json.Encoder().encode
+
+#: The longest node name a post may route to (node ids are 16 hex digits).
+_MAX_NODE_LENGTH = 64
 
 # Stream states: open; ending (the last bytes are written, the socket closes); gone.
 _OPEN, _ENDING, _CLOSED = 0, 1, 2
@@ -295,9 +302,12 @@ class EmulationTransport:
         connections: Connections,
         ws: WebSocketConfig,
         limits: LimitsConfig,
-        node: str = "",
+        broker: Broker,
+        node: str,
     ) -> None:
         self.hub = hub
+        self.broker = broker
+        self.node = node
         self.cors = cors
         self.connections = connections
         self.max_message_size = ws.max_message_size
@@ -320,6 +330,10 @@ class EmulationTransport:
 
     async def start(self) -> None:
         self._pinger = asyncio.get_running_loop().create_task(self._ping_forever())
+        try:
+            await self.broker.listen_node(self.node, self._from_another_node)
+        except BrokerUnavailable as exc:
+            log.warning("emulation: posts reaching other nodes cannot be routed here: %s", exc)
 
     async def stop(self) -> None:
         if self._pinger is not None:
@@ -401,6 +415,8 @@ class EmulationTransport:
             log_client_error(log, "emulation commands refused for %s", request.client)
             return refused
         stream = self.sessions.get(body.session)
+        if stream is None and body.node and body.node != self.node:
+            return await self._route(request, body)
         if stream is None:
             log_client_error(
                 log, "emulation request for an unknown session from %s", request.client
@@ -409,6 +425,33 @@ class EmulationTransport:
         if not stream.submit(payload):
             return error_response(429, "too many commands waiting in this session")
         return Response(204)
+
+    async def _route(self, request: Request, body: EmulationRequest) -> Response:
+        """Hand a post on to the node holding its session, through the broker.
+
+        The node is the client's word, so it is bounded like any input; the
+        holding node checks the session. A node nobody listens as is a 404.
+        """
+        if len(body.node) > _MAX_NODE_LENGTH:
+            return error_response(400, "node name too long")
+        message = _encode_routed(EmulationRequest(session=body.session, data=body.data))
+        if not await self.broker.send_node(body.node, message):
+            log_client_error(log, "emulation request for an unknown node from %s", request.client)
+            return error_response(404, "no such session on this node")
+        return Response(204)
+
+    def _from_another_node(self, message: bytes) -> None:
+        """A post another node received for a session of this one. Its size and
+        encoding were checked there; what fails here is a session that ended
+        meanwhile, or a full queue (the client's command then times out)."""
+        try:
+            body = _decode_request.decode(message)
+        except msgspec.DecodeError as exc:
+            log.warning("emulation: dropped a malformed routed message: %s", exc)
+            return
+        stream = self.sessions.get(body.session)
+        if stream is None or not stream.submit(body.data.encode()):
+            log.debug("emulation: a routed post found no session or a full queue")
 
     # -- pings ------------------------------------------------------------------
 
