@@ -19,6 +19,7 @@ from urllib.parse import quote
 import httpx
 
 from helpers import TIMEOUT, api, check_serving, publish, request_bytes, rss_kib, unique_channel
+from tidings.centrifuge import client_pb2 as pb
 
 CONNECT = b'{"id":1,"connect":{}}'
 
@@ -220,14 +221,81 @@ def test_a_stream_that_is_never_read_is_cut_at_the_write_buffer(server_factory: 
     check_serving(srv)
 
 
-def test_protobuf_http_stream_is_refused_with_415(server: Any) -> None:
-    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
-        resp = http.post(
-            "/connection/http_stream",
-            content=b"\x02\x08\x01",
-            headers={"Content-Type": "application/octet-stream"},
-        )
-    assert resp.status_code == 415
+def _delimited(message: Any) -> bytes:
+    data = message.SerializeToString()
+    return _varint(len(data)) + data
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _replies(stream: Iterator[bytes]) -> Iterator[Any]:
+    """Length-delimited Protobuf replies off an http_stream, pings skipped."""
+    buf = b""
+    for chunk in stream:
+        buf += chunk
+        while buf:
+            length, pos = 0, 0
+            for shift in range(0, 70, 7):
+                if pos >= len(buf):
+                    break
+                byte = buf[pos]
+                pos += 1
+                length |= (byte & 0x7F) << shift
+                if not byte & 0x80:
+                    break
+            else:
+                raise AssertionError("varint too long")
+            if pos + length > len(buf) or (buf[pos - 1] & 0x80):
+                break
+            reply = pb.Reply()
+            reply.ParseFromString(buf[pos : pos + length])
+            buf = buf[pos + length :]
+            if reply.ListFields():
+                yield reply
+
+
+def test_protobuf_http_stream_and_posts(server: Any) -> None:
+    """centrifuge-js's Protobuf build posts ``application/octet-stream``: the
+    commands length-delimited, later ones in an ``EmulationRequest``."""
+    ch = unique_channel("pb")
+    octet = {"Content-Type": "application/octet-stream"}
+    connect = _delimited(pb.Command(id=1, connect=pb.ConnectRequest()))
+    with (
+        httpx.Client(base_url=server.url, timeout=TIMEOUT) as http,
+        http.stream("POST", "/connection/http_stream", content=connect, headers=octet) as resp,
+    ):
+        assert resp.headers["content-type"] == "application/octet-stream"
+        replies = _replies(resp.iter_raw())
+        connected = next(replies).connect
+        assert connected.session and connected.node
+
+        def post(data: bytes) -> httpx.Response:
+            request = pb.EmulationRequest(session=connected.session, node=connected.node, data=data)
+            return http.post("/emulation", content=request.SerializeToString(), headers=octet)
+
+        subscribe = pb.Command(id=2, subscribe=pb.SubscribeRequest(channel=ch))
+        assert post(_delimited(subscribe)).status_code == 204
+        assert next(replies).id == 2
+        res = publish(server, ch, {"n": 1})
+        push = next(replies).push
+        assert push.channel == ch and push.pub.offset == res["offset"]
+        assert json.loads(push.pub.data) == {"n": 1}
+
+        # Not an EmulationRequest: 400, and the session goes on.
+        bad = http.post("/emulation", content=b"\xff\xff\xff", headers=octet)
+        assert bad.status_code == 400
+        # Commands whose length prefix runs past the data: the session ends with a push.
+        assert post(b"\x7f\x08").status_code == 204
+        disconnect = next(replies).push.disconnect
+        assert disconnect.code == 3501
+    check_serving(server)
 
 
 def test_shutdown_ends_streams_with_a_disconnect_push(server_factory: Any) -> None:

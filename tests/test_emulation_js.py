@@ -21,7 +21,8 @@ pytestmark = [
     ),
 ]
 
-EMULATED = ["http_stream", "sse"]
+#: (transport, Protobuf build): centrifuge-js has Protobuf for http_stream, not for SSE.
+EMULATED = [("http_stream", False), ("sse", False), ("http_stream", True)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -37,18 +38,23 @@ def node_clients() -> Iterator[list[NodeClient]]:
         c.close()
 
 
-def start(clients: list[NodeClient], transport: str, url: str, *channels: str) -> NodeClient:
-    c = NodeClient(url, *channels, env={"TIDINGS_JS_TRANSPORT": transport})
+def start(
+    clients: list[NodeClient], transport: str, protobuf: bool, url: str, *channels: str
+) -> NodeClient:
+    env = {"TIDINGS_JS_TRANSPORT": transport}
+    if protobuf:
+        env["TIDINGS_JS_PROTOBUF"] = "1"
+    c = NodeClient(url, *channels, env=env)
     clients.append(c)
     return c
 
 
-@pytest.mark.parametrize("transport", EMULATED)
+@pytest.mark.parametrize(("transport", "protobuf"), EMULATED)
 def test_js_connects_subscribes_receives_and_publishes(
-    server: Any, node_clients: list[NodeClient], transport: str
+    server: Any, node_clients: list[NodeClient], transport: str, protobuf: bool
 ) -> None:
     channel = unique_channel("emujs")
-    js = start(node_clients, transport, server.url, channel)
+    js = start(node_clients, transport, protobuf, server.url, channel)
     connected = js.wait(lambda e: e["event"] == "connected")
     assert connected["transport"] == transport and connected["client"]
     sub = js.wait(lambda e: e["event"] == "subscribed")
@@ -67,15 +73,15 @@ def test_js_connects_subscribes_receives_and_publishes(
     assert [p["data"] for p in hist["publications"]] == [{"hello": transport}, {"from": "node"}]
 
 
-@pytest.mark.parametrize("transport", EMULATED)
+@pytest.mark.parametrize(("transport", "protobuf"), EMULATED)
 def test_js_recovers_missed_publications_after_a_cut(
-    server: Any, node_clients: list[NodeClient], transport: str
+    server: Any, node_clients: list[NodeClient], transport: str, protobuf: bool
 ) -> None:
     channel = unique_channel("emurec")
     publish(server, channel, {"n": 0})  # the stream exists, with an epoch
     proxy = Proxy(server.port)
     try:
-        js = start(node_clients, transport, f"http://127.0.0.1:{proxy.port}", channel)
+        js = start(node_clients, transport, protobuf, f"http://127.0.0.1:{proxy.port}", channel)
         js.wait(lambda e: e["event"] == "subscribed")
         publish(server, channel, {"n": 1})
         js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 1})

@@ -32,8 +32,9 @@ another node (the ``node`` of the connect reply), is handed to that node
 through the broker (:meth:`~tidings.brokers.base.Broker.send_node`: a
 per-node Redis pub/sub channel), which submits it to the session. The memory
 broker is one process, and NATS does not route yet: there such a post is a
-404. JSON only: the Protobuf form of http_stream (length-delimited messages,
-``application/octet-stream``) is refused with 415.
+404. A stream or post sent as ``application/octet-stream`` speaks Protobuf
+(centrifuge-js's Protobuf build; http_stream only): length-delimited commands,
+replies and pushes, and a Protobuf ``EmulationRequest`` as the post.
 """
 
 from __future__ import annotations
@@ -43,14 +44,19 @@ import contextlib
 import logging
 import secrets
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, NamedTuple
 
 import msgspec
+from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from ..auth import Access
 from ..brokers import Broker
 from ..centrifuge import ClientSession, SessionOptions
+from ..centrifuge import client_pb2 as pb
+from ..centrifuge.protobuf import PROTOBUF
 from ..centrifuge.schema import push_json
+from ..centrifuge.wire import JSON, Wire
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
 from ..errors import BrokerUnavailable, DisconnectCode
@@ -83,8 +89,6 @@ EMULATION_PATH = "/emulation"
 #: post is answered 429 (a client sends one post per batch of commands).
 MAX_QUEUED_PAYLOADS = 16
 
-_PING = b"{}"
-
 
 def _chunk(data: bytes) -> bytes:
     """One HTTP/1.1 chunk (RFC 9112 §7.1)."""
@@ -102,6 +106,11 @@ def stream_push(pub: Publication) -> bytes:
     return _chunk(pub.encoded(push_json) + b"\n")
 
 
+def protobuf_stream_push(pub: Publication) -> bytes:
+    """``pub``'s length-delimited Protobuf push in its chunk; cached per publication."""
+    return _chunk(pub.encoded(PROTOBUF.push))
+
+
 def sse_push(pub: Publication) -> bytes:
     """``pub``'s push as an SSE event; cached per publication."""
     return _sse_event(pub.encoded(push_json))
@@ -109,6 +118,25 @@ def sse_push(pub: Publication) -> bytes:
 
 def _stream_frame(payload: bytes) -> bytes:
     return _chunk(payload + b"\n")
+
+
+def _disconnect_push(wire: Wire, code: int, reason: str) -> bytes:
+    """The push that ends an emulated session (a stream has no close code);
+    only emulation sends it, so it is built here, in either format."""
+    if wire is PROTOBUF:
+        push = pb.Push(disconnect=pb.Disconnect(code=code, reason=reason))
+        message = pb.Reply(push=push).SerializeToString()
+        return _varint_length(len(message)) + message
+    return msgspec.json.encode({"push": {"disconnect": {"code": code, "reason": reason}}})
+
+
+def _varint_length(n: int) -> bytes:
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 class EmulationRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -119,7 +147,41 @@ class EmulationRequest(msgspec.Struct, forbid_unknown_fields=False):
     node: str = ""
 
 
+class RoutedPost(msgspec.Struct, array_like=True):
+    """A post handed to the node holding its session (bytes: Protobuf data too)."""
+
+    session: str
+    data: bytes
+
+
+class _Post(NamedTuple):
+    """``POST /emulation`` decoded, whatever its format."""
+
+    session: str
+    node: str
+    data: bytes
+
+
+def _wire_of(request: Request) -> Wire:
+    """centrifuge-js's Protobuf build posts ``application/octet-stream``."""
+    content_type = request.headers.get("content-type") or ""
+    return PROTOBUF if "octet-stream" in content_type else JSON
+
+
+def _decode_post(body: bytes, wire: Wire) -> _Post:
+    """The body as JSON (``data`` a string of commands) or as Protobuf's
+    ``EmulationRequest`` (``data`` the length-delimited commands)."""
+    if wire is PROTOBUF:
+        message = pb.EmulationRequest()
+        message.ParseFromString(body)
+        return _Post(message.session, message.node, message.data)
+    check_utf8(body)
+    request = _decode_request.decode(body)
+    return _Post(request.session, request.node, request.data.encode())
+
+
 _decode_request = msgspec.json.Decoder(EmulationRequest)
+_decode_routed = msgspec.json.Decoder(RoutedPost)
 _encode_routed = msgspec.json.Encoder().encode
 
 #: The longest node name a post may route to (node ids are 16 hex digits).
@@ -149,13 +211,21 @@ class EmulatedStream(asyncio.Protocol):
         "transport",
     )
 
-    def __init__(self, ctx: EmulationTransport, transport: asyncio.Transport, sse: bool) -> None:
+    def __init__(
+        self, ctx: EmulationTransport, transport: asyncio.Transport, sse: bool, wire: Wire = JSON
+    ) -> None:
         self._ctx = ctx
         self.transport = transport
-        self._frame = _sse_event if sse else _stream_frame
-        self._push = sse_push if sse else stream_push
+        self._frame: Callable[[bytes], bytes]
+        self._push: Callable[[Publication], bytes]
+        if wire is PROTOBUF:
+            self._frame = _chunk
+            self._push = protobuf_stream_push
+        else:
+            self._frame = _sse_event if sse else _stream_frame
+            self._push = sse_push if sse else stream_push
         self.session = ClientSession(
-            ctx.hub, ctx.options, self, session_id=secrets.token_urlsafe(24)
+            ctx.hub, ctx.options, self, wire, session_id=secrets.token_urlsafe(24)
         )
         self._state = _OPEN
         self._ping_at = 0.0
@@ -183,8 +253,7 @@ class EmulatedStream(asyncio.Protocol):
         code), end the response, and leave every channel."""
         if self._state != _OPEN:
             return
-        push = msgspec.json.encode({"push": {"disconnect": {"code": code, "reason": reason}}})
-        self.transport.write(self._frame(push))
+        self.transport.write(self._frame(_disconnect_push(self.session.wire, code, reason)))
         self._end()
         log.debug("closing %r: %d %s", self, code, reason)
 
@@ -193,7 +262,7 @@ class EmulatedStream(asyncio.Protocol):
         self.session.release()
         self._queue = None
         self._ctx.forget(self)
-        if self._frame is _stream_frame:
+        if self._frame is not _sse_event:
             self.transport.write(b"0\r\n\r\n")
         self.transport.close()
 
@@ -213,7 +282,7 @@ class EmulatedStream(asyncio.Protocol):
             self.close(DisconnectCode.NO_PONG, "no pong")
             return
         self._ping_at = now
-        self.transport.write(self._frame(_PING))
+        self.transport.write(self._frame(self.session.wire.ping))
 
     # -- commands -------------------------------------------------------------
 
@@ -349,10 +418,7 @@ class EmulationTransport:
     # -- endpoints --------------------------------------------------------------
 
     async def http_stream(self, request: Request, conn: Exchange) -> Response | None:
-        content_type = request.headers.get("content-type") or ""
-        if "octet-stream" in content_type:
-            return error_response(415, "http_stream speaks JSON here; Protobuf is not supported")
-        return self._open(request, conn, request.body, sse=False)
+        return self._open(request, conn, request.body, sse=False, wire=_wire_of(request))
 
     async def sse(self, request: Request, conn: Exchange) -> Response | None:
         commands = request.query_value("cf_connect")
@@ -361,21 +427,23 @@ class EmulationTransport:
         return self._open(request, conn, commands.encode(), sse=True)
 
     def _open(
-        self, request: Request, conn: Exchange, payload: bytes, *, sse: bool
+        self, request: Request, conn: Exchange, payload: bytes, *, sse: bool, wire: Wire = JSON
     ) -> Response | None:
-        refused = self._check_payload(payload)
+        refused = self._check_payload(payload, wire)
         if refused is not None:
             log_client_error(log, "emulation stream refused for %s", request.client)
             return refused
         if self.connections.stopping:
             return error_response(503, "server shutting down")
         transport = conn.detach()
-        stream = EmulatedStream(self, transport, sse)
+        stream = EmulatedStream(self, transport, sse, wire)
         transport.set_protocol(stream)
         head = [
             b"HTTP/1.1 200 OK",
             b"Content-Type: text/event-stream; charset=utf-8"
             if sse
+            else b"Content-Type: application/octet-stream"
+            if wire is PROTOBUF
             else b"Content-Type: application/json",
             b"Cache-Control: no-cache",
             b"X-Accel-Buffering: no",
@@ -390,52 +458,53 @@ class EmulationTransport:
         stream.submit(payload)
         return None
 
-    def _check_payload(self, payload: bytes) -> Response | None:
-        """The one place a command payload's size and encoding are checked."""
-        if not payload.strip():
+    def _check_payload(self, payload: bytes, wire: Wire = JSON) -> Response | None:
+        """The one place a command payload's size and encoding are checked
+        (Protobuf's string fields are checked by its decoder, in the session)."""
+        if not (payload if wire is PROTOBUF else payload.strip()):
             return error_response(400, "no commands")
         if len(payload) > self.max_message_size:
             return error_response(413, f"commands larger than {self.max_message_size} bytes")
-        try:
-            check_utf8(payload)
-        except UnicodeDecodeError:
-            return error_response(400, "commands are not valid UTF-8")
+        if wire is JSON:
+            try:
+                check_utf8(payload)
+            except UnicodeDecodeError:
+                return error_response(400, "commands are not valid UTF-8")
         return None
 
     async def emulation(self, request: Request, conn: Exchange) -> Response:
+        wire = _wire_of(request)
         try:
-            check_utf8(request.body)
-            body = _decode_request.decode(request.body)
-        except (UnicodeDecodeError, msgspec.DecodeError) as exc:
+            post = _decode_post(request.body, wire)
+        except (UnicodeDecodeError, msgspec.DecodeError, ProtobufDecodeError) as exc:
             log_client_error(log, "bad emulation request from %s: %s", request.client, exc)
-            return error_response(400, "body must be {session, node, data} in UTF-8 JSON")
-        payload = body.data.encode()
-        refused = self._check_payload(payload)
+            return error_response(400, "body must be an EmulationRequest: {session, node, data}")
+        refused = self._check_payload(post.data, wire)
         if refused is not None:
             log_client_error(log, "emulation commands refused for %s", request.client)
             return refused
-        stream = self.sessions.get(body.session)
-        if stream is None and body.node and body.node != self.node:
-            return await self._route(request, body)
+        stream = self.sessions.get(post.session)
+        if stream is None and post.node and post.node != self.node:
+            return await self._route(request, post)
         if stream is None:
             log_client_error(
                 log, "emulation request for an unknown session from %s", request.client
             )
             return error_response(404, "no such session on this node")
-        if not stream.submit(payload):
+        if not stream.submit(post.data):
             return error_response(429, "too many commands waiting in this session")
         return Response(204)
 
-    async def _route(self, request: Request, body: EmulationRequest) -> Response:
+    async def _route(self, request: Request, post: _Post) -> Response:
         """Hand a post on to the node holding its session, through the broker.
 
         The node is the client's word, so it is bounded like any input; the
         holding node checks the session. A node nobody listens as is a 404.
         """
-        if len(body.node) > _MAX_NODE_LENGTH:
+        if len(post.node) > _MAX_NODE_LENGTH:
             return error_response(400, "node name too long")
-        message = _encode_routed(EmulationRequest(session=body.session, data=body.data))
-        if not await self.broker.send_node(body.node, message):
+        message = _encode_routed(RoutedPost(post.session, post.data))
+        if not await self.broker.send_node(post.node, message):
             log_client_error(log, "emulation request for an unknown node from %s", request.client)
             return error_response(404, "no such session on this node")
         return Response(204)
@@ -445,12 +514,12 @@ class EmulationTransport:
         encoding were checked there; what fails here is a session that ended
         meanwhile, or a full queue (the client's command then times out)."""
         try:
-            body = _decode_request.decode(message)
+            routed = _decode_routed.decode(message)
         except msgspec.DecodeError as exc:
             log.warning("emulation: dropped a malformed routed message: %s", exc)
             return
-        stream = self.sessions.get(body.session)
-        if stream is None or not stream.submit(body.data.encode()):
+        stream = self.sessions.get(routed.session)
+        if stream is None or not stream.submit(routed.data):
             log.debug("emulation: a routed post found no session or a full queue")
 
     # -- pings ------------------------------------------------------------------
