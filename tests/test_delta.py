@@ -31,7 +31,10 @@ from centrifuge.fossil import apply_delta as sdk_apply_delta
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import publish, unique_channel
+from helpers import check_serving, publish, unique_channel
+from test_hostile_input import assert_logged_quietly, log_mark
+from test_protobuf_websocket import TIMEOUT, frame_of, open_protobuf, replies, sdk, varint
+from test_protobuf_websocket import close_code as pb_close_code
 from tidings.fossil import apply_delta, create_delta
 from tidings.stream import Publication
 from ws_support import NodeClient, Proxy, connect_raw, ensure_js_deps, node_available
@@ -248,6 +251,52 @@ def test_raw_recovery_sends_full_forms_then_deltas_on_the_last(delta_server: Any
         assert json.loads(rebuilt) == document(3)
     finally:
         client.close()
+
+
+@pytest.mark.parametrize(
+    ("wire", "command", "code"),
+    [
+        ("json", b'{"id":2,"subscribe":{"channel":"CH","delta":5}}', 3501),
+        ("json", b'{"id":2,"subscribe":{"channel":"CH","delta":["fossil"]}}', 3501),
+        # Protobuf SubscribeRequest{channel, delta (field 12) = b"\xff\xfe"}: not UTF-8.
+        ("protobuf", b"\x08\x02\x2a\x0b\x0a\x05CH\x62\x02\xff\xfe", 1007),
+    ],
+    ids=["json-number", "json-list", "protobuf-not-utf8"],
+)
+def test_a_malformed_delta_closes_and_delta_subscribers_are_served(
+    delta_server: Any, wire: str, command: bytes, code: int
+) -> None:
+    """A ``delta`` that is not a string closes like any undecodable command; a
+    delta subscriber of the same channel keeps getting its deltas; logged quietly."""
+    channel = unique_channel("doc:")
+    bystander, reply = subscribe_raw(delta_server, channel, delta="fossil")
+    assert reply["subscribe"]["delta"] is True
+    mark = log_mark(delta_server)
+    if wire == "json":
+        hostile = connect_raw(delta_server.ws_url)
+        hostile.send_raw_text(command.replace(b"CH", channel.encode()))
+        assert hostile.read_until_closed() == code
+        hostile.close()
+    else:
+        short = unique_channel("d:")[:5]  # the frame above holds a 5-byte channel
+        ws = open_protobuf(delta_server)
+        try:
+            ws.send(frame_of(sdk.Command(id=1, connect=sdk.ConnectRequest())))
+            assert "connect" in replies(ws.recv(TIMEOUT))[0]
+            payload = command.replace(b"CH", short.encode())
+            ws.send(varint(len(payload)) + payload)
+            assert pb_close_code(ws) == code
+        finally:
+            ws.close()
+    try:
+        for v in range(2):
+            publish(delta_server, channel, document(v))
+        got = wait_pubs(bystander, 2)
+        assert "delta" not in got[0] and got[1]["delta"] is True
+        check_serving(delta_server)
+    finally:
+        bystander.close()
+    assert_logged_quietly(delta_server, mark)
 
 
 # --------------------------------------------------------------------------- centrifuge-js
