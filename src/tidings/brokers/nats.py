@@ -54,12 +54,12 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.errors import FlushTimeoutError, SlowConsumerError
+from nats.errors import FlushTimeoutError, NoRespondersError, SlowConsumerError
 
 from ..errors import ErrorCode, ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from . import envelope
-from .base import Broker, unavailable
+from .base import Broker, NodeMessage, unavailable
 
 __all__ = ["NatsBroker"]
 
@@ -145,6 +145,8 @@ class NatsBroker(Broker):
         self._live = False
         # Set by close(): nats-py reports its own close as a disconnect too.
         self._closing = False
+        #: This node's name and what it does with a message sent to it (listen_node).
+        self._node: tuple[str, NodeMessage] | None = None
 
     def _subject(self, channel: str) -> str:
         token = base64.urlsafe_b64encode(channel.encode()).rstrip(b"=").decode()
@@ -187,7 +189,49 @@ class NatsBroker(Broker):
                 continue
             self._live = True
             log.info("connected to nats at %s", self._url)
+            if self._node is not None:
+                await self._subscribe_node(self._nc)
             return
+
+    async def listen_node(self, node: str, on_message: NodeMessage) -> None:
+        """Subscribe this node's own subject now, or on the first connection
+        (nats-py resubscribes it after a reconnect, as every subscription)."""
+        self._node = (node, on_message)
+        nc = self._nc
+        if nc is not None and nc.is_connected:
+            await self._subscribe_node(nc)
+
+    async def _subscribe_node(self, nc: NATS) -> None:
+        assert self._node is not None
+        node, on_message = self._node
+
+        async def on_node_message(msg: Msg) -> None:
+            on_message(msg.data)
+            if msg.reply:
+                await msg.respond(b"")  # the sender learns that a node got it
+
+        try:
+            await nc.subscribe(self._node_subject(node), cb=on_node_message)
+        except (NatsError, OSError) as exc:
+            log.warning("cannot subscribe this node's own subject: %s", exc)
+
+    async def send_node(self, node: str, message: bytes) -> bool:
+        """A request, not a publish: its answer says whether a node got it."""
+        nc = self._nc
+        if nc is None or not nc.is_connected:
+            raise unavailable("not connected to nats")
+        try:
+            await nc.request(self._node_subject(node), message, timeout=self._subscribe_timeout)
+        except (NoRespondersError, TimeoutError):
+            return False
+        except (NatsError, OSError) as exc:
+            raise unavailable(exc) from exc
+        return True
+
+    def _node_subject(self, node: str) -> str:
+        # Three tokens (channels have two); the name base64 like a channel's.
+        token = base64.urlsafe_b64encode(node.encode()).rstrip(b"=").decode()
+        return f"{self._prefix}.n.{token}"
 
     async def close(self) -> None:
         self._closing = True

@@ -30,9 +30,8 @@ per stream kind (:func:`stream_push`, :func:`sse_push` are the keys of
 No sticky sessions: a post for a session this process does not hold, naming
 another node (the ``node`` of the connect reply), is handed to that node
 through the broker (:meth:`~tidings.brokers.base.Broker.send_node`: a
-per-node Redis pub/sub channel), which submits it to the session. The memory
-broker is one process, and NATS does not route yet: there such a post is a
-404. A stream or post sent as ``application/octet-stream`` speaks Protobuf
+per-node Redis pub/sub channel or NATS subject), which submits it to the
+session. The memory broker is one process: there such a post is a 404. A stream or post sent as ``application/octet-stream`` speaks Protobuf
 (centrifuge-js's Protobuf build; http_stream only): length-delimited commands,
 replies and pushes, and a Protobuf ``EmulationRequest`` as the post.
 """
