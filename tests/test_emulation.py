@@ -17,6 +17,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import jwt
 
 from helpers import TIMEOUT, api, check_serving, publish, request_bytes, rss_kib, unique_channel
 from tidings.centrifuge import client_pb2 as pb
@@ -322,3 +323,36 @@ def test_a_session_that_never_pongs_is_ended_and_one_that_does_is_kept(
         assert silent.next()["push"]["disconnect"] == {"code": 3012, "reason": "no pong"}
         reply = alive.post({"id": 2, "presence_stats": {"channel": "x"}})
         assert reply.status_code == 204 and alive.next()["id"] == 2
+
+
+SECRET = "emulation-test-secret-of-32-bytes!!"
+ORIGIN = "https://app.example"
+
+
+def test_tokens_and_origins_as_on_a_websocket(server_factory: Any) -> None:
+    """A valid token connects; an invalid one ends the stream with 3500 (no
+    reconnect); a browser of an allowed origin gets CORS headers on the stream
+    and a preflight for its posts."""
+    srv = server_factory(f'allowed_origins = ["{ORIGIN}"]\n[auth]\nhmac_secret = "{SECRET}"\n')
+    token = jwt.encode({"sub": "42", "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+    good = json.dumps({"id": 1, "connect": {"token": token}}).encode()
+    with http_stream(srv, good) as client:
+        assert client.client
+    forged = jwt.encode({"sub": "42"}, "another-secret-of-32-bytes-at-least", algorithm="HS256")
+    with httpx.Client(base_url=srv.url, timeout=TIMEOUT) as http:
+        bad = json.dumps({"id": 1, "connect": {"token": forged}})
+        resp = http.post("/connection/http_stream", content=bad, headers={"Origin": ORIGIN})
+        preflight = http.options(
+            "/emulation",
+            headers={
+                "Origin": ORIGIN,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "content-type",
+            },
+        )
+    assert resp.headers["access-control-allow-origin"] == ORIGIN
+    lines = [json.loads(line) for line in resp.text.splitlines()]
+    assert lines == [{"push": {"disconnect": {"code": 3500, "reason": "invalid token"}}}]
+    assert preflight.status_code in (200, 204)
+    assert preflight.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in preflight.headers["access-control-allow-methods"]
