@@ -389,11 +389,14 @@ def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
     def value(data: Any) -> Any:
         return json.loads(data) if isinstance(data, bytes) else data
 
-    async def take(events: PythonEvents, n: int) -> list[tuple[int, Any]]:
+    deltas = {"plain": 0, "delta": 0}
+
+    async def take(kind: str, events: PythonEvents, n: int) -> list[tuple[int, Any]]:
         got = []
         for _ in range(n):
             ctx = await asyncio.wait_for(events.publications.get(), timeout)
             got.append((ctx.pub.offset, value(ctx.pub.data)))
+            deltas[kind] += bool(ctx.pub.delta)  # what came as a delta on the wire
         return got
 
     async def main() -> None:
@@ -422,7 +425,7 @@ def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
                 await asyncio.wait_for(events[kind].subscribed.get(), timeout)
             for v in range(1, 4):
                 await asyncio.to_thread(publish, delta_server, channel, document(v))
-            got = {kind: await take(ev, 3) for kind, ev in events.items()}
+            got = {kind: await take(kind, ev, 3) for kind, ev in events.items()}
 
             proxy.cut()
             for v in range(4, 7):
@@ -433,14 +436,42 @@ def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
             for v in range(7, 10):
                 await asyncio.to_thread(publish, delta_server, channel, document(v))
             for kind, ev in events.items():
-                got[kind] += await take(ev, 6)
+                got[kind] += await take(kind, ev, 6)
 
             expected = [(v + 1, document(v)) for v in range(1, 10)]
             assert got["plain"] == expected
             assert got["delta"] == expected
+            # Full: the first after each subscribe, and the three recovered ones.
+            assert deltas == {"plain": 0, "delta": 5}
         finally:
             for c in clients:
                 await c.disconnect()
             proxy.close()
 
     asyncio.run(main())
+
+
+@needs_node
+@pytest.mark.node
+@pytest.mark.parametrize(
+    ("transport", "protobuf"), [("http_stream", False), ("sse", False), ("http_stream", True)]
+)
+def test_js_delta_over_the_emulated_transports(
+    delta_server: Any, node_clients: list[NodeClient], transport: str, protobuf: bool
+) -> None:
+    """centrifuge-js's fallback transports carry the same delta forms."""
+    channel = unique_channel("doc:")
+    env = {"TIDINGS_JS_TRANSPORT": transport, "TIDINGS_JS_DELTA": "fossil"}
+    if protobuf:
+        env["TIDINGS_JS_PROTOBUF"] = "1"
+    js = NodeClient(delta_server.url, channel, env=env)
+    node_clients.append(js)
+    js.wait(lambda e: e["event"] == "subscribed")
+    for v in range(4):
+        publish(delta_server, channel, document(v))
+    js.wait(lambda e: e["event"] == "publication" and e["data"] == document(3))
+    got = [e["data"] for e in js.events if e["event"] == "publication"]
+    assert got == [document(v) for v in range(4)]
+    js.command(cmd="delta_stats", channel=channel)
+    stats = js.wait(lambda e: e["event"] == "delta_stats")
+    assert stats["numFullPayloads"] == 1 and stats["numDeltaPayloads"] == 3
