@@ -468,6 +468,15 @@ def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
     return _delimited(reply.SerializeToString())
 
 
+def disconnect_push(code: int, reason: str) -> bytes:
+    """A delimited ``Reply{push{disconnect{code, reason}}}``: how a stream
+    without close codes (bidirectional emulation) ends a session."""
+    reply = pb.Reply()
+    reply.push.disconnect.code = code
+    reply.push.disconnect.reason = reason
+    return _delimited(reply.SerializeToString())
+
+
 PROTOBUF = Wire(
     subprotocol=SUBPROTOCOL,
     binary=True,

@@ -401,6 +401,20 @@ def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
     return _encode(_PushEnvelope(_UnsubscribePush(channel, _Unsubscribe(code, reason))))
 
 
+class _DisconnectPush(_Res):
+    disconnect: _Unsubscribe  # the same two fields: code, reason
+
+
+class _DisconnectEnvelope(_Res):
+    push: _DisconnectPush
+
+
+def disconnect_push(code: int, reason: str) -> bytes:
+    """``{"push":{"disconnect":{"code":..,"reason":..}}}``: how a stream without
+    close codes (bidirectional emulation) ends a session."""
+    return _encode(_DisconnectEnvelope(_DisconnectPush(_Unsubscribe(code, reason))))
+
+
 def raw_publications(pubs: list[Publication]) -> list[msgspec.Raw]:
     """``pubs`` as the cached bytes a reply embeds, so a history or recovery is not re-encoded."""
     return [msgspec.Raw(pub.encoded(publication_json)) for pub in pubs]

@@ -31,7 +31,9 @@ No sticky sessions: a post for a session this process does not hold, naming
 another node (the ``node`` of the connect reply), is handed to that node
 through the broker (:meth:`~tidings.brokers.base.Broker.send_node`: a
 per-node Redis pub/sub channel or NATS subject), which submits it to the
-session. The memory broker is one process: there such a post is a 404. A stream or post sent as ``application/octet-stream`` speaks Protobuf
+session. The memory broker is one process: there such a post is a 404.
+
+A stream or post sent as ``application/octet-stream`` speaks Protobuf
 (centrifuge-js's Protobuf build; http_stream only): length-delimited commands,
 replies and pushes, and a Protobuf ``EmulationRequest`` as the post.
 """
@@ -51,7 +53,7 @@ from google.protobuf.message import DecodeError as ProtobufDecodeError
 
 from ..auth import Access
 from ..brokers import Broker
-from ..centrifuge import ClientSession, SessionOptions
+from ..centrifuge import ClientSession, SessionOptions, protobuf, schema
 from ..centrifuge import client_pb2 as pb
 from ..centrifuge.protobuf import PROTOBUF
 from ..centrifuge.schema import push_json
@@ -119,23 +121,8 @@ def _stream_frame(payload: bytes) -> bytes:
     return _chunk(payload + b"\n")
 
 
-def _disconnect_push(wire: Wire, code: int, reason: str) -> bytes:
-    """The push that ends an emulated session (a stream has no close code);
-    only emulation sends it, so it is built here, in either format."""
-    if wire is PROTOBUF:
-        push = pb.Push(disconnect=pb.Disconnect(code=code, reason=reason))
-        message = pb.Reply(push=push).SerializeToString()
-        return _varint_length(len(message)) + message
-    return msgspec.json.encode({"push": {"disconnect": {"code": code, "reason": reason}}})
-
-
-def _varint_length(n: int) -> bytes:
-    out = bytearray()
-    while n > 0x7F:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
+#: The push that ends an emulated session in each format (a stream has no close code).
+_DISCONNECT_PUSH = {JSON: schema.disconnect_push, PROTOBUF: protobuf.disconnect_push}
 
 
 class EmulationRequest(msgspec.Struct, forbid_unknown_fields=False):
@@ -252,7 +239,7 @@ class EmulatedStream(asyncio.Protocol):
         code), end the response, and leave every channel."""
         if self._state != _OPEN:
             return
-        self.transport.write(self._frame(_disconnect_push(self.session.wire, code, reason)))
+        self.transport.write(self._frame(_DISCONNECT_PUSH[self.session.wire](code, reason)))
         self._end()
         log.debug("closing %r: %d %s", self, code, reason)
 
