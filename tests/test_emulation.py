@@ -106,6 +106,16 @@ def test_sse_connects_from_the_url_and_takes_commands_by_post(server: Any) -> No
         _subscribe_publish_receive(server, client)
 
 
+def test_head_of_the_sse_endpoint_opens_no_session(server: Any) -> None:
+    target = "/connection/sse?cf_connect=" + quote(CONNECT.decode())
+    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
+        resp = http.head(target)
+        assert resp.status_code == 200 and resp.content == b""
+        assert resp.headers["content-type"].startswith("text/event-stream")
+        # The connection is still an HTTP one: it answers the next request.
+        assert http.get("/health").status_code == 200
+
+
 def test_unknown_session_is_404_and_others_are_served(server: Any) -> None:
     with http_stream(server) as client:
         with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:

@@ -407,6 +407,8 @@ class EmulationTransport:
         return self._open(request, conn, request.body, sse=False, wire=_wire_of(request))
 
     async def sse(self, request: Request, conn: Exchange) -> Response | None:
+        if request.method == "HEAD":  # the router hands a GET route its HEADs: no session
+            return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
         commands = request.query_value("cf_connect")
         if commands is None:
             return error_response(400, "cf_connect (the connect command) is missing")
