@@ -19,7 +19,16 @@ from urllib.parse import quote
 import httpx
 import jwt
 
-from helpers import TIMEOUT, api, check_serving, publish, request_bytes, rss_kib, unique_channel
+from helpers import (
+    TIMEOUT,
+    RawConn,
+    api,
+    check_serving,
+    publish,
+    request_bytes,
+    rss_kib,
+    unique_channel,
+)
 from tidings.centrifuge import client_pb2 as pb
 
 CONNECT = b'{"id":1,"connect":{}}'
@@ -107,13 +116,16 @@ def test_sse_connects_from_the_url_and_takes_commands_by_post(server: Any) -> No
 
 
 def test_head_of_the_sse_endpoint_opens_no_session(server: Any) -> None:
+    """A HEAD gets the head alone, and the connection stays an HTTP one: the
+    request pipelined after it is answered (a session would have taken the
+    socket over and streamed its connect reply instead)."""
     target = "/connection/sse?cf_connect=" + quote(CONNECT.decode())
-    with httpx.Client(base_url=server.url, timeout=TIMEOUT) as http:
-        resp = http.head(target)
-        assert resp.status_code == 200 and resp.content == b""
-        assert resp.headers["content-type"].startswith("text/event-stream")
-        # The connection is still an HTTP one: it answers the next request.
-        assert http.get("/health").status_code == 200
+    with RawConn(server) as conn:
+        conn.send(request_bytes("HEAD", target) + request_bytes("GET", "/health"))
+        head = conn.read_response(head=True)
+        assert head.status == 200
+        assert (head.header("content-type") or "").startswith("text/event-stream")
+        assert conn.read_response().json()["status"] == "ok"
 
 
 def test_unknown_session_is_404_and_others_are_served(server: Any) -> None:
