@@ -154,9 +154,11 @@ class _Channel:
         # Subscribers at a position other than ``top``, by that position.
         self.catching_up: dict[Subscriber, Position] = {}
         self.top = top
-        #: The broker subscription: None until asked for (or after it failed),
-        #: a future while asked, done (True) once live delivery is on.
-        self.subscribed: asyncio.Future[bool] | None = None
+        #: The broker subscription: False until asked for (or after it failed),
+        #: a future while asked, True once live delivery is on (a plain flag
+        #: then, not the done future: a future per channel was ~100 bytes per
+        #: SSE connection in the benchmark, one channel each).
+        self.subscribed: asyncio.Future[bool] | bool = False
 
 
 class Hub:
@@ -332,8 +334,7 @@ class Hub:
         state.pending.append(pending)
         try:
             async with self._bounded():
-                subscribed = state.subscribed
-                if subscribed is None or not subscribed.done():
+                if state.subscribed is not True:
                     await self._subscribe_broker(channel, state)
                 recovery = await self._recover(channel, since)
         except BaseException:
@@ -372,17 +373,18 @@ class Hub:
         """
         while True:
             subscribed = state.subscribed
-            if subscribed is None:
-                subscribed = state.subscribed = asyncio.get_running_loop().create_future()
+            if subscribed is True:
+                return
+            if subscribed is False:
+                asked = state.subscribed = asyncio.get_running_loop().create_future()
                 try:
                     await self._broker.subscribe(channel)
                 except BaseException:
-                    state.subscribed = None  # the next subscribe asks again
-                    subscribed.set_result(False)
+                    state.subscribed = False  # the next subscribe asks again
+                    asked.set_result(False)
                     raise
-                subscribed.set_result(True)
-                return
-            if subscribed.done() and subscribed.result():
+                state.subscribed = True
+                asked.set_result(True)
                 return
             if await asyncio.shield(subscribed):
                 return
