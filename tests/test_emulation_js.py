@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 
 from helpers import publish, unique_channel
-from ws_support import NodeClient, Proxy, ensure_js_deps, node_available
+from ws_support import (
+    NodeClient,
+    assert_js_recovers_after_a_cut,
+    ensure_js_deps,
+    node_available,
+)
 
 pytestmark = [
     pytest.mark.node,
@@ -78,27 +83,9 @@ def test_js_recovers_missed_publications_after_a_cut(
     server: Any, node_clients: list[NodeClient], transport: str, protobuf: bool
 ) -> None:
     channel = unique_channel("emurec")
-    publish(server, channel, {"n": 0})  # the stream exists, with an epoch
-    proxy = Proxy(server.port)
-    try:
-        js = start(node_clients, transport, protobuf, f"http://127.0.0.1:{proxy.port}", channel)
-        js.wait(lambda e: e["event"] == "subscribed")
-        publish(server, channel, {"n": 1})
-        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 1})
-        mark = len(js.events)
-
-        proxy.cut()
-        js.wait(lambda e: e["event"] == "connecting", start=mark)
-        for n in (2, 3, 4):
-            publish(server, channel, {"n": n})
-        proxy.restore()
-
-        again = js.wait(lambda e: e["event"] == "subscribed", start=mark)
-        assert again["wasRecovering"] is True and again["recovered"] is True
-        publish(server, channel, {"n": 5})
-        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 5}, start=mark)
-        got = [e for e in js.events[mark:] if e["event"] == "publication"]
-        assert [e["data"]["n"] for e in got] == [2, 3, 4, 5]
-        assert [e["offset"] for e in got] == [3, 4, 5, 6]
-    finally:
-        proxy.close()
+    url = "http://127.0.0.1:{}"
+    assert_js_recovers_after_a_cut(
+        server,
+        channel,
+        lambda proxy: start(node_clients, transport, protobuf, url.format(proxy.port), channel),
+    )

@@ -16,7 +16,12 @@ from typing import Any
 import pytest
 
 from helpers import publish, unique_channel
-from ws_support import NodeClient, Proxy, ensure_js_deps, node_available
+from ws_support import (
+    NodeClient,
+    assert_js_recovers_after_a_cut,
+    ensure_js_deps,
+    node_available,
+)
 
 pytestmark = [
     pytest.mark.node,
@@ -74,30 +79,9 @@ def test_protobuf_sdk_recovers_missed_publications_after_a_cut(
     server: Any, node_clients: list[NodeClient]
 ) -> None:
     channel = unique_channel("jspbrec")
-    publish(server, channel, {"n": 0})
-    proxy = Proxy(server.port)
-    try:
-        js = start(node_clients, proxy.ws_url, channel)
-        js.wait(lambda e: e["event"] == "subscribed")
-        publish(server, channel, {"n": 1})
-        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 1})
-        mark = len(js.events)
-
-        proxy.cut()
-        js.wait(lambda e: e["event"] == "connecting", start=mark)
-        for n in (2, 3, 4):
-            publish(server, channel, {"n": n})
-        proxy.restore()
-
-        again = js.wait(lambda e: e["event"] == "subscribed", start=mark)
-        assert again["wasRecovering"] is True and again["recovered"] is True
-        publish(server, channel, {"n": 5})
-        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 5}, start=mark)
-        got = [e for e in js.events[mark:] if e["event"] == "publication"]
-        assert [e["data"]["n"] for e in got] == [2, 3, 4, 5]
-        assert [e["offset"] for e in got] == [3, 4, 5, 6]
-    finally:
-        proxy.close()
+    assert_js_recovers_after_a_cut(
+        server, channel, lambda proxy: start(node_clients, proxy.ws_url, channel)
+    )
 
 
 def test_protobuf_sdk_reads_presence_stats_and_zero_values(

@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,8 @@ from websockets.extensions.permessage_deflate import ClientPerMessageDeflateFact
 from websockets.frames import Frame, Opcode
 from websockets.http11 import Response
 from websockets.uri import parse_uri
+
+from helpers import publish
 
 JS_DIR = Path(__file__).parent / "js"
 TIMEOUT = 10.0
@@ -324,3 +326,37 @@ class NodeClient:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait(5)
+
+
+def assert_js_recovers_after_a_cut(
+    server: Any, channel: str, connect: Callable[[Proxy], NodeClient]
+) -> None:
+    """centrifuge-js, whichever build and transport ``connect`` starts it with
+    through the cuttable ``proxy``: cut after offset 2, three publications while
+    it is away, then it resubscribes recovered with them, and the next one live.
+
+    One scenario for the JSON, Protobuf and emulated forms of the SDK."""
+    publish(server, channel, {"n": 0})  # the stream exists, with an epoch
+    proxy = Proxy(server.port)
+    try:
+        js = connect(proxy)
+        js.wait(lambda e: e["event"] == "subscribed")
+        publish(server, channel, {"n": 1})
+        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 1})
+        mark = len(js.events)
+
+        proxy.cut()
+        js.wait(lambda e: e["event"] == "connecting", start=mark)
+        for n in (2, 3, 4):
+            publish(server, channel, {"n": n})
+        proxy.restore()
+
+        again = js.wait(lambda e: e["event"] == "subscribed", start=mark)
+        assert again["wasRecovering"] is True and again["recovered"] is True
+        publish(server, channel, {"n": 5})
+        js.wait(lambda e: e["event"] == "publication" and e["data"] == {"n": 5}, start=mark)
+        got = [e for e in js.events[mark:] if e["event"] == "publication"]
+        assert [e["data"]["n"] for e in got] == [2, 3, 4, 5]
+        assert [e["offset"] for e in got] == [3, 4, 5, 6]
+    finally:
+        proxy.close()
