@@ -41,6 +41,8 @@ from pathlib import Path
 
 import pytest
 
+from ws_support import NodeClient, ensure_js_deps
+
 #: The redis_server / nats_server fixtures (registered here, so that pytest
 #: rewrites their asserts).
 pytest_plugins = ["brokers_support"]
@@ -301,8 +303,20 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
     return rep
 
 
+@pytest.fixture
+def node_clients() -> Iterator[list[NodeClient]]:
+    """centrifuge-js clients under node that a test starts (append each
+    :class:`ws_support.NodeClient`), closed after it; npm dependencies first."""
+    ensure_js_deps()
+    clients: list[NodeClient] = []
+    yield clients
+    for client in clients:
+        client.close()
+
+
 #: Fixtures that start a process, and the marker a test requesting one gets.
 PROCESS_FIXTURES = {
+    "node_clients": "node",
     "server": "server",
     "server_factory": "server",
     "module_server_factory": "server",

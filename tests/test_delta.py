@@ -15,7 +15,6 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +36,7 @@ from test_protobuf_websocket import TIMEOUT, frame_of, open_protobuf, replies, s
 from test_protobuf_websocket import close_code as pb_close_code
 from tidings.fossil import apply_delta, create_delta
 from tidings.stream import Publication
-from ws_support import NodeClient, Proxy, connect_raw, ensure_js_deps, node_available
+from ws_support import NodeClient, Proxy, connect_raw, node_available
 
 CONFIG = """
 [namespaces.doc]
@@ -304,15 +303,6 @@ def test_a_malformed_delta_closes_and_delta_subscribers_are_served(
 needs_node = pytest.mark.skipif(
     not node_available() and not os.environ.get("CI"), reason="node and npm are needed"
 )
-
-
-@pytest.fixture
-def node_clients() -> Iterator[list[NodeClient]]:
-    ensure_js_deps()
-    clients: list[NodeClient] = []
-    yield clients
-    for c in clients:
-        c.close()
 
 
 @needs_node

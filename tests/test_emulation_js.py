@@ -6,7 +6,6 @@ bidirectional emulation — with WebSocket out of its transport list.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -33,14 +32,6 @@ EMULATED = [("http_stream", False), ("sse", False), ("http_stream", True)]
 @pytest.fixture(scope="module", autouse=True)
 def js_deps() -> None:
     ensure_js_deps()
-
-
-@pytest.fixture
-def node_clients() -> Iterator[list[NodeClient]]:
-    clients: list[NodeClient] = []
-    yield clients
-    for c in clients:
-        c.close()
 
 
 def start(

@@ -10,7 +10,6 @@ UTF-8 bytes of its JSON.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -36,14 +35,6 @@ PROTOBUF = {"TIDINGS_JS_PROTOBUF": "1"}
 @pytest.fixture(scope="module", autouse=True)
 def js_deps() -> None:
     ensure_js_deps()
-
-
-@pytest.fixture
-def node_clients() -> Iterator[list[NodeClient]]:
-    clients: list[NodeClient] = []
-    yield clients
-    for c in clients:
-        c.close()
 
 
 def start(clients: list[NodeClient], url: str, *channels: str) -> NodeClient:

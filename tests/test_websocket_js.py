@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jwt
@@ -35,14 +34,6 @@ pytestmark = [
 @pytest.fixture(scope="module", autouse=True)
 def js_deps() -> None:
     ensure_js_deps()
-
-
-@pytest.fixture
-def node_clients() -> Iterator[list[NodeClient]]:
-    clients: list[NodeClient] = []
-    yield clients
-    for c in clients:
-        c.close()
 
 
 def start(clients: list[NodeClient], url: str, *channels: str) -> NodeClient:
