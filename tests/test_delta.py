@@ -22,9 +22,6 @@ import pytest
 from centrifuge import (
     Client,
     DeltaType,
-    PublicationContext,
-    SubscribedContext,
-    SubscriptionEventHandler,
 )
 from centrifuge.fossil import apply_delta as sdk_apply_delta
 from hypothesis import given, settings
@@ -34,6 +31,7 @@ from helpers import check_serving, publish, unique_channel
 from test_hostile_input import assert_logged_quietly, log_mark
 from test_protobuf_websocket import TIMEOUT, frame_of, open_protobuf, replies, sdk, varint
 from test_protobuf_websocket import close_code as pb_close_code
+from test_websocket_python import Events
 from tidings.fossil import apply_delta, create_delta
 from tidings.stream import Publication
 from ws_support import NodeClient, Proxy, connect_raw, node_available
@@ -358,18 +356,6 @@ def test_js_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
 # --------------------------------------------------------------------------- centrifuge-python
 
 
-class PythonEvents(SubscriptionEventHandler):
-    def __init__(self) -> None:
-        self.publications: asyncio.Queue[PublicationContext] = asyncio.Queue()
-        self.subscribed: asyncio.Queue[SubscribedContext] = asyncio.Queue()
-
-    async def on_publication(self, ctx: PublicationContext) -> None:
-        await self.publications.put(ctx)
-
-    async def on_subscribed(self, ctx: SubscribedContext) -> None:
-        await self.subscribed.put(ctx)
-
-
 @pytest.mark.parametrize("use_protobuf", [False, True], ids=["json", "protobuf"])
 def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
     delta_server: Any, use_protobuf: bool
@@ -381,7 +367,7 @@ def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
 
     deltas = {"plain": 0, "delta": 0}
 
-    async def take(kind: str, events: PythonEvents, n: int) -> list[tuple[int, Any]]:
+    async def take(kind: str, events: Events, n: int) -> list[tuple[int, Any]]:
         got = []
         for _ in range(n):
             ctx = await asyncio.wait_for(events.publications.get(), timeout)
@@ -395,7 +381,7 @@ def test_python_sdk_delta_subscriber_decodes_what_a_plain_one_gets_across_a_cut(
         proxy = Proxy(delta_server.port)
         clients: list[Client] = []
         try:
-            events = {"plain": PythonEvents(), "delta": PythonEvents()}
+            events = {"plain": Events(), "delta": Events()}
             direct = delta_server.ws_url + "/connection/websocket"
             for kind, url in (("plain", direct), ("delta", proxy.ws_url)):
                 c = Client(
