@@ -87,7 +87,7 @@ class UnverifiedToken(InvalidToken):
 
 
 class Credentials(NamedTuple):
-    """What a connection token says about a client."""
+    """What a connection token (or the application's ``connect`` hook) says about a client."""
 
     user: str
     info: bytes | None = None
@@ -95,16 +95,25 @@ class Credentials(NamedTuple):
     expires: int = 0
     #: Channels the server subscribes the client to (the ``channels`` claim).
     channels: tuple[str, ...] = ()
+    #: Given by the ``connect`` hook, not a token: its expiry is extended by
+    #: the ``refresh`` hook, not by the client presenting a new token.
+    by_hook: bool = False
 
 
 ANONYMOUS = Credentials("")
 
 
 class Grant(NamedTuple):
-    """A subscription allowed, with what a subscription token added."""
+    """A subscription allowed, with what a subscription token (or the
+    application's ``subscribe`` hook) added."""
 
     info: bytes | None = None
     expires: int = 0
+    #: Given by the ``subscribe`` hook: its expiry is extended by ``sub_refresh``.
+    by_hook: bool = False
+    #: The hook's overrides of the namespace's ``presence`` and ``join_leave``.
+    presence: bool | None = None
+    join_leave: bool | None = None
 
 
 def _json(value: Any) -> bytes | None:
@@ -362,6 +371,21 @@ class Access:
         namespace (102), a subscription the rules deny (103) — and returns the
         grants the tokens carried (their ``info`` and expiry), by channel.
         """
+        grants = self.precheck_subscribe(credentials, channels, tokens, held=held)
+        for channel in channels:
+            self.check_subscribe(credentials, channel, grants.get(channel))
+        return grants
+
+    def precheck_subscribe(
+        self,
+        credentials: Credentials,
+        channels: Sequence[str],
+        tokens: Sequence[str] = (),
+        *,
+        held: int = 0,
+    ) -> dict[str, Grant]:
+        """What comes before the permission decision: names (107), the count
+        (106), then the subscription tokens (the costly part, last)."""
         for channel in channels:
             self.validate_channel(channel)
         if held + len(channels) > self.max_channels:
@@ -369,10 +393,19 @@ class Access:
                 ErrorCode.LIMIT_EXCEEDED,
                 f"more than {self.max_channels} channels on one connection",
             )
-        grants = self.subscription_grants(tokens, credentials, channels)
-        for channel in channels:
-            self.check_subscribe(credentials, channel, grants.get(channel))
-        return grants
+        return self.subscription_grants(tokens, credentials, channels)
+
+    def granted_without_rules(
+        self, credentials: Credentials, channel: str, grant: Grant | None
+    ) -> bool:
+        """Whether ``channel`` is settled before the namespace's rules (and the
+        ``subscribe`` hook) are asked: a grant, the connection's ``channels``,
+        or a user-limited channel (whose boundary nothing overrides)."""
+        return (
+            grant is not None
+            or channel in credentials.channels
+            or user_boundary(channel) is not None
+        )
 
     def subscription_grant(self, token: str, credentials: Credentials, channel: str) -> Grant:
         """The grant of a subscription token presented for ``channel`` (``sub_refresh``)."""

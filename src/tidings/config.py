@@ -158,6 +158,9 @@ class NamespaceConfig(_Section):
     #: reaches it as a Fossil delta against the channel's previous one. Off by
     #: default: a delta costs the server one encoding per publication.
     allowed_delta_types: list[Literal["fossil"]] = msgspec.field(default_factory=list)
+    #: A client's own publications reach it too (false: they reach every other
+    #: subscriber but not the connection that published; centrifugo #274).
+    echo_publications: bool = True
 
 
 class BrokerConfig(_Section):
@@ -211,6 +214,63 @@ class ClientConfig(_Section):
     )
 
 
+class HooksConfig(_Section):
+    """How the application's hooks (Python or the HTTP proxy) are run (docs/hooks.md)."""
+
+    #: Seconds a decision hook (connect, subscribe, publish, rpc, refresh) may
+    #: take; past it the client gets a temporary error (code 100).
+    timeout: PositiveFloat = 5.0
+    #: Seconds a channel must stay without subscribers before ``vacated`` fires.
+    vacated_delay: NonNegativeFloat = 5.0
+    #: Python event hooks (on_disconnect, on_join, ...) running at once; past
+    #: it events are dropped and a warning is logged.
+    max_pending_events: Size = 10_000
+
+
+class ProxyConfig(_Section):
+    """The hooks as HTTP calls to a backend, in Centrifugo's proxy format (docs/proxy.md).
+
+    Each URL left empty leaves that decision to the tokens and namespace rules.
+    """
+
+    connect_url: str = ""
+    refresh_url: str = ""
+    subscribe_url: str = ""
+    publish_url: str = ""
+    rpc_url: str = ""
+    sub_refresh_url: str = ""
+    #: Seconds one proxy call may take (then the client gets a temporary error).
+    timeout: PositiveFloat = 5.0
+    #: Request headers forwarded to the backend (an allowlist, case-insensitive).
+    http_headers: list[str] = msgspec.field(default_factory=list)
+    #: Cookies forwarded to the backend, by name (an allowlist).
+    cookies: list[str] = msgspec.field(default_factory=list)
+    #: Headers added to every proxy request (say, a secret the backend checks).
+    static_headers: dict[str, str] = msgspec.field(default_factory=dict)
+    #: Proxy calls in flight at once; more wait (bounded by the timeout).
+    max_concurrency: Size = 64
+
+
+class WebhooksConfig(_Section):
+    """Events POSTed to a URL as signed JSON batches (docs/webhooks.md)."""
+
+    url: str = ""
+    events: list[Literal["disconnect", "occupied", "vacated", "join", "leave"]] = msgspec.field(
+        default_factory=lambda: ["disconnect", "occupied", "vacated", "join", "leave"]
+    )
+    #: Namespaces whose publications are sent too ("" is the default namespace).
+    publications: list[str] = msgspec.field(default_factory=list)
+    #: HMAC-SHA256 key signing each body (header ``X-Tidings-Signature``).
+    secret: str = ""
+    #: Seconds one POST may take.
+    timeout: PositiveFloat = 5.0
+    #: Events held while the receiver is slow or down; past it the oldest are
+    #: dropped, counted and logged.
+    max_queue: Size = 10_000
+    #: Events in one POST.
+    max_batch: Size = 100
+
+
 class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
@@ -232,6 +292,9 @@ class Config(_Section):
     channels: NamespaceConfig = msgspec.field(default_factory=NamespaceConfig)
     namespaces: dict[str, NamespaceConfig] = msgspec.field(default_factory=dict)
     client: ClientConfig = msgspec.field(default_factory=ClientConfig)
+    hooks: HooksConfig = msgspec.field(default_factory=HooksConfig)
+    proxy: ProxyConfig = msgspec.field(default_factory=ProxyConfig)
+    webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     #: Serve the demo page at ``/demo``.
     demo: bool = False
 

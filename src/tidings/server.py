@@ -34,6 +34,7 @@ from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
 from .connections import Connections, default_max_connections
+from .hooks import Hooks
 from .http import (
     Exchange,
     HTTPConnection,
@@ -70,9 +71,18 @@ class Transport(Protocol):
 
 
 class Server:
-    def __init__(self, config: Config, broker: Broker | None = None) -> None:
+    def __init__(
+        self, config: Config, broker: Broker | None = None, hooks: Hooks | None = None
+    ) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
+        #: The application's hooks (tidings.Tidings registers them; the proxy
+        #: and webhooks add theirs); empty, they cost nothing.
+        self.hooks = hooks = hooks or Hooks(
+            timeout=config.hooks.timeout,
+            vacated_delay=config.hooks.vacated_delay,
+            max_pending_events=config.hooks.max_pending_events,
+        )
         self.hub = Hub(
             self.broker,
             history_for=config.history_for,
@@ -90,10 +100,10 @@ class Server:
         self.name = f"{socket.gethostname()}_{os.getpid()}"
         self.started_at = time.monotonic()
         hub, limits = self.hub, config.limits
-        self.sse = SSETransport(hub, access, cors, connections, config.sse, limits)
-        self.poll = PollTransport(hub, access, connections, config.poll)
+        self.sse = SSETransport(hub, access, cors, connections, config.sse, limits, hooks=hooks)
+        self.poll = PollTransport(hub, access, connections, config.poll, hooks=hooks)
         self.websocket = WebSocketTransport(
-            hub, access, cors, connections, config.websocket, limits
+            hub, access, cors, connections, config.websocket, limits, hooks=hooks
         )
         self.api = ServerAPI(
             hub,
@@ -103,7 +113,15 @@ class Server:
             max_batch_commands=config.limits.max_batch_commands,
         )
         self.emulation = EmulationTransport(
-            hub, access, cors, connections, config.websocket, limits, self.broker, self.uid
+            hub,
+            access,
+            cors,
+            connections,
+            config.websocket,
+            limits,
+            self.broker,
+            self.uid,
+            hooks=hooks,
         )
         self.transports: tuple[Transport, ...] = (
             self.sse,

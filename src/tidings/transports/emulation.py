@@ -61,6 +61,8 @@ from ..centrifuge.wire import JSON, Wire
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
 from ..errors import BrokerUnavailable, DisconnectCode
+from ..gate import Gate
+from ..hooks import Hooks
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
@@ -359,8 +361,13 @@ class EmulationTransport:
         limits: LimitsConfig,
         broker: Broker,
         node: str,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self.hub = hub
+        self.hooks = hooks = hooks or Hooks()
+        #: Where the access rules and the application's hooks let clients in.
+        self.gate = Gate(access, hooks)
         self.broker = broker
         self.node = node
         self.cors = cors

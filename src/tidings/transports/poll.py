@@ -33,6 +33,8 @@ from ..config import PollConfig
 from ..connections import Connections
 from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
+from ..gate import Gate
+from ..hooks import Hooks
 from ..http import Response, Router
 from ..hub import Hub, Position, PresenceEvent, Publication
 from .common import join, leave, request_credentials, requested_channels, requested_positions
@@ -122,10 +124,19 @@ class PollWaiter:
 
 class PollTransport:
     def __init__(
-        self, hub: Hub, access: Access, connections: Connections, config: PollConfig
+        self,
+        hub: Hub,
+        access: Access,
+        connections: Connections,
+        config: PollConfig,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self.hub = hub
         self.access = access
+        self.hooks = hooks = hooks or Hooks()
+        #: Where the access rules and the application's hooks let clients in.
+        self.gate = Gate(access, hooks)
         self.connections = connections
         self.default_timeout = config.default_timeout
         self.max_timeout = config.max_timeout

@@ -33,6 +33,8 @@ from ..config import LimitsConfig, SSEConfig
 from ..connections import Connections
 from ..cursor import encode_cursor
 from ..errors import DisconnectCode
+from ..gate import Gate
+from ..hooks import Hooks
 from ..http import Response, Router
 from ..http.cors import CORS
 from ..hub import Hub, Position, PresenceEvent, Publication
@@ -212,9 +214,14 @@ class SSETransport:
         connections: Connections,
         config: SSEConfig,
         limits: LimitsConfig,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self.hub = hub
         self.access = access
+        self.hooks = hooks = hooks or Hooks()
+        #: Where the access rules and the application's hooks let clients in.
+        self.gate = Gate(access, hooks)
         self.cors = cors
         self.heartbeat_interval = config.heartbeat_interval
         self.max_write_buffer = limits.max_write_buffer

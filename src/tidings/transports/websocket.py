@@ -101,6 +101,8 @@ from ..frames import (
     close_frame,
     frame,
 )
+from ..gate import Gate
+from ..hooks import Hooks
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
@@ -211,8 +213,13 @@ class WebSocketTransport:
         connections: Connections,
         ws: WebSocketConfig,
         limits: LimitsConfig,
+        *,
+        hooks: Hooks | None = None,
     ) -> None:
         self.hub = hub
+        self.hooks = hooks = hooks or Hooks()
+        #: Where the access rules and the application's hooks let clients in.
+        self.gate = Gate(access, hooks)
         self.cors = cors
         self.connections = connections
         self.loop: asyncio.AbstractEventLoop | None = None
