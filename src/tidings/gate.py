@@ -69,11 +69,12 @@ class Gate:
         """The client behind ``token`` (anonymous without one), as the hook may decide.
 
         ``make_call(user)`` builds the hook's call (headers, cookies...) only
-        when a ``connect`` hook is registered; ``user`` is the token's.
+        when a ``connect`` hook is registered; ``user`` is the token's. With
+        ``hooks.connect_skips_tokens`` (the proxy), a token alone admits.
         """
         credentials = self.access.authenticate(token)
         hook = self.hooks.connect
-        if hook is None:
+        if hook is None or (token and self.hooks.connect_skips_tokens):
             return Admitted(credentials)
         reply = await self.hooks.decide("connect", hook, make_call(credentials.user))
         if reply is None:

@@ -88,7 +88,13 @@ class Refuse(ProtocolError):
     101 → 401; an application code → 400).
     """
 
-    def __init__(self, code: int = ErrorCode.PERMISSION_DENIED, message: str = "") -> None:
+    def __init__(
+        self,
+        code: int = ErrorCode.PERMISSION_DENIED,
+        message: str = "",
+        *,
+        temporary: bool = False,
+    ) -> None:
         known = code in ErrorCode._value2member_map_
         if not known and not 400 <= code <= 1999:
             raise ValueError(f"Refuse code {code}: a tidings error code or 400-1999")
@@ -97,6 +103,13 @@ class Refuse(ProtocolError):
         self.code = ErrorCode(code) if known else code  # type: ignore[assignment]
         if not message:
             self.message = "permission denied" if not known else self.message
+        # Centrifugo's error ``temporary`` flag: SDKs retry (resubscribe) on it.
+        self._temporary = temporary
+
+    @property
+    def temporary(self) -> bool:
+        """Whether the SDK may retry: asked for, or a temporary code (100, 111)."""
+        return self._temporary or super().temporary
 
 
 class Disconnect(TidingsError):
@@ -386,6 +399,10 @@ class Hooks:
         #: (the proxy's one URL); with neither, an unknown method is 108.
         self.rpc: dict[str, RPCHandler] = {}
         self.rpc_fallback: RPCHandler | None = None
+        #: True: a client that sent a connection token is admitted by the token
+        #: alone and the ``connect`` hook is not asked (Centrifugo's connect
+        #: proxy is only called for clients without a token; tidings.proxy sets it).
+        self.connect_skips_tokens = False
         self._listeners: list[Listener] = []
         self._event_hooks: dict[str, list[EventHook]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
