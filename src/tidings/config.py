@@ -254,6 +254,7 @@ class ProxyConfig(_Section):
 class WebhooksConfig(_Section):
     """Events POSTed to a URL as signed JSON batches (docs/webhooks.md)."""
 
+    #: Where batches are POSTed (http or https); empty: no webhooks.
     url: str = ""
     events: list[Literal["disconnect", "occupied", "vacated", "join", "leave"]] = msgspec.field(
         default_factory=lambda: ["disconnect", "occupied", "vacated", "join", "leave"]
@@ -262,13 +263,28 @@ class WebhooksConfig(_Section):
     publications: list[str] = msgspec.field(default_factory=list)
     #: HMAC-SHA256 key signing each body (header ``X-Tidings-Signature``).
     secret: str = ""
-    #: Seconds one POST may take.
+    #: Seconds one POST may take, from connecting to the response's status.
     timeout: PositiveFloat = 5.0
     #: Events held while the receiver is slow or down; past it the oldest are
     #: dropped, counted and logged.
     max_queue: Size = 10_000
+    #: Bytes those events may hold (publications carry their data); past it,
+    #: the oldest are dropped as well.
+    max_queue_bytes: Size = 16 * 1024 * 1024
     #: Events in one POST.
     max_batch: Size = 100
+    #: Bytes of events in one POST (a larger single event goes alone).
+    max_batch_bytes: Size = 1024 * 1024
+    #: Seconds before the first retry of a failed POST; doubled at each
+    #: failure, with jitter, up to ``max_retry_delay``.
+    retry_delay: PositiveFloat = 0.5
+    max_retry_delay: PositiveFloat = 30.0
+
+    def __post_init__(self) -> None:
+        if self.url and not re.match(r"https?://[^/?#\s]+", self.url):
+            raise ValueError(f"webhooks.url: an http:// or https:// URL, not {self.url!r}")
+        if self.retry_delay > self.max_retry_delay:
+            raise ValueError("webhooks.retry_delay must not exceed webhooks.max_retry_delay")
 
 
 class Config(_Section):
@@ -331,6 +347,11 @@ class Config(_Section):
                 "client.subscribe_to_user_personal_channel.personal_channel_namespace: "
                 f"{namespace!r} is not a configured namespace"
             )
+        for namespace in self.webhooks.publications:
+            if namespace and namespace not in self.namespaces:
+                raise ValueError(
+                    f"webhooks.publications: {namespace!r} is not a configured namespace"
+                )
         if self.workers > 1 and self.broker.type == "memory":
             raise ValueError(
                 "workers: more than one process needs a shared broker "

@@ -52,6 +52,7 @@ from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
 from .transports.websocket import WebSocketTransport
+from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +84,11 @@ class Server:
             vacated_delay=config.hooks.vacated_delay,
             max_pending_events=config.hooks.max_pending_events,
         )
+        #: Events POSTed to ``[webhooks] url`` (None without one).
+        self.webhooks: WebhookSender | None = None
+        if config.webhooks.url:
+            self.webhooks = WebhookSender(config.webhooks)
+            self.webhooks.install(hooks)
         self.hub = Hub(
             self.broker,
             history_for=config.history_for,
@@ -151,6 +157,8 @@ class Server:
         ``reuse_port`` lets several worker processes listen on one port.
         """
         await self.broker.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
         for transport in self.transports:
             await transport.start()
         site = self.site
@@ -264,6 +272,9 @@ class Server:
         for transport in self.transports:
             await transport.stop()
         await self.broker.close()
+        if self.webhooks is not None:
+            # Last: the disconnects and vacated channels of the shutdown are queued by now.
+            await self.webhooks.stop(self.config.timeouts.shutdown)
         log.info("tidings stopped")
 
     # -- routes kept here because they concern the whole server ------------
