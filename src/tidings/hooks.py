@@ -54,6 +54,7 @@ __all__ = [
     "Disconnect",
     "DisconnectEvent",
     "Event",
+    "HookTimedOut",
     "Hooks",
     "MemberEvent",
     "PublicationEvent",
@@ -85,7 +86,8 @@ class Refuse(ProtocolError):
     ``code`` is one of :class:`~tidings.errors.ErrorCode` or an application
     code from 400 to 1999 (Centrifugo's range for custom errors). On the HTTP
     transports, codes map to statuses as the built-in errors do (103 → 403,
-    101 → 401; an application code → 400).
+    101 → 401); an application code → 403 (the application refused: nothing
+    is wrong with the request itself).
     """
 
     def __init__(
@@ -110,6 +112,22 @@ class Refuse(ProtocolError):
     def temporary(self) -> bool:
         """Whether the SDK may retry: asked for, or a temporary code (100, 111)."""
         return self._temporary or super().temporary
+
+
+class HookTimedOut(ProtocolError):
+    """A decision hook ran past ``hooks.timeout``: code 100, as any internal error.
+
+    A class of its own, as :class:`~tidings.errors.BrokerUnavailable` is,
+    because it is known to pass (the application is slow, not broken): the
+    HTTP transports answer it 503 with ``Retry-After``, which tidings.js and
+    proxies retry on, where a hook that raised is a 500.
+    """
+
+    #: Seconds an HTTP client is asked to wait before retrying.
+    RETRY_AFTER = 1
+
+    def __init__(self, name: str) -> None:
+        super().__init__(ErrorCode.INTERNAL, f"{name} hook timed out")
 
 
 class Disconnect(TidingsError):
@@ -436,7 +454,7 @@ class Hooks:
                 log.exception("%s hook failed", name)
                 raise ProtocolError(ErrorCode.INTERNAL) from None
             log.warning("%s hook timed out after %gs (client %s)", name, self.timeout, call.client)
-            raise ProtocolError(ErrorCode.INTERNAL, f"{name} hook timed out") from None
+            raise HookTimedOut(name) from None
         except Exception:
             log.exception("%s hook failed (client %s)", name, call.client)
             raise ProtocolError(ErrorCode.INTERNAL) from None

@@ -11,8 +11,16 @@ from urllib.parse import parse_qs
 import msgspec
 
 from ..errors import BrokerUnavailable, ErrorCode, ProtocolError
+from ..hooks import Disconnect, HookTimedOut
 
-__all__ = ["Headers", "Request", "Response", "error_response", "json_response"]
+__all__ = [
+    "Disconnected",
+    "Headers",
+    "Request",
+    "Response",
+    "error_response",
+    "json_response",
+]
 
 _encode = msgspec.json.Encoder().encode
 
@@ -222,6 +230,22 @@ _CODE = {
 }
 
 
+class Disconnected(ProtocolError):
+    """A hook's :class:`~tidings.hooks.Disconnect` on a request (SSE, long-poll, poll).
+
+    An HTTP request has no connection to close with a code, so the request is
+    refused instead: 403 (the application said no; the request was fine),
+    the disconnect's code and reason in the usual error body. It is a
+    :class:`ProtocolError` so that the HTTP layer's one ``except`` renders it
+    here, with every other error.
+    """
+
+    def __init__(self, disconnect: Disconnect) -> None:
+        super().__init__(ErrorCode.PERMISSION_DENIED, disconnect.reason)
+        #: The code the client sees, 3000-4999.
+        self.disconnect_code = disconnect.code
+
+
 def error_response(
     error: ProtocolError | int,
     message: str | None = None,
@@ -231,16 +255,26 @@ def error_response(
 ) -> Response:
     """The JSON error body every HTTP endpoint uses: ``{"error": {code, message}}``.
 
-    The HTTP status follows the error code (:data:`_STATUS`), except for an
-    unavailable broker: 503 with ``Retry-After`` rather than code 100's 500.
+    The HTTP status follows the error code (:data:`_STATUS`), except:
+
+    - an unavailable broker or a hook past its timeout: 503 with
+      ``Retry-After`` rather than code 100's 500, since both are known to
+      pass (a hook that raised stays 500: the application's bug);
+    - an application's code (400-1999, a hook's ``Refuse``): 403, since the
+      application refused a request that was itself well-formed;
+    - a hook's ``Disconnect``: 403 with its code (3000-4999) and reason.
     """
     extra: list[tuple[str, str]] = []
-    if isinstance(error, BrokerUnavailable):
-        # Code 100 like any internal error, but known to pass: see BrokerUnavailable.
+    code: int
+    if isinstance(error, BrokerUnavailable | HookTimedOut):
+        # Code 100 like any internal error, but known to pass: see the classes.
         status, code, text = 503, error.code, error.message
         extra.append(("Retry-After", str(error.RETRY_AFTER)))
+    elif isinstance(error, Disconnected):
+        status, code, text = 403, error.disconnect_code, error.message
     elif isinstance(error, ProtocolError):
-        status, code, text = _STATUS.get(error.code, 400), error.code, error.message
+        default = 400 if isinstance(error.code, ErrorCode) else 403
+        status, code, text = _STATUS.get(error.code, default), error.code, error.message
     else:
         status, code = error, _CODE.get(error, ErrorCode.BAD_REQUEST)
         text = message or HTTPStatus(error).phrase.lower()

@@ -11,39 +11,127 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable
-from http.cookies import CookieError, SimpleCookie
+from functools import partial
+from http.cookies import _unquote
 from typing import TYPE_CHECKING
 
-from ..auth import Access, Credentials
+from ..auth import Credentials
 from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
+from ..gate import Gate
+from ..hooks import ConnectCall, Disconnect, SubscribeCall, TransportName
+from ..http.messages import Disconnected
 from ..hub import Hub, Position, Publication, Subscriber
 
 if TYPE_CHECKING:
     from ..http import Request
 
 
-def requested_channels(request: Request, access: Access, credentials: Credentials) -> list[str]:
-    """The ``channel`` query parameters the client may follow, without repeats, in order.
+def channel_names(request: Request) -> list[str]:
+    """The ``channel`` query parameters, without repeats, in order; at least one.
 
-    Subscription tokens come from ``?sub_token=`` (repeatable: each token
-    names its channel); :meth:`Access.authorize_subscribe` decides, as it does
-    for WebSocket.
+    Only their presence is checked here, before anything is asked of the
+    tokens or the application's hooks; the access rules check the names.
     """
     names = list(dict.fromkeys(request.query.get("channel", ())))
     if not names:
         raise ProtocolError(ErrorCode.BAD_REQUEST, "at least one channel= parameter is required")
-    access.authorize_subscribe(credentials, names, request.query.get("sub_token", ()))
     return names
 
 
-def request_credentials(request: Request, access: Access) -> Credentials:
-    """The client behind the request's connection token; anonymous without one.
+async def authorize_channels(
+    request: Request,
+    gate: Gate,
+    credentials: Credentials,
+    names: list[str],
+    transport: TransportName,
+) -> None:
+    """May the client follow ``names``? Raises the first refusal.
+
+    Subscription tokens come from ``?sub_token=`` (repeatable: each token
+    names its channel); the gate decides, as it does for WebSocket: tokens,
+    then the ``subscribe`` hook (asked per channel that no token grants), then
+    the namespace's rules. A subscription's ``info`` and ``expire_at`` from
+    the hook are not kept: these transports carry no presence, and an SSE
+    stream is not refreshed per channel (the connection's expiry holds).
+    """
+    tokens = request.query.get("sub_token", ())
+    if gate.hooks.subscribe is None:
+        gate.access.authorize_subscribe(credentials, names, tokens)
+        return
+    make_call = partial(_subscribe_call, transport, credentials.user)
+    try:
+        await gate.subscribe(credentials, names, tokens, make_call=make_call)
+    except Disconnect as exc:
+        raise Disconnected(exc) from None
+
+
+def _subscribe_call(transport: TransportName, user: str, channel: str) -> SubscribeCall:
+    return SubscribeCall(
+        transport=transport, protocol="http", client="", user=user, channel=channel
+    )
+
+
+async def admit(request: Request, gate: Gate, transport: TransportName) -> Credentials:
+    """The client behind the request, as its connection token and the ``connect`` hook say.
 
     The token comes from ``Authorization: Bearer``, ``?token=`` or the auth
-    cookie, in that order.
+    cookie, in that order; an invalid one is refused before any hook runs.
+    The hook is asked once per SSE stream and once per poll request: these
+    transports have no connection that outlives a request to remember it by.
+    Without a hook this is the token's check alone: no call is built, no
+    header is copied.
     """
-    return access.authenticate(connection_token(request, access.cookie))
+    token = connection_token(request, gate.access.cookie)
+    if gate.hooks.connect is None:
+        return gate.access.authenticate(token)
+    try:
+        admitted = await gate.connect(token, partial(connect_call, request, transport))
+    except Disconnect as exc:
+        raise Disconnected(exc) from None
+    return admitted.credentials
+
+
+def connect_call(request: Request, transport: TransportName, user: str) -> ConnectCall:
+    """The ``connect`` hook's call for an HTTP request: its headers, cookies and peer.
+
+    Repeated headers are joined with ``", "`` (RFC 9110, 5.3), as frameworks
+    present them; ``remote`` is the peer's address without its port.
+    """
+    headers: dict[str, str] = {}
+    for raw_name, raw_value in request.headers.raw:
+        name, value = raw_name.decode("latin-1"), raw_value.decode("latin-1")
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    cookie = "; ".join(request.headers.get_all("cookie"))
+    return ConnectCall(
+        transport=transport,
+        protocol="http",
+        client="",
+        user=user,
+        headers=headers,
+        cookies=parse_cookies(cookie) if cookie else {},
+        remote=request.client[0] if request.client else "",
+    )
+
+
+def parse_cookies(header: str) -> dict[str, str]:
+    """A ``Cookie`` header's cookies by name, read as browsers write them.
+
+    Not ``http.cookies.SimpleCookie``: it drops every cookie after one it
+    dislikes (a ``"`` in a value, an empty ``;;`` pair, a space in a name),
+    which browsers send, so a session or token cookie that came after a
+    third-party one would vanish. This is Django's ``parse_cookie`` (and
+    Starlette's): split on ``;``, then on the first ``=``; a value quoted the
+    way ``SimpleCookie`` quotes when it sets one is unquoted. The last of
+    repeated names wins, as in both frameworks.
+    """
+    cookies: dict[str, str] = {}
+    for chunk in header.split(";"):
+        name, equals, value = chunk.partition("=")
+        name = name.strip()
+        if equals and name:
+            cookies[name] = _unquote(value.strip())
+    return cookies
 
 
 def connection_token(request: Request, cookie_name: str) -> str | None:
@@ -55,14 +143,7 @@ def connection_token(request: Request, cookie_name: str) -> str | None:
         return token
     header = request.headers.get("cookie")
     if header:
-        cookies = SimpleCookie()
-        try:
-            cookies.load(header)
-        except CookieError:
-            return None
-        morsel = cookies.get(cookie_name)
-        if morsel is not None and morsel.value:
-            return morsel.value
+        return parse_cookies(header).get(cookie_name) or None
     return None
 
 

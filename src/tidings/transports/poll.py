@@ -18,6 +18,11 @@ the same publications, get the same bytes: they are encoded once per wake-up
 (DESIGN principle 2). The first publication wakes a waiter; it is answered on
 the next loop iteration, so publications of one moment (a broadcast) travel in
 one response.
+
+The application's ``connect`` hook is asked on every request, as transport
+``longpoll`` (a cursor and a timeout above 0: the request may be held) or
+``poll``: there is no connection between two polls to remember its answer by.
+For the same reason no disconnect event is emitted for either.
 """
 
 from __future__ import annotations
@@ -34,10 +39,17 @@ from ..connections import Connections
 from ..cursor import decode_cursor, encode_cursor
 from ..errors import ErrorCode, ProtocolError
 from ..gate import Gate
-from ..hooks import Hooks
+from ..hooks import Hooks, TransportName
 from ..http import Response, Router
 from ..hub import Hub, Position, PresenceEvent, Publication
-from .common import join, leave, request_credentials, requested_channels, requested_positions
+from .common import (
+    admit,
+    authorize_channels,
+    channel_names,
+    join,
+    leave,
+    requested_positions,
+)
 
 if TYPE_CHECKING:
     from ..http import Exchange, Request
@@ -169,10 +181,13 @@ class PollTransport:
 
     async def handle(self, request: Request, conn: Exchange) -> Response | None:
         hub = self.hub
-        credentials = request_credentials(request, self.access)
-        channels = requested_channels(request, self.access, credentials)
+        # What the request says is checked before the token, the hooks or the hub are asked.
+        channels = channel_names(request)
         timeout = self._timeout(request)
         since = requested_positions(request.query_value("cursor"))
+        transport: TransportName = "poll" if since is None or timeout == 0 else "longpoll"
+        credentials = await admit(request, self.gate, transport)
+        await authorize_channels(request, self.gate, credentials, channels, transport)
         if since is None or timeout == 0 or self.connections.stopping:
             joined = await join(hub, channels, since, None)
             return poll_response(joined.publications, joined.positions, joined.unrecovered)

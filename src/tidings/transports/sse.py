@@ -17,7 +17,16 @@ the same publications in the same order, so the feed keeps one set of
 positions for all of them, advanced by each publication it encodes.
 
 Heartbeats are one comment written to every stream by one periodic task, not a
-timer per connection.
+timer per connection. The same task finds the streams whose connection expired:
+a token's are closed (3005); one the ``connect`` hook gave an ``expire_at`` is
+put to the ``refresh`` hook first, in a bounded number of tasks of its own, so
+a slow hook never delays a heartbeat.
+
+The application hears of every stream that ends (:class:`DisconnectEvent`,
+only when something listens) with the code and reason that say why: the
+client went away (3000), shutdown (3001), expired (3005), a slow reader
+(3008), a stream that skipped (3010), a server unsubscribe (3011) or the
+server API's disconnect (its code).
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 from ..auth import Access, Credentials
@@ -32,14 +42,21 @@ from ..codec import encode, http_publication_json
 from ..config import LimitsConfig, SSEConfig
 from ..connections import Connections
 from ..cursor import encode_cursor
-from ..errors import DisconnectCode
+from ..errors import DisconnectCode, ProtocolError
 from ..gate import Gate
-from ..hooks import Hooks
+from ..hooks import Disconnect, DisconnectEvent, Hooks, RefreshCall, Refuse, encode_json
 from ..http import Response, Router
 from ..http.cors import CORS
 from ..hub import Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
-from .common import join, leave, request_credentials, requested_channels, requested_positions
+from .common import (
+    admit,
+    authorize_channels,
+    channel_names,
+    join,
+    leave,
+    requested_positions,
+)
 
 if TYPE_CHECKING:
     from ..http import Exchange, Request
@@ -47,6 +64,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 HEARTBEAT = b":\n\n"
+
+#: ``refresh`` hook calls running at once. Streams expiring beyond it wait for
+#: a later heartbeat (still open, still receiving): a hook that hangs holds at
+#: most this many tasks, whatever the number of streams that expire together.
+MAX_REFRESHING = 256
 
 
 def event(data: bytes, *, id: str | None = None, name: str | None = None) -> bytes:
@@ -157,12 +179,14 @@ class SSEStream(asyncio.Protocol):
             self.transport.get_extra_info("peername"),
             self.sse.max_write_buffer,
         )
+        self.sse.ending(self, DisconnectCode.SLOW, "slow")
         self.transport.abort()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.sse.remove(self)
 
     def shutdown(self) -> None:
+        self.sse.ending(self, DisconnectCode.SHUTDOWN, "shutdown")
         self.transport.write(self.sse.retry_line)
         self.transport.close()
 
@@ -177,6 +201,7 @@ class SSEStream(asyncio.Protocol):
         if self._backlog is not None:
             self._skipped = True
             return
+        self.sse.ending(self, DisconnectCode.INSUFFICIENT_STATE, "insufficient state")
         self.transport.write(self.sse.retry_line)
         self.transport.close()
 
@@ -185,6 +210,7 @@ class SSEStream(asyncio.Protocol):
 
     def close(self, code: int, reason: str) -> None:
         """Disconnect on the server's initiative, saying why in a ``disconnect`` event."""
+        self.sse.ending(self, code, reason)
         self.transport.write(event(encode({"code": code, "reason": reason}), name="disconnect"))
         self.transport.close()
 
@@ -198,9 +224,18 @@ class SSEStream(asyncio.Protocol):
         if channel not in self.feed.channels:
             return False
         payload = {"channel": channel, "code": code, "reason": reason or "server unsubscribe"}
+        self.sse.ending(self, DisconnectCode.FORCE_RECONNECT, "server unsubscribe")
         self.transport.write(event(encode(payload), name="unsubscribed"))
         self.transport.close()
         return True
+
+    async def server_subscribe(self, channel: str) -> bool:
+        """A stream's channels are its URL's: it takes no server-side subscription."""
+        return False
+
+    def server_refresh(self, expire_at: int, info: bytes | None, expired: bool) -> bool:
+        """Not supported on an SSE stream (yet): nothing changes."""
+        return False
 
 
 class SSETransport:
@@ -230,6 +265,11 @@ class SSETransport:
         self.feeds: dict[tuple[str, ...], Feed] = {}
         self.retry_line = b"retry: %d\n\n" % config.retry_ms
         self._heartbeat: asyncio.Task[None] | None = None
+        #: Why the server ended a stream, until its connection is lost and the
+        #: disconnect event says so (filled only while something listens).
+        self._endings: dict[SSEStream, tuple[int, str]] = {}
+        #: Streams whose ``refresh`` hook call is running, and its task.
+        self._refreshing: dict[SSEStream, asyncio.Task[None]] = {}
 
     def mount(self, router: Router) -> None:
         router.add("GET", "/sse", self.handle)
@@ -242,16 +282,20 @@ class SSETransport:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._heartbeat
+        for task in tuple(self._refreshing.values()):
+            task.cancel()
 
     async def handle(self, request: Request, conn: Exchange) -> Response | None:
         hub = self.hub
-        credentials = request_credentials(request, self.access)
-        channels = requested_channels(request, self.access, credentials)
-        if request.method == "HEAD":
-            return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
+        # What the request says is checked before the token, the hooks or the hub are asked.
+        channels = channel_names(request)
         since = requested_positions(
             request.headers.get("last-event-id") or request.query_value("last_event_id")
         )
+        credentials = await admit(request, self.gate, "sse")
+        await authorize_channels(request, self.gate, credentials, channels, "sse")
+        if request.method == "HEAD":
+            return Response(200, headers=[("Content-Type", "text/event-stream; charset=utf-8")])
         key = tuple(sorted(channels))
         feed = self.feeds.get(key)
         if feed is None:
@@ -297,6 +341,27 @@ class SSETransport:
             if stream.live:
                 stream.feed.live -= 1
             self._release(stream.feed)
+            refreshing = self._refreshing.pop(stream, None)
+            if refreshing is not None:
+                refreshing.cancel()
+            ending = self._endings.pop(stream, None)
+            if self.hooks.listening:
+                code, reason = ending or (3000, "connection closed")
+                self.hooks.emit(
+                    DisconnectEvent(
+                        client="",
+                        user=stream.credentials.user,
+                        transport="sse",
+                        code=code,
+                        reason=reason,
+                    )
+                )
+
+    def ending(self, stream: SSEStream, code: int, reason: str) -> None:
+        """The server is ending ``stream`` with ``code``: what its disconnect event
+        will say (the first reason given wins: it is the cause, not a consequence)."""
+        if self.hooks.listening and stream in self.streams:
+            self._endings.setdefault(stream, (code, reason))
 
     def _release(self, feed: Feed) -> None:
         feed.streams -= 1
@@ -306,13 +371,70 @@ class SSETransport:
     async def _heartbeat_forever(self) -> None:
         interval = self.heartbeat_interval
         expired = self.access.expired
+        hooks = self.hooks
         while True:
             await asyncio.sleep(interval)
+            now = time.time()
             for stream in tuple(self.streams):
-                if stream.credentials.expires and expired(stream.credentials):
+                credentials = stream.credentials
+                if not credentials.expires:
+                    stream.transport.write(HEARTBEAT)
+                elif credentials.by_hook and hooks.refresh is not None:
+                    # The hook's expiry is the time to ask it, without the
+                    # grace a client gets to bring a new token.
+                    if now >= credentials.expires:
+                        self._refresh(stream)
+                    stream.transport.write(HEARTBEAT)
+                elif expired(credentials):
                     stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
                 else:
                     stream.transport.write(HEARTBEAT)
+
+    # -- refresh by hook -------------------------------------------------
+
+    def _refresh(self, stream: SSEStream) -> None:
+        """Ask the ``refresh`` hook about ``stream`` in a task, unless one already
+        asks or :data:`MAX_REFRESHING` do (then a later heartbeat asks)."""
+        if stream in self._refreshing or len(self._refreshing) >= MAX_REFRESHING:
+            return
+        task = asyncio.get_running_loop().create_task(self._ask_refresh(stream))
+        self._refreshing[stream] = task
+
+    async def _ask_refresh(self, stream: SSEStream) -> None:
+        """Extend the stream's expiry as the hook says, or close it.
+
+        ``None``, ``expired=True`` or a :class:`Refuse`: the connection is over
+        (3005, as without a hook); a :class:`Disconnect`: closed with its code.
+        A hook that fails or times out is asked again at the next heartbeat,
+        the stream kept meanwhile: a temporary fault of the application must
+        not cut every stream that expires during it (EventSource gives up on
+        the error its reconnection would meet).
+        """
+        hooks = self.hooks
+        assert hooks.refresh is not None
+        credentials = stream.credentials
+        call = RefreshCall(transport="sse", protocol="http", client="", user=credentials.user)
+        try:
+            reply = await hooks.decide("refresh", hooks.refresh, call)
+            info = None if reply is None else encode_json(reply.info)
+        except Disconnect as exc:
+            stream.close(exc.code, exc.reason)
+            return
+        except Refuse:
+            reply, info = None, None
+        except ProtocolError:
+            return  # failed or timed out (logged by ``decide``): asked again later
+        except TypeError as exc:
+            log.error("refresh hook returned an unusable reply: %s", exc)
+            return
+        finally:
+            self._refreshing.pop(stream, None)
+        if reply is None or reply.expired:
+            stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return
+        stream.credentials = credentials._replace(
+            expires=int(reply.expire_at), info=credentials.info if info is None else info
+        )
 
 
 __all__ = ["Feed", "SSEStream", "SSETransport", "event"]
