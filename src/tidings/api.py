@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import msgspec
 
 from .auth import PRESENCE_OFF, Access
-from .centrifuge.schema import presence_entries
+from .centrifuge.schema import PresenceResult, PresenceStatsResult, presence_entries
 from .codec import CentrifugoPublication
 from .errors import BrokerUnavailable, DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, Router, error_response, json_response
@@ -39,9 +39,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: What ``info`` reports about this node; given by whoever runs the node.
-NodeInfo = Callable[[], dict[str, Any]]
-
 #: Centrifugo's types: an offset is a uint64 (bounded at 2**63 - 1, the most
 #: msgspec checks), a history limit an int32.
 Offset = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
@@ -52,16 +49,32 @@ class _Body(msgspec.Struct):
     """Method parameters; unknown fields are ignored, as Centrifugo does."""
 
 
-class PublishParams(_Body):
+#: Centrifugo leaves the key's length open; a bound keeps the broker's
+#: idempotency records small (the body limit would allow a megabyte).
+IdempotencyKey = Annotated[str, msgspec.Meta(max_length=256)]
+#: A Unix time in seconds (an int64 in Centrifugo's schema).
+UnixTime = Annotated[int, msgspec.Meta(ge=0, le=2**63 - 1)]
+
+
+class _PublishOptions(_Body, kw_only=True):
+    tags: dict[str, str] | None = None
+    #: Centrifugo's: a repeat within the broker's window is not published
+    #: again, and answers the first publication's position.
+    idempotency_key: IdempotencyKey = ""
+    #: Centrifugo's: delivered live, not kept in history.
+    skip_history: bool = False
+    #: Ours: client ids that must not receive the publication.
+    exclude: list[str] = msgspec.field(default_factory=list)
+
+
+class PublishParams(_PublishOptions, kw_only=True):
     channel: str
     data: msgspec.Raw
-    tags: dict[str, str] | None = None
 
 
-class BroadcastParams(_Body):
+class BroadcastParams(_PublishOptions, kw_only=True):
     channels: list[str]
     data: msgspec.Raw
-    tags: dict[str, str] | None = None
 
 
 class StreamPosition(msgspec.Struct):
@@ -97,6 +110,31 @@ class UnsubscribeParams(_Body):
     client: str = ""
 
 
+class SubscribeParams(_Body):
+    """Centrifugo's ``subscribe``: the user's live connections join ``channel``.
+
+    Only ``user``, ``channel`` and ``client`` are read; Centrifugo's ``info``,
+    ``data``, ``recover_since`` and ``override`` are ignored like any unknown
+    field (a server-side subscription here starts at the channel's top).
+    """
+
+    user: str
+    channel: str
+    client: str = ""
+
+
+class RefreshParams(_Body):
+    """Centrifugo's ``refresh``: extend (or end, ``expired``) the user's connections."""
+
+    user: str
+    client: str = ""
+    expired: bool = False
+    #: The new expiry, Unix seconds; 0: never.
+    expire_at: UnixTime = 0
+    #: New connection info (raw JSON); absent keeps the old one.
+    info: msgspec.Raw | None = None
+
+
 class ChannelsParams(_Body):
     pattern: str = ""
 
@@ -116,18 +154,94 @@ class BatchParams(_Body):
     parallel: bool = False
 
 
-Method = Callable[[Any], Awaitable[dict[str, Any]]]
+# -- results: typed, rendered by the HTTP layer, returned by the Python API --
+
+
+class Error(msgspec.Struct):
+    """An error object: ``{"code": 107, "message": "bad request: ..."}``."""
+
+    code: int
+    message: str
+
+    @classmethod
+    def of(cls, exc: ProtocolError) -> Error:
+        return cls(int(exc.code), exc.message)
+
+
+class PublishResult(msgspec.Struct):
+    """Where the publication went: its offset in the channel's stream and the epoch."""
+
+    offset: int
+    epoch: str
+
+
+class BroadcastResponse(msgspec.Struct, omit_defaults=True):
+    """One channel of a broadcast: a ``result`` or an ``error``, never both."""
+
+    result: PublishResult | None = None
+    error: Error | None = None
+
+
+class BroadcastResult(msgspec.Struct):
+    #: One response per channel, in the order the channels were given.
+    responses: list[BroadcastResponse]
+
+
+class HistoryResult(msgspec.Struct):
+    """Publications (``data`` is the raw JSON published), and the stream's top."""
+
+    publications: list[CentrifugoPublication]
+    epoch: str
+    offset: int
+
+
+class ChannelInfo(msgspec.Struct):
+    num_clients: int
+
+
+class ChannelsResult(msgspec.Struct):
+    #: Channels with subscribers on this node, by name.
+    channels: dict[str, ChannelInfo]
+
+
+class NodeInfo(msgspec.Struct):
+    """One node as ``info`` reports it."""
+
+    uid: str
+    name: str
+    version: str
+    num_clients: int
+    num_channels: int
+    uptime: int
+
+
+class InfoResult(msgspec.Struct):
+    nodes: list[NodeInfo]
+
+
+class Done(msgspec.Struct):
+    """The result of a call that only acts (``disconnect``, ``subscribe``, ...): ``{}``."""
+
+
+DONE = Done()
+
+#: What ``info`` reports about this node; given by whoever runs the node.
+NodeInfoSource = Callable[[], NodeInfo]
+
+Method = Callable[[Any], Awaitable[msgspec.Struct]]
 
 #: Centrifugo's precedence when one batch command carries several methods.
 BATCH_ORDER = (
     "publish",
     "broadcast",
+    "subscribe",
     "unsubscribe",
     "disconnect",
     "history",
     "presence",
     "presence_stats",
     "info",
+    "refresh",
     "channels",
 )
 
@@ -135,16 +249,26 @@ BATCH_ORDER = (
 #: error reply already decided while decoding (an empty or unknown command).
 _BatchItem = tuple[str, Method, Any] | dict[str, Any]
 
+#: A batch reply: ``{"<method>": result}`` or ``{"error": {...}}``.
+_BatchReply = dict[str, msgspec.Struct | dict[str, Any]]
+
 
 class ServerAPI:
-    """The ``/api/`` methods, over the hub and the access rules they are given."""
+    """The server API's methods, over the hub and the access rules they are given.
+
+    One implementation behind two doors: :meth:`handle` decodes an HTTP
+    request and renders the result as JSON; ``tidings.Tidings`` calls the
+    same methods in process (after :meth:`decode`, so that its arguments
+    pass the same checks). A method takes its decoded parameters and returns
+    a typed result, or raises :class:`~tidings.errors.ProtocolError`.
+    """
 
     def __init__(
         self,
         hub: Hub,
         access: Access,
         api_key: str,
-        node_info: NodeInfo,
+        node_info: NodeInfoSource,
         *,
         max_batch_commands: int = 1000,
     ) -> None:
@@ -162,6 +286,8 @@ class ServerAPI:
             "presence_stats": (ChannelParams, self.presence_stats),
             "disconnect": (DisconnectParams, self.disconnect),
             "unsubscribe": (UnsubscribeParams, self.unsubscribe),
+            "subscribe": (SubscribeParams, self.subscribe),
+            "refresh": (RefreshParams, self.refresh),
             "info": (InfoParams, self.info),
         }
         assert set(BATCH_ORDER) == set(self.methods)
@@ -172,6 +298,10 @@ class ServerAPI:
 
     def mount(self, router: Router) -> None:
         router.add_prefix("POST", "/api/", self.handle)
+
+    def decode(self, method: str, body: bytes) -> Any:
+        """``method``'s parameters from a JSON body; a bad one raises the API's 107."""
+        return decode_params(self._decoders[method], body)
 
     def authorized(self, request: Request) -> bool:
         """The API key in constant time; with no key configured, loopback only."""
@@ -194,7 +324,7 @@ class ServerAPI:
         if entry is None:
             return error_response(404, f"method not found: {name}")
         try:
-            params = decode_params(self._decoders[name], request.body or b"{}")
+            params = self.decode(name, request.body or b"{}")
         except ProtocolError as exc:
             log_client_error(log, "bad API request from %s: %s", conn.client, exc.message)
             return error_response(exc)
@@ -245,11 +375,11 @@ class ServerAPI:
             return _error_reply(
                 ProtocolError(ErrorCode.METHOD_NOT_FOUND, f"method not found: {unknown}")
             )
-        params = decode_params(self._decoders[name], bytes(command[name]))
+        params = self.decode(name, bytes(command[name]))
         return name, self.methods[name][1], params
 
     @staticmethod
-    async def _run_batch_item(item: _BatchItem) -> dict[str, Any]:
+    async def _run_batch_item(item: _BatchItem) -> _BatchReply:
         if isinstance(item, dict):
             return item
         name, method, params = item
@@ -263,27 +393,41 @@ class ServerAPI:
         every transport does."""
         self.access.policy(channel)
 
-    async def publish(self, params: PublishParams) -> dict[str, Any]:
-        self._known(params.channel)
-        position = await self.hub.publish(params.channel, bytes(params.data), tags=params.tags)
-        return {"offset": position.offset, "epoch": position.epoch}
+    async def _publish(self, channel: str, data: bytes, options: _PublishOptions) -> PublishResult:
+        self._known(channel)
+        position = await self.hub.publish(
+            channel,
+            data,
+            tags=options.tags,
+            idempotency_key=options.idempotency_key,
+            skip_history=options.skip_history,
+            exclude=frozenset(options.exclude),
+        )
+        return PublishResult(position.offset, position.epoch)
 
-    async def broadcast(self, params: BroadcastParams) -> dict[str, Any]:
+    async def publish(self, params: PublishParams) -> PublishResult:
+        return await self._publish(params.channel, bytes(params.data), params)
+
+    async def broadcast(self, params: BroadcastParams) -> BroadcastResult:
+        """The same data to each channel; a failure of one is its response alone.
+
+        With an ``idempotency_key``, each channel's publication is keyed by it
+        (the key is per channel in the broker), as in Centrifugo.
+        """
         if not params.channels:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "channels is empty")
         data = bytes(params.data)
-        responses: list[dict[str, Any]] = []
+        responses: list[BroadcastResponse] = []
         for channel in params.channels:
             try:
-                self._known(channel)
-                position = await self.hub.publish(channel, data, tags=params.tags)
+                result = await self._publish(channel, data, params)
             except ProtocolError as exc:
-                responses.append(_error_reply(exc))
+                responses.append(BroadcastResponse(error=Error.of(exc)))
             else:
-                responses.append({"result": {"offset": position.offset, "epoch": position.epoch}})
-        return {"responses": responses}
+                responses.append(BroadcastResponse(result=result))
+        return BroadcastResult(responses)
 
-    async def history(self, params: HistoryParams) -> dict[str, Any]:
+    async def history(self, params: HistoryParams) -> HistoryResult:
         limit = params.limit or 0
         if limit < -1:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "limit must be -1, 0 or positive")
@@ -299,58 +443,78 @@ class ServerAPI:
         )
         if since is not None and since.epoch != top.epoch and since != EMPTY:
             raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
-        return {
-            "publications": [CentrifugoPublication.of(pub) for pub in pubs],
-            "epoch": top.epoch,
-            "offset": top.offset,
-        }
+        return HistoryResult([CentrifugoPublication.of(pub) for pub in pubs], top.epoch, top.offset)
 
     def _check_presence(self, channel: str) -> None:
         self._known(channel)
         if not self.access.policy(channel).presence:
             raise ProtocolError(ErrorCode.NOT_AVAILABLE, PRESENCE_OFF)
 
-    async def presence(self, params: ChannelParams) -> dict[str, Any]:
+    async def presence(self, params: ChannelParams) -> PresenceResult:
         self._check_presence(params.channel)
-        return {"presence": presence_entries(await self.hub.presence(params.channel))}
+        return PresenceResult(presence=presence_entries(await self.hub.presence(params.channel)))
 
-    async def presence_stats(self, params: ChannelParams) -> dict[str, Any]:
+    async def presence_stats(self, params: ChannelParams) -> PresenceStatsResult:
         self._check_presence(params.channel)
         clients, users = await self.hub.presence_stats(params.channel)
-        return {"num_clients": clients, "num_users": users}
+        return PresenceStatsResult(num_clients=clients, num_users=users)
 
-    async def disconnect(self, params: DisconnectParams) -> dict[str, Any]:
+    async def disconnect(self, params: DisconnectParams) -> Done:
         """Close the user's connections on every transport (on this node)."""
         if not 3000 <= params.disconnect.code <= 4999:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "disconnect code must be in 3000-4999")
         for client in self.hub.clients_of(params.user, params.client):
             client.close(params.disconnect.code, params.disconnect.reason)
-        return {}
+        return DONE
 
-    async def unsubscribe(self, params: UnsubscribeParams) -> dict[str, Any]:
+    async def unsubscribe(self, params: UnsubscribeParams) -> Done:
         """Take the user out of a channel on every transport (on this node)."""
         self.access.validate_channel(params.channel)
         for client in self.hub.clients_of(params.user, params.client):
             client.server_unsubscribe(params.channel)
-        return {}
+        return DONE
 
-    async def channels(self, params: ChannelsParams) -> dict[str, Any]:
+    async def subscribe(self, params: SubscribeParams) -> Done:
+        """Subscribe the user's live connections to a channel (on this node).
+
+        The server decides, so no token, hook or namespace rule is asked; the
+        channel must be valid and of a known namespace. Connections that
+        cannot take a server-side subscription (the HTTP transports, whose
+        channels are in their URL) are left as they are, as are connections
+        already subscribed. Waits until each connection has joined (its
+        ``subscribe`` push is sent), so that a publication made after this
+        returns reaches it.
+        """
+        self._known(params.channel)
+        clients = self.hub.clients_of(params.user, params.client)
+        if clients:
+            await asyncio.gather(*(client.server_subscribe(params.channel) for client in clients))
+        return DONE
+
+    async def refresh(self, params: RefreshParams) -> Done:
+        """Set the expiry (and info) of the user's connections, or end them (``expired``)."""
+        info = None if params.info is None else bytes(params.info)
+        for client in self.hub.clients_of(params.user, params.client):
+            client.server_refresh(params.expire_at, info, params.expired)
+        return DONE
+
+    async def channels(self, params: ChannelsParams) -> ChannelsResult:
         pattern = params.pattern
-        return {
-            "channels": {
-                name: {"num_clients": count}
+        return ChannelsResult(
+            {
+                name: ChannelInfo(count)
                 for name, count in self.hub.channels()
                 if not pattern or fnmatch.fnmatchcase(name, pattern)
             }
-        }
+        )
 
-    async def info(self, params: InfoParams) -> dict[str, Any]:
-        return {"nodes": [self.node_info()]}
+    async def info(self, params: InfoParams) -> InfoResult:
+        return InfoResult([self.node_info()])
 
 
 def _error_reply(exc: ProtocolError) -> dict[str, Any]:
     """A call that parsed but could not be served: ``{"error": {"code", "message"}}``."""
-    return {"error": {"code": int(exc.code), "message": exc.message}}
+    return {"error": Error.of(exc)}
 
 
 def decode_params(decoder: msgspec.json.Decoder[Any], body: bytes) -> Any:

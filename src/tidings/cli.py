@@ -1,7 +1,8 @@
 """tidings: a realtime event server (WebSocket, SSE, long-polling, polling).
 
-``serve`` behaves like uvicorn (--host, --port, --log-level, --loop,
---workers); ``publish`` and ``subscribe`` are the curl of tidings, for trying
+``serve`` behaves like uvicorn (--host, --port, --uds, --log-level, --loop,
+--workers, and --app module:attribute for a ``tidings.Tidings`` with its
+hooks); ``publish`` and ``subscribe`` are the curl of tidings, for trying
 things from a shell; ``token`` and ``check-config`` help secure a deployment.
 Exit codes: 0 success, 1 runtime failure (server unreachable, port taken, API
 error), 2 usage or configuration error.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import http.client
+import importlib
 import json
 import logging
 import os
@@ -21,10 +23,13 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from . import __version__
 from .config import Config, ConfigError, load_config
+from .version import __version__
+
+if TYPE_CHECKING:
+    from .app import Tidings
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 
@@ -59,6 +64,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--demo", action="store_true", default=None, help="serve the demo page at /demo"
+    )
+    serve.add_argument(
+        "--uds", metavar="PATH", help="listen on a Unix socket at PATH instead of host:port"
+    )
+    serve.add_argument(
+        "--app",
+        metavar="MODULE:ATTRIBUTE",
+        help="run this tidings.Tidings object with its hooks and config (like uvicorn's app)",
+    )
+    serve.add_argument(
+        "--app-dir",
+        metavar="DIR",
+        default=".",
+        help="look for the --app module in DIR first (default: the current directory)",
     )
     serve.set_defaults(run=_serve)
 
@@ -112,6 +131,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Here, not at the top: the server is not loaded for `tidings publish`.
+    from .app import Tidings
+
+    app: Tidings | None = None
+    if args.app is not None:
+        try:
+            app = _load_app(args.app, args.app_dir)
+        except AppNotFound as exc:
+            print(f"tidings: --app {args.app}: {exc}", file=sys.stderr)
+            return 2
     overrides = {
         "host": args.host,
         "port": args.port,
@@ -121,10 +150,17 @@ def _serve(args: argparse.Namespace) -> int:
         "demo": args.demo,
     }
     try:
-        config = load_config(args.config, os.environ, overrides)
+        config = load_config(
+            args.config, os.environ, overrides, base=None if app is None else app.config
+        )
     except ConfigError as exc:
         print(f"tidings: config error: {exc}", file=sys.stderr)
         return 2
+    if args.uds is not None and config.workers > 1:
+        print("tidings: --uds serves one process: --workers needs a port", file=sys.stderr)
+        return 2
+    if app is None:
+        app = Tidings(config)
     logging.basicConfig(
         level=config.log_level.upper(),
         format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
@@ -136,17 +172,53 @@ def _serve(args: argparse.Namespace) -> int:
     if config.workers > 1:
         from .workers import run_workers
 
-        return run_workers(config, loop_factory)
+        return run_workers(config, loop_factory, app)
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         try:
-            runner.run(_run_server(config))
+            runner.run(app.run(config, uds=args.uds))
         except ConfigError as exc:  # found while building the server (e.g. a key file)
             print(f"tidings: config error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
-            log.error("cannot listen on %s:%s: %s", config.host, config.port, exc.strerror or exc)
+            where = args.uds or f"{config.host}:{config.port}"
+            log.error("cannot listen on %s: %s", where, exc.strerror or exc)
             return 1
     return 0
+
+
+class AppNotFound(Exception):
+    """``--app`` names no ``Tidings``: the message says what was wrong."""
+
+
+def _load_app(spec: str, app_dir: str) -> Tidings:
+    """The object ``--app module:attribute`` names, imported as uvicorn imports its app.
+
+    ``app_dir`` goes first on ``sys.path``. A missing module or attribute, or
+    an object that is not a :class:`~tidings.Tidings`, raises
+    :class:`AppNotFound`; an error raised by the module itself while it is
+    imported is the application's, and propagates with its traceback.
+    """
+    from .app import Tidings
+
+    module_name, colon, attribute = spec.partition(":")
+    if not colon or not module_name or not attribute:
+        raise AppNotFound('expected "module:attribute", such as "myapp.realtime:rt"')
+    sys.path.insert(0, os.path.abspath(app_dir))
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
+            raise  # the module exists and imports something missing: its own error
+        raise AppNotFound(f"no module named {exc.name!r} (looked in {app_dir!r} first)") from None
+    target: object = module
+    for part in attribute.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise AppNotFound(f"module {module_name!r} has no attribute {attribute!r}") from None
+    if not isinstance(target, Tidings):
+        raise AppNotFound(f"{attribute} is a {type(target).__name__}, not a tidings.Tidings")
+    return target
 
 
 def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -161,14 +233,6 @@ def _loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | N
         return asyncio.new_event_loop
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory
-
-
-async def _run_server(config: Config) -> None:
-    from .server import Server
-
-    server = Server(config)
-    await server.start()
-    await server.serve_forever()
 
 
 # -- publish ---------------------------------------------------------------

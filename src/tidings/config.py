@@ -369,15 +369,20 @@ def load_config(
     path: str | None = None,
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, Any] | None = None,
+    base: Config | None = None,
 ) -> Config:
     """Build the configuration from a TOML file, the environment and flags.
 
     ``overrides`` holds dotted keys (``{"port": 9000}``) from the command line;
     ``None`` values are skipped so that unset flags do not mask other layers.
+    ``base``, when given, replaces the built-in defaults as the lowest layer
+    (``tidings serve --app``: the application's own configuration).
     Raises :class:`ConfigError` with a message that names the offending key.
     """
     merged: dict[str, Any] = {}
     origin: dict[str, str] = {}
+    if base is not None:
+        _merge(merged, msgspec.to_builtins(base), origin, lambda key: "the application")
     if path is not None:
         file_layer = _read_toml(path)
         _merge(merged, file_layer, origin, lambda key: path)

@@ -19,17 +19,18 @@ A transport is an object with ``mount(router)``, ``start()`` and ``stop()``
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.resources
 import logging
 import os
 import secrets
 import signal
 import socket
+import stat
 import time
 from typing import Any, Protocol
 
-from . import __version__
-from .api import ServerAPI
+from .api import NodeInfo, ServerAPI
 from .auth import Access
 from .brokers import Broker, make_broker
 from .config import Config
@@ -52,6 +53,7 @@ from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
 from .transports.websocket import WebSocketTransport
+from .version import __version__
 from .webhooks import WebhookSender
 
 log = logging.getLogger(__name__)
@@ -136,6 +138,7 @@ class Server:
             self.emulation,
         )
         self._listener: Listening | None = None
+        self._uds: str | None = None
         self._stopped = asyncio.Event()
         self._static = _read_static("tidings.js", "demo.html")
         for transport in self.transports:
@@ -151,11 +154,22 @@ class Server:
 
     # -- lifecycle -------------------------------------------------------
 
-    async def start(self, sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
+    async def start(
+        self,
+        sock: socket.socket | None = None,
+        *,
+        reuse_port: bool = False,
+        uds: str | None = None,
+    ) -> None:
         """Start the broker and the transports, then listen.
 
-        ``reuse_port`` lets several worker processes listen on one port.
+        ``reuse_port`` lets several worker processes listen on one port;
+        ``uds`` listens on a Unix socket at that path instead of host:port
+        (as uvicorn's ``--uds``), for a reverse proxy on the same machine.
         """
+        if uds is not None:
+            sock = _unix_socket(uds)
+        self._uds = uds
         await self.broker.start()
         if self.webhooks is not None:
             await self.webhooks.start()
@@ -207,10 +221,14 @@ class Server:
     @property
     def port(self) -> int:
         assert self._listener is not None and self._listener.sockets
+        assert self._uds is None, "a server on a Unix socket has no port"
         return int(self._listener.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
+        """``http://host:port``, or ``unix:/path`` on a Unix socket (uvicorn's wording)."""
+        if self._uds is not None:
+            return f"unix:{self._uds}"
         host = self.config.host
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{self.port}"
@@ -220,16 +238,16 @@ class Server:
         """Open connections of every kind: HTTP, held polls, SSE streams, WebSockets."""
         return len(self.connections)
 
-    def node_info(self) -> dict[str, Any]:
+    def node_info(self) -> NodeInfo:
         """This node as the API's ``info`` reports it."""
-        return {
-            "uid": self.uid,
-            "name": self.name,
-            "version": __version__,
-            "num_clients": self.num_clients,
-            "num_channels": self.hub.num_channels,
-            "uptime": int(time.monotonic() - self.started_at),
-        }
+        return NodeInfo(
+            uid=self.uid,
+            name=self.name,
+            version=__version__,
+            num_clients=self.num_clients,
+            num_channels=self.hub.num_channels,
+            uptime=int(time.monotonic() - self.started_at),
+        )
 
     async def serve_forever(self) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
@@ -263,6 +281,9 @@ class Server:
         """
         if self._listener is not None:
             self._listener.close()
+        if self._uds is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self._uds)
         self.connections.shutdown()
         deadline = time.monotonic() + self.config.timeouts.shutdown
         while self.connections and time.monotonic() < deadline:
@@ -294,6 +315,24 @@ class Server:
         if not self.config.demo:
             return error_response(404, "the demo is off: start the server with --demo")
         return _static_response(self._static["demo.html"], "text/html; charset=utf-8")
+
+
+def _unix_socket(path: str) -> socket.socket:
+    """A stream socket bound at ``path``; a stale socket file left there is replaced.
+
+    Only a socket file is removed (as uvicorn does), never a regular file
+    someone pointed ``--uds`` at by mistake.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _read_static(*names: str) -> dict[str, bytes]:

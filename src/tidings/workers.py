@@ -21,15 +21,24 @@ import sys
 import time
 from collections.abc import Callable
 from multiprocessing.process import BaseProcess
+from typing import TYPE_CHECKING
 
 from .config import Config
+
+if TYPE_CHECKING:
+    from .app import Tidings
 
 log = logging.getLogger(__name__)
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
 
-def run_workers(config: Config, loop_factory: LoopFactory) -> int:
+def run_workers(config: Config, loop_factory: LoopFactory, app: Tidings) -> int:
+    """Run ``app`` in ``config.workers`` forked processes until SIGTERM/SIGINT.
+
+    The processes are forked after the application's module was imported
+    (``--app``), so each worker has its hooks without importing it again.
+    """
     if config.port == 0:
         log.error("--workers needs a fixed --port: each worker would otherwise pick its own")
         return 2
@@ -38,7 +47,9 @@ def run_workers(config: Config, loop_factory: LoopFactory) -> int:
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
-            target=_worker, args=(config, loop_factory, os.getpid()), name=f"tidings-worker-{index}"
+            target=_worker,
+            args=(config, loop_factory, app, os.getpid()),
+            name=f"tidings-worker-{index}",
         )
         process.start()
         return process
@@ -77,15 +88,8 @@ def _die_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(config: Config, loop_factory: LoopFactory, parent: int) -> None:
+def _worker(config: Config, loop_factory: LoopFactory, app: Tidings, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM stops us
     _die_with_parent(parent)
-    from .server import Server
-
-    async def serve() -> None:
-        server = Server(config)
-        await server.start(reuse_port=True)
-        await server.serve_forever()
-
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        runner.run(serve())
+        runner.run(app.run(config, reuse_port=True))

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, Protocol
 
 import msgspec
 
-from .. import __version__
+from ..version import __version__
 from ..auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken, UnverifiedToken
 from ..errors import DisconnectCode, ErrorCode, ProtocolError
 from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
