@@ -67,10 +67,10 @@ from collections.abc import Callable
 import httpx
 import msgspec
 
-from . import __version__
 from .config import WebhooksConfig, namespace_of
 from .hooks import ChannelEvent, DisconnectEvent, Event, Hooks, MemberEvent, PublicationEvent
 from .logs import ClientErrorLimiter
+from .version import __version__
 
 __all__ = ["Outcome", "WebhookSender", "classify", "encode_event", "sign"]
 
