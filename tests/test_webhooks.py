@@ -401,7 +401,7 @@ def test_408_and_429_retried_honouring_retry_after() -> None:
     answers = [Answer(status=429, headers={"Retry-After": "1"}), Answer(status=408)]
     with Receiver(answers=answers) as receiver, webhook_server(receiver.url) as srv:
         emit(srv, [occupied(1)])
-        (event,) = receiver.wait_accepted(1)
+        receiver.wait_accepted(1)
         assert [p.status for p in receiver.posts.items] == [429, 408, 200]
         wait_until(lambda: sender(srv).delivered == 1, "the batch to count as delivered")
         assert sender(srv).refused == 0 and sender(srv).retries == 2
@@ -454,6 +454,66 @@ def test_an_endless_answer_is_cut_short_and_the_batch_counts_as_delivered() -> N
         wait_until(lambda: sender(srv).delivered == 1, "the batch to count as delivered")
         emit(srv, [occupied(2)])
         assert [e["channel"] for e in receiver.wait_accepted(2)] == ["room1", "room2"]
+
+
+class TricklingReceiver:
+    """A raw receiver that reads a POST, then writes its status line one byte per
+    0.1 s, forever: every read the sender makes gets a byte, so only a bound on the
+    whole POST ends it. It counts the POSTs that reached it."""
+
+    def __init__(self) -> None:
+        self.connections = Recorder()
+        self.loop = asyncio.new_event_loop()
+        self.url = ""
+
+    def __enter__(self) -> TricklingReceiver:
+        ready = threading.Event()
+
+        async def start() -> None:
+            self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+            port = self._server.sockets[0].getsockname()[1]
+            self.url = f"http://127.0.0.1:{port}/hook"
+
+        def run() -> None:
+            asyncio.set_event_loop(self.loop)
+            self.loop.run_until_complete(start())
+            ready.set()
+            self.loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="trickling-receiver", daemon=True)
+        self._thread.start()
+        assert ready.wait(TIMEOUT)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        async def stop() -> None:
+            self._server.close()
+            for task in asyncio.all_tasks():
+                if task is not asyncio.current_task():
+                    task.cancel()
+
+        asyncio.run_coroutine_threadsafe(stop(), self.loop).result(TIMEOUT)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(TIMEOUT)
+        self.loop.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections.add(await reader.readuntil(b"\r\n\r\n"))
+        with contextlib.suppress(ConnectionError):
+            while True:  # b"HTTP/1.1 200 OK" never completes
+                for byte in b"HTTP/1.1 200 OK":
+                    writer.write(bytes([byte]))
+                    await writer.drain()
+                    await asyncio.sleep(0.1)
+
+
+def test_a_trickling_answer_is_abandoned_after_the_timeout_and_retried() -> None:
+    """Each phase's timeout is never reached by a receiver trickling bytes: the POST
+    as a whole is bounded by ``timeout``, then the batch is sent again."""
+    with TricklingReceiver() as receiver, webhook_server(receiver.url, timeout=0.5) as srv:
+        emit(srv, [occupied(1)])
+        receiver.connections.wait_for(lambda heads: len(heads) >= 2)
+        assert sender(srv).retries >= 1 and sender(srv).delivered == 0
 
 
 # -- bounded ------------------------------------------------------------------------
@@ -583,7 +643,7 @@ def test_bad_webhooks_config_is_refused(tree: dict[str, Any], message: str) -> N
 def test_publications_of_an_unknown_namespace_are_refused() -> None:
     from tidings.config import Config
 
-    with pytest.raises(msgspec.ValidationError, match="webhooks.publications"):
+    with pytest.raises(msgspec.ValidationError, match=r"webhooks\.publications"):
         msgspec.convert({"webhooks": {"url": "http://x/", "publications": ["nope"]}}, Config)
 
 
@@ -625,4 +685,4 @@ def test_encoded_events_are_one_json_object_each() -> None:
     for n, event in enumerate(EVERY_KIND):
         decoded = json.loads(encode_event(event, f"p-{n}", 123))
         assert decoded["id"] == f"p-{n}" and decoded["time_ms"] == 123
-        assert list(decoded)[0] == "name"
+        assert next(iter(decoded)) == "name"
