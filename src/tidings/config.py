@@ -239,9 +239,12 @@ class ProxyConfig(_Section):
     publish_url: str = ""
     rpc_url: str = ""
     sub_refresh_url: str = ""
-    #: Seconds one proxy call may take (then the client gets a temporary error).
-    timeout: PositiveFloat = 5.0
-    #: Request headers forwarded to the backend (an allowlist, case-insensitive).
+    #: Seconds one proxy call may take, waiting for a free slot included (then
+    #: the client gets a temporary error). Centrifugo's default; it must stay
+    #: below ``hooks.timeout``, which bounds every decision.
+    timeout: PositiveFloat = 1.0
+    #: Request headers forwarded to the backend with the connect call (an
+    #: allowlist, case-insensitive).
     http_headers: list[str] = msgspec.field(default_factory=list)
     #: Cookies forwarded to the backend, by name (an allowlist).
     cookies: list[str] = msgspec.field(default_factory=list)
@@ -257,6 +260,24 @@ class WebhooksConfig(_Section):
     #: Where batches are POSTed (http or https); empty: no webhooks.
     url: str = ""
     events: list[Literal["disconnect", "occupied", "vacated", "join", "leave"]] = msgspec.field(
+    #: Bytes of a backend's answer read at most; a longer one is a failed call.
+    max_response_size: Size = 1024 * 1024
+    #: Centrifugo's ``binary_encoding``: client data goes as ``b64data``
+    #: (base64) and ``encoding`` is ``"binary"``.
+    binary_encoding: bool = False
+    #: Namespaces whose channels the subscribe, publish and sub_refresh calls
+    #: are made for ("" is the default namespace); unset: every namespace.
+    #: Centrifugo's ``subscribe_proxy_enabled`` / ``publish_proxy_enabled`` /
+    #: ``sub_refresh_proxy_enabled``, listed here instead of in each namespace.
+    subscribe_namespaces: list[str] | None = None
+    publish_namespaces: list[str] | None = None
+    sub_refresh_namespaces: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for key in ("connect", "refresh", "subscribe", "publish", "rpc", "sub_refresh"):
+            url = getattr(self, f"{key}_url")
+            if url and not re.match(r"https?://[^/?#\s]+", url):
+                raise ValueError(f"proxy.{key}_url: an http:// or https:// URL, not {url!r}")
         default_factory=lambda: ["disconnect", "occupied", "vacated", "join", "leave"]
     )
     #: Namespaces whose publications are sent too ("" is the default namespace).
@@ -355,6 +376,12 @@ class Config(_Section):
         if self.workers > 1 and self.broker.type == "memory":
             raise ValueError(
                 "workers: more than one process needs a shared broker "
+        for key in ("subscribe", "publish", "sub_refresh"):
+            for namespace in getattr(self.proxy, f"{key}_namespaces") or ():
+                if namespace and namespace not in self.namespaces:
+                    raise ValueError(
+                        f"proxy.{key}_namespaces: {namespace!r} is not a configured namespace"
+                    )
                 '(set broker.type = "redis" or "nats"); the memory broker lives in one process'
             )
 

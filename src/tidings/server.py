@@ -49,6 +49,7 @@ from .http import (
 from .http.cors import CORS
 from .hub import Hub
 from .listener import Listening, listen
+from .proxy import Proxy
 from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
@@ -91,6 +92,12 @@ class Server:
         if config.webhooks.url:
             self.webhooks = WebhookSender(config.webhooks)
             self.webhooks.install(hooks)
+        #: The decisions of ``[proxy]`` URLs, as HTTP calls to a backend (None without any).
+        self.proxy: Proxy | None = None
+        proxy = Proxy(config.proxy)
+        if proxy.hook_names:
+            proxy.install(hooks)  # ConfigError if a Python hook takes the same decision
+            self.proxy = proxy
         self.hub = Hub(
             self.broker,
             history_for=config.history_for,
@@ -171,6 +178,8 @@ class Server:
             sock = _unix_socket(uds)
         self._uds = uds
         await self.broker.start()
+        if self.proxy is not None:
+            await self.proxy.start()
         if self.webhooks is not None:
             await self.webhooks.start()
         for transport in self.transports:
@@ -293,6 +302,8 @@ class Server:
         for transport in self.transports:
             await transport.stop()
         await self.broker.close()
+        if self.proxy is not None:
+            await self.proxy.close()
         if self.webhooks is not None:
             # Last: the disconnects and vacated channels of the shutdown are queued by now.
             await self.webhooks.stop(self.config.timeouts.shutdown)
