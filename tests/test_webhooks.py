@@ -18,8 +18,10 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import threading
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -373,6 +375,37 @@ def test_unsigned_without_a_secret_and_warned(caplog: pytest.LogCaptureFixture) 
         (post,) = receiver.posts.wait_for(lambda posts: len(posts) >= 1)
         assert post.signature is None and not post.valid
     assert any("sent unsigned" in r.getMessage() for r in caplog.records)
+
+
+def test_the_receiver_in_the_docs_accepts_a_real_batch_once_and_refuses_forgeries() -> None:
+    """docs/webhooks.md's ``accept``: run as printed against what the server sends."""
+    text = (Path(__file__).parent.parent / "docs" / "webhooks.md").read_text()
+    section = text.split("## Checking the signature", 1)[1]
+    match = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert match is not None, "docs/webhooks.md lost its receiver"
+    namespace: dict[str, Any] = {}
+    exec(compile(match.group(1), "docs/webhooks.md", "exec"), namespace)
+    accept = namespace["accept"]
+    secret = namespace["SECRET"].decode()
+    with (
+        Receiver(secret=secret) as receiver,
+        webhook_server(receiver.url, secret=secret) as srv,
+    ):
+        emit(srv, EVERY_KIND[:2])
+        (post,) = receiver.posts.wait_for(lambda posts: len(posts) >= 1)
+    assert [e["name"] for e in accept(post.body, post.signature)] == [
+        "channel_occupied",
+        "member_added",
+    ]
+    assert accept(post.body, post.signature) == []  # a repeat: dropped by id
+    with pytest.raises(ValueError, match="signature"):
+        accept(post.body.replace(b"lobby", b"lobbx"), post.signature)
+    with pytest.raises(ValueError, match="signature"):
+        accept(post.body, None)
+    sent = json.loads(post.body)["time_ms"]
+    stale = post.body.replace(b'"time_ms":%d' % sent, b'"time_ms":%d' % (sent - 600_000), 1)
+    with pytest.raises(ValueError, match="too old"):
+        accept(stale, hmac.new(secret.encode(), stale, hashlib.sha256).hexdigest())
 
 
 # -- retried, at least once ------------------------------------------------------------
