@@ -246,20 +246,12 @@ class ProxyConfig(_Section):
     #: Request headers forwarded to the backend with the connect call (an
     #: allowlist, case-insensitive).
     http_headers: list[str] = msgspec.field(default_factory=list)
-    #: Cookies forwarded to the backend, by name (an allowlist).
+    #: Cookies forwarded to the backend with the connect call, by name (an allowlist).
     cookies: list[str] = msgspec.field(default_factory=list)
     #: Headers added to every proxy request (say, a secret the backend checks).
     static_headers: dict[str, str] = msgspec.field(default_factory=dict)
     #: Proxy calls in flight at once; more wait (bounded by the timeout).
     max_concurrency: Size = 64
-
-
-class WebhooksConfig(_Section):
-    """Events POSTed to a URL as signed JSON batches (docs/webhooks.md)."""
-
-    #: Where batches are POSTed (http or https); empty: no webhooks.
-    url: str = ""
-    events: list[Literal["disconnect", "occupied", "vacated", "join", "leave"]] = msgspec.field(
     #: Bytes of a backend's answer read at most; a longer one is a failed call.
     max_response_size: Size = 1024 * 1024
     #: Centrifugo's ``binary_encoding``: client data goes as ``b64data``
@@ -278,6 +270,14 @@ class WebhooksConfig(_Section):
             url = getattr(self, f"{key}_url")
             if url and not re.match(r"https?://[^/?#\s]+", url):
                 raise ValueError(f"proxy.{key}_url: an http:// or https:// URL, not {url!r}")
+
+
+class WebhooksConfig(_Section):
+    """Events POSTed to a URL as signed JSON batches (docs/webhooks.md)."""
+
+    #: Where batches are POSTed (http or https); empty: no webhooks.
+    url: str = ""
+    events: list[Literal["disconnect", "occupied", "vacated", "join", "leave"]] = msgspec.field(
         default_factory=lambda: ["disconnect", "occupied", "vacated", "join", "leave"]
     )
     #: Namespaces whose publications are sent too ("" is the default namespace).
@@ -368,6 +368,12 @@ class Config(_Section):
                 "client.subscribe_to_user_personal_channel.personal_channel_namespace: "
                 f"{namespace!r} is not a configured namespace"
             )
+        for key in ("subscribe", "publish", "sub_refresh"):
+            for namespace in getattr(self.proxy, f"{key}_namespaces") or ():
+                if namespace and namespace not in self.namespaces:
+                    raise ValueError(
+                        f"proxy.{key}_namespaces: {namespace!r} is not a configured namespace"
+                    )
         for namespace in self.webhooks.publications:
             if namespace and namespace not in self.namespaces:
                 raise ValueError(
@@ -376,12 +382,6 @@ class Config(_Section):
         if self.workers > 1 and self.broker.type == "memory":
             raise ValueError(
                 "workers: more than one process needs a shared broker "
-        for key in ("subscribe", "publish", "sub_refresh"):
-            for namespace in getattr(self.proxy, f"{key}_namespaces") or ():
-                if namespace and namespace not in self.namespaces:
-                    raise ValueError(
-                        f"proxy.{key}_namespaces: {namespace!r} is not a configured namespace"
-                    )
                 '(set broker.type = "redis" or "nats"); the memory broker lives in one process'
             )
 
