@@ -1,0 +1,569 @@
+"""The proxy: tidings asks a backend over HTTP, in Centrifugo's proxy format.
+
+The backend is a plain aiohttp application answering as a Centrifugo user's
+backend would (tests/proxy_backend.py); tidings is a real ``tidings serve``
+process with ``[proxy]`` URLs; the clients are centrifuge-python, centrifuge-js,
+httpx, and a raw WebSocket client where the exact wire reply is the point.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import jwt
+import pytest
+from centrifuge import (
+    Client,
+    ClientEventHandler,
+    ConnectedContext,
+    ReplyError,
+)
+
+from conftest import ServerProcess, free_port
+from helpers import publish, rss_kib, unique_channel
+from proxy_backend import Backend, Huge, Raw, Stall, backend_running
+from test_websocket_python import Events, next_pub
+from ws_support import NodeClient, RawClient
+
+TIMEOUT = 10.0
+SECRET = "proxy-test-secret-of-at-least-32-bytes!"
+
+Launcher = Callable[..., ServerProcess]
+
+
+@pytest.fixture
+def backend() -> Iterator[Backend]:
+    with backend_running() as running:
+        yield running
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(k)} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(value)
+
+
+def start(
+    server_factory: Launcher,
+    backend: Backend,
+    calls: tuple[str, ...],
+    *,
+    hooks_timeout: float = 5.0,
+    extra: str = "",
+    **proxy: Any,
+) -> ServerProcess:
+    """tidings with the backend's ``/<call>`` as the URL of each of ``calls``."""
+    lines = ["[hooks]", f"timeout = {hooks_timeout}", "[proxy]"]
+    lines += [f'{call}_url = "{backend.url(call)}"' for call in calls]
+    lines += [f"{key} = {toml_value(value)}" for key, value in proxy.items()]
+    return server_factory(config="\n".join(lines) + "\n" + extra)
+
+
+def token(user: str) -> str:
+    return jwt.encode({"sub": user, "exp": int(time.time()) + 600}, SECRET, algorithm="HS256")
+
+
+def raw_client(srv: ServerProcess, **kw: Any) -> RawClient:
+    return RawClient(srv.ws_url, **kw)
+
+
+def reply_to(client: RawClient, command_id: int) -> dict[str, Any]:
+    return client.wait_for(lambda m: m.get("id") == command_id)
+
+
+def connected_raw(srv: ServerProcess, **connect: Any) -> RawClient:
+    """A raw WebSocket client whose connect command was accepted."""
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": connect})
+    reply = reply_to(client, 1)
+    assert "connect" in reply, reply
+    return client
+
+
+def sdk(srv: ServerProcess, events: ClientEventHandler | None = None, **kw: Any) -> Client:
+    return Client(
+        srv.ws_url + "/connection/websocket",
+        events=events,
+        proxy=None,
+        min_reconnect_delay=0.1,
+        max_reconnect_delay=0.5,
+        **kw,
+    )
+
+
+def assert_quiet_failures(srv: ServerProcess, fragment: str) -> None:
+    """A backend failure is a WARNING naming it, never a traceback or an ERROR line."""
+    deadline = time.monotonic() + TIMEOUT
+    while fragment not in srv.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    logs = srv.logs()
+    assert fragment in logs, logs[-4000:]
+    line = next(line for line in logs.splitlines() if fragment in line)
+    assert "WARNING" in line, line
+    assert "Traceback" not in logs and " ERROR " not in logs, logs[-4000:]
+
+
+# -- connect ----------------------------------------------------------------------
+
+
+class Connected(ClientEventHandler):
+    def __init__(self) -> None:
+        self.connected: asyncio.Queue[ConnectedContext] = asyncio.Queue()
+
+    async def on_connected(self, ctx: ConnectedContext) -> None:
+        await self.connected.put(ctx)
+
+
+def test_connect_user_info_and_data_from_the_backend(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """centrifuge-python connects without a token; the backend names the user, the
+    allowlisted header and cookie reach it (others don't), the static header too."""
+    backend.answer(
+        "connect",
+        {"result": {"user": "56", "info": {"name": "Ann"}, "data": {"welcome": True}}},
+    )
+    srv = start(
+        server_factory,
+        backend,
+        ("connect",),
+        http_headers=["X-Allowed"],
+        cookies=["session"],
+        static_headers={"X-Proxy-Secret": "s3cret"},
+        extra="[channels]\npresence = true\n",
+    )
+    channel = unique_channel("proxy")
+
+    async def main() -> None:
+        events, sub_events = Connected(), Events()
+        headers = {
+            "X-Allowed": "yes",
+            "X-Other": "no",
+            "Cookie": "tracking=xyz; session=abc",
+        }
+        client = sdk(srv, events, headers=headers, data={"hello": 1}, name="py-test")
+        sub = client.new_subscription(channel, sub_events)
+        await client.connect()
+        ctx = await asyncio.wait_for(events.connected.get(), TIMEOUT)
+        assert ctx.data == {"welcome": True}
+        await sub.subscribe()
+        await sub.ready(TIMEOUT)
+        await sub.publish({"text": "hi"})
+        pub = (await next_pub(sub_events)).pub
+        assert pub.info is not None and pub.info.user == "56"
+        presence = await sub.presence()
+        [member] = presence.clients.values()
+        assert member.user == "56" and member.conn_info == {"name": "Ann"}
+        [seen] = backend.seen("connect")
+        assert seen.body == {
+            "client": client.client_id,
+            "transport": "websocket",
+            "protocol": "json",
+            "encoding": "json",
+            "name": "py-test",
+            "data": {"hello": 1},
+        }
+        await client.disconnect()
+
+    asyncio.run(main())
+    headers = {k.lower(): v for k, v in backend.seen("connect")[0].headers.items()}
+    assert headers["x-allowed"] == "yes"
+    assert "x-other" not in headers
+    assert headers["cookie"] == "session=abc"
+    assert headers["x-proxy-secret"] == "s3cret"
+    assert headers["content-type"] == "application/json"
+
+
+def test_connect_with_a_token_does_not_ask_the_backend(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """Centrifugo calls the connect proxy only for clients without a token."""
+    backend.answer("connect", {"disconnect": {"code": 4501, "reason": "unauthorized"}})
+    srv = start(server_factory, backend, ("connect",), extra=f'[auth]\nhmac_secret = "{SECRET}"\n')
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {"token": token("42")}})
+    assert reply_to(client, 1)["connect"]["client"]
+    anonymous = raw_client(srv)
+    anonymous.send({"id": 1, "connect": {}})
+    assert anonymous.read_until_closed() == 4501
+    [asked] = backend.seen("connect")
+    assert asked.body.get("transport") == "websocket", asked.body
+
+
+def test_connect_refused_with_the_backends_error(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    backend.answer(
+        "connect", {"error": {"code": 1000, "message": "custom error", "temporary": True}}
+    )
+    srv = start(server_factory, backend, ("connect",))
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    reply = reply_to(client, 1)
+    assert reply["error"] == {"code": 1000, "message": "custom error", "temporary": True}
+
+
+def test_connect_disconnect_answer_closes_with_its_code(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    backend.answer("connect", {"disconnect": {"code": 4501, "reason": "unauthorized"}})
+    srv = start(server_factory, backend, ("connect",))
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    assert client.read_until_closed() == 4501
+    assert client.protocol.close_rcvd is not None
+    assert client.protocol.close_rcvd.reason == "unauthorized"
+
+
+def test_connect_on_sse_and_poll(server_factory: Launcher, backend: Backend) -> None:
+    """The HTTP transports ask the backend too; a refusal is a status, not a stream."""
+
+    def decide(body: dict[str, Any]) -> dict[str, Any]:
+        return {"result": {"user": "77"}}
+
+    backend.answer("connect", decide)
+    srv = start(server_factory, backend, ("connect",), cookies=["session"])
+    channel = unique_channel("proxy")
+    cookies = {"session": "abc", "other": "x"}
+    response = httpx.get(
+        f"{srv.url}/poll", params={"channel": channel}, cookies=cookies, timeout=TIMEOUT
+    )
+    assert response.status_code == 200, response.text
+    [seen] = backend.wait_seen("connect")
+    assert seen.body["transport"] == "poll" and seen.body["protocol"] == "json"
+    assert "client" in seen.body
+    assert {k.lower(): v for k, v in seen.headers.items()}["cookie"] == "session=abc"
+    backend.answer("connect", {"error": {"code": 403, "message": "no session"}})
+    with httpx.stream(
+        "GET", f"{srv.url}/sse", params={"channel": channel}, timeout=TIMEOUT
+    ) as stream:
+        assert stream.status_code == 403
+    assert backend.wait_seen("connect", 2)[1].body["transport"] == "sse"
+
+
+# -- subscribe, publish, rpc ------------------------------------------------------
+
+
+def test_subscribe_allowed_refused_and_namespaces_left_to_rules(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    def decide(body: dict[str, Any]) -> dict[str, Any]:
+        if body["channel"].endswith("forbidden"):
+            return {"error": {"code": 403, "message": "permission denied"}}
+        return {"result": {"info": {"role": "reader"}}}
+
+    backend.answer("subscribe", decide)
+    srv = start(
+        server_factory,
+        backend,
+        ("subscribe",),
+        subscribe_namespaces=["guarded"],
+        extra="[namespaces.guarded]\n[namespaces.open]\n",
+    )
+    client = connected_raw(srv)
+    client.send(
+        {"id": 2, "subscribe": {"channel": "guarded:room", "data": {"want": "in"}}},
+        {"id": 3, "subscribe": {"channel": "guarded:forbidden"}},
+        {"id": 4, "subscribe": {"channel": "open:room"}},
+    )
+    assert "subscribe" in reply_to(client, 2)
+    assert reply_to(client, 3)["error"]["code"] == 403
+    assert "subscribe" in reply_to(client, 4)
+    bodies = [r.body for r in backend.seen("subscribe")]
+    assert [b["channel"] for b in bodies] == ["guarded:room", "guarded:forbidden"]
+    assert bodies[0]["data"] == {"want": "in"}
+    assert bodies[0]["transport"] == "websocket" and bodies[0]["client"]
+
+
+def test_publish_data_replaced_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
+    def decide(body: dict[str, Any]) -> dict[str, Any]:
+        if body["data"].get("text") == "spam":
+            return {"error": {"code": 1001, "message": "spam"}}
+        return {"result": {"data": {"text": body["data"]["text"].upper(), "checked": True}}}
+
+    backend.answer("publish", decide)
+    srv = start(server_factory, backend, ("publish",))
+    channel = unique_channel("proxy")
+
+    async def main() -> None:
+        events = Events()
+        client = sdk(srv)
+        sub = client.new_subscription(channel, events)
+        await client.connect()
+        await sub.subscribe()
+        await sub.ready(TIMEOUT)
+        await sub.publish({"text": "hello"})
+        pub = (await next_pub(events)).pub
+        assert pub.data == {"text": "HELLO", "checked": True}
+        with pytest.raises(ReplyError) as refused:
+            await sub.publish({"text": "spam"})
+        assert refused.value.code == 1001
+        history = await sub.history(limit=-1)
+        assert [p.data for p in history.publications] == [{"text": "HELLO", "checked": True}]
+        await client.disconnect()
+
+    asyncio.run(main())
+    body = backend.seen("publish")[0].body
+    assert body["channel"] == channel and body["data"] == {"text": "hello"}
+
+
+def test_rpc_answered_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
+    def decide(body: dict[str, Any]) -> dict[str, Any]:
+        if body["method"] == "getCurrentPrice":
+            return {"result": {"data": {"answer": "2019", "asked": body["data"]}}}
+        return {"error": {"code": 404, "message": "no such method"}}
+
+    backend.answer("rpc", decide)
+    srv = start(server_factory, backend, ("rpc",))
+
+    async def main() -> None:
+        client = sdk(srv)
+        await client.connect()
+        await client.ready(TIMEOUT)
+        result = await client.rpc("getCurrentPrice", {"params": {"object_id": 12}})
+        assert result.data == {"answer": "2019", "asked": {"params": {"object_id": 12}}}
+        with pytest.raises(ReplyError) as refused:
+            await client.rpc("unknown", {})
+        assert refused.value.code == 404
+        await client.disconnect()
+
+    asyncio.run(main())
+
+
+def test_b64_fields_of_an_answer_are_decoded(server_factory: Launcher, backend: Backend) -> None:
+    """``b64data`` answers (Centrifugo's binary mode) carry JSON too, and
+    ``binary_encoding`` sends the client's data as ``b64data``."""
+    answer = base64.b64encode(b'{"from": "b64"}').decode()
+    backend.answer("rpc", {"result": {"b64data": answer}})
+    srv = start(server_factory, backend, ("rpc",), binary_encoding=True)
+    client = connected_raw(srv)
+    client.send({"id": 2, "rpc": {"method": "m", "data": {"x": 1}}})
+    assert reply_to(client, 2)["rpc"]["data"] == {"from": "b64"}
+    body = backend.seen("rpc")[0].body
+    assert body["encoding"] == "binary"
+    assert json.loads(base64.b64decode(body["b64data"])) == {"x": 1}
+    assert "data" not in body
+
+
+# -- refresh, sub_refresh ---------------------------------------------------------
+
+#: Lifetimes are enforced on a connection's ping turn: every second here, and a
+#: raw client that never answers pings is not closed for it meanwhile.
+QUICK_TURNS = "[websocket]\nping_interval = 1.0\npong_timeout = 60.0\n"
+
+
+def test_refresh_by_the_backend_when_expire_at_comes(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """The connection the backend gave an expiry is refreshed by asking it; when it
+    answers ``expired`` the client is closed with 3005."""
+    backend.answer("connect", lambda _: {"result": {"user": "56", "expire_at": int(time.time())}})
+    answers = iter([{"result": {"expire_at": int(time.time()) + 2}}, {"result": {"expired": True}}])
+    backend.answer("refresh", lambda _: next(answers))
+    srv = start(server_factory, backend, ("connect", "refresh"), extra=QUICK_TURNS)
+    client = connected_raw(srv)
+    client_id = backend.seen("connect")[0].body["client"]
+    first = backend.wait_seen("refresh", 1)[0].body
+    assert first == {
+        "client": client_id,
+        "transport": "websocket",
+        "protocol": "json",
+        "encoding": "json",
+        "user": "56",
+    }
+    # Prolonged by the first answer: asked again only when that expiry comes.
+    backend.wait_seen("refresh", 2, timeout=TIMEOUT + 5)
+    assert client.read_until_closed() == 3005
+
+
+def test_sub_refresh_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
+    channel = unique_channel("proxy")
+    backend.answer("subscribe", lambda _: {"result": {"expire_at": int(time.time())}})
+    backend.answer("sub_refresh", {"result": {"expired": True}})
+    srv = start(server_factory, backend, ("subscribe", "sub_refresh"), extra=QUICK_TURNS)
+    client = connected_raw(srv)
+    client.send({"id": 2, "subscribe": {"channel": channel}})
+    assert "subscribe" in reply_to(client, 2)
+    body = backend.wait_seen("sub_refresh")[0].body
+    assert body["channel"] == channel and body["client"]
+    push = client.wait_for(lambda m: "unsubscribe" in m.get("push", {}))
+    assert push["push"]["channel"] == channel
+    assert push["push"]["unsubscribe"]["code"] == 2501
+
+
+# -- a backend that fails ---------------------------------------------------------
+
+
+def assert_token_client_served(srv: ServerProcess) -> None:
+    """A client the backend is not asked about connects and receives publications."""
+    channel = unique_channel("other")
+    other = raw_client(srv)
+    other.send(
+        {"id": 1, "connect": {"token": token("7")}},
+        {"id": 2, "subscribe": {"channel": channel}},
+    )
+    assert "connect" in reply_to(other, 1)
+    assert "subscribe" in reply_to(other, 2)
+    publish(srv, channel, {"n": 1})
+    pub = other.wait_for(lambda m: "pub" in m.get("push", {}))
+    assert pub["push"]["pub"]["data"] == {"n": 1}
+    other.close()
+
+
+AUTH = f'[auth]\nhmac_secret = "{SECRET}"\n'
+
+
+def test_backend_down_is_a_temporary_error(server_factory: Launcher, backend: Backend) -> None:
+    down = f"http://127.0.0.1:{free_port()}/connect"
+    srv = server_factory(config=f'[proxy]\nconnect_url = "{down}"\n[hooks]\ntimeout = 5.0\n{AUTH}')
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    assert reply_to(client, 1)["error"] == {
+        "code": 100,
+        "message": "connect proxy unavailable",
+        "temporary": True,
+    }
+    assert_token_client_served(srv)
+    assert_quiet_failures(srv, "connect proxy call to")
+
+
+def test_backend_slow_past_the_timeout(server_factory: Launcher, backend: Backend) -> None:
+    backend.answer("connect", Stall())
+    srv = start(server_factory, backend, ("connect",), timeout=1.0, extra=AUTH)
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    backend.wait_seen("connect")
+    # While the backend holds the call, another client is served.
+    assert_token_client_served(srv)
+    reply = reply_to(client, 1)
+    assert reply["error"]["code"] == 100 and reply["error"]["temporary"] is True
+    assert_quiet_failures(srv, "no answer within 1s")
+
+
+GARBAGE = {
+    "not JSON": (Raw(200, b"<html>oops</html>"), "not Centrifugo's connect response"),
+    "HTTP 500": (Raw(500, b'{"result": {"user": "1"}}'), "HTTP status 500"),
+    "wrong types": (Raw(200, b'{"result": {"user": 56}}'), "Expected `str`"),
+    "bad base64": (Raw(200, b'{"result": {"user": "1", "b64info": "%%%"}}'), "b64info"),
+    "a huge body": (Huge(64 * 1024 * 1024), "over proxy.max_response_size"),
+}
+
+
+@pytest.mark.parametrize("kind", GARBAGE)
+def test_backend_garbage_is_a_temporary_error(
+    server_factory: Launcher, backend: Backend, kind: str
+) -> None:
+    answer, logged = GARBAGE[kind]
+    backend.answer("connect", answer)
+    srv = start(server_factory, backend, ("connect",), max_response_size=65536, extra=AUTH)
+    before = rss_kib(srv)
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    reply = reply_to(client, 1)
+    assert reply["error"]["code"] == 100 and reply["error"]["temporary"] is True
+    assert_token_client_served(srv)
+    assert_quiet_failures(srv, logged)
+    # The 64 MiB body was not read: the server holds a few MiB more at most.
+    assert rss_kib(srv) - before < 16 * 1024
+
+
+def test_concurrent_calls_bounded_by_max_concurrency(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """Thirty clients connect at once against a backend that holds every call:
+    tidings keeps at most max_concurrency requests at the backend, the rest wait
+    (within the timeout) and go through once it answers; others are served."""
+    limit, clients_count = 4, 30
+    backend.answer("connect", Stall())
+    srv = start(
+        server_factory,
+        backend,
+        ("connect",),
+        max_concurrency=limit,
+        timeout=8.0,
+        hooks_timeout=10.0,
+        extra=AUTH,
+    )
+    clients = [raw_client(srv) for _ in range(clients_count)]
+    for client in clients:
+        client.send({"id": 1, "connect": {}})
+    backend.wait_seen("connect", limit)
+    assert_token_client_served(srv)
+    assert backend.max_in_flight == limit
+    assert len(backend.seen("connect")) == limit
+    backend.answer("connect", lambda body: {"result": {"user": body["client"][:8]}})
+    backend.release()  # the held calls answer 503: their clients get code 100
+    replies = [reply_to(client, 1) for client in clients]
+    assert sum("connect" in r for r in replies) == clients_count - limit
+    assert sum(r.get("error", {}).get("code") == 100 for r in replies) == limit
+    assert backend.max_in_flight <= limit
+    assert len(backend.seen("connect")) == clients_count
+    assert_token_client_served(srv)
+    for client in clients:
+        client.close()
+
+
+# -- configuration ----------------------------------------------------------------
+
+
+def test_a_python_hook_and_a_proxy_url_for_one_decision_refuse_to_start() -> None:
+    from tidings.config import Config, ProxyConfig
+    from tidings.errors import ConfigError
+    from tidings.hooks import Hooks
+    from tidings.server import Server
+
+    async def python_connect(call: Any) -> None:
+        return None
+
+    hooks = Hooks()
+    hooks.connect = python_connect
+    config = Config(proxy=ProxyConfig(connect_url="http://127.0.0.1:9/connect"))
+    with pytest.raises(ConfigError, match="one decision has one owner"):
+        Server(config, hooks=hooks)
+    hooks.connect = None
+    hooks.rpc_fallback = python_connect
+    with pytest.raises(ConfigError, match=r"proxy\.rpc_url"):
+        Server(Config(proxy=ProxyConfig(rpc_url="http://127.0.0.1:9/rpc")), hooks=hooks)
+
+
+def test_proxy_timeout_not_below_hooks_timeout_is_a_config_error(
+    server_factory: Launcher,
+) -> None:
+    config = (
+        '[proxy]\nconnect_url = "http://127.0.0.1:9/c"\ntimeout = 5.0\n[hooks]\ntimeout = 5.0\n'
+    )
+    srv = server_factory(config=config, wait=False)
+    assert srv.proc.wait(TIMEOUT) == 2
+    assert "proxy.timeout (5s) must be below hooks.timeout (5s)" in srv.logs()
+    bad_url = server_factory(config='[proxy]\nconnect_url = "ftp://x"\n', wait=False)
+    assert bad_url.proc.wait(TIMEOUT) == 2
+    assert "proxy.connect_url: an http:// or https:// URL" in bad_url.logs()
+
+
+# -- centrifuge-js ----------------------------------------------------------------
+
+
+def test_centrifuge_js_connects_and_calls_rpc_through_the_backend(
+    server_factory: Launcher, backend: Backend, node_clients: list[NodeClient]
+) -> None:
+    backend.answer("connect", {"result": {"user": "js-user", "data": {"greeting": "hi"}}})
+    backend.answer("rpc", lambda body: {"result": {"data": {"echo": body["data"]}}})
+    srv = start(server_factory, backend, ("connect", "rpc"))
+    channel = unique_channel("js")
+    js = NodeClient(
+        srv.ws_url + "/connection/websocket", channel, env={"TIDINGS_JS_DATA": '{"a": 1}'}
+    )
+    node_clients.append(js)
+    connected = js.wait(lambda e: e["event"] == "connected")
+    assert connected["data"] == {"greeting": "hi"}
+    js.command(cmd="rpc", method="echo", data={"b": 2})
+    result = js.wait(lambda e: e["event"] == "rpc")
+    assert result["data"] == {"echo": {"b": 2}}
+    body = backend.seen("connect")[0].body
+    assert body["data"] == {"a": 1} and body["name"] == "js"
