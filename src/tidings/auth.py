@@ -241,6 +241,8 @@ class Policy(NamedTuple):
     force_push_join_leave: bool = False
     #: ``allowed_delta_types`` holds ``"fossil"``.
     fossil_delta: bool = False
+    #: A client's own publications reach its connection too.
+    echo_publications: bool = True
 
     @classmethod
     def of(cls, config: NamespaceConfig, secure: bool) -> Policy:
@@ -253,6 +255,7 @@ class Policy(NamedTuple):
             config.join_leave,
             config.force_push_join_leave,
             "fossil" in config.allowed_delta_types,
+            config.echo_publications,
         )
 
 

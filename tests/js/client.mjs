@@ -7,7 +7,8 @@
 // Lines on stdin are commands: {"cmd": "publish", "channel": c, "data": d},
 // {"cmd": "history", "channel": c}, {"cmd": "presence", "channel": c},
 // {"cmd": "presence_stats", "channel": c}, {"cmd": "disconnect"}, {"cmd": "connect"},
-// {"cmd": "exit"}. The process also exits when stdin closes.
+// {"cmd": "rpc", "method": m, "data": d}, {"cmd": "exit"}. The process also exits
+// when stdin closes.
 // Environment: TIDINGS_JS_TOKEN (connection token), TIDINGS_JS_SUB_TOKENS (JSON:
 // subscription tokens by channel), TIDINGS_JS_JOIN_LEAVE=1 (the joinLeave
 // subscription option), TIDINGS_JS_DELTA=fossil (the delta subscription option; the
@@ -28,6 +29,8 @@ const { Centrifuge } = await import(protobuf ? "centrifuge/build/protobuf" : "ce
 const fromWire = (data) => (protobuf ? JSON.parse(new TextDecoder().decode(data)) : data);
 const toWire = (data) => (protobuf ? new TextEncoder().encode(JSON.stringify(data)) : data);
 // The Protobuf build hands out uint64 offsets as protobufjs longs ({low, high, unsigned}).
+// Absent data: undefined in JSON, empty bytes in Protobuf; null in the events.
+const dataOf = (d) => (d === undefined || d === null || d.length === 0 ? null : fromWire(d));
 const num = (v) => (v !== null && typeof v === "object" ? v.high * 4294967296 + v.low : v);
 
 const [url, ...channels] = process.argv.slice(2);
@@ -40,6 +43,8 @@ const options = {
   timeout: 5000,
 };
 if (process.env.TIDINGS_JS_TOKEN) options.token = process.env.TIDINGS_JS_TOKEN;
+// TIDINGS_JS_DATA: JSON sent as the connect command's data (the connect hook sees it).
+if (process.env.TIDINGS_JS_DATA) options.data = toWire(JSON.parse(process.env.TIDINGS_JS_DATA));
 const emulated = process.env.TIDINGS_JS_TRANSPORT;
 let endpoint = url;
 if (emulated) {
@@ -49,7 +54,14 @@ if (emulated) {
   endpoint = [{ transport: emulated, endpoint: url + "/connection/" + emulated }];
 }
 const client = new Centrifuge(endpoint, options);
-client.on("connected", (ctx) => out({ event: "connected", client: ctx.client, transport: ctx.transport }));
+client.on("connected", (ctx) =>
+  out({
+    event: "connected",
+    client: ctx.client,
+    transport: ctx.transport,
+    data: dataOf(ctx.data),
+  }),
+);
 client.on("disconnected", (ctx) => out({ event: "disconnected", code: ctx.code, reason: ctx.reason }));
 client.on("connecting", (ctx) => out({ event: "connecting", code: ctx.code, reason: ctx.reason }));
 client.on("error", (ctx) => out({ event: "client_error", error: String(ctx.error && ctx.error.message) }));
@@ -129,6 +141,9 @@ rl.on("line", async (line) => {
         numClients: res.numClients === undefined ? null : res.numClients,
         numUsers: res.numUsers === undefined ? null : res.numUsers,
       });
+    } else if (msg.cmd === "rpc") {
+      const res = await client.rpc(msg.method, toWire(msg.data));
+      out({ event: "rpc", method: msg.method, data: dataOf(res.data) });
     } else if (msg.cmd === "delta_stats") {
       out({ event: "delta_stats", channel: msg.channel, ...subs[msg.channel].deltaStats() });
     } else if (msg.cmd === "disconnect") {
@@ -140,7 +155,12 @@ rl.on("line", async (line) => {
       process.exit(0);
     }
   } catch (e) {
-    out({ event: "command_error", cmd: msg.cmd, error: String(e && (e.message || e.code || e)) });
+    out({
+      event: "command_error",
+      cmd: msg.cmd,
+      code: e && e.code,
+      error: String(e && (e.message || e.code || e)),
+    });
   }
 });
 rl.on("close", () => {

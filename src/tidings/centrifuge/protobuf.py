@@ -58,6 +58,7 @@ from .schema import (
     Reply,
     RPCRequest,
     SendRequest,
+    ServerSubscription,
     StreamPosition,
     SubRefreshRequest,
     SubscribeRequest,
@@ -382,6 +383,11 @@ def _reply(reply: Reply) -> pb.Reply:
         message.sub_refresh.CopyFrom(
             pb.SubRefreshResult(expires=sub_refresh.expires, ttl=sub_refresh.ttl)
         )
+    if reply.rpc is not None:
+        # The handler's JSON as the bytes of ``RPCResult.data``, as publication data goes.
+        message.rpc.SetInParent()
+        if reply.rpc.data is not None:
+            message.rpc.data = bytes(reply.rpc.data)
     return message
 
 
@@ -468,6 +474,19 @@ def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
     return _delimited(reply.SerializeToString())
 
 
+def subscribe_push(channel: str, subscription: ServerSubscription) -> bytes:
+    """A delimited ``Reply{push{channel, subscribe{..}}}``: a server-side subscribe."""
+    reply = pb.Reply()
+    push = reply.push
+    push.channel = channel
+    sub = push.subscribe
+    sub.recoverable = subscription.recoverable
+    sub.epoch = subscription.epoch
+    sub.offset = subscription.offset
+    sub.positioned = subscription.positioned
+    return _delimited(reply.SerializeToString())
+
+
 def disconnect_push(code: int, reason: str) -> bytes:
     """A delimited ``Reply{push{disconnect{code, reason}}}``: how a stream
     without close codes (bidirectional emulation) ends a session."""
@@ -489,4 +508,5 @@ PROTOBUF = Wire(
     push=push_protobuf,
     presence_push=presence_push_protobuf,
     unsubscribe_push=unsubscribe_push,
+    subscribe_push=subscribe_push,
 )

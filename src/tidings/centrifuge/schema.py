@@ -290,6 +290,12 @@ class PresenceResult(_Always):
     presence: dict[str, PresenceInfo] = msgspec.field(default_factory=dict)
 
 
+class RPCResult(_Res):
+    """An RPC's answer: the handler's JSON value, embedded raw (absent for None)."""
+
+    data: msgspec.Raw | None = None
+
+
 class PresenceStatsResult(_Always):
     num_clients: int = 0
     num_users: int = 0
@@ -308,6 +314,7 @@ class Reply(_Res):
     ping: Empty | None = None
     refresh: RefreshResult | None = None
     sub_refresh: SubRefreshResult | None = None
+    rpc: RPCResult | None = None
 
 
 _encode = msgspec.json.Encoder().encode
@@ -399,6 +406,30 @@ class _PushEnvelope(_Res):
 def unsubscribe_push(channel: str, code: int, reason: str) -> bytes:
     """``{"push":{"channel":..,"unsubscribe":{"code":..,"reason":..}}}``."""
     return _encode(_PushEnvelope(_UnsubscribePush(channel, _Unsubscribe(code, reason))))
+
+
+class ServerSubscription(_Res):
+    """Centrifugo's ``Subscribe`` push body: a subscription the server made
+    (the SDKs turn it into a server-side subscription at this position)."""
+
+    recoverable: bool = False
+    epoch: str = ""
+    offset: int = 0
+    positioned: bool = False
+
+
+class _SubscribePush(_Res):
+    channel: str
+    subscribe: ServerSubscription
+
+
+class _SubscribeEnvelope(_Res):
+    push: _SubscribePush
+
+
+def subscribe_push(channel: str, subscription: ServerSubscription) -> bytes:
+    """``{"push":{"channel":..,"subscribe":{..}}}``: a server-side subscribe."""
+    return _encode(_SubscribeEnvelope(_SubscribePush(channel, subscription)))
 
 
 class _DisconnectPush(_Res):

@@ -17,19 +17,35 @@ Protobuf); replies to one frame are batched into one frame.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any, NamedTuple, Protocol
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from typing import Any, Literal, NamedTuple, Protocol
 
 import msgspec
 
-from ..version import __version__
 from ..auth import ANONYMOUS, Access, Credentials, Grant, InvalidToken, UnverifiedToken
 from ..errors import DisconnectCode, ErrorCode, ProtocolError
+from ..gate import Gate
+from ..hooks import (
+    ConnectCall,
+    DisconnectEvent,
+    Hooks,
+    MemberEvent,
+    PublishCall,
+    RefreshCall,
+    RPCCall,
+    SubRefreshCall,
+    SubscribeCall,
+    TransportName,
+    encode_json,
+)
+from ..hooks import Disconnect as HookDisconnect
 from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
+from ..version import __version__
 from .schema import (
     FLAG_REJECT_UNRECOVERED,
     BadRequest,
@@ -48,7 +64,9 @@ from .schema import (
     RefreshResult,
     Reply,
     RPCRequest,
+    RPCResult,
     SendRequest,
+    ServerSubscription,
     SubRefreshRequest,
     SubRefreshResult,
     SubscribeRequest,
@@ -73,6 +91,57 @@ MAX_HELD_PUSHES = 1024
 _CLOSED: tuple[()] = ()
 
 
+#: Refresh hooks (``refresh``, ``sub_refresh``) running at once per transport;
+#: an expiry found while this many run waits for the next periodic turn.
+MAX_PENDING_REFRESHES = 1024
+
+#: The code and reason of a session whose client went away by itself (its
+#: socket closed, its close frame came, its stream was dropped): what the
+#: ``disconnect`` event says, as Centrifugo's "connection closed".
+CLIENT_WENT_AWAY = (3000, "connection closed")
+
+
+class RequestContext(NamedTuple):
+    """What a ``connect`` hook sees of the HTTP request that opened a session.
+
+    Kept by the transport only while a ``connect`` hook is registered, and only
+    until the session is connected (see :meth:`SessionTransport.request_context`).
+    """
+
+    headers: Mapping[str, str]
+    cookies: Mapping[str, str]
+    remote: str = ""
+
+
+NO_REQUEST_CONTEXT = RequestContext({}, {})
+
+
+class Refreshes:
+    """The ``refresh`` and ``sub_refresh`` hook calls in flight for one transport.
+
+    Expiries are found on the transport's periodic turn, which must never wait
+    on a hook: each expired connection (or subscription) gets a task of its
+    own, at most :data:`MAX_PENDING_REFRESHES` at once; one already asked is not
+    asked again until its task ends. Empty, it holds an empty dict.
+    """
+
+    __slots__ = ("limit", "pending")
+
+    def __init__(self, limit: int = MAX_PENDING_REFRESHES) -> None:
+        self.limit = limit
+        self.pending: dict[tuple[ClientSession, str], asyncio.Task[None]] = {}
+
+    def start(self, key: tuple[ClientSession, str], work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` for ``key`` unless it runs already or too many do (then next turn)."""
+        pending = self.pending
+        if key in pending or len(pending) >= self.limit:
+            work.close()
+            return
+        task = asyncio.get_running_loop().create_task(work)
+        pending[key] = task
+        task.add_done_callback(lambda _: pending.pop(key, None))
+
+
 class SessionOptions(NamedTuple):
     """What the protocol needs from the configuration; shared by every session."""
 
@@ -81,6 +150,20 @@ class SessionOptions(NamedTuple):
     version: str = VERSION
     #: This node's id, sent in the connect reply of emulated sessions.
     node: str = ""
+    #: The doors of the access rules and the application's hooks; None: the
+    #: rules alone (a session built without a server, in unit tests).
+    gate: Gate | None = None
+    #: The refresh hooks in flight (a transport's; None: a session of its own).
+    refreshes: Refreshes | None = None
+
+    def doors(self) -> Gate:
+        """The gate sessions go through (the rules alone when none was given)."""
+        gate = self.gate
+        return gate if gate is not None else Gate(self.access, _NO_HOOKS)
+
+
+_NO_HOOKS = Hooks()
+_NO_REFRESHES = Refreshes()
 
 
 class SessionTransport(Protocol):
@@ -104,6 +187,14 @@ class SessionTransport(Protocol):
     def close(self, code: int, reason: str) -> None:
         """Close the connection with a disconnect code and reason."""
 
+    @property
+    def transport_name(self) -> TransportName:
+        """How the client is connected, as hooks and events name it."""
+
+    def request_context(self) -> RequestContext:
+        """The opening request's headers, cookies and peer, for the ``connect``
+        hook (asked only when one is registered)."""
+
 
 class ClientSession:
     """The Centrifugo protocol state of one client connection.
@@ -124,11 +215,11 @@ class ClientSession:
         "closed",
         "credentials",
         "deltas",
+        "grants",
         "hub",
         "join_leave_asked",
         "options",
         "session_id",
-        "sub_expiries",
         "transport",
         "wire",
     )
@@ -152,8 +243,10 @@ class ClientSession:
         self.wire = wire
         self.client_id = ""  # set by connect; "" means not connected yet
         self.credentials: Credentials = ANONYMOUS
-        # Unix expiry of subscriptions granted by expiring subscription tokens.
-        self.sub_expiries: dict[str, int] | None = None
+        # The grants of subscriptions that carry something to remember: an
+        # expiry (a subscription token's, or the subscribe hook's) or the hook's
+        # presence/join_leave overrides. None while no subscription has any.
+        self.grants: dict[str, Grant] | None = None
         # Channels subscribed with ``join_leave: true``: their own join is pushed too.
         self.join_leave_asked: set[str] | None = None
         self.channels: set[str] | None = None
@@ -269,8 +362,15 @@ class ClientSession:
         self._push(self.wire.unsubscribe_push(channel, code, reason))
         return True
 
-    def release(self) -> None:
-        """Leave every channel (the connection is gone). Idempotent."""
+    def release(self, code: int = CLIENT_WENT_AWAY[0], reason: str = CLIENT_WENT_AWAY[1]) -> None:
+        """Leave every channel (the connection is gone). Idempotent.
+
+        ``code`` and ``reason`` are what the client was told (the transport
+        passes its close code; a client that went away by itself is
+        :data:`CLIENT_WENT_AWAY`): the ``disconnect`` event carries them.
+        """
+        if self.closed:
+            return
         self.closed = True
         self._out = None
         self._held = _CLOSED
@@ -279,6 +379,17 @@ class ClientSession:
         if channels:
             for channel in channels:
                 self._leave(channel)
+        hooks = self.options.doors().hooks
+        if self.client_id and hooks.listening:
+            hooks.emit(
+                DisconnectEvent(
+                    client=self.client_id,
+                    user=self.credentials.user,
+                    transport=self.transport.transport_name,
+                    code=int(code),
+                    reason=reason,
+                )
+            )
 
     def deliver_presence(self, event: PresenceEvent) -> None:
         """A join/leave push; rare enough to be framed per connection.
@@ -305,47 +416,155 @@ class ClientSession:
             return False
 
     def check_expiry(self) -> None:
-        """Enforce token lifetimes; the transport calls this on its periodic turn.
+        """Enforce lifetimes; the transport calls this on its periodic turn.
 
         A connection past its token (plus the grace period) is closed with
         3005; a subscription past its subscription token is ended with 2501,
-        which makes the SDKs subscribe again with a fresh token.
+        which makes the SDKs subscribe again with a fresh token. A lifetime
+        the application's hooks gave (``credentials.by_hook``, a grant's
+        ``by_hook``) is extended by asking its ``refresh`` / ``sub_refresh``
+        hook as soon as it ends, in a task of its own (:class:`Refreshes`);
+        without that hook it ends as a token's does.
         """
         access = self.options.access
-        if access.expired(self.credentials):
+        credentials = self.credentials
+        now = time.time()
+        if credentials.expires and now > credentials.expires:
+            hooks = self.options.doors().hooks
+            if credentials.by_hook and hooks.refresh is not None:
+                self._refreshes().start((self, ""), self._refresh_by_hook(hooks))
+            elif access.expired(credentials):
+                self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+                return
+        grants = self.grants
+        if grants:
+            deadline = now - access.expiry_grace
+            hooks = self.options.doors().hooks
+            for channel, grant in list(grants.items()):
+                if not grant.expires or grant.expires >= now:
+                    continue
+                if grant.by_hook and hooks.sub_refresh is not None:
+                    work = self._sub_refresh_by_hook(hooks, channel)
+                    self._refreshes().start((self, channel), work)
+                elif grant.expires < deadline:
+                    self.server_unsubscribe(channel, 2501, "subscription expired")
+
+    def _refreshes(self) -> Refreshes:
+        refreshes = self.options.refreshes
+        return refreshes if refreshes is not None else _NO_REFRESHES
+
+    async def _refresh_by_hook(self, hooks: Hooks) -> None:
+        """Ask the ``refresh`` hook for a new expiry; close 3005 when it says the
+        connection is over (or has no opinion). A hook that fails is asked
+        again on a later turn, until the grace period is past."""
+        hook = hooks.refresh
+        if hook is None or self.closed:
+            return
+        try:
+            reply = await hooks.decide("refresh", hook, RefreshCall(**self._who()))
+        except (ProtocolError, HookDisconnect) as exc:
+            if isinstance(exc, HookDisconnect):
+                self.close(exc.code, exc.reason)
+            elif self.options.access.expired(self.credentials):
+                self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return
+        if self.closed:
+            return
+        if reply is None or reply.expired:
             self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
             return
-        expiries = self.sub_expiries
-        if expiries:
-            deadline = time.time() - access.expiry_grace
-            for channel in [c for c, expires in expiries.items() if expires < deadline]:
-                self.server_unsubscribe(channel, 2501, "subscription expired")
+        try:
+            info = encode_json(reply.info)
+        except TypeError as exc:
+            log.error("refresh hook returned an unusable reply: %s", exc)
+            return
+        self.server_refresh(int(reply.expire_at), info, False)
 
-    def _remember_expiry(self, channel: str, grant: Grant | None) -> None:
-        if grant is not None and grant.expires:
-            if self.sub_expiries is None:
-                self.sub_expiries = {}
-            self.sub_expiries[channel] = grant.expires
-        elif self.sub_expiries is not None:
-            self.sub_expiries.pop(channel, None)
+    async def _sub_refresh_by_hook(self, hooks: Hooks, channel: str) -> None:
+        """Ask the ``sub_refresh`` hook for a new expiry of ``channel``; 2501
+        when the subscription is over (or the hook has no opinion)."""
+        hook = hooks.sub_refresh
+        if hook is None or self.closed:
+            return
+        call = SubRefreshCall(**self._who(), channel=channel)
+        try:
+            reply = await hooks.decide("sub_refresh", hook, call)
+        except HookDisconnect as exc:
+            self.close(exc.code, exc.reason)
+            return
+        except ProtocolError:
+            grant = (self.grants or {}).get(channel)
+            if grant is not None and grant.expires < time.time() - self.options.access.expiry_grace:
+                self.server_unsubscribe(channel, 2501, "subscription expired")
+            return
+        grants = self.grants
+        grant = grants.get(channel) if grants is not None else None
+        if self.closed or grants is None or grant is None:
+            return  # unsubscribed meanwhile
+        if reply is None or reply.expired:
+            self.server_unsubscribe(channel, 2501, "subscription expired")
+            return
+        grants[channel] = grant._replace(expires=int(reply.expire_at))
+
+    def _remember_grant(self, channel: str, grant: Grant | None) -> None:
+        """Keep ``channel``'s grant when it carries an expiry or overrides."""
+        if grant is not None and (
+            grant.expires or grant.presence is not None or grant.join_leave is not None
+        ):
+            if self.grants is None:
+                self.grants = {}
+            self.grants[channel] = grant
+        elif self.grants is not None:
+            self.grants.pop(channel, None)
+
+    def _joins(self, channel: str, grant: Grant | None) -> tuple[bool, bool]:
+        """``(presence, join_leave)`` of this subscription: the namespace's, or
+        the ``subscribe`` hook's overrides. One rule for the join and the leave."""
+        policy = self.options.access.policy(channel)
+        presence, join_leave = policy.presence, policy.join_leave
+        if grant is not None:
+            if grant.presence is not None:
+                presence = grant.presence
+            if grant.join_leave is not None:
+                join_leave = grant.join_leave
+        return presence, join_leave
 
     def _leave(self, channel: str) -> None:
         """Unsubscribe, and take the client out of the channel's presence."""
         self.hub.unsubscribe(channel, self)
-        if self.sub_expiries is not None:
-            self.sub_expiries.pop(channel, None)
+        grant = self.grants.pop(channel, None) if self.grants is not None else None
         if self.join_leave_asked is not None:
             self.join_leave_asked.discard(channel)
         if self.deltas is not None:
             self.deltas.pop(channel, None)
         try:
-            policy = self.options.access.policy(channel)
+            presence, join_leave = self._joins(channel, grant)
         except ProtocolError:
             return
-        if policy.presence:
+        if not (presence or join_leave):
+            return
+        if presence:
             self.hub.remove_presence(channel, self.client_id)
-        if policy.join_leave:
-            self.hub.announce(channel, "leave", self._info())
+        info = self._info(grant.info if grant is not None else None)
+        if join_leave:
+            self.hub.announce(channel, "leave", info)
+        self._member_event("leave", channel, info)
+
+    def _member_event(self, kind: Literal["join", "leave"], channel: str, info: ClientInfo) -> None:
+        """A join or leave for the listeners: fired here, by the node holding
+        the client, so once per cluster."""
+        hooks = self.options.doors().hooks
+        if hooks.listening:
+            hooks.emit(
+                MemberEvent(
+                    kind=kind,
+                    channel=channel,
+                    client=info.client,
+                    user=info.user,
+                    conn_info=bytes(info.conn_info) if info.conn_info else None,
+                    chan_info=bytes(info.chan_info) if info.chan_info else None,
+                )
+            )
 
     def _info(self, chan_info: bytes | None = None) -> ClientInfo:
         conn_info = self.credentials.info
@@ -355,6 +574,67 @@ class ClientSession:
             conn_info=msgspec.Raw(conn_info) if conn_info else None,
             chan_info=msgspec.Raw(chan_info) if chan_info else None,
         )
+
+    def _who(self) -> dict[str, Any]:
+        """The fields every hook call of this session carries."""
+        return {
+            "transport": self.transport.transport_name,
+            "protocol": "protobuf" if self.wire.binary else "json",
+            "client": self.client_id,
+            "user": self.credentials.user,
+        }
+
+    # -- the server API's side (hub.Client) ---------------------------------
+
+    async def server_subscribe(self, channel: str) -> bool:
+        """Subscribe the client to ``channel`` on the server's initiative.
+
+        Centrifugo's server-side subscription: no permission check (the
+        server decided), a ``subscribe`` push the SDKs turn into a server-side
+        subscription (centrifuge-js emits ``subscribed`` on the client;
+        centrifuge-python calls ``on_subscribed`` of its client handler), then
+        presence and the join as for any subscription. Returns False when the
+        session is not connected, is closed, or already follows ``channel``;
+        a name that is invalid or of an unknown namespace raises its
+        :class:`ProtocolError` (107, 102).
+        """
+        self.options.access.policy(channel)
+        channels = self.channels
+        if self.closed or not self.client_id or channels is None or channel in channels:
+            return False
+        if self._held is not None:
+            return False  # still connecting: its connect reply is not written yet
+        result = await self._subscribe_channel(channel, None, None)
+        if result is None:
+            return False
+        self._push(
+            self.wire.subscribe_push(
+                channel,
+                ServerSubscription(
+                    recoverable=True,
+                    positioned=True,
+                    epoch=result.epoch,
+                    offset=result.offset,
+                ),
+            )
+        )
+        await self._join(channel, None)
+        return True
+
+    def server_refresh(self, expire_at: int, info: bytes | None, expired: bool) -> bool:
+        """Set the connection's expiry (and info, unless None) on the server's
+        initiative, or end it now with 3005 (``expired``). Returns False when
+        the session is not connected or already closed."""
+        if self.closed or not self.client_id:
+            return False
+        if expired:
+            self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return True
+        credentials = self.credentials
+        self.credentials = credentials._replace(
+            expires=int(expire_at), info=info if info is not None else credentials.info
+        )
+        return True
 
     # -- commands ----------------------------------------------------------
 
@@ -417,6 +697,9 @@ class ClientSession:
         except InvalidToken as exc:
             log_client_error(log, "closing %s: %s", self.client_id or "new client", exc.message)
             return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
+        except HookDisconnect as exc:
+            # The application's hook closes the connection, with its code and reason.
+            return Disconnect(exc.code, exc.reason)
         except ProtocolError as exc:
             if not self.closed:
                 self._reply(self.wire.error_reply(cmd_id, exc))
@@ -438,7 +721,27 @@ class ClientSession:
         connected, in no channel, and the client may connect again.
         """
         access = self.options.access
-        credentials = access.authenticate(req.token or None)
+        client_id = str(uuid.uuid4())
+
+        def make_call(user: str) -> ConnectCall:
+            request = self.transport.request_context()
+            return ConnectCall(
+                transport=self.transport.transport_name,
+                protocol="protobuf" if self.wire.binary else "json",
+                client=client_id,
+                user=user,
+                headers=request.headers,
+                cookies=request.cookies,
+                data=bytes(req.data) or None,
+                remote=request.remote,
+                name=req.name,
+                version=req.version,
+            )
+
+        admitted = await self.options.doors().connect(req.token or None, make_call)
+        if self.closed:
+            return None  # the client left while the hook decided
+        credentials = admitted.credentials
         # The token's channels (and the personal channel) obey the rules of any
         # subscription (a claim grants a namespace's token requirement, not a
         # user-limited channel of others), and are all checked before the client
@@ -446,7 +749,7 @@ class ClientSession:
         server_channels = access.server_channels(credentials)
         access.authorize_subscribe(credentials, server_channels)
         self.credentials = credentials
-        self.client_id = str(uuid.uuid4())
+        self.client_id = client_id
         self.channels = set()
         self.hub.add_client(credentials.user, self)
         subs: dict[str, SubscribeResult] = {}
@@ -469,12 +772,15 @@ class ClientSession:
                 self._held = None
             self._disconnect_session()
             raise
-        expires, ttl = _ttl(credentials.expires)
+        # A lifetime the hook gave is the server's to extend (the refresh hook):
+        # the client is not told, or its SDK would refresh it with a token.
+        expires, ttl = _ttl(0 if credentials.by_hook else credentials.expires)
         result = ConnectResult(
             client=self.client_id,
             version=self.options.version,
             expires=expires,
             ttl=ttl,
+            data=msgspec.Raw(admitted.data) if admitted.data is not None else None,
             subs=subs or None,
             ping=self.options.ping_interval,
             pong=self.options.ping_interval > 0,
@@ -504,7 +810,7 @@ class ClientSession:
         self.hub.remove_client(self.credentials.user, self)
         self.client_id = ""
         self.credentials = ANONYMOUS
-        self.sub_expiries = None
+        self.grants = None
         self.join_leave_asked = None
         self.deltas = None
 
@@ -526,15 +832,21 @@ class ClientSession:
         if channel in channels:
             raise ProtocolError(ErrorCode.ALREADY_SUBSCRIBED)
         tokens = (req.token,) if req.token else ()
+
+        def make_call(name: str) -> SubscribeCall:
+            return SubscribeCall(**self._who(), channel=name, data=bytes(req.data) or None)
+
         try:
-            grants = self.options.access.authorize_subscribe(
-                self.credentials, (channel,), tokens, held=len(channels)
+            grants = await self.options.doors().subscribe(
+                self.credentials, (channel,), tokens, held=len(channels), make_call=make_call
             )
         except UnverifiedToken as exc:
             # Centrifugo's answer: this subscribe fails, the connection stays
             # (a token for another user or channel still closes it, 3500).
             log_client_error(log, "subscribe of %s to %s: %s", self, channel, exc.message)
             raise ProtocolError(ErrorCode.PERMISSION_DENIED) from None
+        if self.closed:
+            return  # the client left while the hook decided
         grant = grants.get(channel)
         # Centrifugo's negotiation: a delta type the namespace does not allow
         # (or an unknown one) is not an error, the subscription is plain.
@@ -545,7 +857,7 @@ class ClientSession:
         # No await between the hub's answer and this: the reply is queued before
         # the first live publication can reach deliver(), which flushes it first.
         self._reply(self.wire.encode_reply(Reply(id=cmd_id, subscribe=result)))
-        self._remember_expiry(channel, grant)
+        self._remember_grant(channel, grant)
         if req.join_leave:
             if self.join_leave_asked is None:
                 self.join_leave_asked = set()
@@ -595,7 +907,8 @@ class ClientSession:
                 self.deltas = {}
             self.deltas[channel] = publications[-1] if publications else None
             publications = [pub.for_delta_subscriber(None) for pub in publications]
-        expires, ttl = _ttl(grant.expires if grant is not None else 0)
+        # A lifetime the hook gave is extended by the server (sub_refresh hook).
+        expires, ttl = _ttl(grant.expires if grant is not None and not grant.by_hook else 0)
         return SubscribeResult(
             expires=expires,
             ttl=ttl,
@@ -610,12 +923,13 @@ class ClientSession:
         )
 
     async def _join(self, channel: str, grant: Grant | None) -> None:
-        """Enter the channel's presence and announce the join, where the namespace says so."""
-        policy = self.options.access.policy(channel)
-        if not (policy.presence or policy.join_leave):
+        """Enter the channel's presence and announce the join, where the namespace
+        (or the ``subscribe`` hook's overrides) says so."""
+        presence, join_leave = self._joins(channel, grant)
+        if not (presence or join_leave):
             return
         info = self._info(grant.info if grant is not None else None)
-        if policy.presence:
+        if presence:
             try:
                 await self.hub.add_presence(channel, self.client_id, info)
             except ProtocolError as exc:
@@ -626,8 +940,9 @@ class ClientSession:
             if self.closed or self.channels is None or channel not in self.channels:
                 self.hub.remove_presence(channel, self.client_id)  # left while we waited
                 return
-        if policy.join_leave:
+        if join_leave:
             self.hub.announce(channel, "join", info)
+        self._member_event("join", channel, info)
 
     async def _unsubscribe(self, cmd_id: int, req: ChannelRequest) -> bytes:
         channels = self.channels
@@ -639,10 +954,25 @@ class ClientSession:
     async def _publish(self, cmd_id: int, req: PublishRequest) -> bytes:
         if not req.data:
             raise ProtocolError(ErrorCode.BAD_REQUEST, "publish without data")
-        subscribed = self.channels is not None and req.channel in self.channels
-        self.options.access.check_publish(self.credentials, req.channel, subscribed)
+        channel, data = req.channel, bytes(req.data)
+        subscribed = self.channels is not None and channel in self.channels
+        publishing = await self.options.doors().publish(
+            self.credentials,
+            channel,
+            data,
+            subscribed=subscribed,
+            make_call=lambda: PublishCall(**self._who(), channel=channel, data=data),
+        )
         info = ClientInfo(user=self.credentials.user, client=self.client_id)
-        await self.hub.publish(req.channel, bytes(req.data), info=info)
+        # echo_publications = false: every subscriber but the publisher's connection.
+        echo = self.options.access.policy(channel).echo_publications
+        # TODO(hub): pass skip_history/exclude directly once Hub.publish takes them.
+        options: dict[str, Any] = {}
+        if publishing.skip_history:
+            options["skip_history"] = True
+        if not echo:
+            options["exclude"] = frozenset((self.client_id,))
+        await self.hub.publish(channel, publishing.data, info=info, **options)
         return self.wire.encode_reply(Reply(id=cmd_id, publish=Empty()))
 
     async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
@@ -679,8 +1009,14 @@ class ClientSession:
         self.options.access.check_presence(self.credentials, channel, subscribed)
 
     async def _rpc(self, cmd_id: int, req: RPCRequest) -> bytes:
-        """No RPC handler is configured (the proxy issue adds one)."""
-        raise ProtocolError(ErrorCode.NOT_AVAILABLE)
+        """The application's handler of ``req.method`` answers (108 without one)."""
+        hooks = self.options.doors().hooks
+        if not hooks.has_rpc:
+            raise ProtocolError(ErrorCode.NOT_AVAILABLE)
+        call = RPCCall(**self._who(), method=req.method, data=bytes(req.data) or None)
+        data = await hooks.call_rpc(call)
+        result = RPCResult(data=msgspec.Raw(data) if data is not None else None)
+        return self.wire.encode_reply(Reply(id=cmd_id, rpc=result))
 
     async def _ping(self, cmd_id: int, req: msgspec.Raw) -> bytes:
         """A client ping (protocol v1 SDKs); v2 SDKs only answer ours."""
@@ -697,8 +1033,17 @@ class ClientSession:
             if req.token
             else None
         )
-        self._remember_expiry(req.channel, grant)
-        expires, ttl = _ttl(grant.expires if grant is not None else 0)
+        held = self.grants.get(req.channel) if self.grants is not None else None
+        if held is not None and held.by_hook:
+            # The hook's lifetime is the server's to extend (sub_refresh hook), and
+            # its presence/join_leave overrides must stay for the leave to match.
+            grant = (
+                held
+                if grant is None
+                else grant._replace(presence=held.presence, join_leave=held.join_leave)
+            )
+        self._remember_grant(req.channel, grant)
+        expires, ttl = _ttl(grant.expires if grant is not None and not grant.by_hook else 0)
         return self.wire.encode_reply(
             Reply(id=cmd_id, sub_refresh=SubRefreshResult(expires=expires, ttl=ttl))
         )
@@ -738,6 +1083,9 @@ ROUTES: tuple[Route, ...] = (
     Route("ping", ClientSession._ping),
     Route("send", ClientSession._send, needs_id=False),
 )
+
+#: The ``exclude`` of a publication every subscriber receives.
+_EVERYONE: frozenset[str] = frozenset()
 
 CONNECT_FIRST = Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
 

@@ -54,6 +54,8 @@ class Wire(NamedTuple):
     #: A join or leave push; the key of ``event.encoded``.
     presence_push: Callable[[PresenceEvent], bytes]
     unsubscribe_push: Callable[[str, int, str], bytes]
+    #: A server-side subscribe push (the server API's ``subscribe``).
+    subscribe_push: Callable[[str, schema.ServerSubscription], bytes]
 
 
 JSON = Wire(
@@ -68,4 +70,5 @@ JSON = Wire(
     push=schema.push_json,
     presence_push=schema.presence_push_json,
     unsubscribe_push=schema.unsubscribe_push,
+    subscribe_push=schema.subscribe_push,
 )

@@ -57,17 +57,24 @@ from ..centrifuge import ClientSession, SessionOptions, protobuf, schema
 from ..centrifuge import client_pb2 as pb
 from ..centrifuge.protobuf import PROTOBUF
 from ..centrifuge.schema import push_json
+from ..centrifuge.session import (
+    CLIENT_WENT_AWAY,
+    NO_REQUEST_CONTEXT,
+    Refreshes,
+    RequestContext,
+)
 from ..centrifuge.wire import JSON, Wire
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
 from ..errors import BrokerUnavailable, DisconnectCode
 from ..gate import Gate
-from ..hooks import Hooks
+from ..hooks import Hooks, TransportName
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
 from ..logs import log_client_error
 from ..utf8 import check_utf8
+from .websocket import request_context
 
 if TYPE_CHECKING:
     from ..http import Exchange, Request
@@ -223,6 +230,18 @@ class EmulatedStream(asyncio.Protocol):
     def __repr__(self) -> str:
         return f"<EmulatedStream {self.session.client_id or 'unconnected'}>"
 
+    @property
+    def transport_name(self) -> TransportName:
+        """Centrifugo's names: ``http_stream``, or ``sse`` as ``sse_emulation``
+        (not to be confused with tidings' own SSE transport)."""
+        return "sse_emulation" if self._frame is _sse_event else "http_stream"
+
+    def request_context(self) -> RequestContext:
+        """The opening request's headers and cookies, for the ``connect`` hook:
+        handed over once, since a stream's session connects once (or ends)."""
+        requests = self._ctx.requests
+        return requests.pop(self, NO_REQUEST_CONTEXT) if requests else NO_REQUEST_CONTEXT
+
     # -- SessionTransport -----------------------------------------------------
 
     def write_publication(self, pub: Publication) -> None:
@@ -242,12 +261,12 @@ class EmulatedStream(asyncio.Protocol):
         if self._state != _OPEN:
             return
         self.transport.write(self._frame(_DISCONNECT_PUSH[self.session.wire](code, reason)))
-        self._end()
+        self._end(code, reason)
         log.debug("closing %r: %d %s", self, code, reason)
 
-    def _end(self) -> None:
+    def _end(self, code: int = CLIENT_WENT_AWAY[0], reason: str = CLIENT_WENT_AWAY[1]) -> None:
         self._state = _ENDING
-        self.session.release()
+        self.session.release(code, reason)
         self._queue = None
         self._ctx.forget(self)
         if self._frame is not _sse_event:
@@ -331,7 +350,7 @@ class EmulatedStream(asyncio.Protocol):
                 log, "closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer
             )
             self._state = _ENDING
-            self.session.release()
+            self.session.release(DisconnectCode.SLOW, "slow")
             self._ctx.forget(self)
             self.transport.abort()
 
@@ -376,8 +395,15 @@ class EmulationTransport:
         self.max_write_buffer = limits.max_write_buffer
         self.ping_interval = ws.ping_interval
         self.options = SessionOptions(
-            access=access, ping_interval=max(1, round(ws.ping_interval)), node=node
+            access=access,
+            ping_interval=max(1, round(ws.ping_interval)),
+            node=node,
+            gate=self.gate,
+            refreshes=Refreshes(),
         )
+        #: The opening request's headers, cookies and peer of each stream not
+        #: yet connected, kept only while a ``connect`` hook is registered.
+        self.requests: dict[EmulatedStream, RequestContext] = {}
         #: Streams of this node (the connection registry counts them).
         self.streams: set[EmulatedStream] = set()
         connections.include(self.streams)
@@ -405,6 +431,8 @@ class EmulationTransport:
 
     def forget(self, stream: EmulatedStream) -> None:
         """``stream`` takes no more commands."""
+        if self.requests:
+            self.requests.pop(stream, None)
         if self.sessions.get(stream.session.session_id) is stream:
             del self.sessions[stream.session.session_id]
 
@@ -432,6 +460,10 @@ class EmulationTransport:
             return error_response(503, "server shutting down")
         transport = conn.detach()
         stream = EmulatedStream(self, transport, sse, wire)
+        if self.hooks.connect is not None:
+            self.requests[stream] = request_context(
+                request, "sse_emulation" if sse else "http_stream"
+            )
         transport.set_protocol(stream)
         head = [
             b"HTTP/1.1 200 OK",

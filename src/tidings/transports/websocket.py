@@ -69,7 +69,7 @@ import asyncio
 import logging
 import math
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from websockets.datastructures import Headers as WSHeaders
 from websockets.extensions.permessage_deflate import (
@@ -83,6 +83,12 @@ from websockets.typing import Subprotocol
 from ..auth import Access
 from ..centrifuge import ClientSession, Disconnect, SessionOptions
 from ..centrifuge.protobuf import PROTOBUF
+from ..centrifuge.session import (
+    CLIENT_WENT_AWAY,
+    NO_REQUEST_CONTEXT,
+    Refreshes,
+    RequestContext,
+)
 from ..centrifuge.wire import JSON, Wire
 from ..config import LimitsConfig, WebSocketConfig
 from ..connections import Connections
@@ -102,11 +108,12 @@ from ..frames import (
     frame,
 )
 from ..gate import Gate
-from ..hooks import Hooks
+from ..hooks import Hooks, TransportName
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
 from ..logs import log_client_error
+from .common import connect_call
 
 if TYPE_CHECKING:
     from ..http import Exchange, Request
@@ -233,7 +240,13 @@ class WebSocketTransport:
         self.options = SessionOptions(
             access=access,
             ping_interval=max(1, round(ws.ping_interval)),
+            gate=self.gate,
+            refreshes=Refreshes(),
         )
+        #: The upgrade request's headers, cookies and peer of each connection
+        #: not yet connected, kept only while a ``connect`` hook is registered
+        #: (here, not in a slot: a server without hooks pays nothing for them).
+        self.requests: dict[WebSocketConnection, RequestContext] = {}
         #: The plain (uncompressed) encoder of each wire format.
         self.plain = {wire: PushEncoder(wire) for wire in WIRES.values()}
         # One compressor per wire format and server window size in use (at most
@@ -334,6 +347,8 @@ class WebSocketTransport:
             encoder = self.plain[wire]
             reader = FrameReader(self.max_message_size)
         conn = WebSocketConnection(self, transport, reader, encoder)
+        if self.hooks.connect is not None:
+            self.requests[conn] = request_context(request, "websocket")
         transport.set_protocol(conn)
         transport.set_write_buffer_limits(high=self.max_write_buffer)
         transport.write(head)
@@ -363,6 +378,8 @@ class WebSocketTransport:
 
     def activate(self, conn: WebSocketConnection) -> None:
         """``conn`` is connected: from waiting for connect to the ping wheel."""
+        if self.requests:
+            self.requests.pop(conn, None)
         self.watched.discard(conn)
         conn._deadline = 0.0  # the shared constant: an idle connection keeps no float
         # The slot pinged last: its next ping comes a whole interval from now.
@@ -370,6 +387,8 @@ class WebSocketTransport:
         self.slots[conn._slot].add(conn)
 
     def closing(self, conn: WebSocketConnection) -> None:
+        if self.requests:
+            self.requests.pop(conn, None)
         if conn._slot >= 0:
             self.slots[conn._slot].discard(conn)
             conn._slot = -1
@@ -377,6 +396,8 @@ class WebSocketTransport:
         self.watched.add(conn)
 
     def remove(self, conn: WebSocketConnection) -> None:
+        if self.requests:
+            self.requests.pop(conn, None)
         self.count -= 1
         self.connections.discard(conn)
         self.watched.discard(conn)
@@ -407,6 +428,13 @@ class WebSocketTransport:
                 conn.ping(now)
         except Exception:  # pragma: no cover - the wheel must keep turning
             log.exception("websocket timer tick failed")
+
+
+def request_context(request: Request, transport: TransportName) -> RequestContext:
+    """What a ``connect`` hook will see of the request that opened a session
+    (the HTTP transports' rule for headers, cookies and the peer)."""
+    call = connect_call(request, transport, "")
+    return RequestContext(call.headers, call.cookies, call.remote)
 
 
 def _select_subprotocol(protocol: ServerProtocol, subprotocols: Any) -> Subprotocol | None:
@@ -456,8 +484,15 @@ class WebSocketConnection(asyncio.Protocol):
         self._ping_at = 0.0
         self._deadline = 0.0
 
+    #: How hooks and events name this transport.
+    transport_name: ClassVar[TransportName] = "websocket"
+
     def __repr__(self) -> str:
         return f"<WebSocketConnection {self.session.client_id or 'unconnected'}>"
+
+    def request_context(self) -> RequestContext:
+        """The upgrade request's headers and cookies, for the ``connect`` hook."""
+        return self._ctx.requests.get(self, NO_REQUEST_CONTEXT)
 
     # -- SessionTransport: what the session writes through --------------------
 
@@ -478,7 +513,7 @@ class WebSocketConnection(asyncio.Protocol):
         if self._state != _OPEN:
             return
         self._state = _CLOSING
-        self.session.release()
+        self.session.release(code, reason)
         self._queue = None
         self.transport.write(close_frame(int(code), reason))
         self._ctx.closing(self)
@@ -527,7 +562,9 @@ class WebSocketConnection(asyncio.Protocol):
 
     def _close_received(self, event: CloseReceived) -> None:
         if self._state == _OPEN:
-            # The client closes: answer with its code (RFC 6455 §5.5.1).
+            # The client closes: answer with its code (RFC 6455 §5.5.1). It went
+            # away by itself: that is what the session's end says, not its code.
+            self.session.release(*CLIENT_WENT_AWAY)
             self.close(event.code if event.code is not None else CLOSE_NORMAL, "")
         self._drain()
 
