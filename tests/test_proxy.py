@@ -433,6 +433,21 @@ def test_backend_down_is_a_temporary_error(server_factory: Launcher, backend: Ba
     assert_quiet_failures(srv, "connect proxy call to")
 
 
+def test_backend_down_on_poll_and_sse_is_503_with_retry_after(server_factory: Launcher) -> None:
+    """On the HTTP transports an unavailable backend is a 503 that clients retry,
+    not a 500 (a bug) nor a refusal."""
+    down = f"http://127.0.0.1:{free_port()}/connect"
+    srv = server_factory(config=f'[proxy]\nconnect_url = "{down}"\n')
+    channel = unique_channel("proxy")
+    response = httpx.get(f"{srv.url}/poll", params={"channel": channel}, timeout=TIMEOUT)
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "1"
+    assert response.json() == {"error": {"code": 100, "message": "connect proxy unavailable"}}
+    with httpx.stream("GET", f"{srv.url}/sse", params={"channel": channel}, timeout=TIMEOUT) as sse:
+        assert sse.status_code == 503
+    assert_quiet_failures(srv, "connect proxy call to")
+
+
 def test_backend_slow_past_the_timeout(server_factory: Launcher, backend: Backend) -> None:
     backend.answer("connect", Stall())
     srv = start(server_factory, backend, ("connect",), timeout=1.0, extra=AUTH)

@@ -48,6 +48,7 @@ from .hooks import (
     ConnectReply,
     Disconnect,
     Hooks,
+    HookTimedOut,
     PublishCall,
     PublishReply,
     RefreshCall,
@@ -61,7 +62,7 @@ from .hooks import (
 )
 from .logs import ClientErrorLimiter
 
-__all__ = ["Proxy"]
+__all__ = ["Proxy", "ProxyUnavailable"]
 
 log = logging.getLogger(__name__)
 # httpx logs every request at INFO: one line per client connecting, subscribing
@@ -160,6 +161,20 @@ class _Response(msgspec.Struct, Generic[_Result]):
 
 
 _encoder = msgspec.json.Encoder()
+
+
+class ProxyUnavailable(HookTimedOut):
+    """The backend gave no usable answer: code 100, which the SDKs retry.
+
+    A :class:`~tidings.hooks.HookTimedOut`, so that the HTTP transports answer
+    it 503 with ``Retry-After`` as they answer a slow hook: a backend that is
+    restarting or overloaded is the common case, and it passes.
+    """
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.message = f"{kind} proxy unavailable"
+        self.args = (f"{int(self.code)} {self.message}",)
 
 
 class _Failed(Exception):
@@ -404,7 +419,7 @@ class Proxy:
         try:
             response = await self._exchange(kind, client, body, result_type, forwarded)
         except _Failed:
-            raise ProtocolError(ErrorCode.INTERNAL, f"{kind} proxy unavailable") from None
+            raise ProxyUnavailable(kind) from None
         if response.disconnect is not None:
             raise self._disconnect(kind, response.disconnect)
         if response.error is not None:
@@ -513,7 +528,7 @@ class Proxy:
                     field,
                     exc,
                 )
-                raise ProtocolError(ErrorCode.INTERNAL, f"{kind} proxy unavailable") from None
+                raise ProxyUnavailable(kind) from None
             return value
         value = bytes(raw)
         return None if not value or value == b"null" else value
