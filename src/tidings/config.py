@@ -59,6 +59,14 @@ class LimitsConfig(_Section):
     #: Commands one ``POST /api/batch`` may carry; past it the whole batch is
     #: refused (400, code 106). The body limit bounds it too.
     max_batch_commands: Size = 1000
+    #: Seconds a publish's ``idempotency_key`` is remembered per channel: a
+    #: repeat within it returns the first result and publishes nothing
+    #: (Centrifugo's window is 5 minutes).
+    idempotency_window: PositiveFloat = 300.0
+    #: Idempotency keys one process remembers at once (memory and NATS
+    #: brokers; Redis keeps them in Redis); past it the oldest are forgotten
+    #: early. About 250 bytes each, whatever the key's length.
+    max_idempotency_keys: Size = 100_000
 
 
 class TimeoutsConfig(_Section):

@@ -31,6 +31,40 @@ Each delivery is a :class:`Publication` that carries its own stream
 position, so a transport that must tell its client where it stands (an SSE
 event id, a poll cursor) builds that from what it was delivered, never from
 the hub's current state or its lifetime rules.
+
+**Publish options** (:meth:`Hub.publish`):
+
+- ``skip_history``: the publication is delivered live to every subscriber on
+  every node and is not stored. It does *not* take an offset: it carries the
+  position of the channel's last stored publication and leaves the stream
+  where it was, as Centrifugo does (a publication without history gets no
+  offset there; its SDKs keep their position). That is what keeps recovery
+  whole: history's offsets stay consecutive, so a client resuming from any
+  position before or after it is recovered with no hole where it was and no
+  duplicate (it is not in history to be returned again); an SSE id or a poll
+  cursor taken from it names a stored position, safe to resume from. Taking
+  an offset instead would leave a hole in history at that offset, and every
+  resume across it would be "not recovered". What it costs: a client that
+  was away misses it (it is live-only by definition), and a delta subscriber
+  gets the next stored publication in full rather than as a delta against it.
+  The fan-out delivers it only to subscribers standing at the position it
+  carries; one that arrives past the position of this node (the node missed
+  a stored publication) is a skip, answered as one.
+- ``exclude``: client ids that must not receive it, carried with it to every
+  node. The fan-out tests one class attribute per publication
+  (``Publication.directed``) and takes the excluding loop only then, so a
+  plain publication costs what it did.
+- ``idempotency_key``: a repeat of the key in the same channel within
+  ``limits.idempotency_window`` returns the first publication's position and
+  publishes nothing: atomically in Redis (the publish script), in a bounded
+  table in one process (memory and NATS: see :class:`~tidings.brokers.base.IdempotencyTable`).
+
+**Channel events**: when the application listens (``hooks.listening``), a
+channel's first subscriber on this node and its last one leaving are told to
+the broker (:meth:`Broker.occupy`, :meth:`Broker.vacate`), which answers
+whether that made the channel occupied or vacated in the whole cluster: only
+then is a :class:`~tidings.hooks.ChannelEvent` emitted, so each fires once per
+cluster. See :class:`_Occupancy`.
 """
 
 from __future__ import annotations
@@ -38,10 +72,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol
 
 from .brokers.base import Broker, unavailable
+from .config import namespace_of
+from .hooks import ChannelEvent, Hooks, PublicationEvent
 from .stream import (
     DEFAULT_HISTORY,
     EMPTY,
@@ -86,6 +122,10 @@ class Client(Protocol):
 
     def server_unsubscribe(self, channel: str, code: int = 2000, reason: str = "") -> bool: ...
 
+    def server_subscribe(self, channel: str) -> Awaitable[bool]: ...
+
+    def server_refresh(self, expire_at: int, info: bytes | None, expired: bool) -> bool: ...
+
 
 class Subscriber(Protocol):
     """What a transport registers on a channel: every hook the hub calls.
@@ -95,6 +135,11 @@ class Subscriber(Protocol):
     here, not looked up with ``getattr``, so that mypy checks every transport
     against the whole contract.
     """
+
+    #: The connection's id (``ClientSession.client_id``), which the publish
+    #: option ``exclude`` names; "" for subscribers without one (SSE, polls),
+    #: which no ``exclude`` names.
+    client_id: str
 
     def deliver(self, pub: Publication) -> None:
         """A publication of a subscribed channel, in offset order."""
@@ -161,6 +206,157 @@ class _Channel:
         self.subscribed: asyncio.Future[bool] | bool = False
 
 
+def _excludes(pub: Publication, subscriber: Subscriber) -> bool:
+    """Whether ``pub``'s ``exclude`` names ``subscriber`` (its client id read only then)."""
+    exclude = pub.exclude
+    return bool(exclude) and subscriber.client_id in exclude
+
+
+class _Occupancy:
+    """This node's part in telling when a channel is occupied or vacated in the cluster.
+
+    The hub says when a channel gets its first subscriber on this node
+    (:meth:`occupied`) and when its last one leaves (:meth:`emptied`); this
+    tells the broker, which answers whether the cluster's occupancy changed
+    (:meth:`Broker.occupy`, :meth:`Broker.vacate`), and emits the
+    :class:`~tidings.hooks.ChannelEvent` when it did. Nothing here runs for a
+    hub whose hooks have no listener: the hub calls :meth:`occupied` only
+    then, and :meth:`emptied` finds nothing to do.
+
+    ``vacated`` waits ``hooks.vacated_delay`` seconds of emptiness (a timer);
+    a subscriber back within it cancels the timer and nothing is told, so a
+    long-poll client between two polls does not make the channel flap.
+
+    Never on the fan-out path, never awaited by a client: the broker is told
+    by at most :data:`MAX_CALLS` worker tasks, each call bounded by the
+    broker timeout. Per channel, one call at a time, in order: a worker takes
+    the channel, compares what this node wants the broker to hold (``_want``)
+    with what it last told it (``_told``), and makes the one call that
+    closes the gap; a change meanwhile is picked up when the call returns.
+    Flaps while a call is in flight thus coalesce, and no channel is ever
+    told "vacate" before its "occupy" has returned. A broker error is
+    logged; the node then takes the call as made (so that one failure does
+    not become a loop of retries), and the event is not emitted.
+    """
+
+    __slots__ = (
+        "_broker",
+        "_busy",
+        "_hooks",
+        "_queue",
+        "_timeout",
+        "_timers",
+        "_told",
+        "_want",
+        "_workers",
+    )
+
+    #: Broker calls in flight at once.
+    MAX_CALLS = 8
+
+    def __init__(self, broker: Broker, hooks: Hooks, timeout: float) -> None:
+        self._broker = broker
+        self._hooks = hooks
+        self._timeout = timeout
+        #: Channels occupied on this node (with those waiting out the delay).
+        self._want: set[str] = set()
+        #: Channels the broker holds for this node, as far as it was told.
+        self._told: set[str] = set()
+        #: Channels waiting out ``vacated_delay``, with their timers.
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        #: Channels to tell the broker about, in order (a dict as an ordered set).
+        self._queue: dict[str, None] = {}
+        #: Channels with a call in flight.
+        self._busy: set[str] = set()
+        self._workers: set[asyncio.Task[None]] = set()
+
+    def occupied(self, channel: str) -> None:
+        """``channel`` got its first subscriber on this node."""
+        timer = self._timers.pop(channel, None)
+        if timer is not None:
+            timer.cancel()  # back within the delay: nothing happened
+            return
+        if channel in self._want:
+            return
+        self._want.add(channel)
+        self._enqueue(channel)
+
+    def emptied(self, channel: str) -> None:
+        """``channel`` has no subscriber left on this node: vacated after the delay."""
+        if channel not in self._want or channel in self._timers:
+            return
+        loop = asyncio.get_running_loop()
+        self._timers[channel] = loop.call_later(
+            self._hooks.vacated_delay, self._delay_over, channel
+        )
+
+    def lapsed(self, channel: str) -> None:
+        """The broker found ``channel`` vacated by nodes that died (``Broker.bind_lapsed``)."""
+        if self._hooks.listening:
+            self._hooks.emit(ChannelEvent(kind="vacated", channel=channel))
+
+    def _delay_over(self, channel: str) -> None:
+        del self._timers[channel]
+        self._want.discard(channel)
+        self._enqueue(channel)
+
+    def _enqueue(self, channel: str) -> None:
+        if channel in self._busy:
+            return  # its worker looks again when the call returns
+        self._queue[channel] = None
+        workers = self._workers
+        # A worker that just returned is still in the set until its done
+        # callback runs: counted, it could leave this channel without one.
+        if len(workers) < self.MAX_CALLS or any(task.done() for task in workers):
+            task = asyncio.get_running_loop().create_task(self._work())
+            self._workers.add(task)
+            task.add_done_callback(self._workers.discard)
+
+    async def _work(self) -> None:
+        while self._queue:
+            channel = next(iter(self._queue))
+            del self._queue[channel]
+            self._busy.add(channel)
+            try:
+                while (wanted := channel in self._want) != (channel in self._told):
+                    await self._tell(channel, wanted)
+            finally:
+                self._busy.discard(channel)
+
+    async def _tell(self, channel: str, occupy: bool) -> None:
+        """One broker call, and the event when the cluster's occupancy changed."""
+        try:
+            async with asyncio.timeout(self._timeout):
+                if occupy:
+                    changed = await self._broker.occupy(channel)
+                else:
+                    changed = await self._broker.vacate(channel)
+        except Exception as exc:
+            log.warning(
+                "could not tell the broker that %s is %s on this node: %s",
+                channel,
+                "occupied" if occupy else "vacated",
+                str(exc) or type(exc).__name__,
+            )
+            changed = False
+        if occupy:
+            self._told.add(channel)
+        else:
+            self._told.discard(channel)
+        if changed:
+            self._hooks.emit(
+                ChannelEvent(kind="occupied" if occupy else "vacated", channel=channel)
+            )
+
+    async def close(self, timeout: float) -> None:
+        """Vacate at once the channels waiting out the delay; wait for the calls."""
+        for channel, timer in list(self._timers.items()):
+            timer.cancel()
+            self._delay_over(channel)
+        if self._workers:
+            await asyncio.wait(tuple(self._workers), timeout=timeout)
+
+
 class Hub:
     """Channels and fan-out for one node. See the module docstring."""
 
@@ -170,21 +366,34 @@ class Hub:
         *,
         history_for: Callable[[str], HistoryPolicy] = lambda channel: DEFAULT_HISTORY,
         broker_timeout: float = 5.0,
+        hooks: Hooks | None = None,
     ) -> None:
         """``history_for(channel)`` is the channel's history policy, sent with each publish;
-        ``broker_timeout`` bounds, in seconds, each call that waits on the broker for a client."""
+        ``broker_timeout`` bounds, in seconds, each call that waits on the broker for a client;
+        ``hooks`` receives the channel and publication events (nothing is built for it
+        while nothing listens)."""
         self._broker = broker
         self._history_for = history_for
         self._broker_timeout = broker_timeout
+        self._hooks = hooks = hooks if hooks is not None else Hooks()
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Client]] = {}
+        self._occupancy = _Occupancy(broker, hooks, broker_timeout)
         broker.bind(self._deliver)
         broker.bind_presence(self._deliver_presence)
         broker.bind_restarted(self._restarted)
+        broker.bind_lapsed(self._occupancy.lapsed)
 
     @property
     def broker(self) -> Broker:
         return self._broker
+
+    async def close(self, timeout: float = 5.0) -> None:
+        """Vacate now the channels waiting out ``hooks.vacated_delay`` (at shutdown,
+        once the connections are gone), and wait at most ``timeout`` seconds for
+        the broker calls in flight, so that their events are emitted before the
+        listeners (webhooks) stop."""
+        await self._occupancy.close(timeout)
 
     # -- publishing ------------------------------------------------------
 
@@ -195,16 +404,56 @@ class Hub:
         *,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
+        idempotency_key: str = "",
+        skip_history: bool = False,
+        exclude: frozenset[str] = frozenset(),
     ) -> Position:
         """Publish raw JSON ``data``; return the position the broker gave it.
 
+        With ``skip_history`` that is the position the channel stood at, which
+        the publication does not advance (see the module docstring); with an
+        ``idempotency_key`` seen in the channel within the window, the first
+        publication's position, and nothing is published. ``exclude`` holds
+        client ids that must not receive it ("" names no client: it is dropped).
+
         A publish that timed out may still land (the broker may have taken it
         before it stalled): the caller is told to retry, as with any broker
-        error, and a retry may publish twice; a lost publication would be worse.
+        error, and a retry may publish twice (unless it carries an
+        ``idempotency_key``); a lost publication would be worse.
         """
+        if exclude and "" in exclude:
+            exclude = exclude - {""}
+        history = self._history_for(channel)
         async with self._bounded():
-            pub = await self._broker.publish(
-                channel, data, history=self._history_for(channel), info=info, tags=tags
+            if skip_history or exclude or idempotency_key:
+                pub = await self._broker.publish(
+                    channel,
+                    data,
+                    history=history,
+                    info=info,
+                    tags=tags,
+                    skip_history=skip_history,
+                    exclude=exclude,
+                    idempotency_key=idempotency_key,
+                )
+            else:
+                # Without options, as brokers written before them are called.
+                pub = await self._broker.publish(
+                    channel, data, history=history, info=info, tags=tags
+                )
+        if isinstance(pub, Position):
+            return pub  # a repeat: published once already
+        namespaces = self._hooks.publication_namespaces
+        if namespaces is not None and namespace_of(channel) in namespaces:
+            self._hooks.emit(
+                PublicationEvent(
+                    channel=channel,
+                    data=data,
+                    offset=pub.offset,
+                    epoch=pub.epoch,
+                    user=info.user if info is not None else "",
+                    client=info.client if info is not None else "",
+                )
             )
         return pub.position
 
@@ -236,6 +485,10 @@ class Hub:
             return
         for pending in state.pending:
             pending.buffer.append(pub)
+        directed = pub.directed
+        if directed and pub.transient:
+            self._deliver_transient(state, pub)
+            return
         top = state.top
         if pub.epoch == top.epoch and pub.offset <= top.offset:
             return  # already delivered (a broker may replay after a reconnect)
@@ -251,12 +504,54 @@ class Hub:
             return
         if state.catching_up:
             self._promote(state, pub)
+        if directed:
+            self._fan_out_excluding(state, pub)
+            return
         # A copy, because a subscriber may leave while we iterate.
         for subscriber in tuple(state.subscribers):
             try:
                 subscriber.deliver(pub)
             except Exception:
                 log.exception("subscriber %r failed to take %r", subscriber, pub)
+
+    @staticmethod
+    def _fan_out_excluding(state: _Channel, pub: Publication) -> None:
+        """The fan-out of a publication with ``exclude``: apart, so the plain
+        loop above stays as it was (the hot path)."""
+        for subscriber in tuple(state.subscribers):
+            if _excludes(pub, subscriber):
+                continue
+            try:
+                subscriber.deliver(pub)
+            except Exception:
+                log.exception("subscriber %r failed to take %r", subscriber, pub)
+
+    def _deliver_transient(self, state: _Channel, pub: Publication) -> None:
+        """A ``skip_history`` publication: to the subscribers standing where it was made.
+
+        It carries the position of the stored publication before it. At this
+        node's top, it goes to every live subscriber (not to those catching
+        up: they stand past it). Behind the top it is stale (this node already
+        delivered a later stored one): dropped, rather than delivered out of
+        order. Past the top (another epoch, a later offset), this node missed
+        stored publications: a skip like any other, and subscribers resync.
+        """
+        top = state.top
+        position = Position(pub.epoch, pub.offset)
+        if position != top and not (top == EMPTY and pub.offset == 0):
+            if pub.epoch == top.epoch and pub.offset < top.offset:
+                log.debug(
+                    "%s: a live-only publication at %s came after %s", pub.channel, position, top
+                )
+                return
+            if top != EMPTY or state.subscribers:
+                state.top = position
+                log.warning(
+                    "%s jumped from %s to %s: subscribers must resync", pub.channel, top, position
+                )
+                self._lost_state(state)
+                return
+        self._fan_out_excluding(state, pub)
 
     def _restarted(self, channel: str, position: Position) -> None:
         """The broker lost part of the channel's stream on this node, which
@@ -342,7 +637,7 @@ class Hub:
             self._drop_if_unused(channel, state)
             raise
         state.pending.remove(pending)
-        merged = self._merge(recovery, pending.buffer)
+        merged = self._merge(recovery, pending.buffer, subscriber)
         top = state.top
         behind = merged is not None and (
             merged.position.epoch == top.epoch and merged.position.offset < top.offset
@@ -355,12 +650,15 @@ class Hub:
             # Temporary like an unreachable broker (code 100, over HTTP 503):
             # the subscribe again finds the stream whole or says what is lost.
             raise unavailable("the channel's stream skipped while subscribing")
-        if top == EMPTY and not state.subscribers and not state.catching_up:
+        first = not state.subscribers and not state.catching_up
+        if top == EMPTY and first:
             state.top = top = merged.position  # the first to join: live delivery starts here
         if merged.position == top:
             state.subscribers.add(subscriber)
         else:
             state.catching_up[subscriber] = merged.position
+        if first and self._hooks.listening:
+            self._occupancy.occupied(channel)
         return merged
 
     async def _subscribe_broker(self, channel: str, state: _Channel) -> None:
@@ -390,16 +688,35 @@ class Hub:
                 return
 
     @staticmethod
-    def _merge(recovery: Recovery, buffer: list[Publication]) -> Recovery | None:
+    def _merge(
+        recovery: Recovery, buffer: list[Publication], subscriber: Subscriber
+    ) -> Recovery | None:
         """Append what arrived while the broker was being asked; None on a hole.
 
         A buffered publication at or before the recovered position is one
         history already returned. One beyond it that does not follow it (a
         later offset, another epoch) means the live stream lost what lies
-        between: the subscriber cannot go live from here.
+        between: the subscriber cannot go live from here. A live-only
+        (``skip_history``) one is appended when it was made at the position
+        reached, and is a hole past it, like a stored one; one excluding
+        ``client_id`` moves the position without being appended.
         """
         position, publications, recovered = recovery
         for pub in buffer:
+            if pub.directed:
+                if pub.transient:
+                    at = Position(pub.epoch, pub.offset)
+                    if at == position:
+                        if not _excludes(pub, subscriber):
+                            publications.append(pub)
+                    elif pub.epoch != position.epoch or pub.offset > position.offset:
+                        return None
+                    continue
+                if follows(position, pub):
+                    if not _excludes(pub, subscriber):
+                        publications.append(pub)
+                    position = pub.position
+                    continue
             if follows(position, pub):
                 publications.append(pub)
                 position = pub.position
@@ -435,6 +752,7 @@ class Hub:
         if unused and self._channels.get(channel) is state:
             del self._channels[channel]
             self._broker.unsubscribe(channel)
+            self._occupancy.emptied(channel)
 
     # -- clients by user (for the server API) -------------------------------
 

@@ -102,6 +102,7 @@ class Server:
             self.broker,
             history_for=config.history_for,
             broker_timeout=config.timeouts.broker,
+            hooks=hooks,
         )
         self.access = access = Access(config)
         self.cors = cors = CORS(config.allowed_origins)
@@ -301,6 +302,8 @@ class Server:
             log.warning("shutdown timeout: dropping %d connections", len(self.connections))
         for transport in self.transports:
             await transport.stop()
+        # Before the broker: channels left empty by the shutdown are vacated now.
+        await self.hub.close(self.config.timeouts.shutdown)
         await self.broker.close()
         if self.proxy is not None:
             await self.proxy.close()

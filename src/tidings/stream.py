@@ -28,6 +28,7 @@ __all__ = [
     "Position",
     "PresenceEvent",
     "Publication",
+    "directed",
     "follows",
     "reaches",
 ]
@@ -114,6 +115,17 @@ class Publication(EncodedOnce):
     #: Whether this is the form a delta subscriber receives: its JSON wire
     #: carries ``data`` as a JSON string (the bytes the SDK applies deltas to).
     delta_form = False
+    #: Whether ``exclude`` or ``transient`` may differ from the defaults below:
+    #: the one test the hub's fan-out makes per publication for publish
+    #: options, so that a plain publication pays nothing more (see
+    #: :func:`directed`, which builds the ones that do).
+    directed = False
+    #: Client ids that must not receive it (the publish option ``exclude``).
+    exclude: frozenset[str] = frozenset()
+    #: Delivered live and not stored (the publish option ``skip_history``). It
+    #: carries the position of the channel when it was published and does not
+    #: advance it: see :class:`~tidings.hub.Hub` for why.
+    transient = False
 
     def __init__(
         self,
@@ -160,7 +172,16 @@ class Publication(EncodedOnce):
         forms = self._delta_forms
         if forms is None:
             forms = self._delta_forms = [_DeltaForm(self, self.data), _UNTRIED]
-        if previous is None or previous.offset + 1 != self.offset or previous.epoch != self.epoch:
+        if (
+            previous is None
+            or previous.offset + 1 != self.offset
+            or previous.epoch != self.epoch
+            or previous.transient
+            or self.transient
+        ):
+            # A transient publication shares its offset with the stored one
+            # before it: no delta is made against it, nor of it, so the data
+            # a delta applies to is always the stored publication's.
             return forms[0]  # type: ignore[no-any-return]
         delta = forms[1]
         if delta is _UNTRIED:
@@ -171,6 +192,40 @@ class Publication(EncodedOnce):
                 else None
             )
         return delta or forms[0]  # type: ignore[no-any-return]
+
+
+class _Directed(Publication):
+    """A publication with publish options: its own ``exclude`` and ``transient``."""
+
+    __slots__ = ("exclude", "transient")
+
+    directed = True
+
+
+def directed(
+    channel: str,
+    offset: int,
+    epoch: str,
+    data: bytes,
+    info: ClientInfo | None = None,
+    tags: dict[str, str] | None = None,
+    time_ms: int | None = None,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    transient: bool = False,
+) -> Publication:
+    """A :class:`Publication` with the publish options ``exclude`` and ``transient``.
+
+    Without either it is a plain publication: the two slots are paid only by
+    publications that use them (16 bytes each, and one in history per stored
+    one), and the fan-out tests one class attribute (``directed``).
+    """
+    if not exclude and not transient:
+        return Publication(channel, offset, epoch, data, info, tags, time_ms)
+    pub = _Directed(channel, offset, epoch, data, info, tags, time_ms)
+    pub.exclude = exclude
+    pub.transient = transient
+    return pub
 
 
 #: A delta form not computed yet (None: computed, and not worth sending).

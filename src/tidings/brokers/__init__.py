@@ -17,6 +17,7 @@ __all__ = ["Broker", "MemoryBroker", "make_broker"]
 def make_broker(config: Config) -> Broker:
     """The broker the configuration names; remote ones are imported on demand."""
     history = config.history
+    limits = config.limits
     kind = config.broker.type
     if kind == "redis":
         from .redis import RedisBroker  # type: ignore[import-not-found, unused-ignore]
@@ -29,6 +30,7 @@ def make_broker(config: Config) -> Broker:
             hold_limit=config.broker.redis_hold_limit,
             hold_bytes=config.broker.redis_hold_bytes,
             catch_up_batch=config.broker.redis_catch_up_batch,
+            idempotency_window=limits.idempotency_window,
         )
         return broker
     if kind == "nats":
@@ -38,10 +40,14 @@ def make_broker(config: Config) -> Broker:
             config.broker.nats_url,
             prefix=config.broker.prefix,
             pending_limit=config.broker.nats_pending_limit,
+            idempotency_window=limits.idempotency_window,
+            max_idempotency_keys=limits.max_idempotency_keys,
         )
         return broker
     return MemoryBroker(
         meta_ttl=history.meta_ttl,
-        max_channels=config.limits.max_channels,
-        max_history_memory=config.limits.max_history_memory,
+        max_channels=limits.max_channels,
+        max_history_memory=limits.max_history_memory,
+        idempotency_window=limits.idempotency_window,
+        max_idempotency_keys=limits.max_idempotency_keys,
     )

@@ -14,15 +14,23 @@ configuration, read by the hub).
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import time
 from abc import ABC, abstractmethod
+from collections import OrderedDict
 from collections.abc import Callable
 
 from ..errors import BrokerUnavailable, ErrorCode, ProtocolError
 from ..stream import ClientInfo, HistoryPolicy, Position, PresenceEvent, Publication
 
+log = logging.getLogger(__name__)
+
 Deliver = Callable[[Publication], None]
 DeliverPresence = Callable[[PresenceEvent], None]
 Restarted = Callable[[str, Position], None]
+#: A channel whose holders all lapsed (see :meth:`Broker.bind_lapsed`).
+Lapsed = Callable[[str], None]
 #: A message for this node alone (see :meth:`Broker.listen_node`).
 NodeMessage = Callable[[bytes], None]
 
@@ -46,6 +54,7 @@ class Broker(ABC):
     _deliver: Deliver | None = None
     _deliver_presence: DeliverPresence | None = None
     _restarted: Restarted | None = None
+    _lapsed: Lapsed | None = None
 
     def bind(self, deliver: Deliver) -> None:
         """Register the node's fan-out; called once by the hub."""
@@ -65,6 +74,16 @@ class Broker(ABC):
         instead of at the next publication, or never.
         """
         self._restarted = restarted
+
+    def bind_lapsed(self, lapsed: Lapsed) -> None:
+        """Register the node's answer to a channel vacated by nodes that died.
+
+        A broker that counts nodes per channel (Redis) and finds that every
+        node holding a channel stopped refreshing its entry calls
+        ``lapsed(channel)`` on one node of the cluster: the channel was
+        vacated with nobody left to say so. Unbound, nothing is swept.
+        """
+        self._lapsed = lapsed
 
     async def start(self) -> None:
         """Connect and start background work; the default has none."""
@@ -97,12 +116,32 @@ class Broker(ABC):
         history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
-    ) -> Publication:
+        skip_history: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        idempotency_key: str = "",
+    ) -> Publication | Position:
         """Stamp, store and fan out one publication; return it as stamped.
 
         ``history`` is how much of the channel's history to keep from this
         publication on: the caller's policy, so that a broker needs none.
+        With ``skip_history`` it is fanned out and not stored, and takes no
+        offset: it is stamped with the channel's current position
+        (``Publication.transient``). ``exclude`` travels with it to every node
+        (``Publication.exclude``). A repeat of ``idempotency_key`` in the
+        channel within the broker's idempotency window publishes nothing and
+        returns the first publication's :class:`Position` instead.
         """
+
+    # Channel occupancy (the hub's channel events). The default is one node:
+    # this node's first subscriber is the cluster's, its last one too.
+
+    async def occupy(self, channel: str) -> bool:
+        """This node has subscribers in ``channel`` now; True when no other node had."""
+        return True
+
+    async def vacate(self, channel: str) -> bool:
+        """This node has none left; True when no other node has any."""
+        return True
 
     @abstractmethod
     async def subscribe(self, channel: str) -> None:
@@ -151,3 +190,78 @@ class Broker(ABC):
         """Deliver a join/leave event to every node; the default reaches this node only."""
         if self._deliver_presence is not None:
             self._deliver_presence(event)
+
+
+class IdempotencyTable:
+    """Publish results by idempotency key, for a window, bounded in count and size.
+
+    For the brokers that publish from one process (memory; NATS, where it is
+    per node). Keys are kept as a 16-byte BLAKE2b digest of channel and key,
+    so an entry costs the same whatever the length of the key a client sent
+    (about 250 bytes with its position); at most ``max_keys`` are kept, the
+    oldest forgotten first (a repeat of a forgotten key publishes again: the
+    operator is warned once per episode). The window is the same for every
+    key, so insertion order is expiry order and the expired leave from the
+    front: O(1) amortised per publish.
+    """
+
+    __slots__ = ("_clock", "_entries", "_full", "_max_keys", "_window")
+
+    def __init__(
+        self,
+        window: float,
+        max_keys: int,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._window = window
+        self._max_keys = max(1, max_keys)
+        self._clock = clock
+        # Ordered: the oldest first. An OrderedDict, not a dict: a dict
+        # emptied from the front keeps the deleted slots before its first
+        # live one until it resizes, so each ``next(iter())`` would scan them.
+        self._entries: OrderedDict[bytes, tuple[float, Position]] = OrderedDict()
+        self._full = False
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(channel: str, key: str) -> bytes:
+        """The table's key for ``key`` in ``channel`` (also Redis' key suffix)."""
+        material = channel.encode() + b"\0" + key.encode()
+        return hashlib.blake2b(material, digest_size=16).digest()
+
+    def get(self, channel: str, key: str) -> Position | None:
+        """The position first published with ``key`` in ``channel``, within the window."""
+        self._expire()
+        entry = self._entries.get(self.digest(channel, key))
+        return None if entry is None else entry[1]
+
+    def put(self, channel: str, key: str, position: Position) -> None:
+        """Remember ``position`` as the result of ``key`` in ``channel``."""
+        entries = self._entries
+        if len(entries) >= self._max_keys:
+            if not self._full:
+                self._full = True
+                log.warning(
+                    "idempotency keys: limits.max_idempotency_keys (%d) reached within the "
+                    "window; the oldest are forgotten early",
+                    self._max_keys,
+                )
+            entries.popitem(last=False)
+        entries[self.digest(channel, key)] = (self._clock() + self._window, position)
+
+    def forget(self, channel: str, key: str) -> None:
+        """Drop ``key`` (its publish failed: a retry must go through)."""
+        self._entries.pop(self.digest(channel, key), None)
+
+    def _expire(self) -> None:
+        entries = self._entries
+        now = self._clock()
+        while entries:
+            digest = next(iter(entries))
+            if entries[digest][0] > now:
+                break
+            del entries[digest]
+        if self._full and len(entries) < self._max_keys // 2:
+            self._full = False

@@ -10,7 +10,13 @@ The wire form is a MessagePack array ``[data, info, tags, time]``: ``data``
 the publication's raw JSON as a binary string, ``info`` the publisher's
 :class:`~tidings.hub.ClientInfo` as JSON bytes (it holds raw JSON, which
 MessagePack cannot nest as such) or nil, ``tags`` a map of strings or nil,
-``time`` milliseconds since the epoch. Positional rather than a map: the
+``time`` milliseconds since the epoch; then, only when a publish option
+asks for them, ``exclude`` (client ids that must not receive it, an array of
+strings) and ``transient`` (true: delivered live only, stamped with the
+channel's position rather than a new offset). A publication without options
+is written as the four-field array it always was (msgspec 0.22 writes every
+field of an ``array_like`` struct, ``omit_defaults`` or not, hence two
+structs), and the reader takes four or six fields. Positional rather than a map: the
 field names would double a small publication's size in Redis.
 
 What arrives from a broker is input like any other: anyone who can write to
@@ -27,10 +33,10 @@ from __future__ import annotations
 
 import msgspec
 
-from ..stream import ClientInfo, Publication
+from ..stream import ClientInfo, Publication, directed
 from ..utf8 import check_utf8
 
-__all__ = ["MalformedEnvelope", "decode", "decode_info", "encode"]
+__all__ = ["Body", "MalformedEnvelope", "decode", "decode_info", "encode", "read"]
 
 
 class MalformedEnvelope(ValueError):
@@ -44,6 +50,13 @@ class _Envelope(msgspec.Struct, array_like=True):
     info: bytes | None
     tags: dict[str, str] | None
     time: int
+
+
+class _WithOptions(_Envelope, array_like=True):
+    """The same with its publish options: written only when it has some, read always."""
+
+    exclude: list[str] = []
+    transient: bool = False
 
 
 _ABSENT = msgspec.Raw()
@@ -72,19 +85,59 @@ def _raw_or_none(raw: msgspec.Raw) -> msgspec.Raw | None:
 
 
 _encode = msgspec.msgpack.Encoder().encode
-_decode = msgspec.msgpack.Decoder(_Envelope).decode
+_decode = msgspec.msgpack.Decoder(_WithOptions).decode
 _decode_info_wire = msgspec.json.Decoder(_InfoWire).decode
 _check_json = msgspec.json.Decoder(msgspec.Raw).decode
 
 
-def encode(data: bytes, info: ClientInfo | None, tags: dict[str, str] | None, time: int) -> bytes:
+def encode(
+    data: bytes,
+    info: ClientInfo | None,
+    tags: dict[str, str] | None,
+    time: int,
+    *,
+    exclude: frozenset[str] = frozenset(),
+    transient: bool = False,
+) -> bytes:
     """The envelope of a publication of ``data`` made at ``time`` (ms since the epoch)."""
     info_json = msgspec.json.encode(info) if info is not None else None
+    if exclude or transient:
+        return _encode(_WithOptions(data, info_json, tags, time, sorted(exclude), transient))
     return _encode(_Envelope(data, info_json, tags, time))
 
 
-def decode(channel: str, offset: int, epoch: str, envelope: bytes) -> Publication:
-    """The publication in ``envelope``, stamped with ``(epoch, offset)`` in ``channel``.
+class Body:
+    """A checked envelope, not yet stamped: what a broker needs to know to stamp it."""
+
+    __slots__ = ("_envelope", "info")
+
+    def __init__(self, envelope: _WithOptions, info: ClientInfo | None) -> None:
+        self._envelope = envelope
+        self.info = info
+
+    @property
+    def transient(self) -> bool:
+        """Live only: stamped with the channel's position, not a new offset."""
+        return self._envelope.transient
+
+    def stamped(self, channel: str, offset: int, epoch: str) -> Publication:
+        """The publication, at ``(epoch, offset)`` in ``channel``."""
+        body = self._envelope
+        return directed(
+            channel,
+            offset,
+            epoch,
+            body.data,
+            self.info,
+            body.tags,
+            body.time,
+            exclude=frozenset(body.exclude),
+            transient=body.transient,
+        )
+
+
+def read(envelope: bytes) -> Body:
+    """The checked content of ``envelope``.
 
     Raises :class:`MalformedEnvelope` for anything that is not an envelope
     holding UTF-8 JSON ``data`` and a valid ``info``.
@@ -96,7 +149,16 @@ def decode(channel: str, offset: int, epoch: str, envelope: bytes) -> Publicatio
         info = None if body.info is None else decode_info(body.info)
     except (msgspec.DecodeError, UnicodeDecodeError, MalformedEnvelope) as exc:
         raise MalformedEnvelope(f"malformed publication envelope: {exc}") from None
-    return Publication(channel, offset, epoch, body.data, info, body.tags, body.time)
+    return Body(body, info)
+
+
+def decode(channel: str, offset: int, epoch: str, envelope: bytes) -> Publication:
+    """The publication in ``envelope``, stamped with ``(epoch, offset)`` in ``channel``
+    (for a transient one, the position it was published at).
+
+    Raises :class:`MalformedEnvelope` as :func:`read` does.
+    """
+    return read(envelope).stamped(channel, offset, epoch)
 
 
 def decode_info(info_json: bytes) -> ClientInfo:

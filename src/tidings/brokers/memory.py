@@ -32,8 +32,8 @@ from collections.abc import Callable
 from typing import Final
 
 from ..errors import ErrorCode, ProtocolError
-from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
-from .base import Broker
+from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, directed
+from .base import Broker, IdempotencyTable
 
 log = logging.getLogger(__name__)
 
@@ -114,9 +114,12 @@ class MemoryBroker(Broker):
         sweep_interval: float = 5.0,
         max_channels: int = 100_000,
         max_history_memory: int = 256 * 1024 * 1024,
+        idempotency_window: float = 300.0,
+        max_idempotency_keys: int = 100_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``clock`` is injectable so that tests can drive expiry without waiting."""
+        self._idempotency = IdempotencyTable(idempotency_window, max_idempotency_keys, clock)
         self._meta_ttl = meta_ttl
         self._sweep_interval = sweep_interval
         self._max_channels = max_channels
@@ -310,10 +313,34 @@ class MemoryBroker(Broker):
         history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
+        skip_history: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        idempotency_key: str = "",
+    ) -> Publication | Position:
+        if idempotency_key:
+            first = self._idempotency.get(channel, idempotency_key)
+            if first is not None:
+                return first
+        if skip_history:
+            pub = self._publish_live(channel, data, info, tags, exclude)
+        else:
+            pub = self._publish(channel, data, history, info, tags, exclude)
+        if idempotency_key:
+            self._idempotency.put(channel, idempotency_key, pub.position)
+        return pub
+
+    def _publish(
+        self,
+        channel: str,
+        data: bytes,
+        history: HistoryPolicy,
+        info: ClientInfo | None,
+        tags: dict[str, str] | None,
+        exclude: frozenset[str],
     ) -> Publication:
         stream = self._stream(channel)
         stream.offset += 1
-        pub = Publication(channel, stream.offset, stream.epoch, data, info, tags)
+        pub = directed(channel, stream.offset, stream.epoch, data, info, tags, exclude=exclude)
         now = self._clock()
         stream.forget_at = now + max(self._meta_ttl, history.ttl)
         if stream.history.maxlen != history.size:
@@ -321,6 +348,38 @@ class MemoryBroker(Broker):
         if history.size:
             self._store(stream, pub)
             stream.expires = now + history.ttl
+        if self._deliver is not None:
+            self._deliver(pub)
+        return pub
+
+    def _publish_live(
+        self,
+        channel: str,
+        data: bytes,
+        info: ClientInfo | None,
+        tags: dict[str, str] | None,
+        exclude: frozenset[str],
+    ) -> Publication:
+        """``skip_history``: stamped with the stream's position, which it leaves alone.
+
+        A channel without a stream has no subscriber (subscribing creates
+        one) and nobody to deliver to: no stream is created for it, and its
+        position is ``EMPTY``.
+        """
+        stream = self._streams.get(channel)
+        if stream is None:
+            return directed(channel, 0, "", data, info, tags, exclude=exclude, transient=True)
+        self._expire(stream, self._clock())
+        pub = directed(
+            channel,
+            stream.offset,
+            stream.epoch,
+            data,
+            info,
+            tags,
+            exclude=exclude,
+            transient=True,
+        )
         if self._deliver is not None:
             self._deliver(pub)
         return pub

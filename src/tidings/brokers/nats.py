@@ -18,6 +18,13 @@ fan-out only (notifications, live dashboards) and already run NATS:
   answers for channels without history.
 * Reading history (the server API's ``history``, the WebSocket ``history``
   command) is refused with ``NOT_AVAILABLE`` (code 108).
+* Publish options: ``skip_history`` travels in the envelope and the
+  receiving nodes stamp it with their current position without numbering it;
+  ``exclude`` travels in the envelope; ``idempotency_key`` is remembered by
+  the publishing node only (:class:`~tidings.brokers.base.IdempotencyTable`):
+  a repeat sent to another node publishes again.
+* Channel occupancy (the ``occupied``/``vacated`` events) is per node: NATS
+  core keeps no shared state to count nodes in, so each node fires its own.
 
 NATS core also drops messages on their way to a node: nats-py discards what
 arrives while a subscription already holds ``pending_limit`` messages (a slow
@@ -59,7 +66,7 @@ from nats.errors import FlushTimeoutError, NoRespondersError, SlowConsumerError
 from ..errors import ErrorCode, ProtocolError
 from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication
 from . import envelope
-from .base import Broker, NodeMessage, unavailable
+from .base import Broker, IdempotencyTable, NodeMessage, unavailable
 
 __all__ = ["NatsBroker"]
 
@@ -125,6 +132,8 @@ class NatsBroker(Broker):
         subscribe_timeout: float = 5.0,
         reconnect_wait: float = 0.5,
         pending_limit: int = DEFAULT_PENDING_LIMIT,
+        idempotency_window: float = 300.0,
+        max_idempotency_keys: int = 100_000,
     ) -> None:
         """``pending_limit`` is how many messages of one channel may wait in this
         node before nats-py drops more (a slow consumer, which restarts the channel)."""
@@ -137,6 +146,7 @@ class NatsBroker(Broker):
         self._subscribe_timeout = subscribe_timeout
         self._reconnect_wait = reconnect_wait
         self._pending_limit = pending_limit
+        self._idempotency = IdempotencyTable(idempotency_window, max_idempotency_keys)
         self._nc: NATS | None = None
         self._streams: dict[str, _Stream] = {}
         self._connector: asyncio.Task[None] | None = None
@@ -340,22 +350,37 @@ class NatsBroker(Broker):
         history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
-    ) -> Publication:
+        skip_history: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        idempotency_key: str = "",
+    ) -> Publication | Position:
         """Send to every node; ``history`` is moot, NATS core keeps nothing.
 
         Answered once nats-server has processed the message, so that it went
         to every node whose link is up (a node whose link is down has a hole
         to report). Answering when nats-py has merely buffered it would lose a
         publication sent just as the link drops, with no node to notice.
+
+        An ``idempotency_key`` is taken before the message is sent (results
+        have no position here, so a repeat's answer is known at once) and
+        given back if sending fails, so that a concurrent repeat cannot send
+        it twice and a failed first attempt can be retried.
         """
         nc = self._nc
         if nc is None or not nc.is_connected:
             raise unavailable("not connected to nats")
+        if idempotency_key:
+            if self._idempotency.get(channel, idempotency_key) is not None:
+                return EMPTY
+            self._idempotency.put(channel, idempotency_key, EMPTY)
         now_ms = int(time.time() * 1000)
+        body = envelope.encode(data, info, tags, now_ms, exclude=exclude, transient=skip_history)
         try:
-            await nc.publish(self._subject(channel), envelope.encode(data, info, tags, now_ms))
+            await nc.publish(self._subject(channel), body)
             await self._server_has_our_commands(nc)
         except (NatsError, OSError) as exc:
+            if idempotency_key:
+                self._idempotency.forget(channel, idempotency_key)
             raise unavailable(exc) from exc
         return Publication(channel, 0, "", data, info, tags, now_ms)
 
@@ -452,14 +477,15 @@ class NatsBroker(Broker):
             return  # unsubscribed meanwhile
         stream.handed += 1
         try:
-            pub = envelope.decode(channel, stream.offset + 1, stream.epoch, msg.data)
+            body = envelope.read(msg.data)
         except envelope.MalformedEnvelope as exc:
             log.warning("dropped a malformed message on %s: %s", msg.subject, exc)
         else:
-            stream.offset += 1
+            if not body.transient:  # a live-only one takes no offset (Hub docstring)
+                stream.offset += 1
             stream.seen = True
             if self._deliver is not None:
-                self._deliver(pub)
+                self._deliver(body.stamped(channel, stream.offset, stream.epoch))
         if stream.holes and stream.holes[0] == stream.handed:
             # The last message before a hole: restart now, not at the next
             # message, which may be long in coming (or dropped too).

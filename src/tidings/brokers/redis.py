@@ -16,6 +16,14 @@ channel's two keys in one Redis Cluster slot):
              Each node refreshes its own clients' scores every third of
              ``presence_ttl``; a crashed node's clients expire within
              ``presence_ttl`` and are swept when presence is read.
+``P:{C}:i:<digest>`` an idempotency key's result (``offset:epoch``), for
+             ``idempotency_window``; the digest is BLAKE2b of channel and key.
+``P:{C}:o``  occupancy: a sorted set of the nodes with subscribers in ``C``,
+             scored by when their entry expires (ms), refreshed like
+             presence; ``P:occupied`` a sorted set of the channels occupied
+             anywhere, scored by their latest entry's expiry, so that some
+             node finds the channels of a node that died (see
+             :meth:`RedisBroker.occupy`).
 
 One Lua script stamps a publication: it creates the epoch if the hash is
 missing (and drops any history left from an older epoch), increments the
@@ -25,6 +33,10 @@ offset order. The all-or-nothing recovery promise follows from the epoch: if
 Redis loses a channel's position (restart without persistence, expiry,
 eviction), the next publication or subscribe creates a new epoch, history
 reads with the old epoch return nothing, and the hub answers "not recovered".
+The same script checks and records an ``idempotency_key`` (a repeat returns
+the first position and publishes nothing), and publishes a ``skip_history``
+publication without taking an offset or storing it: it goes out stamped with
+the channel's current position (see :class:`~tidings.hub.Hub`).
 
 Fan-out uses one dedicated pub/sub connection per node
 (:class:`~tidings.brokers.redis_pubsub.RedisPubSub`, which owns subscribing,
@@ -74,9 +86,9 @@ from redis.exceptions import RedisError
 from redis.maint_notifications import MaintNotificationsConfig
 
 from ..errors import ProtocolError
-from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, reaches
+from ..stream import EMPTY, ClientInfo, HistoryPolicy, Position, Publication, directed, reaches
 from . import envelope
-from .base import Broker, NodeMessage, unavailable
+from .base import Broker, IdempotencyTable, NodeMessage, unavailable
 from .redis_pubsub import RedisPubSub
 
 __all__ = ["RedisBroker"]
@@ -85,23 +97,40 @@ log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-# KEYS: meta, history. ARGV: new epoch, history size, history ttl (ms),
-# meta ttl (ms), pub/sub channel, payload.
+# KEYS: meta, history[, idempotency key]. ARGV: new epoch, history size,
+# history ttl (ms), meta ttl (ms), pub/sub channel, payload, "1" for a
+# live-only publication (skip_history), idempotency window (ms).
+# Returns {offset, epoch, 1 for a repeat of the idempotency key else 0}.
 _PUBLISH = """
+if KEYS[3] then
+  local first = redis.call('GET', KEYS[3])
+  if first then
+    local colon = string.find(first, ':', 1, true)
+    return {tonumber(string.sub(first, 1, colon - 1)), string.sub(first, colon + 1), 1}
+  end
+end
 local epoch = redis.call('HGET', KEYS[1], 'e')
 if not epoch then
   epoch = ARGV[1]
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'e', epoch)
 end
-local offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-if tonumber(ARGV[2]) > 0 then
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'p', ARGV[6])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+local offset
+if ARGV[7] == '1' then
+  offset = tonumber(redis.call('HGET', KEYS[1], 'o') or '0')
+else
+  offset = redis.call('HINCRBY', KEYS[1], 'o', 1)
+  if tonumber(ARGV[2]) > 0 then
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], offset .. '-0', 'p', ARGV[6])
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  end
 end
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
 redis.call('PUBLISH', ARGV[5], offset .. '\\n' .. epoch .. '\\n' .. ARGV[6])
-return {offset, epoch}
+if KEYS[3] then
+  redis.call('SET', KEYS[3], offset .. ':' .. epoch, 'PX', ARGV[8])
+end
+return {offset, epoch, 0}
 """
 
 # KEYS: meta, history. ARGV: new epoch, meta ttl (ms). Returns the position.
@@ -116,6 +145,58 @@ redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return {tonumber(redis.call('HGET', KEYS[1], 'o') or '0'), epoch}
 """
 
+
+# Occupancy (RedisBroker.occupy). KEYS: the channel's node set, the index
+# of occupied channels. ARGV: node, now (ms), this entry's expiry (ms), the
+# set's ttl (ms), channel. Returns {1 when no other live node holds the
+# channel, 1 when the nodes that held it had all lapsed (a dead node's
+# channel, vacated now)}.
+_OCCUPY = """
+local lapsed = 0
+if redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2]) > 0
+    and redis.call('ZCARD', KEYS[1]) == 0 then
+  lapsed = 1
+end
+local mine = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local others = redis.call('ZCARD', KEYS[1])
+if mine then others = others - 1 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+redis.call('ZADD', KEYS[2], 'GT', ARGV[3], ARGV[5])
+local first = 0
+if others == 0 and not mine then first = 1 end
+return {first, lapsed}
+"""
+
+# KEYS: the channel's node set. ARGV: node, now (ms). Returns 1 when the set
+# is empty now and this call emptied it (this node left, or lapsed entries
+# went): the cluster's last holder is gone.
+_VACATE = """
+local purged = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if (removed + purged) > 0 and redis.call('ZCARD', KEYS[1]) == 0 then
+  return 1
+end
+return 0
+"""
+
+# KEYS: the channel's node set, the index. ARGV: now (ms), channel. Drops
+# lapsed nodes; returns 1 when that emptied the set (the channel's holders
+# all died: vacated), and takes an empty channel out of the index.
+_SWEEP = """
+local purged = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
+if redis.call('ZCARD', KEYS[1]) > 0 then
+  return 0
+end
+redis.call('ZREM', KEYS[2], ARGV[2])
+if purged > 0 then
+  return 1
+end
+return 0
+"""
+
+#: Channels of the index one sweep looks at (the oldest expiries first).
+_SWEEP_BATCH = 500
 
 #: redis-py's socket timeout for commands: a command has an answer or an error by then.
 _COMMAND_TIMEOUT = 10.0
@@ -219,6 +300,15 @@ def _new_epoch() -> str:
     return secrets.token_urlsafe(6)
 
 
+def _before(pub: Publication) -> Position:
+    """The position of the stream right before ``pub``: where a hole before it ends.
+
+    A live-only (``skip_history``) publication carries the position of the
+    stored one before it; any other sits one offset past it.
+    """
+    return Position(pub.epoch, pub.offset if pub.transient else pub.offset - 1)
+
+
 # KEYS: presence zset, presence hash. ARGV: now (ms). Sweeps, then lists.
 _PRESENCE = """
 local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
@@ -247,8 +337,14 @@ class RedisBroker(Broker):
         hold_limit: int = 1000,
         hold_bytes: int = 64 * 1024 * 1024,
         catch_up_batch: int = 500,
+        idempotency_window: float = 300.0,
     ) -> None:
         self._presence_ttl_ms = max(1, int(presence_ttl * 1000))
+        self._idempotency_window_ms = max(1, int(idempotency_window * 1000))
+        #: This node's name in the channels' occupancy sets.
+        self._node_id = secrets.token_hex(8)
+        #: Channels this node holds in their occupancy sets (refreshed like presence).
+        self._occupied: set[str] = set()
         # This node's present clients: (channel, client) -> ClientInfo JSON.
         self._present: dict[tuple[str, str], bytes] = {}
         self._url = url
@@ -303,6 +399,9 @@ class RedisBroker(Broker):
         self._publish_script = client.register_script(_PUBLISH)
         self._ensure_script = client.register_script(_ENSURE)
         self._presence_script = client.register_script(_PRESENCE)
+        self._occupy_script = client.register_script(_OCCUPY)
+        self._vacate_script = client.register_script(_VACATE)
+        self._sweep_script = client.register_script(_SWEEP)
         return client
 
     @staticmethod
@@ -342,6 +441,7 @@ class RedisBroker(Broker):
         self._tasks = [
             loop.create_task(self._keep_meta(), name="tidings-redis-meta"),
             loop.create_task(self._keep_presence(), name="tidings-redis-presence"),
+            loop.create_task(self._keep_occupancy(), name="tidings-redis-occupancy"),
         ]
         # Start-up waits briefly for Redis so the first requests find it, but a
         # Redis that is down does not stop the server: /health says so.
@@ -389,14 +489,21 @@ class RedisBroker(Broker):
         history: HistoryPolicy,
         info: ClientInfo | None = None,
         tags: dict[str, str] | None = None,
-    ) -> Publication:
+        skip_history: bool = False,
+        exclude: frozenset[str] = frozenset(),
+        idempotency_key: str = "",
+    ) -> Publication | Position:
         now_ms = int(time.time() * 1000)
-        payload = envelope.encode(data, info, tags, now_ms)
+        payload = envelope.encode(data, info, tags, now_ms, exclude=exclude, transient=skip_history)
         size = history.size
         ttl_ms = max(1, int(history.ttl * 1000))
+        keys = self._keys(channel)
+        if idempotency_key:
+            digest = IdempotencyTable.digest(channel, idempotency_key).hex()
+            keys.append(f"{self._prefix}:{{{channel}}}:i:{digest}")
         try:
-            offset, epoch = await self._publish_script(
-                keys=self._keys(channel),
+            offset, epoch, repeat = await self._publish_script(
+                keys=keys,
                 args=[
                     _new_epoch(),
                     size,
@@ -404,11 +511,25 @@ class RedisBroker(Broker):
                     max(self._meta_ttl_ms, ttl_ms),
                     self._pubsub_name(channel),
                     payload,
+                    "1" if skip_history else "0",
+                    self._idempotency_window_ms,
                 ],
             )
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
-        return Publication(channel, int(offset), epoch.decode(), data, info, tags, now_ms)
+        if repeat:
+            return Position(epoch.decode(), int(offset))
+        return directed(
+            channel,
+            int(offset),
+            epoch.decode(),
+            data,
+            info,
+            tags,
+            now_ms,
+            exclude=exclude,
+            transient=skip_history,
+        )
 
     async def history(
         self,
@@ -454,7 +575,7 @@ class RedisBroker(Broker):
         """The last stream entry ID a catch-up of ``channel`` needs: the one
         before what it held back, or the stream's end."""
         held = self._held.get(channel)
-        return f"{held[0].offset - 1}-0" if held else "+"
+        return f"{_before(held[0]).offset}-0" if held else "+"
 
     @staticmethod
     def _decode_entries(channel: str, epoch: str, entries: list[Any]) -> list[Publication]:
@@ -585,7 +706,7 @@ class RedisBroker(Broker):
         # reach that far only (it may keep less than the live stream brought since).
         held = self._held[channel]
         if held and held[0].epoch == top.epoch and held[0].offset <= top.offset:
-            top = Position(top.epoch, held[0].offset - 1)
+            top = _before(held[0])
         pubs = [pub for pub in pubs if pub.offset <= top.offset]
         if not reaches(since, pubs, top):
             log.warning(
@@ -627,7 +748,7 @@ class RedisBroker(Broker):
         log.warning(
             "channel %r: live stream resumed without catching up; subscribers resync", channel
         )
-        position = Position(held[0].epoch, held[0].offset - 1) if held else last
+        position = _before(held[0]) if held else last
         self._interest[channel] = position
         if self._restarted is not None:
             self._restarted(channel, position)
@@ -681,6 +802,12 @@ class RedisBroker(Broker):
 
     def _deliver_once(self, pub: Publication) -> None:
         last = self._interest.get(pub.channel)
+        if pub.directed and pub.transient:
+            # Live only, at the position of the stored one before it: it moves
+            # nothing here; the hub delivers it at that position or not at all.
+            if last is not None and self._deliver is not None:
+                self._deliver(pub)
+            return
         if last is None or (last.epoch == pub.epoch and pub.offset <= last.offset):
             return
         self._interest[pub.channel] = pub.position
@@ -787,3 +914,120 @@ class RedisBroker(Broker):
                     await self._idempotent(functools.partial(self._write_presence, part))
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh presence in redis: %s", exc)
+
+    # -- channel occupancy (the hub's occupied / vacated events) --------------
+
+    def _occupancy_key(self, channel: str) -> str:
+        return f"{self._prefix}:{{{channel}}}:o"
+
+    def _occupancy_index(self) -> str:
+        return f"{self._prefix}:occupied"
+
+    async def occupy(self, channel: str) -> bool:
+        """Add this node to the channel's node set; True when no other live node was in it.
+
+        Atomic (one script), so that of two nodes occupying at once exactly
+        one is first. Nodes that lapsed (died without leaving) are dropped on
+        the way; if they were the channel's last holders, the channel was
+        vacated when they died and nobody has said so yet: this node says it
+        (``bind_lapsed``) before its own ``occupied``.
+        """
+        self._occupied.add(channel)
+        now = int(time.time() * 1000)
+        try:
+            first, lapsed = await self._idempotent(
+                lambda: self._occupy_script(
+                    keys=[self._occupancy_key(channel), self._occupancy_index()],
+                    args=[
+                        self._node_id,
+                        now,
+                        now + self._presence_ttl_ms,
+                        2 * self._presence_ttl_ms,
+                        channel,
+                    ],
+                )
+            )
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+        if lapsed and self._lapsed is not None:
+            self._lapsed(channel)
+        return bool(first)
+
+    async def vacate(self, channel: str) -> bool:
+        """Remove this node from the channel's node set; True when that emptied it."""
+        self._occupied.discard(channel)
+        try:
+            emptied = await self._idempotent(
+                lambda: self._vacate_script(
+                    keys=[self._occupancy_key(channel)],
+                    args=[self._node_id, int(time.time() * 1000)],
+                )
+            )
+        except (RedisError, OSError) as exc:
+            raise unavailable(exc) from exc
+        return bool(emptied)
+
+    async def _keep_occupancy(self) -> None:
+        """Refresh this node's entries, and find channels whose holders all died.
+
+        Every third of ``presence_ttl``, as presence: a node that dies stops
+        refreshing, and its entries lapse within ``presence_ttl``. Each node
+        then sweeps the channels of the index whose latest entry has expired;
+        the script that empties a channel's set answers 1 to one node only,
+        which says ``vacated`` for the dead.
+        """
+        interval = self._presence_ttl_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            if not self._pubsub.healthy:
+                continue
+            try:
+                channels = list(self._occupied)
+                for start in range(0, len(channels), 1000):
+                    part = channels[start : start + 1000]
+                    await self._idempotent(functools.partial(self._refresh_occupancy, part))
+                if self._lapsed is not None:
+                    await self._sweep_occupancy()
+            except (RedisError, OSError) as exc:
+                log.warning("could not refresh channel occupancy in redis: %s", exc)
+
+    async def _refresh_occupancy(self, channels: list[str]) -> None:
+        expires = int(time.time() * 1000) + self._presence_ttl_ms
+        index = self._occupancy_index()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                key = self._occupancy_key(channel)
+                pipe.zadd(key, {self._node_id: expires})
+                pipe.pexpire(key, 2 * self._presence_ttl_ms)
+                pipe.zadd(index, {channel: expires}, gt=True)
+            await pipe.execute()
+
+    async def _sweep_occupancy(self) -> None:
+        """One batch of the index's lapsed channels; ``vacated`` for those this emptied."""
+        now = int(time.time() * 1000)
+        index = self._occupancy_index()
+        names = await self._idempotent(
+            lambda: self._redis.zrangebyscore(index, "-inf", now, start=0, num=_SWEEP_BATCH)
+        )
+        if not names:
+            return
+        channels = [
+            name.decode(errors="replace") if isinstance(name, bytes) else str(name)
+            for name in names
+        ]
+
+        async def sweep() -> list[Any]:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel in channels:
+                    await self._sweep_script(
+                        keys=[self._occupancy_key(channel), index],
+                        args=[now, channel],
+                        client=pipe,
+                    )
+                results: list[Any] = await pipe.execute()
+                return results
+
+        for channel, emptied in zip(channels, await self._idempotent(sweep), strict=True):
+            if emptied and self._lapsed is not None:
+                log.info("channel %r: the nodes holding it stopped refreshing: vacated", channel)
+                self._lapsed(channel)

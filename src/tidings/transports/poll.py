@@ -85,6 +85,9 @@ class PollWaiter:
 
     __slots__ = ("channels", "conn", "deadline", "poll", "publications", "since", "skipped")
 
+    #: Polls have no client id, which no publish ``exclude`` names (hub.Subscriber).
+    client_id = ""
+
     def __init__(self, poll: PollTransport, conn: Exchange, channels: tuple[str, ...]):
         self.poll = poll
         self.conn = conn
