@@ -206,11 +206,14 @@ class Held:
 def test_connect_hook_sees_the_request_and_names_the_user(
     hooks: Hooks, srv: HookedServer, protobuf: bool
 ) -> None:
-    calls = Recorder()
+    calls, kept = Recorder(), Recorder()
     news = unique_channel("plain:news")
+
+    requests = srv.server.websocket.requests
 
     async def on_connect(call: ConnectCall) -> ConnectReply:
         calls.add(call)
+        kept.add(len(requests))  # the upgrade request is kept while connect runs
         return ConnectReply(
             user="u42", info={"name": "Ada"}, data={"welcome": call.data_json()}, channels=[news]
         )
@@ -240,11 +243,11 @@ def test_connect_hook_sees_the_request_and_names_the_user(
         assert call.remote == "127.0.0.1"
         (session,) = srv.server.hub.clients_of("u42")
         assert session.client_id == client.client_id
+        # Kept only until connect: the connected client's request is gone.
+        assert kept.items == [1] and len(requests) == 0
         await client.disconnect()
 
     asyncio.run(main())
-    # Kept only until connect: nothing holds the request any more.
-    assert srv.server.websocket.requests == {}
 
 
 def test_connect_hook_refusal_is_an_error_reply_and_disconnect_closes(
