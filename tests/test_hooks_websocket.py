@@ -459,7 +459,9 @@ def test_subscribe_hook_overrides_presence_and_join_leave(
 
 
 @pytest.mark.parametrize("protobuf", SDKS)
-def test_publish_hook_replaces_or_refuses(hooks: Hooks, srv: HookedServer, protobuf: bool) -> None:
+def test_publish_hook_replaces_refuses_or_skips_history(
+    hooks: Hooks, srv: HookedServer, protobuf: bool
+) -> None:
     calls = Recorder()
 
     async def on_publish(call: PublishCall) -> PublishReply:
@@ -467,6 +469,8 @@ def test_publish_hook_replaces_or_refuses(hooks: Hooks, srv: HookedServer, proto
         text = call.data_json()["text"]
         if text == "spam":
             raise Refuse(1429, "no spam")
+        if text == "live only":
+            return PublishReply(skip_history=True)  # the data as sent (KEEP)
         return PublishReply(data={"text": text.upper(), "checked": True})
 
     hooks.publish = on_publish
@@ -485,11 +489,14 @@ def test_publish_hook_replaces_or_refuses(hooks: Hooks, srv: HookedServer, proto
         with pytest.raises(ReplyError) as refused:
             await sub.publish(wire({"text": "spam"}, protobuf))
         assert (refused.value.code, refused.value.message) == (1429, "no spam")
+        await sub.publish(wire({"text": "live only"}, protobuf))
+        got = await asyncio.wait_for(ev.publications.get(), TIMEOUT)
+        assert unwire(got.pub.data, protobuf) == {"text": "live only"}
         history = await sub.history(limit=-1)
         assert [unwire(p.data, protobuf) for p in history.publications] == [
             {"text": "HI", "checked": True}
         ]
-        (first, second) = calls.items
+        (first, second, _) = calls.items
         assert (first.channel, first.client, json.loads(first.data)) == (
             channel,
             client.client_id,

@@ -966,13 +966,13 @@ class ClientSession:
         info = ClientInfo(user=self.credentials.user, client=self.client_id)
         # echo_publications = false: every subscriber but the publisher's connection.
         echo = self.options.access.policy(channel).echo_publications
-        # TODO(hub): pass skip_history/exclude directly once Hub.publish takes them.
-        options: dict[str, Any] = {}
-        if publishing.skip_history:
-            options["skip_history"] = True
-        if not echo:
-            options["exclude"] = frozenset((self.client_id,))
-        await self.hub.publish(channel, publishing.data, info=info, **options)
+        await self.hub.publish(
+            channel,
+            publishing.data,
+            info=info,
+            skip_history=publishing.skip_history,
+            exclude=_EVERYONE if echo else frozenset((self.client_id,)),
+        )
         return self.wire.encode_reply(Reply(id=cmd_id, publish=Empty()))
 
     async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
