@@ -19,6 +19,7 @@ import hmac
 import json
 import logging
 import re
+import signal
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -28,8 +29,11 @@ import httpx
 import msgspec
 import pytest
 from aiohttp import web
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import free_port
+from helpers import SSEClient, check_serving, publish, rss_kib
 from hooks_support import TIMEOUT, HookedServer, Recorder, hooked_server
 from tidings.config import WebhooksConfig
 from tidings.hooks import (
@@ -180,6 +184,15 @@ class Receiver:
             return len(ids) >= n
 
         self.posts.wait_for(enough, timeout)
+        return dedupe(self.accepted())
+
+    def wait_for_name(self, name: str, timeout: float = TIMEOUT) -> list[dict[str, Any]]:
+        """Block until an event called ``name`` was accepted; the accepted events, deduplicated."""
+
+        def arrived(posts: list[Post]) -> bool:
+            return any(e["name"] == name for p in posts if p.status == 200 for e in p.events)
+
+        self.posts.wait_for(arrived, timeout)
         return dedupe(self.accepted())
 
 
@@ -714,8 +727,234 @@ def test_backoff_doubles_with_jitter_and_is_capped() -> None:
     assert webhooks._backoff(10_000, None) <= 4.0
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    max_queue=st.integers(1, 20),
+    max_queue_bytes=st.integers(1, 2000),
+    lengths=st.lists(st.integers(1, 400), max_size=60),
+)
+def test_the_queue_keeps_the_newest_within_both_bounds(
+    max_queue: int, max_queue_bytes: int, lengths: list[int]
+) -> None:
+    """Whatever arrives: every event is queued or counted as dropped, and what is
+    queued is the longest run of the newest events that fits both bounds, in order
+    (an event too large for the whole queue is dropped at once)."""
+    webhooks = WebhookSender(
+        WebhooksConfig(url="http://x/", max_queue=max_queue, max_queue_bytes=max_queue_bytes)
+    )
+    pushed = [b"%d:" % n + b"x" * length for n, length in enumerate(lengths)]
+    for raw in pushed:
+        webhooks._push(raw)
+    queued = list(webhooks._queue)
+    assert webhooks.queued + webhooks.dropped == len(pushed)
+    assert webhooks.queued_bytes == sum(map(len, queued))
+    fitting = [raw for raw in pushed if len(raw) <= max_queue_bytes]
+    expected: list[bytes] = []
+    for raw in reversed(fitting):
+        if len(expected) == max_queue or sum(map(len, expected)) + len(raw) > max_queue_bytes:
+            break
+        expected.insert(0, raw)
+    assert queued == expected
+
+
 def test_encoded_events_are_one_json_object_each() -> None:
     for n, event in enumerate(EVERY_KIND):
         decoded = json.loads(encode_event(event, f"p-{n}", 123))
         assert decoded["id"] == f"p-{n}" and decoded["time_ms"] == 123
         assert next(iter(decoded)) == "name"
+
+
+# -- end to end: real clients, real processes -------------------------------------------
+
+
+def e2e_config(url: str, extra: str = "") -> str:
+    """A ``tidings serve`` config: webhooks to ``url``, a presence namespace, quick vacated."""
+    return f"""{extra}
+[webhooks]
+url = "{url}"
+secret = "{SECRET}"
+retry_delay = 0.05
+publications = ["room"]
+
+[hooks]
+vacated_delay = 0.2
+
+[namespaces.room]
+presence = true
+join_leave = true
+"""
+
+
+def centrifuge_client(url: str) -> Any:
+    from centrifuge import Client
+
+    # proxy=None: never route loopback through an HTTP(S)_PROXY of the environment.
+    return Client(url, proxy=None, min_reconnect_delay=0.1, max_reconnect_delay=0.5)
+
+
+async def visit(ws_url: str, channel: str) -> str:
+    """A centrifuge-python client connects, subscribes to ``channel``, and leaves; its id."""
+    client = centrifuge_client(ws_url + "/connection/websocket")
+    subscription = client.new_subscription(channel)
+    await client.connect()
+    await client.ready(TIMEOUT)
+    await subscription.subscribe()
+    await subscription.ready(TIMEOUT)
+    client_id = str(client.client_id)
+    await client.disconnect()
+    return client_id
+
+
+def names_of(events: list[dict[str, Any]], channel: str | None = None) -> list[str]:
+    return [e["name"] for e in events if channel is None or e.get("channel") == channel]
+
+
+def test_a_websocket_client_gives_occupied_join_publication_leave_disconnect_vacated(
+    server_factory: Any,
+) -> None:
+    with Receiver() as receiver:
+        srv = server_factory(e2e_config(receiver.url))
+
+        async def main() -> str:
+            client = centrifuge_client(srv.ws_url + "/connection/websocket")
+            subscription = client.new_subscription("room:1")
+            await client.connect()
+            await client.ready(TIMEOUT)
+            await subscription.subscribe()
+            await subscription.ready(TIMEOUT)
+            await asyncio.to_thread(publish, srv, "room:1", {"text": "hello"})
+            client_id = str(client.client_id)
+            await client.disconnect()
+            return client_id
+
+        client_id = asyncio.run(main())
+        events = receiver.wait_accepted(6)
+        assert all(post.valid for post in receiver.posts.items)
+        names = names_of(events, "room:1")
+        assert sorted(names) == sorted(
+            ["channel_occupied", "member_added", "publication", "member_removed", "channel_vacated"]
+        ), names
+        # The cluster's occupancy is the broker's answer: channel_occupied may come just
+        # before or just after the first join; the rest is in the order it happened.
+        assert names.index("member_added") < names.index("publication")
+        assert names.index("channel_occupied") < names.index("member_removed")
+        assert names.index("publication") < names.index("member_removed")
+        assert names[-1] == "channel_vacated"
+        by_name = {e["name"]: e for e in events}
+        assert by_name["member_added"]["client_id"] == client_id
+        assert by_name["member_removed"]["client_id"] == client_id
+        assert by_name["publication"]["data"] == {"text": "hello"}
+        disconnected = by_name["client_disconnected"]
+        assert (disconnected["client_id"], disconnected["transport"]) == (client_id, "websocket")
+        assert isinstance(disconnected["code"], int) and disconnected["user_id"] == ""
+        # The leave and the disconnect come before the (delayed) vacated.
+        assert names_of(events).index("client_disconnected") < names_of(events).index(
+            "channel_vacated"
+        )
+
+
+def test_an_sse_stream_that_ends_gives_client_disconnected(server_factory: Any) -> None:
+    with Receiver() as receiver:
+        srv = server_factory(e2e_config(receiver.url))
+        with SSEClient(srv, ["news"]) as sse:
+            sse.subscribed()
+        events = receiver.wait_for_name("client_disconnected")
+        (disconnected,) = [e for e in events if e["name"] == "client_disconnected"]
+        assert (disconnected["transport"], disconnected["user_id"]) == ("sse", "")
+        assert isinstance(disconnected["code"], int) and disconnected["reason"]
+
+
+def test_sigterm_flushes_the_queue_of_a_tidings_process(server_factory: Any) -> None:
+    """Events queued when SIGTERM comes are delivered before the process exits."""
+    answers = [Answer(status=503)] * 3  # the receiver is briefly unavailable
+    with Receiver(answers=answers) as receiver:
+        srv = server_factory(e2e_config(receiver.url))
+        asyncio.run(visit(srv.ws_url, "room:flush"))
+        receiver.posts.wait_for(lambda posts: len(posts) >= 1)
+        assert srv.stop(signal.SIGTERM) == 0
+        names = names_of(dedupe(receiver.accepted()))
+        assert {"channel_occupied", "member_added", "client_disconnected"} <= set(names), names
+
+
+def test_occupied_and_vacated_once_per_cluster_with_two_nodes_on_redis(
+    server_factory: Any, redis_server: Any
+) -> None:
+    """Two nodes, one receiver: a client on each node in one channel gives one
+    channel_occupied and one channel_vacated, each node its own joins and leaves."""
+    broker = f'[broker]\ntype = "redis"\nredis_url = "{redis_server.url}"\n'
+    with Receiver() as receiver:
+        nodes = [server_factory(e2e_config(receiver.url, broker)) for _ in range(2)]
+
+        async def both() -> list[str]:
+            clients = [centrifuge_client(n.ws_url + "/connection/websocket") for n in nodes]
+            subscriptions = [c.new_subscription("room:shared") for c in clients]
+            for client, subscription in zip(clients, subscriptions, strict=True):
+                await client.connect()
+                await client.ready(TIMEOUT)
+                await subscription.subscribe()
+                await subscription.ready(TIMEOUT)
+            ids = [str(c.client_id) for c in clients]
+            for client in clients:
+                await client.disconnect()
+            return ids
+
+        ids = asyncio.run(both())
+        receiver.wait_for_name("channel_vacated")
+        # Then a marker publication through each node: each node sends in order, so
+        # once both markers are in, anything either node fired before them is too.
+        for n, node in enumerate(nodes):
+            publish(node, "room:marker", {"node": n})
+
+        def markers_in(posts: list[Post]) -> bool:
+            got = {
+                e["data"]["node"]
+                for p in posts
+                if p.status == 200
+                for e in p.events
+                if e["name"] == "publication"
+            }
+            return got == {0, 1}
+
+        receiver.posts.wait_for(markers_in)
+        events = dedupe(receiver.accepted())
+        assert names_of(events, "room:shared").count("channel_occupied") == 1
+        assert names_of(events, "room:shared").count("channel_vacated") == 1
+        joined = [e["client_id"] for e in events if e["name"] == "member_added"]
+        left = [e["client_id"] for e in events if e["name"] == "member_removed"]
+        assert sorted(joined) == sorted(left) == sorted(ids)
+        # Two senders (a prefix each), and each one's events in its own order.
+        prefixes: dict[str, list[int]] = collections.defaultdict(list)
+        for event in events:
+            prefix, sequence = event["id"].rsplit("-", 1)
+            prefixes[prefix].append(int(sequence))
+        assert len(prefixes) == 2
+        assert all(numbers == sorted(numbers) for numbers in prefixes.values())
+
+
+def test_a_tidings_process_with_its_receiver_down_stays_bounded(server_factory: Any) -> None:
+    """200,000 publication events (broadcasts of 1,000 channels through the server API)
+    while nothing listens at the webhook URL: the process's RSS stays flat once the
+    queue is full, the drops are logged, and other clients are served."""
+    url = f"http://127.0.0.1:{free_port()}/hook"
+    config = e2e_config(url).replace("retry_delay = 0.05", "retry_delay = 0.05\nmax_queue = 1000")
+    config += "history_size = 0\n"  # [namespaces.room]: the hub keeps nothing itself
+    srv = server_factory(config)
+    channels = [f"room:c{i}" for i in range(1000)]
+
+    def broadcast(times: int) -> None:
+        with httpx.Client(base_url=srv.url, timeout=TIMEOUT * 3) as http:
+            for _ in range(times):
+                answer = http.post("/api/broadcast", json={"channels": channels, "data": {}})
+                assert answer.status_code == 200, answer.text
+
+    broadcast(20)
+    before = rss_kib(srv)
+    broadcast(200)
+    grown = rss_kib(srv) - before
+    # 200k events held would be some 40 MiB (about 200 bytes each, encoded).
+    assert grown < 8 * 1024, f"grew {grown} KiB"
+    check_serving(srv)
+    wait_until(lambda: "since start" in srv.logs(), "the drops to be logged")
+    lines = [line for line in srv.logs().splitlines() if "webhook queue full" in line]
+    assert lines and all(" WARNING " in line for line in lines)
+    assert "Traceback" not in srv.logs()

@@ -331,14 +331,14 @@ class WebhookSender:
         config, queue = self.config, self._queue
         size = len(encoded)
         dropped = 0
-        while queue and (
-            len(queue) >= config.max_queue or self._queued_bytes + size > config.max_queue_bytes
-        ):
-            self._queued_bytes -= len(queue.popleft())
-            dropped += 1
         if size > config.max_queue_bytes:
-            dropped += 1  # larger than the whole queue may hold: not even alone
+            dropped = 1  # larger than the whole queue may hold: not even alone
         else:
+            while queue and (
+                len(queue) >= config.max_queue or self._queued_bytes + size > config.max_queue_bytes
+            ):
+                self._queued_bytes -= len(queue.popleft())
+                dropped += 1
             queue.append(encoded)
             self._queued_bytes += size
             self._wake.set()
