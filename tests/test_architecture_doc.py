@@ -38,13 +38,13 @@ ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "architecture.md"
 PACKAGE = ROOT / "src" / "tidings"
 
-#: The modules that may build a ``Server``: the CLI and its ``--workers``
-#: supervisor (which builds one ``Server`` per worker process). The Python API
-#: is ``tidings.server`` itself (``from tidings.server import Server``); the
-#: package's ``__init__`` holds only the version, which core modules import, so
-#: it must not import the server. Every other module gets its dependencies
+#: The modules that may build a ``Server``: ``tidings.Tidings`` (the Python
+#: API, which the CLI and each ``--workers`` process run), the CLI and its
+#: supervisor. The version lives in ``tidings.version``, which core modules
+#: import, so that none imports the package's ``__init__`` (the public names,
+#: which build on the server). Every other module gets its dependencies
 #: passed in (issue 11, item 1).
-COMPOSITION_ROOTS = {"tidings.cli", "tidings.workers"}
+COMPOSITION_ROOTS = {"tidings.app", "tidings.cli", "tidings.workers"}
 
 # `tidings.hub.Hub.subscribe` or `tidings.hub.Hub.subscribe()`: a dotted code reference.
 _REFERENCE = re.compile(r"`(tidings(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")

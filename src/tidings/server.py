@@ -2,14 +2,10 @@
 
 Each part is given what it needs and nothing more — the hub, the access
 rules, the CORS rule, its configuration section, the connection registry —
-so no module but this one (and the CLI and the Python API above it) knows the
-whole. Embed tidings in a program with::
-
-    server = Server(load_config())
-    await server.start()
-    await server.hub.publish("news", b'{"text": "hello"}')
-    ...
-    await server.shutdown()
+so no module but this one (and the Python API above it, which the CLI runs)
+knows the whole. A program embedding tidings uses that API,
+``tidings.Tidings`` (docs/python-api.md), which builds one of these each time
+it serves.
 
 A transport is an object with ``mount(router)``, ``start()`` and ``stop()``
 (:class:`Transport`); adding one is a module plus one line in
