@@ -65,7 +65,7 @@ class LimitsConfig(_Section):
     idempotency_window: PositiveFloat = 300.0
     #: Idempotency keys one process remembers at once (memory and NATS
     #: brokers; Redis keeps them in Redis); past it the oldest are forgotten
-    #: early. About 250 bytes each, whatever the key's length.
+    #: early. About 360 bytes each, whatever the key's length.
     max_idempotency_keys: Size = 100_000
 
 

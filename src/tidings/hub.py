@@ -290,6 +290,13 @@ class _Occupancy:
             self._hooks.vacated_delay, self._delay_over, channel
         )
 
+    def state(self, channel: str) -> bool | None:
+        """True: the broker holds this node for ``channel``; False: it does not;
+        None: not settled yet (a call queued or in flight, or the delay running)."""
+        if channel in self._busy or channel in self._queue or channel in self._timers:
+            return None
+        return channel in self._told
+
     def lapsed(self, channel: str) -> None:
         """The broker found ``channel`` vacated by nodes that died (``Broker.bind_lapsed``)."""
         if self._hooks.listening:
@@ -394,6 +401,13 @@ class Hub:
         the broker calls in flight, so that their events are emitted before the
         listeners (webhooks) stop."""
         await self._occupancy.close(timeout)
+
+    def occupancy(self, channel: str) -> bool | None:
+        """Whether this node told the broker it has subscribers in ``channel`` (for
+        inspection and tests): True or False once settled, None while a broker
+        call is queued or in flight or the vacated delay runs. Always False
+        while nothing listens to events: the broker is not told then."""
+        return self._occupancy.state(channel)
 
     # -- publishing ------------------------------------------------------
 

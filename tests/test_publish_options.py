@@ -1,0 +1,211 @@
+"""Publish options over real servers: ``skip_history``, ``exclude``, ``idempotency_key``.
+
+Each test runs on one node with the memory broker and on two nodes sharing one
+Redis (subscribers on the first node, publications made on the second, so that
+every option crosses the broker). Publications are made with ``Hub.publish``
+on the server's loop (what the Python API, the server API and the session
+call); the subscribers are real clients on real sockets: SSE over httpx, and
+Centrifugo's protocol over a WebSocket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from helpers import SSEClient, check_serving, pub_json, rss_kib, unique_channel
+from hooks_support import HookedServer, hooked_server
+from tidings.hub import Position
+from ws_support import RawClient, connect_raw
+
+BROKERS = ["memory", "redis"]
+
+
+@contextlib.contextmanager
+def nodes(
+    kind: str, request: pytest.FixtureRequest, config: dict[str, Any] | None = None
+) -> Iterator[tuple[HookedServer, HookedServer]]:
+    """(the subscribers' node, the publishers' node): one node twice with the
+    memory broker, two nodes on one Redis otherwise."""
+    tree = dict(config or {})
+    if kind == "memory":
+        with hooked_server(config=tree) as node:
+            yield node, node
+        return
+    redis = request.getfixturevalue("redis_server")
+    tree["broker"] = {"type": "redis", "redis_url": redis.url}
+    with hooked_server(config=tree) as first, hooked_server(config=tree) as second:
+        yield first, second
+
+
+def publish(node: HookedServer, channel: str, data: bytes, **options: Any) -> Position:
+    position: Position = node.call(node.server.hub.publish(channel, data, **options))
+    return position
+
+
+def ws_client(node: HookedServer, channel: str) -> tuple[RawClient, str]:
+    """A WebSocket client subscribed to ``channel``, and its client id."""
+    client = connect_raw(node.ws_url, (channel,))
+    (reply,) = [m for m in client.messages() if m.get("id") == 1]
+    return client, reply["connect"]["client"]
+
+
+def ws_publications(client: RawClient, n: int) -> list[dict[str, Any]]:
+    """The first ``n`` publication pushes the client received (waiting for them)."""
+
+    def pubs() -> list[dict[str, Any]]:
+        return [m["push"]["pub"] for m in client.messages() if "pub" in m.get("push", {})]
+
+    deadline = time.monotonic() + 10
+    while len(pubs()) < n:
+        left = deadline - time.monotonic()
+        if left <= 0 or not client.receive(left):
+            raise AssertionError(f"{len(pubs())} publications of {n}: {pubs()}")
+    return pubs()[:n]
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_skip_history_is_delivered_live_not_stored_and_a_resume_across_it_is_whole(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    channel = unique_channel("skip")
+    with nodes(kind, request) as (here, there), SSEClient(here, [channel]) as sse:
+        sse.subscribed()
+        ws, _ = ws_client(here, channel)
+        first = publish(there, channel, b'{"n":1}')
+        live_only = publish(there, channel, b'{"n":2}', skip_history=True)
+        third = publish(there, channel, b'{"n":3}')
+        # Live: every subscriber, on the other node too, gets all three in order.
+        events = sse.publications(3)
+        assert [pub_json(ev)["data"] for ev in events] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        pushes = ws_publications(ws, 3)
+        assert [p["data"] for p in pushes] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        ws.close()
+        # It takes no offset: it stands where the stored one before it stands.
+        assert live_only == first and third.offset == first.offset + 1
+        assert events[1].id == events[0].id
+        assert pushes[1]["offset"] == pushes[0]["offset"] == first.offset
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_a_skipped_publication_is_absent_from_history_and_resumes_neither_gap_nor_repeat(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    channel = unique_channel("skip")
+    with nodes(kind, request) as (here, there):
+        with SSEClient(here, [channel]) as sse:
+            head = sse.subscribed()
+            publish(there, channel, b'{"n":1}')
+            publish(there, channel, b'{"n":2}', skip_history=True)
+            publish(there, channel, b'{"n":3}')
+            events = sse.publications(3)
+        pubs, top = here.call(here.server.hub.history(channel))
+        assert [(p.offset, p.data) for p in pubs] == [(1, b'{"n":1}'), (2, b'{"n":3}')]
+        assert top.offset == 2
+        # From before all three, from the stored one, from the skipped one's id:
+        # recovered every time, with exactly the stored publications after it.
+        for since, expected in [
+            (head.id, [{"n": 1}, {"n": 3}]),
+            (events[0].id, [{"n": 3}]),
+            (events[1].id, [{"n": 3}]),
+        ]:
+            with SSEClient(here, [channel], last_event_id=since) as resumed:
+                assert resumed.subscribed().json["recovered"] is True
+                got = [pub_json(ev)["data"] for ev in resumed.publications(len(expected))]
+                assert got == expected
+                # Nothing more was replayed: the next event is the next publication.
+                publish(there, channel, b'{"marker":true}')
+                (after,) = resumed.publications(1)
+                assert pub_json(after)["data"] == {"marker": True}
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_exclude_keeps_a_publication_from_the_named_clients_only(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    channel = unique_channel("excl")
+    with nodes(kind, request) as (here, there), SSEClient(here, [channel]) as sse:
+        sse.subscribed()
+        excluded, excluded_id = ws_client(here, channel)
+        other, other_id = ws_client(here, channel)
+        assert excluded_id != other_id
+        publish(there, channel, b'{"n":1}', exclude=frozenset({excluded_id, "not-a-client"}))
+        publish(there, channel, b'{"n":2}')
+        assert [p["data"] for p in ws_publications(other, 2)] == [{"n": 1}, {"n": 2}]
+        assert [pub_json(ev)["data"] for ev in sse.publications(2)] == [{"n": 1}, {"n": 2}]
+        # The excluded client's first publication is the second one.
+        assert [p["data"] for p in ws_publications(excluded, 1)] == [{"n": 2}]
+        excluded.close()
+        other.close()
+
+
+@pytest.mark.parametrize("kind", BROKERS)
+def test_an_idempotency_key_publishes_once_within_the_window_and_again_after_it(
+    kind: str, request: pytest.FixtureRequest
+) -> None:
+    channel = unique_channel("idem")
+    config = {"limits": {"idempotency_window": 2.0}}
+    with nodes(kind, request, config) as (here, there), SSEClient(there, [channel]) as sse:
+        sse.subscribed()
+        first = publish(here, channel, b'{"n":1}', idempotency_key="order-17")
+        # The repeat (through the other node with Redis) answers the first result...
+        assert publish(there, channel, b'{"n":1}', idempotency_key="order-17") == first
+        # ...and is not published: the next publication follows the first.
+        marker = publish(there, channel, b'{"marker":1}')
+        assert marker.offset == first.offset + 1
+        got = [pub_json(ev)["data"] for ev in sse.publications(2)]
+        assert got == [{"n": 1}, {"marker": 1}]
+        # The same key in another channel is another key.
+        assert publish(here, channel + "x", b"{}", idempotency_key="order-17").offset == 1
+        # Past the window the key publishes again (polled, with a deadline).
+        deadline = time.monotonic() + 15
+        while (again := publish(there, channel, b'{"n":2}', idempotency_key="order-17")) == first:
+            assert time.monotonic() < deadline, "the key was still remembered after 15 s"
+            time.sleep(0.1)
+        assert again.offset == marker.offset + 1
+        (ev,) = sse.publications(1)
+        assert pub_json(ev)["data"] == {"n": 2}
+
+
+def _batch_publish(client: httpx.Client, url: str, channel: str, keys: range) -> None:
+    commands = [
+        {"publish": {"channel": channel, "data": {"k": key}, "idempotency_key": f"key-{key}"}}
+        for key in keys
+    ]
+    resp = client.post(f"{url}/api/batch", json={"commands": commands})
+    assert resp.status_code == 200, resp.text
+    replies = resp.json()["replies"]
+    assert all("publish" in reply for reply in replies), replies[:3]
+
+
+def test_many_distinct_idempotency_keys_keep_the_table_bounded(server_factory: Any) -> None:
+    """The attack: 100,000 distinct keys in the window; the server remembers at
+    most ``limits.max_idempotency_keys`` of them and its memory stays flat."""
+    srv = server_factory(config="[limits]\nmax_idempotency_keys = 1000\n")
+    channel = unique_channel("idem")
+    with httpx.Client(timeout=60) as client:
+        for start in (0, 1000):  # warm: the table is full
+            _batch_publish(client, srv.url, channel, range(start, start + 1000))
+        before = rss_kib(srv)
+        for start in range(2000, 100_000, 1000):
+            _batch_publish(client, srv.url, channel, range(start, start + 1000))
+        grown = rss_kib(srv) - before
+        # Without the bound the 98,000 keys grew it by 34 MiB (measured, about
+        # 360 B per key); with it, by 112 KiB.
+        assert grown < 8 * 1024, f"RSS grew by {grown} KiB over 98,000 idempotency keys"
+        # The newest keys are remembered (a repeat answers the same offset)...
+        repeat = {"channel": channel, "data": {}, "idempotency_key": "key-99999"}
+        first_offset = 100_000
+        resp = client.post(f"{srv.url}/api/publish", json=repeat)
+        assert resp.json()["result"]["offset"] == first_offset, resp.text
+        # ...the oldest were forgotten: that key publishes again.
+        oldest = {"channel": channel, "data": {}, "idempotency_key": "key-0"}
+        resp = client.post(f"{srv.url}/api/publish", json=oldest)
+        assert resp.json()["result"]["offset"] == first_offset + 1, resp.text
+    check_serving(srv)
+    assert "Traceback" not in srv.logs()
