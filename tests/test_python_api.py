@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -851,3 +852,171 @@ def test_a_typed_program_using_the_api_passes_mypy_strict(tmp_path: Path) -> Non
         )
     )
     assert out.returncode == 1 and '"on_subscribe" of "Tidings"' in out.stdout, out.stdout
+
+
+# -- docs/python-api.md stays true --------------------------------------------------------
+
+DOC = ROOT / "docs" / "python-api.md"
+
+
+def test_the_reference_documents_every_public_member_and_nothing_else() -> None:
+    """Each ``###`` heading names members (``rt.publish``, ``@rt.on_join``,
+    ``Tidings.from_config``); with the attributes described in prose
+    (``rt.config``, ``rt.serving``...) they are exactly Tidings' public ones."""
+    text = DOC.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("### ")]
+    in_headings = {name for h in headings for name in re.findall(r"(?:rt|Tidings)\.(\w+)", h)}
+    in_prose = {"config", "hooks", "serving", "server"}
+    public = {name for name in dir(Tidings) if not name.startswith("_")}
+    public |= {name for name in vars(Tidings()) if not name.startswith("_")}
+    assert in_headings <= public, sorted(in_headings - public)
+    assert public == in_headings | in_prose, sorted(public ^ (in_headings | in_prose))
+    for name in in_prose:
+        assert f"`rt.{name}`" in text, name
+
+
+def _recipe(title: str) -> str:
+    """The first Python block after the recipe's heading in docs/python-api.md."""
+    text = DOC.read_text()
+    start = text.index(title)
+    block = text[start:].split("```python\n", 1)[1].split("```", 1)[0]
+    return block
+
+
+def test_the_fastapi_and_aiohttp_recipes_serve_and_publish(tmp_path: Path) -> None:
+    """The recipes as the page shows them (only the port changed), run in this
+    process: the host app's endpoint publishes, a tidings client receives."""
+    import importlib.util
+
+    import uvicorn
+    from aiohttp import web
+
+    def load(name: str, source: str, port: int) -> Any:
+        path = tmp_path / f"{name}.py"
+        path.write_text(source.replace('"port": 8001', f'"port": {port}'))
+        spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    async def receive_one(url: str, channel: str, send: Callable[[], Any]) -> Any:
+        """What an SSE subscriber (httpx, in a thread: the loop serves tidings) receives."""
+        sse = await asyncio.to_thread(SSEClient, type("Realtime", (), {"url": url}), [channel])
+        try:
+            await asyncio.to_thread(sse.subscribed)
+            await send()
+            (event,) = await asyncio.to_thread(sse.publications, 1)
+            return event.json["data"]
+        finally:
+            sse.close()
+
+    async def main() -> None:
+        fastapi_recipe = load("fastapi_recipe", _recipe("### FastAPI"), free_port())
+        app_port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(fastapi_recipe.app, port=app_port, log_level="warning")
+        )
+        task = asyncio.create_task(server.serve())
+        deadline = time.monotonic() + TIMEOUT
+        while not server.started:
+            assert time.monotonic() < deadline and not task.done(), "uvicorn did not start"
+            await asyncio.sleep(0.02)
+        rt: Tidings = fastapi_recipe.rt
+
+        async def post_fastapi() -> None:
+            async with httpx.AsyncClient() as http:
+                sent = await http.post(f"http://127.0.0.1:{app_port}/messages/lobby", json={"a": 1})
+                assert sent.status_code == 200, sent.text
+
+        assert await receive_one(rt.url, "chat:lobby", post_fastapi) == {"a": 1}
+        server.should_exit = True
+        await task
+        assert not rt.serving
+
+        aiohttp_recipe = load("aiohttp_recipe", _recipe("### aiohttp"), free_port())
+        rt = aiohttp_recipe.rt
+        runner = web.AppRunner(aiohttp_recipe.app)
+        await runner.setup()
+        site_port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", site_port).start()
+
+        async def post_aiohttp() -> None:
+            async with httpx.AsyncClient() as http:
+                sent = await http.post(f"http://127.0.0.1:{site_port}/send", json={"b": 2})
+                assert sent.status_code == 200, sent.text
+
+        assert await receive_one(rt.url, "news", post_aiohttp) == {"b": 2}
+        await runner.cleanup()
+        assert not rt.serving
+
+    asyncio.run(main())
+
+
+DJANGO_SETTINGS = """
+SECRET_KEY = "test"
+DEBUG = False
+ALLOWED_HOSTS = ["127.0.0.1"]
+ROOT_URLCONF = "mysite.urls"
+INSTALLED_APPS = []
+"""
+
+DJANGO_URLS = """
+from django.http import JsonResponse
+from django.urls import path
+
+from mysite.realtime import rt
+
+
+async def send(request):
+    result = await rt.publish("news", {"from": "django"})
+    return JsonResponse({"offset": result.offset, "url": rt.url})
+
+
+urlpatterns = [path("send", send)]
+"""
+
+
+def test_the_django_recipe_serves_through_the_asgi_lifespan(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """The page's mysite/asgi.py, verbatim, under uvicorn: the lifespan starts
+    tidings, an async Django view publishes, SSE (httpx) receives; SIGINT stops both."""
+    site = tmp_path / "mysite"
+    site.mkdir()
+    (site / "__init__.py").write_text("")
+    (site / "settings.py").write_text(DJANGO_SETTINGS)
+    (site / "urls.py").write_text(DJANGO_URLS)
+    realtime_port, app_port = free_port(), free_port()
+    (site / "realtime.py").write_text(
+        "from tidings import Tidings\n\n"
+        f'rt = Tidings.from_config({{"host": "127.0.0.1", "port": {realtime_port}}})\n'
+    )
+    (site / "asgi.py").write_text(_recipe("### Django"))
+    log = tmp_path / "uvicorn.log"
+    with open(log, "wb") as out:
+        proc = spawn(
+            [*UVICORN, "mysite.asgi:application", "--host", "127.0.0.1", "--port", str(app_port)],
+            cwd=tmp_path,
+            env=clean_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    realtime = f"http://127.0.0.1:{realtime_port}"
+    _wait_http(f"{realtime}/health", proc, log)
+    with SSEClient(type("Realtime", (), {"url": realtime}), ["news"]) as sse:
+        sse.subscribed()
+        sent = httpx.get(f"http://127.0.0.1:{app_port}/send", timeout=TIMEOUT)
+        assert sent.status_code == 200, sent.text + log.read_text()
+        assert sent.json()["url"] == realtime
+        (event,) = sse.publications(1)
+        assert (event.json["data"], event.json["offset"]) == (
+            {"from": "django"},
+            sent.json()["offset"],
+        )
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(TIMEOUT) == 0, log.read_text()
+    logs = log.read_text()
+    assert "Traceback" not in logs and "Application shutdown complete" in logs, logs
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{realtime}/health", timeout=TIMEOUT)
