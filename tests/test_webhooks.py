@@ -211,11 +211,14 @@ def dedupe(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def webhook_server(url: str, **webhooks: Any) -> Iterator[HookedServer]:
-    """A server in this process sending webhooks to ``url`` (more ``[webhooks]`` keys given)."""
+def webhook_server(url: str, shutdown: float = 5.0, **webhooks: Any) -> Iterator[HookedServer]:
+    """A server in this process sending webhooks to ``url`` (more ``[webhooks]`` keys given).
+
+    ``shutdown`` bounds its flush at the end: short where the receiver never takes
+    the last batch, so that the test does not wait it out."""
     config = {
         "webhooks": {"url": url, "secret": SECRET, "retry_delay": 0.05, **webhooks},
-        "timeouts": {"shutdown": 5.0},
+        "timeouts": {"shutdown": shutdown},
         "namespaces": {"chat": {}},
     }
     with hooked_server(Hooks(), config=config) as srv:
@@ -556,7 +559,10 @@ class TricklingReceiver:
 def test_a_trickling_answer_is_abandoned_after_the_timeout_and_retried() -> None:
     """Each phase's timeout is never reached by a receiver trickling bytes: the POST
     as a whole is bounded by ``timeout``, then the batch is sent again."""
-    with TricklingReceiver() as receiver, webhook_server(receiver.url, timeout=0.5) as srv:
+    with (
+        TricklingReceiver() as receiver,
+        webhook_server(receiver.url, shutdown=0.2, timeout=0.5) as srv,
+    ):
         emit(srv, [occupied(1)])
         receiver.connections.wait_for(lambda heads: len(heads) >= 2)
         assert sender(srv).retries >= 1 and sender(srv).delivered == 0
@@ -572,7 +578,7 @@ def test_receiver_down_the_queue_stays_bounded_and_drops_are_logged(
     rest are dropped oldest first, counted and logged; the process does not grow."""
     caplog.set_level(logging.INFO)
     url = f"http://127.0.0.1:{free_port()}/hook"
-    with webhook_server(url, max_queue=1000) as srv:
+    with webhook_server(url, shutdown=0.2, max_queue=1000) as srv:
         webhooks = sender(srv)
         emit_many(srv, occupied, 20_000)
         before = rss_kib_self()
@@ -601,7 +607,7 @@ def test_large_publications_bounded_by_bytes() -> None:
     def publication(i: int) -> PublicationEvent:
         return PublicationEvent(channel="feed", data=data, offset=i, epoch="e")
 
-    with webhook_server(url, publications=[""], max_queue_bytes=1024 * 1024) as srv:
+    with webhook_server(url, shutdown=0.2, publications=[""], max_queue_bytes=1024 * 1024) as srv:
         webhooks = sender(srv)
         emit_many(srv, publication, 20, chunk=10)
         before = rss_kib_self()
