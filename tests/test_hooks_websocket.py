@@ -65,7 +65,9 @@ TIMEOUT = 10.0
 #: and publications not echoed to their publisher.
 CONFIG: dict[str, Any] = {
     # Expiry is enforced on the ping turn: every second here.
-    "websocket": {"ping_interval": 1.0, "pong_timeout": 5.0},
+    # Connections that never connect are closed after 5 s (3502); raw clients
+    # do not answer pings, so the pong timeout is out of the tests' way.
+    "websocket": {"ping_interval": 1.0, "pong_timeout": 60.0, "connect_timeout": 5.0},
     "auth": {"expiry_grace": 0},
     "namespaces": {
         "room": {"presence": True, "join_leave": True, "publish": "subscribers"},
@@ -800,3 +802,70 @@ def test_centrifuge_js_connect_data_rpc_and_refusal(
     node_clients.append(refused)
     gone = refused.wait(lambda e: e["event"] == "disconnected")
     assert (gone["code"], gone["reason"]) == (1403, "not you")
+
+
+# -- bounds ------------------------------------------------------------------
+
+
+def test_refresh_hooks_in_flight_are_bounded_and_the_rest_wait_their_turn(
+    hooks: Hooks, srv: HookedServer
+) -> None:
+    """Five connections expire together while the refresh hook hangs: at most
+    the transport's bound (lowered to 2 here) are being asked; the others are
+    asked on later turns once those answer, and every connection stays."""
+    held = Held(srv)
+    asked = Recorder()
+
+    async def on_connect(call: ConnectCall) -> ConnectReply:
+        return ConnectReply(user=call.data_json(), expire_at=int(time.time()) + 1)
+
+    async def on_refresh(call: RefreshCall) -> RefreshReply:
+        asked.add(call.user)
+        await held.wait()
+        return RefreshReply(expire_at=int(time.time()) + 3600)
+
+    hooks.connect, hooks.refresh, hooks.timeout = on_connect, on_refresh, 30.0
+    refreshes = srv.server.websocket.options.refreshes
+    assert refreshes is not None
+    refreshes.limit = 2
+    clients = [raw_connect(srv, data=f"user{n}")[0] for n in range(5)]
+    asked.wait_for(lambda items: len(items) >= 2)
+    # Turns pass (one a second) while the two hang: nobody else is asked.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        assert len(asked.items) == 2 and len(refreshes.pending) <= 2
+        time.sleep(0.1)
+    held.release()
+    asked.wait_for(lambda items: len(set(items)) == 5)
+    assert all(len(srv.server.hub.clients_of(f"user{n}")) == 1 for n in range(5))
+    for raw in clients:
+        raw.close()
+
+
+def test_upgrade_requests_are_not_kept_past_the_connection(hooks: Hooks, srv: HookedServer) -> None:
+    """With a connect hook, each upgraded connection's request is kept until it
+    connects; connections that never do, and go away or stay silent, leave
+    nothing behind: the count of kept requests returns to zero."""
+
+    async def on_connect(call: ConnectCall) -> None:
+        return None
+
+    hooks.connect = on_connect
+    big = {f"X-Pad-{n}": "p" * 1000 for n in range(6)}
+    silent = [RawClient(srv.ws_url, headers=big) for _ in range(20)]
+    requests = srv.server.websocket.requests
+    assert len(requests) == 20
+    for raw in silent[:10]:
+        raw.close()  # gone without a word
+    deadline = time.monotonic() + TIMEOUT
+    while len(requests) > 10 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(requests) == 10
+    # The rest never connect: the connect timeout closes them (3502) and drops them.
+    assert [raw.read_until_closed() for raw in silent[10:]] == [3502] * 10
+    deadline = time.monotonic() + TIMEOUT
+    while requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert requests == {}
+    for raw in silent[10:]:
+        raw.close()
