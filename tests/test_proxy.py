@@ -221,6 +221,30 @@ def test_connect_disconnect_answer_closes_with_its_code(
     assert client.protocol.close_rcvd.reason == "unauthorized"
 
 
+@pytest.mark.parametrize(
+    ("answer", "expected"),
+    [
+        ({}, ("close", 3501)),  # Centrifugo's "no credentials": bad request
+        ({"disconnect": {"code": 1000, "reason": "bye"}}, ("close", 3503)),
+        ({"error": {"code": 5000, "message": "odd"}}, ("error", 103)),
+    ],
+    ids=["no result", "disconnect code out of range", "error code out of range"],
+)
+def test_connect_answers_tidings_cannot_take_as_they_are_fail_closed(
+    server_factory: Launcher, backend: Backend, answer: dict[str, Any], expected: tuple[str, int]
+) -> None:
+    backend.answer("connect", answer)
+    srv = start(server_factory, backend, ("connect",))
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    kind, code = expected
+    if kind == "close":
+        assert client.read_until_closed() == code
+    else:
+        assert reply_to(client, 1)["error"]["code"] == code
+    assert "Traceback" not in srv.logs()
+
+
 def test_connect_on_sse_and_poll(server_factory: Launcher, backend: Backend) -> None:
     """The HTTP transports ask the backend too; a refusal is a status, not a stream."""
 
