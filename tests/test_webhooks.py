@@ -639,7 +639,17 @@ def test_events_not_configured_are_not_sent() -> None:
         emit(srv, EVERY_KIND)
         (event,) = receiver.wait_accepted(1)
         assert event["name"] == "channel_vacated"
+        assert event["id"].endswith("-1")  # events left out take no number: no gap
         assert srv.server.hooks.publication_namespaces is None
+
+
+def test_nothing_to_send_listens_to_nothing() -> None:
+    """With no events and no publications, emitters are not made to build events."""
+    hooks = Hooks()
+    WebhookSender(WebhooksConfig(url="http://x/", events=[])).install(hooks)
+    assert not hooks.listening and hooks.publication_namespaces is None
+    WebhookSender(WebhooksConfig(url="http://x/", events=["leave"])).install(hooks)
+    assert hooks.listening
 
 
 # -- shutdown --------------------------------------------------------------------------

@@ -305,7 +305,13 @@ class WebhookSender:
     # -- the emitter's side ---------------------------------------------------
 
     def install(self, hooks: Hooks) -> None:
-        """Listen to ``hooks``' events, and ask the hub for publications of our namespaces."""
+        """Listen to ``hooks``' events, and ask the hub for publications of our namespaces.
+
+        With nothing to send (``events`` empty, no ``publications``) it does not
+        listen, so that emitters keep skipping the events nobody wants.
+        """
+        if not self._kinds:
+            return
         hooks.add_listener(self.enqueue)
         if self._publication_namespaces:
             wanted = hooks.publication_namespaces or frozenset()
