@@ -31,6 +31,7 @@ import httpx
 import pytest
 from centrifuge import (
     Client,
+    DisconnectedContext,
     PublicationContext,
     ReplyError,
     UnsubscribedContext,
@@ -127,7 +128,16 @@ async def refused_code(ws_url: str, cookie: str | None) -> int:
     client = sdk_client(ws_url, cookie, events)
     await client.connect()
     try:
-        disconnected = await asyncio.wait_for(events.disconnected.get(), TIMEOUT)
+        outcomes = [asyncio.ensure_future(events.disconnected.get())]
+        outcomes.append(asyncio.ensure_future(events.connected.get()))
+        done, pending = await asyncio.wait(
+            outcomes, timeout=TIMEOUT, return_when=asyncio.FIRST_COMPLETED
+        )
+        for waiting in pending:
+            waiting.cancel()
+        assert done, f"neither connected nor refused within {TIMEOUT}s"
+        assert outcomes[0] in done, f"connected with cookie {cookie!r}: {outcomes[1].result()}"
+        disconnected: DisconnectedContext = outcomes[0].result()
     finally:
         await client.disconnect()
     return disconnected.code
@@ -370,6 +380,8 @@ def test_django_login_then_a_view_publishes(tmp_path: Path) -> None:
             await client.connect()
             await sub.subscribe()
             await sub.ready(TIMEOUT)
+            presence = (await sub.presence()).clients[client.client_id]
+            assert (presence.user, presence.conn_info) == ("hana", {"name": "hana"})
 
             def notify() -> httpx.Response:
                 token = csrf_token(browser.get("/").text)

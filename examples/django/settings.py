@@ -48,6 +48,7 @@ TIDINGS = {
     "host": "127.0.0.1",
     "port": TIDINGS_PORT,
     "allowed_origins": [o.strip() for o in BOARD_ORIGINS.split(",") if o.strip()],
-    # Only logged-in users follow the board; only the server publishes to it.
-    "namespaces": {"board": {"subscribe": "authenticated", "publish": "nobody"}},
+    # Only logged-in users follow the board, and see who else does (presence);
+    # only the server publishes to it.
+    "namespaces": {"board": {"subscribe": "authenticated", "publish": "nobody", "presence": True}},
 }
