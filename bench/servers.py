@@ -90,6 +90,13 @@ def _tidings_cmd(port: int, wd: Path) -> list[str]:
     return [*cmd, "--log-level", "warning"]
 
 
+def _tidings_asgi_cmd(port: int, wd: Path) -> list[str]:
+    """tidings' ASGI app under uvicorn (peers/tidings_asgi.py), with the same config."""
+    cfg = wd / "tidings.toml"
+    cmd = [sys.executable, str(PEERS / "tidings_asgi.py"), str(port)]
+    return [*cmd, str(cfg)] if cfg.exists() else cmd
+
+
 def _tidings_setup(port: int, wd: Path) -> None:
     """Optional settings for the run, from TIDINGS_BENCH_CONFIG (a TOML path)."""
     src = os.environ.get("TIDINGS_BENCH_CONFIG")
@@ -151,6 +158,15 @@ SERVERS: dict[str, ServerDef] = {
             _tidings_specs,
             needs=("tidings",),
             setup=_tidings_setup,
+        ),
+        ServerDef(
+            "tidings-asgi",
+            ("sse", "ws", "wspb", "poll"),
+            _tidings_asgi_cmd,
+            _tidings_specs,
+            needs=("tidings", "uvicorn"),
+            setup=_tidings_setup,
+            note="tidings' ASGI app (rt.asgi()) under uvicorn: httptools, websockets, uvloop",
         ),
         ServerDef(
             "floor",

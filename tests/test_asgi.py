@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -212,6 +213,21 @@ def _dechunk(data: bytes) -> bytes:
         out += data[:size]
         data = data[size + 2 :]
     return bytes(out)
+
+
+def test_uvicorn_graceful_timeout_ends_a_stream_as_tidings_shutdown_would(asgi: Launch) -> None:
+    """uvicorn cancels requests still open at ``--timeout-graceful-shutdown``: an SSE
+    stream then ends with its ``retry:`` hint, and nothing is logged as an exception."""
+    srv = asgi(args=("--timeout-graceful-shutdown", "1"))
+    with SSEClient(srv, [unique_channel("ashut")]) as sse:
+        sse.subscribed()
+        srv.proc.send_signal(signal.SIGTERM)
+        tail = sse.expect_eof()
+    assert tail and tail[-1].retry is not None, tail
+    # uvicorn re-raises the signal once shut down: killed by SIGTERM, after the lifespan.
+    assert srv.proc.wait(TIMEOUT) == -signal.SIGTERM
+    assert "tidings stopped" in srv.logs()
+    assert "Exception in ASGI application" not in srv.logs()
 
 
 # -- long-poll and poll ------------------------------------------------------------

@@ -97,6 +97,9 @@ _MAX_HEAD = 16384
 #: Response headers an ASGI server writes itself (or must not get, on HTTP/2).
 _HOP_BY_HOP = frozenset({b"connection", b"content-length", b"transfer-encoding", b"keep-alive"})
 
+#: Seconds a request cancelled by the ASGI server gets to end as a graceful shutdown would.
+_WIND_DOWN = 1.0
+
 #: The end of an HTTP response body.
 _BODY_END: Message = {"type": "http.response.body", "body": b"", "more_body": False}
 
@@ -245,8 +248,23 @@ class ASGIExchange:
         try:
             while (await receive())["type"] != "http.disconnect":
                 pass
+        except asyncio.CancelledError:
+            _uncancel()
+            await self._wind_down()
         finally:
             self._gone()
+
+    async def _wind_down(self) -> None:
+        """End the request as tidings' graceful shutdown would: a held long-poll is
+        answered, a stream gets its ``retry:`` hint and its end, within a second."""
+        held = self._held
+        shutdown = getattr(self._protocol, "shutdown", None)
+        if held is not None:
+            held.answer_now()
+        elif shutdown is not None and self._phase is Phase.STREAMING:
+            shutdown()
+        if self._writer is not None:
+            await asyncio.wait([self._writer], timeout=_WIND_DOWN)
 
     def _gone(self) -> None:
         if self._phase is Phase.DONE:
@@ -610,6 +628,11 @@ class ASGIWebSocket:
                     await self._on_message(data)
                 elif kind == "websocket.disconnect":
                     return
+        except asyncio.CancelledError:
+            _uncancel()
+            self.shutdown()
+            if self._writer is not None:
+                await asyncio.wait([self._writer], timeout=_WIND_DOWN)
         finally:
             self._lost()
 
@@ -669,6 +692,17 @@ class ASGIWebSocket:
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.cancel()
+
+
+def _uncancel() -> None:
+    """Take back the cancellation an ASGI server sends to requests still open at its
+    graceful-shutdown timeout (uvicorn's ``--timeout-graceful-shutdown``, hypercorn's
+    ``--graceful-timeout``): the request then ends as tidings' own shutdown ends it,
+    within :data:`_WIND_DOWN`, and returns, instead of raising into the server (which
+    logs every open stream as an exception with its traceback)."""
+    task = asyncio.current_task()
+    if task is not None:
+        task.uncancel()
 
 
 def _select_wire(offered: list[str]) -> Wire | None:
