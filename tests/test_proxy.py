@@ -388,7 +388,9 @@ def test_refresh_by_the_backend_when_expire_at_comes(
     """The connection the backend gave an expiry is refreshed by asking it; when it
     answers ``expired`` the client is closed with 3005."""
     backend.answer("connect", lambda _: {"result": {"user": "56", "expire_at": int(time.time())}})
-    answers = iter([{"result": {"expire_at": int(time.time()) + 2}}, {"result": {"expired": True}}])
+    answers: Iterator[dict[str, Any]] = iter(
+        [{"result": {"expire_at": int(time.time()) + 2}}, {"result": {"expired": True}}]
+    )
     backend.answer("refresh", lambda _: next(answers))
     srv = start(server_factory, backend, ("connect", "refresh"), extra=QUICK_TURNS)
     client = connected_raw(srv)
@@ -485,7 +487,7 @@ def test_backend_slow_past_the_timeout(server_factory: Launcher, backend: Backen
     assert_quiet_failures(srv, "no answer within 1s")
 
 
-GARBAGE = {
+GARBAGE: dict[str, tuple[Raw | Huge, str]] = {
     "not JSON": (Raw(200, b"<html>oops</html>"), "not Centrifugo's connect response"),
     "HTTP 500": (Raw(500, b'{"result": {"user": "1"}}'), "HTTP status 500"),
     "wrong types": (Raw(200, b'{"result": {"user": 56}}'), "Expected `str`"),
