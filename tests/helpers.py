@@ -163,12 +163,13 @@ class SSEClient:
         query_last_event_id: str | None = None,
         read_timeout: float = TIMEOUT,
         extra_params: list[tuple[str, str]] | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> None:
         params = [("channel", c) for c in channels]
         if query_last_event_id is not None:
             params.append(("last_event_id", query_last_event_id))
         params += extra_params or []
-        headers = {"Accept": "text/event-stream"}
+        headers = {"Accept": "text/event-stream", **(extra_headers or {})}
         if last_event_id is not None:
             headers["Last-Event-ID"] = last_event_id
         self.client = httpx.Client(timeout=httpx.Timeout(5.0, read=read_timeout))

@@ -114,3 +114,29 @@ class Recorder:
                     raise AssertionError(f"timed out waiting; recorded: {self._items!r}")
                 self._changed.wait(left)
             return list(self._items)
+
+
+class Held:
+    """An ``asyncio.Event`` a hook awaits on the server's loop, released by the test.
+
+    ``waiting`` tells the test (a thread) that the hook is inside; a hook held
+    this way is how a test plays a slow application without sleeping.
+    """
+
+    def __init__(self, srv: HookedServer) -> None:
+        self.srv = srv
+        self.event = asyncio.Event()
+        self.waiting = threading.Event()
+        #: Hooks inside :meth:`wait` now (read from the test thread).
+        self.inside = 0
+
+    async def wait(self) -> None:
+        self.inside += 1
+        self.waiting.set()
+        try:
+            await self.event.wait()
+        finally:
+            self.inside -= 1
+
+    def release(self) -> None:
+        self.srv.loop.call_soon_threadsafe(self.event.set)
