@@ -457,6 +457,11 @@ def test_backend_down_is_a_temporary_error(server_factory: Launcher, backend: Ba
     }
     assert_token_client_served(srv)
     assert_quiet_failures(srv, "connect proxy call to")
+    # A client repeating its connect as fast as it can does not flood the log.
+    for attempt in range(30):
+        client.send({"id": 2 + attempt, "connect": {}})
+        assert reply_to(client, 2 + attempt)["error"]["code"] == 100
+    assert srv.logs().count("connect proxy call to") <= 5
 
 
 def test_backend_down_on_poll_and_sse_is_503_with_retry_after(server_factory: Launcher) -> None:
@@ -593,16 +598,21 @@ def test_proxy_timeout_not_below_hooks_timeout_is_a_config_error(
 # -- centrifuge-js ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("transport", ["websocket", "http_stream"])
 def test_centrifuge_js_connects_and_calls_rpc_through_the_backend(
-    server_factory: Launcher, backend: Backend, node_clients: list[NodeClient]
+    server_factory: Launcher, backend: Backend, node_clients: list[NodeClient], transport: str
 ) -> None:
+    """centrifuge-js over WebSocket and over its HTTP-streaming emulation."""
     backend.answer("connect", {"result": {"user": "js-user", "data": {"greeting": "hi"}}})
     backend.answer("rpc", lambda body: {"result": {"data": {"echo": body["data"]}}})
     srv = start(server_factory, backend, ("connect", "rpc"))
     channel = unique_channel("js")
-    js = NodeClient(
-        srv.ws_url + "/connection/websocket", channel, env={"TIDINGS_JS_DATA": '{"a": 1}'}
-    )
+    env = {"TIDINGS_JS_DATA": '{"a": 1}'}
+    url = srv.ws_url + "/connection/websocket"
+    if transport != "websocket":
+        env["TIDINGS_JS_TRANSPORT"] = transport
+        url = srv.url
+    js = NodeClient(url, channel, env=env)
     node_clients.append(js)
     connected = js.wait(lambda e: e["event"] == "connected")
     assert connected["data"] == {"greeting": "hi"}
@@ -611,3 +621,5 @@ def test_centrifuge_js_connects_and_calls_rpc_through_the_backend(
     assert result["data"] == {"echo": {"b": 2}}
     body = backend.seen("connect")[0].body
     assert body["data"] == {"a": 1} and body["name"] == "js"
+    assert body["transport"] == transport
+    assert backend.seen("rpc")[0].body["transport"] == transport
