@@ -47,6 +47,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 10.0
 START_TIMEOUT = 30.0
 CHAT_SECRET = "a test secret, long enough"
+#: Messages one load_older answer holds at most (examples/fastapi_chat/app.py).
+PAGE = 50
 
 
 # -- running an example ---------------------------------------------------------
@@ -140,7 +142,7 @@ async def refused_code(ws_url: str, cookie: str | None) -> int:
         disconnected: DisconnectedContext = outcomes[0].result()
     finally:
         await client.disconnect()
-    return disconnected.code
+    return int(disconnected.code)
 
 
 class SubscriptionEvents(Events):
@@ -264,6 +266,14 @@ def test_chat_load_older_pages_back_through_the_store(chat: Chat) -> None:
         assert everything.data == {"messages": sent}
         none = await client.rpc("load_older", {"channel": channel, "before": sent[0]["id"]})
         assert none.data == {"messages": []}
+        for n in range(PAGE):  # more than one page: an answer holds PAGE at most
+            await sub.publish({"text": f"more {n}"})
+        latest = [await next_data(events) for _ in range(PAGE)]
+        page = await client.rpc("load_older", {"channel": channel})
+        assert page.data == {"messages": latest}
+        before_page = {"channel": channel, "before": latest[0]["id"]}
+        assert (await client.rpc("load_older", before_page)).data == {"messages": sent}
+
         for bad in ({"channel": "news"}, {"channel": channel, "before": "x"}, None):
             with pytest.raises(ReplyError) as refused:
                 await client.rpc("load_older", bad)
@@ -477,3 +487,4 @@ def test_standalone_proxy_decides_and_webhooks_arrive_signed(
         )
         assert by_name["publication"]["data"]["text"] == "through the proxy"
         assert by_name["client_disconnected"]["user_id"] == "ivan"
+    assert "Traceback" not in tidings.logs(), tidings.logs()[-8000:]
