@@ -83,6 +83,8 @@ MAX_RESPONSE_BODY = 64 * 1024
 #: anyway; this only keeps the float conversion sane.
 _MAX_RETRY_AFTER = 24 * 3600.0
 SIGNATURE_HEADER = "X-Tidings-Signature"
+#: Seconds between two lines about a full queue (each counts the drops since the last).
+DROPS_LOG_INTERVAL = 10.0
 
 
 # -- the wire format -------------------------------------------------------------
@@ -241,6 +243,7 @@ class WebhookSender:
 
     __slots__ = (
         "_client",
+        "_drops_report",
         "_id_prefix",
         "_inflight",
         "_kinds",
@@ -252,6 +255,7 @@ class WebhookSender:
         "_sequence",
         "_state",
         "_task",
+        "_unreported_drops",
         "_wake",
         "config",
         "delivered",
@@ -282,6 +286,9 @@ class WebhookSender:
         self._task: asyncio.Task[None] | None = None
         self._client: httpx.AsyncClient | None = None
         self._log = ClientErrorLimiter(max_lines=1, interval=10.0)
+        # Drops not logged yet, and the timer that will (see _count_drops).
+        self._unreported_drops = 0
+        self._drops_report: asyncio.TimerHandle | None = None
         #: The jitter's source (a test may seed it).
         self.random: Callable[[float, float], float] = random.uniform
         #: Events the receiver acknowledged (2xx).
@@ -349,16 +356,43 @@ class WebhookSender:
             self._queued_bytes += size
             self._wake.set()
         if dropped:
-            self.dropped += dropped
-            self._log.log(
-                log,
-                logging.WARNING,
-                "webhook queue full (webhooks.max_queue %d events, max_queue_bytes %d): "
-                "oldest events dropped, %d in total since start",
-                config.max_queue,
-                config.max_queue_bytes,
-                self.dropped,
-            )
+            self._count_drops(dropped)
+
+    def _count_drops(self, dropped: int) -> None:
+        """Count drops; log them at most once per :data:`DROPS_LOG_INTERVAL`.
+
+        Not through :class:`~tidings.logs.ClientErrorLimiter`: with the queue
+        full every event drops one, and the limiter's call on each made an
+        enqueue into a full queue take 9.5-10.3 µs against 2.4-5.3 µs without
+        it (timeit, 200,000 member_added events, same run, a loaded 2-core
+        machine); here a drop is two additions while a report is pending, and
+        the timer logs their sum.
+        """
+        self.dropped += dropped
+        self._unreported_drops += dropped
+        if self._drops_report is None:
+            self._report_drops()
+
+    def _report_drops(self) -> None:
+        """One WARNING for the drops since the last, then a timer for the next ones."""
+        self._drops_report = None
+        if not self._unreported_drops:
+            return
+        config = self.config
+        log.warning(
+            "webhook queue full (webhooks.max_queue %d events, max_queue_bytes %d): "
+            "%d oldest events dropped, %d since start",
+            config.max_queue,
+            config.max_queue_bytes,
+            self._unreported_drops,
+            self.dropped,
+        )
+        self._unreported_drops = 0
+        if self._state is _State.STOPPED:
+            return
+        with contextlib.suppress(RuntimeError):  # no running loop: every drop is logged
+            loop = asyncio.get_running_loop()
+            self._drops_report = loop.call_later(DROPS_LOG_INTERVAL, self._report_drops)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -393,6 +427,9 @@ class WebhookSender:
         self._wake.set()
         done, _ = await asyncio.wait((task,), timeout=timeout)
         self._state = _State.STOPPED
+        if self._drops_report is not None:
+            self._drops_report.cancel()
+            self._report_drops()
         if not done:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
