@@ -37,6 +37,7 @@ from centrifuge import (
     UnsubscribedContext,
 )
 
+from browser_support import launch_browser
 from conftest import ServerProcess, _die_with_parent, _kill, clean_env, free_port
 from helpers import SSEClient, pub_json, unique_channel
 from test_websocket_python import ClientEvents, Events
@@ -184,6 +185,7 @@ def chat(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Chat]:
         "CHAT_DB": str(tmp / "chat.sqlite3"),
         "CHAT_TIDINGS_PORT": str(tidings_port),
         "CHAT_SECRET": CHAT_SECRET,
+        "CHAT_ORIGINS": f"http://127.0.0.1:{port}",
     }
     argv = uvicorn("examples.fastapi_chat.app:app", port)
     with running(argv, port, tmp / "chat.log", env) as app:
@@ -352,6 +354,47 @@ def test_chat_page_and_client_script(chat: Chat) -> None:
     assert script.content == (ROOT / "src/tidings/static/tidings.js").read_bytes()
     me = httpx.get(chat.app.url + "/me", headers={"Cookie": chat.login("gus")}, timeout=TIMEOUT)
     assert me.json() == {"user": "gus", "tidings_url": chat.tidings_url}
+
+
+@pytest.mark.browser
+def test_chat_page_in_a_browser(chat: Chat, tmp_path: Path) -> None:
+    """The page as a user meets it, in chromium: log in, say something (over the
+    WebSocket, which carries the session cookie to tidings' port), see it come
+    back as the store has it, see a refusal, see an announcement from the backend."""
+    with launch_browser(tmp_path) as browser:
+        page = browser.new_page()
+        page.goto(chat.app.url + "/")
+        page.fill("#name", "ivy")
+        page.click("#login button")
+        page.wait_for_selector("#chat:not([hidden])", timeout=TIMEOUT * 1000)
+        page.wait_for_function(
+            "document.getElementById('transport').textContent === 'via websocket'",
+            timeout=TIMEOUT * 1000,
+        )
+        page.fill("#text", "  from the page  ")
+        page.click("#say button")
+        line = page.locator("#log p", has_text="from the page").last
+        line.wait_for(timeout=TIMEOUT * 1000)
+        assert line.inner_text().endswith("ivy: from the page")  # stripped by on_publish
+
+        page.fill("#text", " ")
+        page.click("#say button")
+        page.wait_for_function(
+            "document.getElementById('error').textContent !== ''", timeout=TIMEOUT * 1000
+        )
+        assert "text is empty" in page.inner_text("#error")
+
+        response = httpx.post(
+            f"{chat.app.url}/announce",
+            json={"text": "from the backend"},
+            headers={"Cookie": chat.login("jack")},
+            timeout=TIMEOUT,
+        )
+        assert response.status_code == 200, response.text
+        page.locator("#log p", has_text="jack: from the backend").wait_for(timeout=TIMEOUT * 1000)
+        page.wait_for_function(
+            "document.getElementById('online').textContent === 'ivy'", timeout=TIMEOUT * 1000
+        )
 
 
 # -- the Django board ---------------------------------------------------------------
