@@ -23,7 +23,7 @@ from aiohttp import web
 
 from hooks_support import TIMEOUT, Recorder
 
-__all__ = ["Backend", "Huge", "Raw", "Stall", "backend_running"]
+__all__ = ["Backend", "Huge", "Raw", "Stall", "Trickle", "backend_running"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +47,15 @@ class Huge:
 
 
 @dataclasses.dataclass(frozen=True)
+class Trickle:
+    """A 200 whose body comes one byte every ``interval`` seconds, until
+    :meth:`Backend.release` or the caller gives up: each read is quick, the
+    answer never ends."""
+
+    interval: float = 0.05
+
+
+@dataclasses.dataclass(frozen=True)
 class Seen:
     """One request the backend received."""
 
@@ -55,7 +64,7 @@ class Seen:
     headers: Mapping[str, str]
 
 
-Answer = dict[str, Any] | Raw | Stall | Huge
+Answer = dict[str, Any] | Raw | Stall | Huge | Trickle
 Handler = Callable[[dict[str, Any]], Answer]
 
 
@@ -114,6 +123,16 @@ class Backend:
                 return web.Response(status=503)
             if isinstance(answer, Raw):
                 return web.Response(status=answer.status, body=answer.body)
+            if isinstance(answer, Trickle):
+                assert self._released is not None
+                response = web.StreamResponse()
+                response.enable_chunked_encoding()
+                await response.prepare(request)
+                await response.write(b'{"result": ')
+                while not self._released.is_set():
+                    await response.write(b" ")
+                    await asyncio.sleep(answer.interval)
+                return response
             if isinstance(answer, Huge):
                 response = web.StreamResponse()
                 response.content_length = answer.size

@@ -27,7 +27,7 @@ from centrifuge import (
 
 from conftest import ServerProcess, free_port
 from helpers import publish, rss_kib, unique_channel
-from proxy_backend import Backend, Huge, Raw, Stall, backend_running
+from proxy_backend import Backend, Huge, Raw, Stall, Trickle, backend_running
 from test_websocket_python import Events, next_pub
 from ws_support import NodeClient, RawClient
 
@@ -489,6 +489,20 @@ def test_backend_slow_past_the_timeout(server_factory: Launcher, backend: Backen
     assert_token_client_served(srv)
     reply = reply_to(client, 1)
     assert reply["error"]["code"] == 100 and reply["error"]["temporary"] is True
+    assert_quiet_failures(srv, "no answer within 1s")
+
+
+def test_backend_trickling_its_answer_is_cut_at_the_timeout(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """A backend answering a byte at a time (every read quick, the answer
+    endless) is bounded by the timeout of the whole call, not of each read."""
+    backend.answer("connect", Trickle())
+    srv = start(server_factory, backend, ("connect",), timeout=1.0, extra=AUTH)
+    client = raw_client(srv)
+    client.send({"id": 1, "connect": {}})
+    assert reply_to(client, 1)["error"]["code"] == 100
+    assert_token_client_served(srv)
     assert_quiet_failures(srv, "no answer within 1s")
 
 
