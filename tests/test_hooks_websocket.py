@@ -749,9 +749,10 @@ JS = [
     not node_available() and not os.environ.get("CI"), reason="node and npm are needed"
 )
 @pytest.mark.parametrize(("transport", "protobuf"), JS)
-def test_centrifuge_js_connect_data_rpc_and_refusal(
+def test_centrifuge_js_connect_data_rpc_refusal_and_disconnect_event(
     hooks: Hooks,
     srv: HookedServer,
+    events: Recorder,
     node_clients: list[NodeClient],
     transport: str,
     protobuf: bool,
@@ -802,6 +803,21 @@ def test_centrifuge_js_connect_data_rpc_and_refusal(
     node_clients.append(refused)
     gone = refused.wait(lambda e: e["event"] == "disconnected")
     assert (gone["code"], gone["reason"]) == (1403, "not you")
+
+    # The SDK's own disconnect (a close frame, or the stream dropped): 3000.
+    js.command(cmd="disconnect")
+    got = events.wait_for(
+        lambda items: any(
+            isinstance(e, DisconnectEvent) and e.client == connected["client"] for e in items
+        )
+    )
+    (end,) = [e for e in got if isinstance(e, DisconnectEvent)]
+    assert (end.transport, end.user, end.code, end.reason) == (
+        expected[transport],
+        "js",
+        3000,
+        "connection closed",
+    )
 
 
 # -- bounds ------------------------------------------------------------------
