@@ -697,6 +697,12 @@ def test_shutdown_with_the_receiver_down_gives_up_within_its_timeout(
     [
         ({"url": "ftp://x/hook"}, "webhooks.url"),
         ({"url": "localhost:8000/hook"}, "webhooks.url"),
+        ({"url": "http://x:99999/hook"}, "webhooks.url"),
+        ({"url": "http://x:port/hook"}, "webhooks.url"),
+        ({"url": "http://[zz/hook"}, "webhooks.url"),
+        ({"url": "http:///hook"}, "webhooks.url"),
+        ({"url": "http://exa mple/hook"}, "webhooks.url"),
+        ({"url": "http://x/hook\n"}, "webhooks.url"),
         ({"url": "http://x/", "retry_delay": 5, "max_retry_delay": 1}, "retry_delay"),
         ({"url": "http://x/", "max_queue": 0}, "max_queue"),
     ],
@@ -704,6 +710,19 @@ def test_shutdown_with_the_receiver_down_gives_up_within_its_timeout(
 def test_bad_webhooks_config_is_refused(tree: dict[str, Any], message: str) -> None:
     with pytest.raises(msgspec.ValidationError, match=message):
         msgspec.convert(tree, WebhooksConfig)
+
+
+def test_credentials_in_the_url_stay_out_of_the_logs(caplog: pytest.LogCaptureFixture) -> None:
+    """The URL's user info and query are secrets to a log: its lines name the host and path."""
+    caplog.set_level(logging.INFO)
+    url = f"http://hookuser:hookpass@127.0.0.1:{free_port()}/hook?key=hookkey"
+    with webhook_server(url, shutdown=0.2) as srv:
+        emit(srv, [occupied(1)])
+        wait_until(lambda: sender(srv).retries >= 1, "a failed POST")
+    text = "\n".join(r.getMessage() for r in caplog.records)
+    assert "webhook POST to http://127.0.0.1:" in text and "/hook failed" in text
+    for secret in ("hookuser", "hookpass", "hookkey"):
+        assert secret not in text
 
 
 def test_publications_of_an_unknown_namespace_are_refused() -> None:

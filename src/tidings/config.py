@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import re
 import tomllib
+import urllib.parse
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 
@@ -310,10 +311,25 @@ class WebhooksConfig(_Section):
     max_retry_delay: PositiveFloat = 30.0
 
     def __post_init__(self) -> None:
-        if self.url and not re.match(r"https?://[^/?#\s]+", self.url):
+        if self.url and not _is_http_url(self.url):
             raise ValueError(f"webhooks.url: an http:// or https:// URL, not {self.url!r}")
         if self.retry_delay > self.max_retry_delay:
             raise ValueError("webhooks.retry_delay must not exceed webhooks.max_retry_delay")
+
+
+def _is_http_url(url: str) -> bool:
+    """An absolute http(s) URL with a host and, if any, a port number in range."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError for a port that is no number or out of range
+    except ValueError:  # also a bracketed host that is no IPv6 address
+        return False
+    return (
+        parts.scheme in ("http", "https")
+        and bool(parts.hostname)
+        and url.isprintable()
+        and not any(c.isspace() for c in url)
+    )
 
 
 class Config(_Section):

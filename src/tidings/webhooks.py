@@ -194,6 +194,17 @@ def envelope(events: bytes, time_ms: int) -> bytes:
     return b'{"time_ms":%d,"events":[%b]}' % (time_ms, events)
 
 
+def loggable_url(url: str) -> str:
+    """``url`` without its user info and query: what may be written to a log.
+
+    A receiver URL often carries a credential (``https://user:token@host/``,
+    ``?key=...``); logs are read by more people than the config file.
+    """
+    parsed = httpx.URL(url)
+    netloc = parsed.netloc.decode("ascii", "replace").rpartition("@")[2]
+    return f"{parsed.scheme}://{netloc}{parsed.path}"
+
+
 def sign(secret: bytes, body: bytes) -> str:
     """The ``X-Tidings-Signature`` of ``body``: hex HMAC-SHA256 with ``secret``."""
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
@@ -248,6 +259,7 @@ class WebhookSender:
         "_inflight",
         "_kinds",
         "_log",
+        "_logged_url",
         "_publication_namespaces",
         "_queue",
         "_queued_bytes",
@@ -268,6 +280,7 @@ class WebhookSender:
     def __init__(self, config: WebhooksConfig) -> None:
         self.config = config
         self._secret = config.secret.encode()
+        self._logged_url = loggable_url(config.url)
         self._kinds = frozenset(config.events) | (
             {"publication"} if config.publications else frozenset()
         )
@@ -415,7 +428,7 @@ class WebhookSender:
                 "webhooks.secret is empty: webhook bodies are sent unsigned, and a receiver "
                 "cannot tell them from anyone's POST (docs/webhooks.md)"
             )
-        log.info("webhooks: events %s to %s", ", ".join(sorted(self._kinds)), config.url)
+        log.info("webhooks: events %s to %s", ", ".join(sorted(self._kinds)), self._logged_url)
 
     async def stop(self, timeout: float) -> None:
         """Deliver what is queued, for at most ``timeout`` seconds; then drop the rest."""
@@ -496,7 +509,7 @@ class WebhookSender:
                     logging.WARNING,
                     "webhook receiver %s refused a batch of %d events with %s: dropped "
                     "(a refusal is not retried; docs/webhooks.md)",
-                    self.config.url,
+                    self._logged_url,
                     len(batch),
                     status,
                 )
@@ -508,7 +521,7 @@ class WebhookSender:
                 log,
                 logging.WARNING,
                 "webhook POST to %s failed (%s): attempt %d, retrying in %.2fs",
-                self.config.url,
+                self._logged_url,
                 problem,
                 attempt,
                 delay,
