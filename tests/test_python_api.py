@@ -540,7 +540,7 @@ def test_serve_starts_and_stops_twice_in_a_host_lifespan_without_leaks() -> None
         server.should_exit = True
         await task
         assert not rt.serving
-        return _open_fds(), asyncio.all_tasks() - {asyncio.current_task()}  # type: ignore[operator]
+        return _open_fds(), asyncio.all_tasks() - {asyncio.current_task()}
 
     async def main() -> None:
         fds_first, tasks_first = await run_once()
@@ -664,7 +664,7 @@ def test_fastapi_endpoint_publishes_to_sse_and_websocket_subscribers(
         )
         subscription = client.new_subscription(channel)
         publications: asyncio.Queue[Any] = asyncio.Queue()
-        subscription.events.on_publication = publications.put  # type: ignore[method-assign]
+        subscription.events.on_publication = publications.put
         await client.connect()
         await subscription.subscribe()
         await subscription.ready(TIMEOUT)
