@@ -504,7 +504,15 @@ class ClientSession:
         if reply is None or reply.expired:
             self.server_unsubscribe(channel, 2501, "subscription expired")
             return
-        grants[channel] = grant._replace(expires=int(reply.expire_at))
+        try:
+            info = encode_json(reply.info)
+        except TypeError as exc:
+            log.error("sub_refresh hook returned an unusable reply: %s", exc)
+            return
+        # The new info goes with the leave; the presence entry keeps the join's.
+        grants[channel] = grant._replace(
+            expires=int(reply.expire_at), info=info if info is not None else grant.info
+        )
 
     def _remember_grant(self, channel: str, grant: Grant | None) -> None:
         """Keep ``channel``'s grant when it carries an expiry or overrides."""
