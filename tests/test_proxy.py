@@ -408,6 +408,31 @@ def test_refresh_by_the_backend_when_expire_at_comes(
     assert client.read_until_closed() == 3005
 
 
+def test_refresh_the_backend_fails_prolongs_the_connection(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """As Centrifugo: a refresh call that fails gives the connection another
+    minute (asked again then), rather than closing it or asking at every turn."""
+    backend.answer("connect", lambda _: {"result": {"user": "56", "expire_at": int(time.time())}})
+    backend.answer("refresh", Raw(500, b"down for maintenance"))
+    srv = start(server_factory, backend, ("connect", "refresh"), extra=QUICK_TURNS)
+    client = connected_raw(srv)
+    backend.wait_seen("refresh")
+    # Three ping turns later (each would have asked again): still one call, still open.
+    pings_before = answered = sum(m == {} for m in client.messages())
+    deadline = time.monotonic() + TIMEOUT
+    while answered < pings_before + 3:
+        assert time.monotonic() < deadline, list(client.messages())
+        client.receive(deadline - time.monotonic())
+        pings = sum(m == {} for m in client.messages())
+        for _ in range(pings - answered):
+            client.send({})  # the pong, as SDKs answer
+        answered = pings
+    assert len(backend.seen("refresh")) == 1
+    assert client.protocol.close_rcvd is None
+    assert_quiet_failures(srv, "refresh proxy call to")
+
+
 def test_sub_refresh_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
     channel = unique_channel("proxy")
     backend.answer("subscribe", lambda _: {"result": {"expire_at": int(time.time())}})
