@@ -32,11 +32,13 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.parametrize(
     "command",
     [
-        ("ruff", "check", "src", "tests", "bench"),
-        ("ruff", "format", "--check", "src", "tests", "bench"),
+        ("ruff", "check", "src", "tests", "bench", "examples"),
+        ("ruff", "format", "--check", "src", "tests", "bench", "examples"),
         ("mypy",),  # files and strictness from pyproject.toml
+        # The examples are read and copied: they are held to the same types.
+        ("mypy", "--strict", "examples"),
     ],
-    ids=["ruff-check", "ruff-format", "mypy-strict"],
+    ids=["ruff-check", "ruff-format", "mypy-strict", "mypy-strict-examples"],
 )
 def test_static_check_passes(command: tuple[str, ...]) -> None:
     result = _run(*command)
