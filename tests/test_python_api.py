@@ -15,6 +15,7 @@ import contextlib
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -819,6 +820,59 @@ def test_serve_app_dir_and_an_error_inside_the_module(tmp_path: Path) -> None:
     out = serve("--app", "broken:rt", "--app-dir", "apps")
     assert out.returncode == 1, out
     assert "Traceback" in out.stderr and "not_installed_anywhere" in out.stderr, out.stderr
+
+
+def test_serve_uds_from_the_command_line(
+    tmp_path: Path, spawn: Callable[..., subprocess.Popen[bytes]]
+) -> None:
+    """``tidings serve --uds`` on both event loops: /health and a publish over
+    the socket, SIGTERM exits 0 and removes the socket file; a stale socket
+    file left at the path is replaced, a regular file there is not touched."""
+    for loop in ("uvloop", "asyncio"):
+        path = tmp_path / f"{loop}.sock"
+        stale = socket.socket(socket.AF_UNIX)
+        stale.bind(str(path))
+        stale.close()  # a socket file nobody listens on, as a crash leaves it
+        log = tmp_path / f"{loop}.log"
+        with open(log, "wb") as out:
+            proc = spawn(
+                [sys.executable, "-m", "tidings", "serve", "--uds", str(path), "--loop", loop],
+                cwd=tmp_path,
+                env=clean_env({"TIDINGS_API_KEY": "k"}),
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        with httpx.Client(transport=httpx.HTTPTransport(uds=str(path)), timeout=1) as http:
+            deadline = time.monotonic() + TIMEOUT
+            while True:
+                assert proc.poll() is None, log.read_text()
+                with contextlib.suppress(httpx.TransportError):
+                    if http.get("http://tidings/health").status_code == 200:
+                        break
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.05)
+            answer = http.post(
+                "http://tidings/api/publish",
+                json={"channel": "news", "data": 1},
+                headers={"X-API-Key": "k"},
+            )
+            assert answer.json()["result"]["offset"] == 1, answer.text
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(TIMEOUT) == 0, log.read_text()
+        assert not path.exists()
+        assert f"tidings listening on unix:{path}" in log.read_text()
+    regular = tmp_path / "not-a-socket"
+    regular.write_text("keep me")
+    out = subprocess.run(
+        [sys.executable, "-m", "tidings", "serve", "--uds", str(regular)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+    assert out.returncode == 1 and "cannot listen on" in out.stderr, out.stderr
+    assert regular.read_text() == "keep me"
 
 
 # -- the types are usable ---------------------------------------------------------------------
