@@ -345,6 +345,15 @@ def test_chat_refuses_clients_without_a_valid_session(chat: Chat) -> None:
         assert response.json()["error"]["code"] == 101
 
 
+def test_chat_login_refuses_bad_names(chat: Chat) -> None:
+    for name in ("", "x" * 33, "<b>", "a b", "é", None, 7):
+        response = httpx.post(f"{chat.app.url}/login", json={"name": name}, timeout=TIMEOUT)
+        assert response.status_code == 422, (name, response.text)
+        assert "set-cookie" not in response.headers
+    garbage = httpx.post(f"{chat.app.url}/login", content=b"{not json", timeout=TIMEOUT)
+    assert garbage.status_code == 422
+
+
 def test_chat_page_and_client_script(chat: Chat) -> None:
     """The page imports /tidings.js from the app, which serves the package's file."""
     page = httpx.get(chat.app.url + "/", timeout=TIMEOUT)
@@ -475,6 +484,9 @@ def test_standalone_proxy_decides_and_webhooks_arrive_signed(
     argv = uvicorn("examples.standalone.backend:app", backend_port)
     with running(argv, backend_port, tmp_path / "backend.log", {}) as backend:
         tidings = server_factory(config=config)
+        for bad in (b"{not json", b"[]", b'{"name": "<b>"}'):
+            refused_login = httpx.post(f"{backend.url}/login", content=bad, timeout=TIMEOUT)
+            assert refused_login.status_code == 400, bad
         login = httpx.post(f"{backend.url}/login", json={"name": "ivan"}, timeout=TIMEOUT)
         session = f"session={login.cookies['session']}"
         channel = unique_channel("chat:")

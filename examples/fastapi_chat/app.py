@@ -272,6 +272,8 @@ async def load_older(call: RPCCall) -> dict[str, list[Message]]:
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     """tidings serves while the app does: started before the first request,
     stopped (clients told to come back later) when uvicorn stops."""
+    if "CHAT_SECRET" not in os.environ:
+        log.warning("CHAT_SECRET is not set: session cookies are signed with a known key")
     async with rt.serve():
         log.info("tidings serving on %s", rt.url)
         yield

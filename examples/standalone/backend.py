@@ -52,8 +52,9 @@ MAX_AGE_MS = 5 * 60 * 1000
 MAX_TEXT = 500
 NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
-#: Session id -> user name. A real backend keeps sessions in its database.
+#: Session id -> user name, oldest first. A real backend keeps sessions in its database.
 sessions: dict[str, str] = {}
+MAX_SESSIONS = 10_000
 #: Webhook event ids seen, and when (dropped after twice MAX_AGE_MS).
 seen_ids: dict[str, int] = {}
 #: The last webhook events received, for GET /webhooks.
@@ -83,10 +84,16 @@ async def from_tidings(request: Request) -> dict[str, Any] | None:
 
 async def login(request: Request) -> Response:
     """``{"name": ...}`` → a session cookie. A demo: a real backend checks a password."""
-    name = (await request.json()).get("name")
+    try:
+        body = await request.json()
+    except ValueError:
+        body = None
+    name = body.get("name") if isinstance(body, dict) else None
     if not isinstance(name, str) or not NAME.fullmatch(name):
         return JSONResponse({"error": "name: 1-32 letters, digits, '_', '.', '-'"}, 400)
     session = secrets.token_urlsafe(24)
+    if len(sessions) >= MAX_SESSIONS:  # forget the oldest: logins cannot grow memory
+        del sessions[next(iter(sessions))]
     sessions[session] = name
     response = JSONResponse({"user": name})
     response.set_cookie("session", session, httponly=True, samesite="lax")
