@@ -67,19 +67,23 @@ def _ready(srv: ServerProcess) -> None:
 
 @pytest.fixture
 def asgi(tmp_path: Path) -> Iterator[Launch]:
-    """``asgi(config="", kind="uvicorn", args=())``: the app under an ASGI server's CLI."""
+    """``asgi(config, kind="uvicorn", args, app="asgi_app:app")``: an app of
+    tests/asgi_app.py under an ASGI server's CLI."""
     procs: list[ServerProcess] = []
 
     def launch(
-        config: str = "", kind: str = "uvicorn", args: tuple[str, ...] = ()
+        config: str = "",
+        kind: str = "uvicorn",
+        args: tuple[str, ...] = (),
+        app: str = "asgi_app:app",
     ) -> ServerProcess:
         port = free_port()
         cfg = tmp_path / f"asgi{len(procs)}.toml"
         cfg.write_text(config)
         if kind == "uvicorn":
-            argv = ["-m", "uvicorn", "asgi_app:app", "--host", HOST, "--port", str(port)]
+            argv = ["-m", "uvicorn", app, "--host", HOST, "--port", str(port)]
         else:
-            argv = ["-m", "hypercorn", "asgi_app:app", "--bind", f"{HOST}:{port}"]
+            argv = ["-m", "hypercorn", app, "--bind", f"{HOST}:{port}"]
         log_path = tmp_path / f"asgi{len(procs)}.log"
         env = clean_env({"ASGI_APP_CONFIG": str(cfg), "PYTHONPATH": str(TESTS)})
         with open(log_path, "wb") as log:
@@ -460,6 +464,37 @@ def test_oversized_body_is_refused(asgi: Launch) -> None:
     assert "larger than 4096 bytes" in srv.logs()
     ok = httpx.post(srv.url + "/api/publish", json={"channel": ch, "data": "small"}, timeout=5)
     assert ok.status_code == 200, ok.text
+
+
+# -- rt.asgi() ---------------------------------------------------------------------
+
+
+def test_rt_asgi_in_a_host_app_hooks_and_in_process_publish(asgi: Launch) -> None:
+    """``rt.asgi()`` mounted in a host ASGI app: the ``connect`` hook names the user
+    from the host's header, and ``rt.publish`` from a host route reaches an SSE and
+    a WebSocket subscriber of the same process."""
+    srv = asgi(app="asgi_app:host")
+    ch = unique_channel("art")
+    with SSEClient(srv, [ch]) as sse, _raw_ws(srv, additional_headers={"X-User": "alice"}) as ws:
+        sse.subscribed()
+        ws.send('{"id":1,"connect":{}}')
+        ws.recv(timeout=TIMEOUT)
+        ws.send(json.dumps({"id": 2, "subscribe": {"channel": ch}}))
+        ws.recv(timeout=TIMEOUT)
+        answer = httpx.post(f"{srv.url}/host/publish", params={"channel": ch, "text": "hi"})
+        assert answer.status_code == 200, answer.text
+        offset = answer.json()["offset"]
+        (event,) = sse.publications(1)
+        assert (pub_json(event)["data"], pub_json(event)["offset"]) == ({"text": "hi"}, offset)
+        push = json.loads(ws.recv(timeout=TIMEOUT))["push"]
+        assert push["pub"]["data"] == {"text": "hi"} and push["pub"]["offset"] == offset
+        # The hook's user is the publisher's, on the client's own publication.
+        ws.send(json.dumps({"id": 3, "publish": {"channel": ch, "data": {"from": "ws"}}}))
+        messages = [
+            json.loads(line) for _ in range(2) for line in ws.recv(timeout=TIMEOUT).split("\n")
+        ]
+        (pub,) = [m["push"]["pub"] for m in messages if "push" in m]
+        assert pub["info"]["user"] == "alice"
 
 
 # -- hypercorn -----------------------------------------------------------------------

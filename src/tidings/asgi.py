@@ -715,11 +715,33 @@ def _select_wire(offered: list[str]) -> Wire | None:
 
 
 class ASGIApp:
-    """An ASGI 3 application serving one :class:`~tidings.server.Server` (module docstring)."""
+    """An ASGI 3 application serving one :class:`~tidings.server.Server` (module docstring).
 
-    def __init__(self, server: Server) -> None:
-        self.server = server
+    ``server`` is the server, or a function building it at each startup (so
+    that a :class:`tidings.Tidings` builds it from the hooks registered by
+    then); ``on_serving`` is told the server once it serves, and None before
+    it stops (``rt.asgi()`` uses it so that ``rt.publish`` and the other
+    operations reach the server while the ASGI server runs it).
+    """
+
+    def __init__(
+        self,
+        server: Server | Callable[[], Server],
+        *,
+        on_serving: Callable[[Server | None], None] | None = None,
+    ) -> None:
+        self._source = server
+        self._server = server if isinstance(server, Server) else None
+        self._on_serving = on_serving
+        #: Whether the server runs (between lifespan startup and shutdown).
         self.started = False
+
+    @property
+    def server(self) -> Server:
+        """The server (RuntimeError before the first startup when built by a function)."""
+        if self._server is None:
+            raise RuntimeError("the ASGI app has not started: no lifespan startup yet")
+        return self._server
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -734,15 +756,18 @@ class ASGIApp:
 
     async def startup(self) -> None:
         """Start the server without its listener: the ASGI server listens."""
-        server = self.server
-        await server.broker.start()
-        if server.proxy is not None:
-            await server.proxy.start()
-        if server.webhooks is not None:
-            await server.webhooks.start()
-        for transport in server.transports:
-            await transport.start()
+        if self.started:
+            raise RuntimeError("the ASGI app is already started")
+        source = self._source
+        server = self._server = source if isinstance(source, Server) else source()
+        try:
+            await server.start_services()
+        except BaseException:
+            await server.shutdown()
+            raise
         self.started = True
+        if self._on_serving is not None:
+            self._on_serving(server)
         log.info("tidings serving through ASGI")
 
     async def shutdown(self) -> None:
@@ -750,8 +775,11 @@ class ASGIApp:
         if not self.started:
             return
         self.started = False
-        await self.server.shutdown()
-        await self.server.hooks.drain(self.server.config.timeouts.shutdown)
+        if self._on_serving is not None:
+            self._on_serving(None)
+        server = self.server
+        await server.shutdown()
+        await server.hooks.drain(server.config.timeouts.shutdown)
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[ASGIApp]:
@@ -782,13 +810,14 @@ class ASGIApp:
     # -- HTTP ----------------------------------------------------------------------
 
     async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
-        server = self.server
         request = _request(scope, scope["method"])
-        exchange = ASGIExchange(self, send, request.client)
         if not self.started:
-            message = "tidings is not started (see docs/asgi.md: lifespan)"
-            await exchange.respond(request, error_response(503, message))
+            refusal = error_response(503, "tidings is not started (docs/asgi.md: the lifespan)")
+            await send(_start_message(refusal, [], stopping=True))
+            await send({"type": "http.response.body", "body": refusal.body})
             return
+        exchange = ASGIExchange(self, send, request.client)
+        server = self.server
         connections = server.connections
         if connections.admit(exchange) is not Admission.ADMITTED:
             connections.discard(exchange)
@@ -858,11 +887,15 @@ class ASGIApp:
     async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
         if (await receive())["type"] != "websocket.connect":
             return
-        server = self.server
         request = _request(scope, "GET")
+        if not self.started:
+            log_client_error(log, "websocket refused for %s: not started", request.client)
+            await send({"type": "websocket.close", "code": 1013, "reason": "not started"})
+            return
+        server = self.server
         ctx = server.websocket
         refusal = ""
-        if not self.started or server.stopping:
+        if server.stopping:
             refusal = "not serving"
         elif request.path != WEBSOCKET_PATH:
             refusal = f"no websocket endpoint at {request.path}"

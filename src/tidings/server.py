@@ -174,13 +174,7 @@ class Server:
         if uds is not None:
             sock = _unix_socket(uds)
         self._uds = uds
-        await self.broker.start()
-        if self.proxy is not None:
-            await self.proxy.start()
-        if self.webhooks is not None:
-            await self.webhooks.start()
-        for transport in self.transports:
-            await transport.start()
+        await self.start_services()
         site = self.site
         # tidings.listener: accepting survives running out of file descriptors.
         self._listener = await listen(
@@ -191,8 +185,6 @@ class Server:
             backlog=4096,
             reuse_port=reuse_port,
         )
-        self.started_at = time.monotonic()
-        self._warn_about_development_defaults()
         log.info("tidings listening on %s", self.url)
         cap = self.connections.max_connections
         source = "from the file limit" if self.config.limits.max_connections is None else "set"
@@ -200,6 +192,20 @@ class Server:
             log.info("limits.max_connections = %d (%s)", cap, source)
         else:
             log.info("limits.max_connections = 0 (%s): no cap but the file limit", source)
+
+    async def start_services(self) -> None:
+        """Start everything but the listener: the broker, the proxy, webhooks, the
+        transports. :meth:`start` listens after it; the ASGI app
+        (:mod:`tidings.asgi`) calls it alone, since its ASGI server listens."""
+        await self.broker.start()
+        if self.proxy is not None:
+            await self.proxy.start()
+        if self.webhooks is not None:
+            await self.webhooks.start()
+        for transport in self.transports:
+            await transport.start()
+        self.started_at = time.monotonic()
+        self._warn_about_development_defaults()
 
     def _warn_about_development_defaults(self) -> None:
         if not self.config.api_key:
