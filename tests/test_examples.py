@@ -482,17 +482,22 @@ def test_standalone_proxy_decides_and_webhooks_arrive_signed(
     assert "127.0.0.1:9000" in config
     config = config.replace("127.0.0.1:9000", f"127.0.0.1:{backend_port}")
     argv = uvicorn("examples.standalone.backend:app", backend_port)
-    with running(argv, backend_port, tmp_path / "backend.log", {}) as backend:
+    env = {"MAX_SESSIONS": "2"}
+    with running(argv, backend_port, tmp_path / "backend.log", env) as backend:
         tidings = server_factory(config=config)
         for bad in (b"{not json", b"[]", b'{"name": "<b>"}'):
             refused_login = httpx.post(f"{backend.url}/login", content=bad, timeout=TIMEOUT)
             assert refused_login.status_code == 400, bad
-        login = httpx.post(f"{backend.url}/login", json={"name": "ivan"}, timeout=TIMEOUT)
-        session = f"session={login.cookies['session']}"
+        cookies = []
+        for name in ("early", "ivan", "ivan"):  # one more than the backend keeps
+            login = httpx.post(f"{backend.url}/login", json={"name": name}, timeout=TIMEOUT)
+            cookies.append(f"session={login.cookies['session']}")
+        forgotten, session = cookies[0], cookies[-1]
         channel = unique_channel("chat:")
 
         async def main() -> None:
             assert await refused_code(tidings.ws_url, None) == 101
+            assert await refused_code(tidings.ws_url, forgotten) == 101
             client = sdk_client(tidings.ws_url, session)
             events = SubscriptionEvents()
             sub = client.new_subscription(channel, events)

@@ -20,7 +20,8 @@ signed JSON batch, checked as docs/webhooks.md says (signature, age, repeated
 ids); ``GET /webhooks`` lists the events received, to look at.
 
 Nothing here is tidings-specific Python: it could be any language.
-Environment: ``PROXY_SECRET`` and ``WEBHOOK_SECRET`` (as in tidings.toml).
+Environment: ``PROXY_SECRET`` and ``WEBHOOK_SECRET`` (as in tidings.toml),
+``MAX_SESSIONS`` (10000: past it the oldest session is forgotten).
 """
 
 from __future__ import annotations
@@ -54,7 +55,7 @@ NAME = re.compile(r"[A-Za-z0-9_.-]{1,32}")
 
 #: Session id -> user name, oldest first. A real backend keeps sessions in its database.
 sessions: dict[str, str] = {}
-MAX_SESSIONS = 10_000
+MAX_SESSIONS = int(os.environ.get("MAX_SESSIONS", "10000"))
 #: Webhook event ids seen, and when (dropped after twice MAX_AGE_MS).
 seen_ids: dict[str, int] = {}
 #: The last webhook events received, for GET /webhooks.
