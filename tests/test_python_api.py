@@ -346,7 +346,7 @@ def test_refresh_extends_one_connection_and_expired_ends_it() -> None:
 
     async def main() -> None:
         rt = make_app(websocket={"ping_interval": 1})
-        async with serving(rt):
+        async with serving(rt) as http:
             expire_at = int(time.time()) + 2
             kept, kept_events = await connect_client(rt.url, "kept", expire_at=expire_at)
             gone, gone_events = await connect_client(rt.url, "gone", expire_at=expire_at)
@@ -363,26 +363,78 @@ def test_refresh_extends_one_connection_and_expired_ends_it() -> None:
             ended = await next_item(kept_events.interrupted)
             assert (ended.code, ended.reason) == (3005, "connection expired")
             await kept.disconnect()
+            # The HTTP API's refresh is the same method.
+            third, third_events = await connect_client(rt.url, "third")
+            answer = await http_api(http, "refresh", {"user": "third", "expired": True})
+            assert answer == {"result": {}}
+            ended = await next_item(third_events.interrupted)
+            assert (ended.code, ended.reason) == (3005, "connection expired")
+            await third.disconnect()
 
     asyncio.run(main())
 
 
-def test_disconnect_closes_the_users_connections_with_the_code() -> None:
+def test_disconnect_closes_the_users_connections_and_event_hooks_hear_of_it() -> None:
+    """``disconnect`` closes every connection of the user with the code (4501:
+    the SDK stays disconnected), no one else's; the event hooks registered
+    with the decorators run: ``on_disconnect`` with that code, ``on_channel_occupied``
+    and ``on_channel_vacated`` for the channel the user held."""
+
     async def main() -> None:
-        rt = make_app()
+        rt = make_app(hooks={"vacated_delay": 0})
+        heard: asyncio.Queue[Any] = asyncio.Queue()
+
+        @rt.on_disconnect
+        async def gone(event: tidings.DisconnectEvent) -> None:
+            await heard.put(("disconnect", event.user, event.code, event.reason))
+
+        @rt.on_channel_occupied
+        async def occupied(event: tidings.ChannelEvent) -> None:
+            await heard.put((event.kind, event.channel))
+
+        @rt.on_channel_vacated
+        async def vacated(event: tidings.ChannelEvent) -> None:
+            await heard.put((event.kind, event.channel))
+
         async with serving(rt):
+            channel = unique_channel()
             first, first_events = await connect_client(rt.url, "dave")
             second, second_events = await connect_client(rt.url, "dave")
             other, other_events = await connect_client(rt.url, "erin")
+            await rt.subscribe("dave", channel, client=first.client_id)
+            assert await next_item(heard) == ("occupied", channel)
             await rt.disconnect("dave", code=4501, reason="banned")
             for events in (first_events, second_events):
                 ended = await next_item(events.disconnected)
                 assert (ended.code, ended.reason) == (4501, "banned")
-            channel = unique_channel()
-            await rt.subscribe("erin", channel)
+            told = {await next_item(heard) for _ in range(3)}
+            assert told == {("disconnect", "dave", 4501, "banned"), ("vacated", channel)}
+            await rt.subscribe("erin", unique_channel())
             assert other_events.disconnected.empty()
+            with pytest.raises(RuntimeError, match="register hooks before serve"):
+                rt.on_join(occupied)  # type: ignore[arg-type]
             for client in (first, second, other):
                 await client.disconnect()
+
+    asyncio.run(main())
+
+
+def test_a_port_in_use_raises_and_leaves_nothing_serving() -> None:
+    async def main() -> None:
+        rt = make_app()
+        async with rt.serve():
+            port = int(rt.url.rsplit(":", 1)[1])
+            second = make_app()
+            with pytest.raises(OSError):
+                async with second.serve(port=port):
+                    raise AssertionError("served on a port in use")
+            assert not second.serving
+            with pytest.raises(RuntimeError, match="already serving"):
+                async with rt.serve():
+                    raise AssertionError("served twice at once")
+            assert (await rt.publish("news", 1)).offset == 1
+        async with second.serve(port=port):
+            assert second.url == f"http://127.0.0.1:{port}"
 
     asyncio.run(main())
 
