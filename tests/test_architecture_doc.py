@@ -40,11 +40,12 @@ PACKAGE = ROOT / "src" / "tidings"
 
 #: The modules that may build a ``Server``: ``tidings.Tidings`` (the Python
 #: API, which the CLI and each ``--workers`` process run), the CLI and its
-#: supervisor. The version lives in ``tidings.version``, which core modules
+#: supervisor, and ``tidings.asgi`` (a server run by an ASGI server). The
+#: version lives in ``tidings.version``, which core modules
 #: import, so that none imports the package's ``__init__`` (the public names,
 #: which build on the server). Every other module gets its dependencies
 #: passed in (issue 11, item 1).
-COMPOSITION_ROOTS = {"tidings.app", "tidings.cli", "tidings.workers"}
+COMPOSITION_ROOTS = {"tidings.app", "tidings.asgi", "tidings.cli", "tidings.workers"}
 
 # `tidings.hub.Hub.subscribe` or `tidings.hub.Hub.subscribe()`: a dotted code reference.
 _REFERENCE = re.compile(r"`(tidings(?:\.[A-Za-z_]\w*)+)(?:\(\))?`")
