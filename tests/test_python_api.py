@@ -439,6 +439,54 @@ def test_a_port_in_use_raises_and_leaves_nothing_serving() -> None:
     asyncio.run(main())
 
 
+class _Connection:
+    """A connection as the server API sees it (``hub.Client``), for a unit test."""
+
+    def __init__(self, client_id: str, refuses: bool) -> None:
+        self.client_id = client_id
+        self.refuses = refuses
+        self.joined: list[str] = []
+
+    def close(self, code: int, reason: str) -> None:
+        raise AssertionError("not asked")
+
+    def server_unsubscribe(self, channel: str, code: int = 2000, reason: str = "") -> bool:
+        raise AssertionError("not asked")
+
+    def server_refresh(self, expire_at: int, info: bytes | None, expired: bool) -> bool:
+        raise AssertionError("not asked")
+
+    async def server_subscribe(self, channel: str) -> bool:
+        if self.refuses:
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED)
+        for _ in range(3):  # joining takes a few turns of the loop (the broker)
+            await asyncio.sleep(0)
+        self.joined.append(channel)
+        return True
+
+
+def test_subscribe_reaches_every_connection_it_can_then_reports_a_refusal() -> None:
+    """One of the user's connections refuses: the other still joins before the
+    call raises the refusal (nothing left running behind the error)."""
+    from tidings.api import ServerAPI
+    from tidings.auth import Access
+    from tidings.brokers.memory import MemoryBroker
+    from tidings.hub import Hub
+
+    async def main() -> None:
+        hub = Hub(MemoryBroker())
+        api = ServerAPI(hub, Access(tidings.Config()), "", lambda: None)  # type: ignore[arg-type,return-value]
+        refusing, joining = _Connection("a", refuses=True), _Connection("b", refuses=False)
+        for connection in (refusing, joining):
+            hub.add_client("u", connection)
+        with pytest.raises(ProtocolError) as raised:
+            await api.subscribe(api.decode("subscribe", b'{"user": "u", "channel": "news"}'))
+        assert raised.value.code == ErrorCode.LIMIT_EXCEEDED
+        assert joining.joined == ["news"]
+
+    asyncio.run(main())
+
+
 # -- publish options ---------------------------------------------------------------
 
 
@@ -867,6 +915,13 @@ def test_serve_app_dir_and_an_error_inside_the_module(tmp_path: Path) -> None:
             stdin=subprocess.DEVNULL,
         )
 
+    (apps / "misconfigured.py").write_text(
+        "from tidings import Tidings\n\nrt = Tidings.from_config({'port': 'eighty'})\n"
+    )
+    out = serve("--app", "misconfigured:rt", "--app-dir", "apps")
+    assert out.returncode == 2, out
+    assert out.stderr.startswith("tidings: --app misconfigured:rt: config error: "), out.stderr
+    assert "port" in out.stderr and "Traceback" not in out.stderr, out.stderr
     out = serve("--app", "broken:rt")
     assert out.returncode == 2 and "no module named 'broken'" in out.stderr, out.stderr
     out = serve("--app", "broken:rt", "--app-dir", "apps")

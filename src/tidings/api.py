@@ -483,12 +483,19 @@ class ServerAPI:
         channels are in their URL) are left as they are, as are connections
         already subscribed. Waits until each connection has joined (its
         ``subscribe`` push is sent), so that a publication made after this
-        returns reaches it.
+        returns reaches it. A connection that cannot join (its channel limit,
+        the broker) does not keep the others out: every one is tried, then
+        the first refusal is raised.
         """
         self._known(params.channel)
         clients = self.hub.clients_of(params.user, params.client)
-        if clients:
-            await asyncio.gather(*(client.server_subscribe(params.channel) for client in clients))
+        outcomes = await asyncio.gather(
+            *(client.server_subscribe(params.channel) for client in clients),
+            return_exceptions=True,
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         return DONE
 
     async def refresh(self, params: RefreshParams) -> Done:

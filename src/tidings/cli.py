@@ -141,6 +141,9 @@ def _serve(args: argparse.Namespace) -> int:
         except AppNotFound as exc:
             print(f"tidings: --app {args.app}: {exc}", file=sys.stderr)
             return 2
+        except ConfigError as exc:  # the module's Tidings.from_config(...)
+            print(f"tidings: --app {args.app}: config error: {exc}", file=sys.stderr)
+            return 2
     overrides = {
         "host": args.host,
         "port": args.port,
