@@ -31,14 +31,14 @@ def nodes(
     kind: str, request: pytest.FixtureRequest, config: dict[str, Any] | None = None
 ) -> Iterator[tuple[HookedServer, HookedServer]]:
     """(the subscribers' node, the publishers' node): one node twice with the
-    memory broker, two nodes on one Redis otherwise."""
+    memory broker, two nodes on one Redis or one NATS otherwise."""
     tree = dict(config or {})
     if kind == "memory":
         with hooked_server(config=tree) as node:
             yield node, node
         return
-    redis = request.getfixturevalue("redis_server")
-    tree["broker"] = {"type": "redis", "redis_url": redis.url}
+    broker = request.getfixturevalue(f"{kind}_server")
+    tree["broker"] = {"type": kind, f"{kind}_url": broker.url}
     with hooked_server(config=tree) as first, hooked_server(config=tree) as second:
         yield first, second
 
@@ -92,6 +92,23 @@ def test_skip_history_is_delivered_live_not_stored_and_a_resume_across_it_is_who
         assert pushes[1]["offset"] == pushes[0]["offset"] == first.offset
 
 
+def test_with_nats_a_live_only_publication_takes_no_offset_on_the_receiving_node(
+    request: pytest.FixtureRequest,
+) -> None:
+    """NATS numbers publications per node, as they arrive: a live-only one is
+    numbered like the stored one before it there too."""
+    channel = unique_channel("skip")
+    with nodes("nats", request) as (here, there), SSEClient(here, [channel]) as sse:
+        sse.subscribed()
+        publish(there, channel, b'{"n":1}')
+        publish(there, channel, b'{"n":2}', skip_history=True)
+        publish(there, channel, b'{"n":3}')
+        events = sse.publications(3)
+        assert [pub_json(ev)["data"] for ev in events] == [{"n": 1}, {"n": 2}, {"n": 3}]
+        assert [pub_json(ev)["offset"] for ev in events] == [1, 1, 2]
+        assert events[1].id == events[0].id != events[2].id
+
+
 @pytest.mark.parametrize("kind", BROKERS)
 def test_a_skipped_publication_is_absent_from_history_and_resumes_neither_gap_nor_repeat(
     kind: str, request: pytest.FixtureRequest
@@ -124,7 +141,7 @@ def test_a_skipped_publication_is_absent_from_history_and_resumes_neither_gap_no
                 assert pub_json(after)["data"] == {"marker": True}
 
 
-@pytest.mark.parametrize("kind", BROKERS)
+@pytest.mark.parametrize("kind", [*BROKERS, "nats"])
 def test_exclude_keeps_a_publication_from_the_named_clients_only(
     kind: str, request: pytest.FixtureRequest
 ) -> None:
