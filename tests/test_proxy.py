@@ -271,6 +271,26 @@ def test_connect_on_sse_and_poll(server_factory: Launcher, backend: Backend) -> 
     assert backend.wait_seen("connect", 2)[1].body["transport"] == "sse"
 
 
+def test_header_and_cookie_values_that_cannot_be_forwarded_are_left_out() -> None:
+    """A header or cookie holding a control character aiohttp would refuse to
+    send is left out, and the call still made. tidings' HTTP parser refuses
+    such a request (400) before it gets here; a host ASGI server may not."""
+    from tidings.config import ProxyConfig
+    from tidings.hooks import ConnectCall
+    from tidings.proxy import Proxy
+
+    proxy = Proxy(ProxyConfig(http_headers=["X-Allowed", "X-Fine"], cookies=["a", "b"]))
+    call = ConnectCall(
+        transport="sse",
+        protocol="http",
+        client="",
+        user="",
+        headers={"x-allowed": "bad\x7fvalue", "x-fine": "tab\tok"},
+        cookies={"a": "ok", "b": "bad\x00value"},
+    )
+    assert proxy._forwarded_headers(call) == {"x-fine": "tab\tok", "cookie": "a=ok"}
+
+
 # -- subscribe, publish, rpc ------------------------------------------------------
 
 

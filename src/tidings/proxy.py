@@ -33,6 +33,7 @@ import asyncio
 import base64
 import binascii
 import logging
+import re
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
@@ -158,6 +159,10 @@ class _Response(msgspec.Struct, Generic[_Result]):
 
 
 _encoder = msgspec.json.Encoder()
+
+#: Control characters aiohttp refuses in a header value (HTAB is allowed): a
+#: client's header or cookie holding one is left out rather than failing the call.
+_UNSENDABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class ProxyUnavailable(HookTimedOut):
@@ -405,12 +410,14 @@ class Proxy:
         headers: dict[str, str] = {}
         for name in self._header_allowlist:
             value = call.headers.get(name)
-            if value is not None:
+            if value is not None and not _UNSENDABLE.search(value):
                 headers[name] = value
         if "cookie" not in headers and self._cookie_allowlist:
             cookies = call.cookies
             pairs = [
-                f"{name}={cookies[name]}" for name in self._cookie_allowlist if name in cookies
+                f"{name}={cookies[name]}"
+                for name in self._cookie_allowlist
+                if name in cookies and not _UNSENDABLE.search(cookies[name])
             ]
             if pairs:
                 headers["cookie"] = "; ".join(pairs)
@@ -460,10 +467,12 @@ class Proxy:
             return self._decoders[result_type].decode(raw)  # type: ignore[no-any-return]
         except TimeoutError:
             reason = f"no answer within {self.timeout:g}s"
-        except (aiohttp.ClientError, OSError) as exc:
-            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             reason = f"not Centrifugo's {kind} response ({exc})"
+        except (aiohttp.ClientError, OSError, ValueError) as exc:
+            # ValueError: aiohttp refusing a request it cannot send (a static
+            # header with a control character); after msgspec's, which are ValueErrors.
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
         except _Failed as exc:
             reason = str(exc)
         self._warnings.log(
