@@ -691,11 +691,10 @@ def test_refresh_hook_ends_an_sse_stream(
     assert (event.code, event.reason) == (code, reason)
 
 
-def test_refresh_hook_failing_is_asked_again_and_the_stream_kept(
-    hooks: Hooks, srv: HookedServer
-) -> None:
+def test_refresh_hook_failing_is_asked_again_and_the_stream_kept(hooks: Hooks) -> None:
     """A refresh hook that raises is a fault of the application, not a verdict:
-    the stream stays and the hook is asked again at a later heartbeat."""
+    within ``auth.expiry_grace`` the stream stays and the hook is asked again
+    at a later heartbeat."""
     calls = Recorder()
 
     async def on_refresh(call: RefreshCall) -> RefreshReply | None:
@@ -707,11 +706,32 @@ def test_refresh_hook_failing_is_asked_again_and_the_stream_kept(
     hooks.connect = expiring_connect()
     hooks.refresh = on_refresh
     channel = unique_channel("open:")
-    with SSEClient(srv, [channel]) as client:
+    graceful = {**CONFIG, "auth": {"hmac_secret": SECRET, "expiry_grace": 60}}
+    with hooked_server(hooks, graceful) as srv, SSEClient(srv, [channel]) as client:
         client.subscribed()
         calls.wait_for(lambda got: len(got) >= 3)
         publish(srv, channel, {"kept": True})
         assert pub_json(client.publications(1)[0])["data"] == {"kept": True}
+
+
+def test_refresh_hook_failing_past_the_grace_ends_the_stream(
+    hooks: Hooks, srv: HookedServer, events: Recorder
+) -> None:
+    """...but not for ever: past the grace (0 here) a failed refresh ends it, 3005."""
+
+    async def on_refresh(call: RefreshCall) -> RefreshReply | None:
+        raise RuntimeError("the session store is down")
+
+    hooks.connect = expiring_connect("failing")
+    hooks.refresh = on_refresh
+    with SSEClient(srv, [unique_channel("open:")]) as client:
+        client.subscribed()
+        ends = until_eof(client)
+    assert [ev.json for ev in ends if ev.event == "disconnect"] == [
+        {"code": 3005, "reason": "connection expired"}
+    ]
+    (event,) = disconnects(events, "failing")
+    assert event.code == 3005
 
 
 def test_refresh_calls_in_flight_are_bounded(

@@ -65,10 +65,11 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = b":\n\n"
 
-#: ``refresh`` hook calls running at once. Streams expiring beyond it wait for
-#: a later heartbeat (still open, still receiving): a hook that hangs holds at
-#: most this many tasks, whatever the number of streams that expire together.
-MAX_REFRESHING = 256
+#: ``refresh`` hook calls running at once (as many as the Centrifugo sessions'
+#: per transport). Streams expiring beyond it wait for a later heartbeat (still
+#: open, still receiving): a hook that hangs holds at most this many tasks,
+#: whatever the number of streams that expire together.
+MAX_REFRESHING = 1024
 
 
 def event(data: bytes, *, id: str | None = None, name: str | None = None) -> bytes:
@@ -406,9 +407,10 @@ class SSETransport:
         ``None``, ``expired=True`` or a :class:`Refuse`: the connection is over
         (3005, as without a hook); a :class:`Disconnect`: closed with its code.
         A hook that fails or times out is asked again at the next heartbeat,
-        the stream kept meanwhile: a temporary fault of the application must
-        not cut every stream that expires during it (EventSource gives up on
-        the error its reconnection would meet).
+        the stream kept meanwhile, until the expiry plus ``auth.expiry_grace``
+        is past (then 3005): a short fault of the application must not cut
+        every stream that expires during it (EventSource gives up on the error
+        its reconnection would meet), nor may a lasting one keep them forever.
         """
         hooks = self.hooks
         assert hooks.refresh is not None
@@ -423,7 +425,11 @@ class SSETransport:
         except Refuse:
             reply, info = None, None
         except ProtocolError:
-            return  # failed or timed out (logged by ``decide``): asked again later
+            # Failed or timed out (logged by ``decide``): asked again at a later
+            # heartbeat, until the grace a token's connection would get is past.
+            if self.access.expired(credentials):
+                stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return
         except TypeError as exc:
             log.error("refresh hook returned an unusable reply: %s", exc)
             return
