@@ -1015,6 +1015,27 @@ def test_a_typed_program_using_the_api_passes_mypy_strict(tmp_path: Path) -> Non
     assert out.returncode == 1 and '"on_subscribe" of "Tidings"' in out.stdout, out.stdout
 
 
+# -- the package's public names ------------------------------------------------------------
+
+
+def test_every_public_name_imports_and_the_clients_do_not_load_the_server() -> None:
+    """``tidings.__all__`` is what ``tidings._HOMES`` serves, each name resolves;
+    importing the package or its clients (``tidings publish``) loads no server."""
+    assert set(tidings.__all__) == set(tidings._HOMES) | {"__version__"}
+    for name in tidings.__all__:
+        assert getattr(tidings, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        _ = tidings.Nope  # type: ignore[attr-defined]
+    probe = (
+        "import sys, tidings, tidings.client, tidings.cli; "
+        "print(sorted(m for m in sys.modules if m in ('tidings.server', 'tidings.app')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, env=clean_env()
+    )
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
 # -- docs/python-api.md stays true --------------------------------------------------------
 
 DOC = ROOT / "docs" / "python-api.md"
