@@ -20,7 +20,9 @@ import pytest
 
 from helpers import SSEClient, check_serving, pub_json, rss_kib, unique_channel
 from hooks_support import HookedServer, hooked_server
-from tidings.hub import Position
+from tidings.brokers import envelope
+from tidings.brokers.base import IdempotencyTable
+from tidings.hub import Position, Publication
 from ws_support import RawClient, connect_raw
 
 BROKERS = ["memory", "redis"]
@@ -226,3 +228,40 @@ def test_many_distinct_idempotency_keys_keep_the_table_bounded(server_factory: A
         assert resp.json()["result"]["offset"] == first_offset + 1, resp.text
     check_serving(srv)
     assert "Traceback" not in srv.logs()
+
+
+# -- the sans-I/O parts, in process ------------------------------------------
+
+
+def test_the_idempotency_table_forgets_a_key_after_the_window_and_the_oldest_when_full() -> None:
+    now = [100.0]
+    table = IdempotencyTable(window=10.0, max_keys=3, clock=lambda: now[0])
+    for n in range(3):
+        table.put("ch", f"k{n}", Position("e", n + 1))
+    assert [table.get("ch", f"k{n}") for n in range(3)] == [Position("e", n + 1) for n in range(3)]
+    assert table.get("other", "k0") is None  # a key is per channel
+    table.put("ch", "k3", Position("e", 4))  # full: k0 goes first
+    assert table.get("ch", "k0") is None and table.get("ch", "k3") == Position("e", 4)
+    now[0] += 10.0  # the window passed for all of them
+    assert [table.get("ch", f"k{n}") for n in range(1, 4)] == [None, None, None]
+    assert len(table) == 0
+
+
+def test_a_long_key_costs_what_a_short_one_does() -> None:
+    short, long = IdempotencyTable.digest("ch", "k"), IdempotencyTable.digest("ch", "k" * 100_000)
+    assert len(short) == len(long) == 16 and short != long
+    assert IdempotencyTable.digest("a", "b:c") != IdempotencyTable.digest("a:b", "c")
+
+
+def test_publish_options_travel_in_the_envelope_and_a_plain_one_is_unchanged() -> None:
+    wire = envelope.encode(b"{}", None, None, 5, exclude=frozenset({"b", "a"}), transient=True)
+    pub = envelope.decode("ch", 3, "ep", wire)
+    assert (pub.directed, pub.transient, pub.exclude, pub.offset) == (
+        True,
+        True,
+        frozenset({"a", "b"}),
+        3,
+    )
+    plain = envelope.decode("ch", 3, "ep", envelope.encode(b"{}", None, None, 5))
+    assert (plain.directed, plain.transient, plain.exclude) == (False, False, frozenset())
+    assert type(plain) is Publication  # no slots paid for options it does not use
