@@ -205,6 +205,24 @@ def loggable_url(url: str) -> str:
     return f"{parsed.scheme}://{netloc}{parsed.path}"
 
 
+class _QuietRequests(logging.Filter):
+    """Drops httpx's INFO line for each request to one URL.
+
+    httpx logs every request at INFO with the URL whole, user info and query
+    included: a credential in the log, and a line per POST. Our own lines say
+    what matters (failures, refusals, drops) with :func:`loggable_url`. Only
+    the webhook URL's lines go: an application's own httpx requests stay logged.
+    """
+
+    def __init__(self, url: str) -> None:
+        super().__init__()
+        self.url = httpx.URL(url)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        return not (isinstance(args, tuple) and len(args) > 1 and args[1] == self.url)
+
+
 def sign(secret: bytes, body: bytes) -> str:
     """The ``X-Tidings-Signature`` of ``body``: hex HMAC-SHA256 with ``secret``."""
     return hmac.new(secret, body, hashlib.sha256).hexdigest()
@@ -263,6 +281,7 @@ class WebhookSender:
         "_publication_namespaces",
         "_queue",
         "_queued_bytes",
+        "_quiet",
         "_secret",
         "_sequence",
         "_state",
@@ -281,6 +300,7 @@ class WebhookSender:
         self.config = config
         self._secret = config.secret.encode()
         self._logged_url = loggable_url(config.url)
+        self._quiet = _QuietRequests(config.url)
         self._kinds = frozenset(config.events) | (
             {"publication"} if config.publications else frozenset()
         )
@@ -422,6 +442,7 @@ class WebhookSender:
             headers={"User-Agent": f"tidings/{__version__}", "Content-Type": "application/json"},
         )
         self._state = _State.RUNNING
+        logging.getLogger("httpx").addFilter(self._quiet)
         self._task = asyncio.get_running_loop().create_task(self._run(), name="webhooks")
         if not self._secret:
             log.warning(
@@ -462,6 +483,7 @@ class WebhookSender:
         self._inflight = 0
         if self._client is not None:
             await self._client.aclose()
+        logging.getLogger("httpx").removeFilter(self._quiet)
 
     # -- the sender task -------------------------------------------------------
 
