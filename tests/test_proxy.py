@@ -308,7 +308,7 @@ def test_subscribe_allowed_refused_and_namespaces_left_to_rules(
         backend,
         ("subscribe",),
         subscribe_namespaces=["guarded"],
-        extra="[namespaces.guarded]\n[namespaces.open]\n",
+        extra="[namespaces.guarded]\npresence = true\n[namespaces.open]\n",
     )
     client = connected_raw(srv)
     client.send(
@@ -323,12 +323,18 @@ def test_subscribe_allowed_refused_and_namespaces_left_to_rules(
     assert [b["channel"] for b in bodies] == ["guarded:room", "guarded:forbidden"]
     assert bodies[0]["data"] == {"want": "in"}
     assert bodies[0]["transport"] == "websocket" and bodies[0]["client"]
+    # The result's info is this subscription's channel info, as presence shows it.
+    client.send({"id": 5, "presence": {"channel": "guarded:room"}})
+    [member] = reply_to(client, 5)["presence"]["presence"].values()
+    assert member["chan_info"] == {"role": "reader"}
 
 
 def test_publish_data_replaced_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
     def decide(body: dict[str, Any]) -> dict[str, Any]:
         if body["data"].get("text") == "spam":
             return {"error": {"code": 1001, "message": "spam"}}
+        if body["data"].get("text") == "typing":
+            return {"result": {"skip_history": True}}
         return {"result": {"data": {"text": body["data"]["text"].upper(), "checked": True}}}
 
     backend.answer("publish", decide)
@@ -348,6 +354,8 @@ def test_publish_data_replaced_by_the_backend(server_factory: Launcher, backend:
         with pytest.raises(ReplyError) as refused:
             await sub.publish({"text": "spam"})
         assert refused.value.code == 1001
+        await sub.publish({"text": "typing"})  # delivered live, not kept
+        assert (await next_pub(events)).pub.data == {"text": "typing"}
         history = await sub.history(limit=-1)
         assert [p.data for p in history.publications] == [{"text": "HELLO", "checked": True}]
         await client.disconnect()
