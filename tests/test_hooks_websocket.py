@@ -15,7 +15,6 @@ import asyncio
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +35,7 @@ from centrifuge import (
 )
 
 from helpers import unique_channel
-from hooks_support import HookedServer, Recorder, hooked_server
+from hooks_support import Held, HookedServer, Recorder, hooked_server
 from tidings.hooks import (
     ConnectCall,
     ConnectReply,
@@ -183,22 +182,6 @@ def raw_connect(srv: HookedServer, **connect: Any) -> tuple[RawClient, dict[str,
 def raw_subscribe(raw: RawClient, channel: str, cmd_id: int = 2) -> dict[str, Any]:
     raw.send({"id": cmd_id, "subscribe": {"channel": channel}})
     return raw.wait_for(lambda m: m.get("id") == cmd_id)
-
-
-class Held:
-    """An asyncio.Event a hook awaits on the server's loop, released by the test."""
-
-    def __init__(self, srv: HookedServer) -> None:
-        self.srv = srv
-        self.event = asyncio.Event()
-        self.waiting = threading.Event()
-
-    async def wait(self) -> None:
-        self.waiting.set()
-        await self.event.wait()
-
-    def release(self) -> None:
-        self.srv.loop.call_soon_threadsafe(self.event.set)
 
 
 # -- connect -----------------------------------------------------------------
