@@ -329,6 +329,42 @@ def test_subscribe_allowed_refused_and_namespaces_left_to_rules(
     assert member["chan_info"] == {"role": "reader"}
 
 
+def test_subscribe_override_becomes_the_replys_presence_and_join_leave(backend: Backend) -> None:
+    """The answer's ``override`` ({"value": bool} per option) reaches the reply
+    the gate turns into the subscription's grant; an option left out stays None
+    (the namespace decides). The proxy in this process, the backend over a socket."""
+    from tidings.config import ProxyConfig
+    from tidings.hooks import SubscribeCall, SubscribeReply
+    from tidings.proxy import Proxy
+
+    backend.answer(
+        "subscribe",
+        {"result": {"expire_at": 7, "override": {"presence": {"value": True}}}},
+    )
+
+    async def ask() -> SubscribeReply | None:
+        proxy = Proxy(ProxyConfig(subscribe_url=backend.url("subscribe")))
+        await proxy.start()
+        try:
+            call = SubscribeCall(
+                transport="websocket", protocol="json", client="c1", user="u1", channel="room"
+            )
+            return await proxy.subscribe(call)
+        finally:
+            await proxy.close()
+
+    reply = asyncio.run(ask())
+    assert reply == SubscribeReply(info=None, expire_at=7, presence=True, join_leave=None)
+    assert backend.seen("subscribe")[0].body == {
+        "client": "c1",
+        "transport": "websocket",
+        "protocol": "json",
+        "encoding": "json",
+        "user": "u1",
+        "channel": "room",
+    }
+
+
 def test_publish_data_replaced_by_the_backend(server_factory: Launcher, backend: Backend) -> None:
     def decide(body: dict[str, Any]) -> dict[str, Any]:
         if body["data"].get("text") == "spam":
