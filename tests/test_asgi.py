@@ -43,6 +43,9 @@ from helpers import (
     unique_channel,
     wait_subscribers,
 )
+from test_emulation import _subscribe_publish_receive
+from test_emulation import http_stream as emulated_http_stream
+from test_emulation import sse_stream as emulated_sse
 from test_websocket_python import ClientEvents, Events, next_pub
 from ws_support import Proxy, connect_raw
 
@@ -421,6 +424,16 @@ def test_slow_websocket_consumer_is_closed_3008_while_another_is_served(asgi: La
     assert slow.read_until_closed(20) == 3008
     slow.close()
     check_serving(srv)
+
+
+def test_emulation_streams_take_commands_by_post(asgi: Launch) -> None:
+    """Centrifugo's bidirectional emulation (HTTP stream and SSE, commands posted
+    to ``/emulation``) through the same exchange as the other streams."""
+    srv = asgi()
+    with emulated_http_stream(srv) as client:
+        _subscribe_publish_receive(srv, client)
+    with emulated_sse(srv) as client:
+        _subscribe_publish_receive(srv, client)
 
 
 # -- the server API and the other routes ---------------------------------------------

@@ -25,7 +25,9 @@ of the native connection, so a handler cannot tell the two apart:
 * ``detach`` (SSE): the exchange becomes the stream's transport. The stream
   writes its response head as HTTP/1.1 bytes, as it would to a socket; that
   head is parsed (httptools, as the native server parses requests) into
-  ``http.response.start``, and later writes go out as body chunks.
+  ``http.response.start``, and later writes go out as body chunks (their
+  chunk framing taken off first where the handler chunks its body itself, as
+  the HTTP-stream emulation does: the ASGI server frames).
 
 **Back-pressure.** ``write`` is synchronous (the stream's fan-out path) and
 ``send`` is a coroutine, so writes queue in the exchange and one short-lived
@@ -152,6 +154,7 @@ class ASGIExchange:
         "_reply_to",
         "_send",
         "_started",
+        "_unchunk",
         "_writer",
         "client",
         "transport",
@@ -175,6 +178,7 @@ class ASGIExchange:
         self._paused = False
         self._head = b""
         self._started = False
+        self._unchunk: _ResponseReader | None = None
         self._writer: asyncio.Task[None] | None = None
 
     def _enter(self, phase: Phase) -> None:
@@ -350,6 +354,8 @@ class ASGIExchange:
                     data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
                     if not self._started:
                         data = await self._start(data)
+                    elif self._unchunk is not None:
+                        data = self._unchunk.unchunk(data)
                     if data:
                         await self._send(
                             {"type": "http.response.body", "body": data, "more_body": True}
@@ -381,7 +387,11 @@ class ASGIExchange:
             return b""
         self._head = b""
         self._started = True
-        await self._send(_parse_head(buffer[: end + 4]))
+        reader = _ResponseReader()
+        await self._send(reader.start_message(buffer[: end + 4]))
+        if reader.chunked:
+            self._unchunk = reader  # kept only for a body that is chunked already
+            return reader.unchunk(buffer[end + 4 :])
         return buffer[end + 4 :]
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
@@ -419,31 +429,44 @@ class ASGIExchange:
         return False
 
 
-class _HeadParser:
-    """httptools callbacks collecting a response head's headers."""
+class _ResponseReader:
+    """The response a stream handler writes to its socket, read back with httptools:
+    its head's headers, less the framing ones (the ASGI server frames), and, when
+    the handler chunks its body itself (Centrifugo's HTTP-stream emulation), the
+    body without its chunk framing, which the ASGI server would otherwise double."""
 
-    __slots__ = ("headers",)
+    __slots__ = ("body", "chunked", "headers", "parser")
 
     def __init__(self) -> None:
         self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.chunked = False
+        self.parser = httptools.HttpResponseParser(self)
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        if name == b"transfer-encoding" and b"chunked" in value.lower():
+            self.chunked = True
         if name not in _HOP_BY_HOP:
             self.headers.append((name, value))
 
+    def on_body(self, body: bytes) -> None:
+        self.body.append(body)
 
-def _parse_head(head: bytes) -> Message:
-    """An HTTP/1.1 response head, as a stream handler writes it to its socket,
-    as ``http.response.start``; the framing headers are the ASGI server's."""
-    collected = _HeadParser()
-    parser = httptools.HttpResponseParser(collected)
-    parser.feed_data(head)
-    return {
-        "type": "http.response.start",
-        "status": parser.get_status_code(),
-        "headers": collected.headers,
-    }
+    def start_message(self, head: bytes) -> Message:
+        """Read the head: ``http.response.start``."""
+        self.parser.feed_data(head)
+        return {
+            "type": "http.response.start",
+            "status": self.parser.get_status_code(),
+            "headers": self.headers,
+        }
+
+    def unchunk(self, data: bytes) -> bytes:
+        """The content of chunked body bytes (whole chunks or not)."""
+        self.parser.feed_data(data)
+        body, self.body = self.body, []
+        return b"".join(body)
 
 
 def _start_message(response: Response, extra: list[tuple[str, str]], stopping: bool) -> Message:
