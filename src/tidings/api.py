@@ -320,13 +320,22 @@ class ServerAPI:
         name = request.path.removeprefix("/api/")
         if name == "batch":
             return await self._handle_batch(request, conn)
+        return await self.answer(name, request.body, conn.client)
+
+    async def answer(self, name: str, body: bytes, client: object) -> Response:
+        """Run method ``name`` on a JSON ``body`` from an authorized caller; its HTTP answer.
+
+        The one rendering of a call's outcome, for ``/api/`` and for the admin
+        page's ``/admin/api/`` (tidings.admin), which authorize differently.
+        ``client`` names the caller in logs.
+        """
         entry = self.methods.get(name)
         if entry is None:
             return error_response(404, f"method not found: {name}")
         try:
-            params = self.decode(name, request.body or b"{}")
+            params = self.decode(name, body or b"{}")
         except ProtocolError as exc:
-            log_client_error(log, "bad API request from %s: %s", conn.client, exc.message)
+            log_client_error(log, "bad API request from %s: %s", client, exc.message)
             return error_response(exc)
         try:
             result = await entry[1](params)
