@@ -2,7 +2,8 @@
 
 One object holds the configuration (the same tree as the CLI's), the
 application's hooks, and — while it serves — one :class:`~tidings.server.Server`.
-Three ways to run it, one code path under each:
+Ways to run it (and :meth:`Tidings.asgi`, through an ASGI server), one code
+path under each, and its operations:
 
 - ``async with rt.serve(port=8001):`` inside a host application's loop (a
   FastAPI/Starlette ``lifespan``, aiohttp's ``cleanup_ctx``, Django's ASGI
