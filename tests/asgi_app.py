@@ -1,5 +1,6 @@
 """The ASGI apps the tests run under uvicorn and hypercorn: ``uvicorn asgi_app:app``
-(``ASGIApp`` over a ``Server``), ``asgi_app:host`` (a host app around ``rt.asgi()``).
+(``ASGIApp`` over a ``Server``), ``asgi_app:host`` (a host app around ``rt.asgi()``),
+``asgi_app:starlette_host`` (mounted at ``/rt`` in Starlette).
 
 The configuration file is ``ASGI_APP_CONFIG`` (optional); ``TIDINGS_*``
 variables apply on top, as for ``tidings serve``. The ASGI servers configure
@@ -8,11 +9,16 @@ only their own loggers, so tidings' lines get a handler here (docs/asgi.md).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.routing import Mount
 
 from tidings import ConnectCall, ConnectReply, Tidings
 from tidings.asgi import ASGIApp
@@ -50,3 +56,19 @@ async def host(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await send({"type": "http.response.body", "body": body})
         return
     await tidings_app(scope, receive, send)
+
+
+# -- mounted in Starlette, started by the host's lifespan --------------------------
+
+mounted_app = ASGIApp(
+    Server(load_config(os.environ.get("ASGI_APP_CONFIG") or None, env=os.environ))
+)
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(host: Starlette) -> AsyncIterator[None]:
+    async with mounted_app.running():  # Starlette passes no lifespan to a Mount
+        yield
+
+
+starlette_host = Starlette(routes=[Mount("/rt", mounted_app)], lifespan=_lifespan)

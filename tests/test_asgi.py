@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import signal
 import socket
@@ -57,12 +58,12 @@ TIMEOUT = 10.0
 Launch = Callable[..., ServerProcess]
 
 
-def _ready(srv: ServerProcess) -> None:
+def _ready(srv: ServerProcess, health: str) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         assert srv.alive(), f"the ASGI server exited:\n{srv.logs()}"
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(srv.url + "/health", timeout=2).status_code == 200:
+            if httpx.get(srv.url + health, timeout=2).status_code == 200:
                 return
         time.sleep(0.05)
     raise AssertionError(f"the ASGI server did not answer /health:\n{srv.logs()}")
@@ -79,6 +80,7 @@ def asgi(tmp_path: Path) -> Iterator[Launch]:
         kind: str = "uvicorn",
         args: tuple[str, ...] = (),
         app: str = "asgi_app:app",
+        health: str = "/health",
     ) -> ServerProcess:
         port = free_port()
         cfg = tmp_path / f"asgi{len(procs)}.toml"
@@ -101,7 +103,7 @@ def asgi(tmp_path: Path) -> Iterator[Launch]:
             )
         srv = ServerProcess(proc, HOST, port, log_path)
         procs.append(srv)
-        _ready(srv)
+        _ready(srv, health)
         return srv
 
     try:
@@ -508,6 +510,46 @@ def test_rt_asgi_in_a_host_app_hooks_and_in_process_publish(asgi: Launch) -> Non
         ]
         (pub,) = [m["push"]["pub"] for m in messages if "push" in m]
         assert pub["info"]["user"] == "alice"
+
+
+def test_mounted_in_starlette_under_a_path(asgi: Launch) -> None:
+    """``Mount("/rt", app)`` in Starlette, started from the host's lifespan: tidings'
+    routes answer under the mount's path (``root_path``), streams and WebSocket too."""
+    srv = asgi(app="asgi_app:starlette_host", health="/rt/health")
+    assert httpx.get(srv.url + "/rt/health", timeout=TIMEOUT).json()["status"] == "ok"
+    assert httpx.get(srv.url + "/health", timeout=TIMEOUT).status_code == 404  # the host's
+    ch = unique_channel("amount")
+    with (
+        httpx.Client(timeout=TIMEOUT) as http,
+        http.stream("GET", f"{srv.url}/rt/sse", params={"channel": ch}) as stream,
+    ):
+        lines = stream.iter_lines()
+        assert any("event: subscribed" in line for line in itertools.islice(lines, 6))
+        sent = http.post(f"{srv.url}/rt/api/publish", json={"channel": ch, "data": {"m": 1}})
+        assert sent.status_code == 200, sent.text
+        data = next(line for line in lines if line.startswith('data: {"channel"'))
+        assert json.loads(data[len("data: ") :])["data"] == {"m": 1}
+    with ws_connect(f"ws://{srv.host}:{srv.port}/rt/connection/websocket") as ws:
+        ws.send('{"id":1,"connect":{}}')
+        assert '"client"' in str(ws.recv(timeout=TIMEOUT))
+
+
+def test_capacity_is_refused_503_and_1013(asgi: Launch) -> None:
+    """``limits.max_connections`` counts held requests and streams: past it a request
+    is answered 503 with ``Retry-After``, a WebSocket handshake refused, until one ends."""
+    srv = asgi("[limits]\nmax_connections = 2\n")
+    ch = unique_channel("acap")
+    with SSEClient(srv, [ch]) as one, SSEClient(srv, [ch]) as two:
+        one.subscribed()
+        two.subscribed()
+        full = httpx.get(srv.url + "/health", timeout=TIMEOUT)
+        assert full.status_code == 503 and full.headers["retry-after"]
+        assert full.json()["error"]["code"] == 111
+        with pytest.raises(Exception) as refused:
+            _raw_ws(srv)
+        assert "403" in str(refused.value)
+    wait_subscribers_gone(srv, ch)
+    assert httpx.get(srv.url + "/health", timeout=TIMEOUT).status_code == 200
 
 
 # -- hypercorn -----------------------------------------------------------------------
