@@ -452,10 +452,13 @@ def test_refresh_by_the_backend_when_expire_at_comes(
     """The connection the backend gave an expiry is refreshed by asking it; when it
     answers ``expired`` the client is closed with 3005."""
     backend.answer("connect", lambda _: {"result": {"user": "56", "expire_at": int(time.time())}})
-    answers: Iterator[dict[str, Any]] = iter(
-        [{"result": {"expire_at": int(time.time()) + 2}}, {"result": {"expired": True}}]
-    )
-    backend.answer("refresh", lambda _: next(answers))
+
+    def refresh(_body: dict[str, Any]) -> dict[str, Any]:
+        if len(backend.seen("refresh")) == 1:  # this call is recorded before it is answered
+            return {"result": {"expire_at": int(time.time()) + 2}}
+        return {"result": {"expired": True}}
+
+    backend.answer("refresh", refresh)
     srv = start(server_factory, backend, ("connect", "refresh"), extra=QUICK_TURNS)
     client = connected_raw(srv)
     client_id = backend.seen("connect")[0].body["client"]
