@@ -10,6 +10,7 @@ Centrifugo's protocol over a WebSocket.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
@@ -18,11 +19,13 @@ from typing import Any
 import httpx
 import pytest
 
+from faults_support import HoldsHistory
 from helpers import SSEClient, check_serving, pub_json, rss_kib, unique_channel
 from hooks_support import HookedServer, hooked_server
 from tidings.brokers import envelope
 from tidings.brokers.base import IdempotencyTable
-from tidings.hub import Position, Publication
+from tidings.brokers.memory import MemoryBroker
+from tidings.hub import Hub, Position, Publication
 from ws_support import RawClient, connect_raw
 
 BROKERS = ["memory", "redis"]
@@ -265,3 +268,82 @@ def test_publish_options_travel_in_the_envelope_and_a_plain_one_is_unchanged() -
     plain = envelope.decode("ch", 3, "ep", envelope.encode(b"{}", None, None, 5))
     assert (plain.directed, plain.transient, plain.exclude) == (False, False, frozenset())
     assert type(plain) is Publication  # no slots paid for options it does not use
+
+
+class HeldMemory(HoldsHistory, MemoryBroker):
+    """The memory broker with history reads held and live deliveries dropped on demand."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.init_faults()
+
+
+class Subscriber:
+    """A hub subscriber with a client id, remembering what it was given."""
+
+    def __init__(self, client_id: str) -> None:
+        self.client_id = client_id
+        self.received: list[bytes] = []
+        self.resyncs = 0
+
+    def deliver(self, pub: Publication) -> None:
+        self.received.append(pub.data)
+
+    def insufficient_state(self) -> None:
+        self.resyncs += 1
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
+
+def test_a_subscriber_joining_meanwhile_gets_live_only_and_excluding_publications_right() -> None:
+    """While a subscriber's history read is held, a live-only publication, one
+    excluding it and a plain one arrive: it gets the live-only one at its place,
+    not the one excluding it, each once; then goes live."""
+
+    async def scenario() -> None:
+        broker = HeldMemory()
+        hub = Hub(broker)
+        already = Subscriber("already")
+        await hub.subscribe("a", already)
+        start = await hub.publish("a", b"1")
+        broker.hold_history.add("a")
+        joiner = Subscriber("joiner")
+        joining = asyncio.ensure_future(hub.subscribe("a", joiner, since=Position(start.epoch, 0)))
+        await broker.held_reads(1)  # history read: [1]
+        await hub.publish("a", b"2", skip_history=True)
+        await hub.publish("a", b"3", exclude=frozenset({"joiner"}))
+        await hub.publish("a", b"4")
+        broker.held[0].set()
+        recovery = await joining
+        assert [(p.offset, p.data) for p in recovery.publications] == [
+            (1, b"1"),
+            (1, b"2"),
+            (3, b"4"),
+        ]
+        assert recovery.recovered and recovery.position == Position(start.epoch, 3)
+        await hub.publish("a", b"5")
+        assert joiner.received == [b"5"]
+        assert already.received == [b"1", b"2", b"3", b"4", b"5"]
+
+    asyncio.run(scenario())
+
+
+def test_a_live_only_publication_past_what_a_node_delivered_makes_its_subscribers_resync() -> None:
+    """A node that missed a stored publication learns it from the live-only one
+    after it (it carries that position): its subscribers resync rather than be
+    handed it as if nothing was missing."""
+
+    async def scenario() -> None:
+        broker = HeldMemory()
+        hub = Hub(broker)
+        subscriber = Subscriber("s")
+        await hub.subscribe("a", subscriber)
+        await hub.publish("a", b"1")
+        broker.drop.add(("a", 2))
+        await hub.publish("a", b"2")  # stored, lost on its way to this node
+        broker.drop.clear()
+        await hub.publish("a", b"3", skip_history=True)  # at offset 2
+        assert subscriber.received == [b"1"] and subscriber.resyncs == 1
+
+    asyncio.run(scenario())
