@@ -23,7 +23,10 @@ channel's two keys in one Redis Cluster slot):
              presence; ``P:occupied`` a sorted set of the channels occupied
              anywhere, scored by their latest entry's expiry, so that some
              node finds the channels of a node that died (see
-             :meth:`RedisBroker.occupy`).
+             :meth:`RedisBroker.occupy`). That index is one key for the
+             whole deployment, outside the channels' slots: the occupancy
+             scripts name it with a channel's key, which one Redis runs but
+             a Redis Cluster would refuse (tidings speaks to one Redis today).
 
 One Lua script stamps a publication: it creates the epoch if the hash is
 missing (and drops any history left from an older epoch), increments the
