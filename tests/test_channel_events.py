@@ -8,8 +8,10 @@ node that dies is a real process killed with SIGKILL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import logging
 import signal
 import subprocess
 import sys
@@ -22,8 +24,10 @@ import redis
 
 from helpers import SSEClient, poll_ok, unique_channel
 from hooks_support import HookedServer, Recorder, hooked_server
+from tidings.brokers.memory import MemoryBroker
+from tidings.errors import BrokerUnavailable
 from tidings.hooks import ChannelEvent, Hooks, PublicationEvent
-from tidings.hub import ClientInfo
+from tidings.hub import ClientInfo, Hub
 
 TIMEOUT = 15.0
 
@@ -253,3 +257,67 @@ def test_publications_of_chosen_namespaces_are_events_of_the_publishing_node_onl
                 assert len(sse.publications(3)) == 3  # delivered everywhere...
             for other in nodes[1:]:
                 assert publications(other) == []  # ...told by the publishing node only
+
+
+class FailingOccupancy(MemoryBroker):
+    """A broker whose occupancy calls fail, as a Redis that errors would."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    async def occupy(self, channel: str) -> bool:
+        self.calls.append("occupy")
+        raise BrokerUnavailable("occupancy store down")
+
+    async def vacate(self, channel: str) -> bool:
+        self.calls.append("vacate")
+        raise BrokerUnavailable("occupancy store down")
+
+
+class Taker:
+    client_id = ""
+
+    def __init__(self) -> None:
+        self.received: list[bytes] = []
+
+    def deliver(self, pub: Any) -> None:
+        self.received.append(pub.data)
+
+    def insufficient_state(self) -> None:
+        pass
+
+    def deliver_presence(self, event: object) -> None:
+        pass
+
+
+def test_a_failing_broker_call_is_logged_once_and_never_reaches_the_client(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Each transition is tried once: the failure is a warning (no traceback),
+    no event is emitted, the subscriber is served, and nothing retries in a loop."""
+
+    async def scenario() -> None:
+        broker = FailingOccupancy()
+        hooks = Hooks(vacated_delay=0)
+        events: list[Any] = []
+        hooks.add_listener(events.append)
+        hub = Hub(broker, hooks=hooks)
+        taker = Taker()
+        await hub.subscribe("a", taker)
+        await hub.publish("a", b"1")
+        assert taker.received == [b"1"]
+        async with asyncio.timeout(TIMEOUT):
+            while hub.occupancy("a") is not True:
+                await asyncio.sleep(0.01)
+        hub.unsubscribe("a", taker)
+        async with asyncio.timeout(TIMEOUT):
+            while hub.occupancy("a") is not False:
+                await asyncio.sleep(0.01)
+        assert broker.calls == ["occupy", "vacate"] and events == []
+
+    with caplog.at_level(logging.WARNING, logger="tidings.hub"):
+        asyncio.run(scenario())
+    warnings = [r for r in caplog.records if r.name == "tidings.hub"]
+    assert [r.levelno for r in warnings] == [logging.WARNING, logging.WARNING]
+    assert all(r.exc_info is None and "occupancy store down" in r.getMessage() for r in warnings)
