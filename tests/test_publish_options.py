@@ -20,13 +20,15 @@ import httpx
 import pytest
 
 from faults_support import HoldsHistory
-from helpers import SSEClient, check_serving, pub_json, rss_kib, unique_channel
+from helpers import SSEClient, api, check_serving, pub_json, rss_kib, unique_channel
 from hooks_support import HookedServer, hooked_server
+from test_websocket_python import TIMEOUT, Events, next_pub
+from test_websocket_python import client as sdk_client
 from tidings.brokers import envelope
 from tidings.brokers.base import IdempotencyTable
 from tidings.brokers.memory import MemoryBroker
 from tidings.hub import Hub, Position, Publication
-from ws_support import RawClient, connect_raw
+from ws_support import Proxy, RawClient, connect_raw
 
 BROKERS = ["memory", "redis"]
 
@@ -347,3 +349,58 @@ def test_a_live_only_publication_past_what_a_node_delivered_makes_its_subscriber
         assert subscriber.received == [b"1"] and subscriber.resyncs == 1
 
     asyncio.run(scenario())
+
+
+def _api_publish(srv: Any, channel: str, data: Any, **options: Any) -> dict[str, Any]:
+    resp = api(srv, "publish", {"channel": channel, "data": data, **options})
+    assert resp.status_code == 200 and "result" in resp.json(), resp.text
+    result: dict[str, Any] = resp.json()["result"]
+    return result
+
+
+def test_centrifuge_python_recovers_across_a_live_only_publication(server_factory: Any) -> None:
+    """The SDK, unmodified, over the server API's ``skip_history``: live, it gets
+    the live-only publication at the offset of the one before; after a network
+    cut it recovers what history holds, with no hole where the live-only one
+    was and nothing twice."""
+    srv = server_factory()
+    proxy = Proxy(srv.port)
+
+    async def publish_now(data: Any, **options: Any) -> dict[str, Any]:
+        return await asyncio.to_thread(_api_publish, srv, channel, data, **options)
+
+    async def main() -> None:
+        await publish_now({"n": 0})  # the stream exists, with an epoch
+        sdk = sdk_client(proxy.ws_url)
+        events = Events()
+        sub = sdk.new_subscription(channel, events)
+        await sdk.connect()
+        await sub.subscribe()
+        await sub.ready(TIMEOUT)
+        first = await asyncio.wait_for(events.subscribed.get(), TIMEOUT)
+        assert first.recoverable
+        await publish_now({"n": 1})
+        await publish_now({"n": 2}, skip_history=True)
+        await publish_now({"n": 3})
+        live = [(await next_pub(events)).pub for _ in range(3)]
+        assert [(p.data, p.offset) for p in live] == [({"n": 1}, 2), ({"n": 2}, 2), ({"n": 3}, 3)]
+
+        proxy.cut()
+        await publish_now({"n": 4})
+        await publish_now({"n": 5}, skip_history=True)  # live only: nobody to see it
+        await publish_now({"n": 6})
+        proxy.restore()
+        again = await asyncio.wait_for(events.subscribed.get(), TIMEOUT)
+        assert again.was_recovering and again.recovered
+        got = [(await next_pub(events)).pub for _ in range(2)]
+        assert [(p.data, p.offset) for p in got] == [({"n": 4}, 4), ({"n": 6}, 5)]
+        await publish_now({"n": 7})
+        assert (await next_pub(events)).pub.data == {"n": 7}
+        assert events.publications.empty()
+        await sdk.disconnect()
+
+    channel = unique_channel("pyskip")
+    try:
+        asyncio.run(main())
+    finally:
+        proxy.close()
