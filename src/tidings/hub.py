@@ -389,7 +389,7 @@ class Hub:
         broker.bind(self._deliver)
         broker.bind_presence(self._deliver_presence)
         broker.bind_restarted(self._restarted)
-        broker.bind_lapsed(self._occupancy.lapsed)
+        broker.bind_lapsed(self._occupancy.lapsed, lambda: hooks.listening)
 
     @property
     def broker(self) -> Broker:

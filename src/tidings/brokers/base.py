@@ -55,6 +55,7 @@ class Broker(ABC):
     _deliver_presence: DeliverPresence | None = None
     _restarted: Restarted | None = None
     _lapsed: Lapsed | None = None
+    _lapsed_wanted: Callable[[], bool] = staticmethod(lambda: False)
 
     def bind(self, deliver: Deliver) -> None:
         """Register the node's fan-out; called once by the hub."""
@@ -75,15 +76,19 @@ class Broker(ABC):
         """
         self._restarted = restarted
 
-    def bind_lapsed(self, lapsed: Lapsed) -> None:
+    def bind_lapsed(self, lapsed: Lapsed, wanted: Callable[[], bool] = lambda: True) -> None:
         """Register the node's answer to a channel vacated by nodes that died.
 
         A broker that counts nodes per channel (Redis) and finds that every
         node holding a channel stopped refreshing its entry calls
         ``lapsed(channel)`` on one node of the cluster: the channel was
-        vacated with nobody left to say so. Unbound, nothing is swept.
+        vacated with nobody left to say so. It looks only while ``wanted()``
+        (the node's events have a listener), so that a node nobody listens
+        to never takes that news from one that would tell it. Unbound,
+        nothing is swept.
         """
         self._lapsed = lapsed
+        self._lapsed_wanted = wanted
 
     async def start(self) -> None:
         """Connect and start background work; the default has none."""

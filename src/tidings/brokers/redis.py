@@ -989,7 +989,7 @@ class RedisBroker(Broker):
                 for start in range(0, len(channels), 1000):
                     part = channels[start : start + 1000]
                     await self._idempotent(functools.partial(self._refresh_occupancy, part))
-                if self._lapsed is not None:
+                if self._lapsed is not None and self._lapsed_wanted():
                     await self._sweep_occupancy()
             except (RedisError, OSError) as exc:
                 log.warning("could not refresh channel occupancy in redis: %s", exc)
