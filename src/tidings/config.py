@@ -317,6 +317,26 @@ class WebhooksConfig(_Section):
             raise ValueError("webhooks.retry_delay must not exceed webhooks.max_retry_delay")
 
 
+class AdminConfig(_Section):
+    """The admin page at ``/admin`` (docs/admin.md): off unless enabled, with a password.
+
+    A password, not a token: a person types it once into the login form and
+    the browser then holds an HttpOnly, SameSite=Strict session cookie that no
+    script can read, where a token would live in the page's storage or its
+    URL. The cookie is signed with a key derived from the password, so every
+    worker accepts it and changing the password ends every session.
+    """
+
+    enabled: bool = False
+    password: str = ""
+    #: Seconds a login lasts; then the page asks for the password again.
+    session_ttl: Annotated[float, Meta(ge=60)] = 8 * 3600.0
+
+    def __post_init__(self) -> None:
+        if self.enabled and not self.password:
+            raise ValueError("admin.password: required when admin.enabled is true")
+
+
 def _is_http_url(url: str) -> bool:
     """An absolute http(s) URL with a host and, if any, a port number in range."""
     try:
@@ -358,6 +378,7 @@ class Config(_Section):
     webhooks: WebhooksConfig = msgspec.field(default_factory=WebhooksConfig)
     #: Serve the demo page at ``/demo``.
     demo: bool = False
+    admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
 
     def namespace(self, channel: str) -> NamespaceConfig | None:
         """The namespace configuration of ``channel``; None for an unknown namespace."""

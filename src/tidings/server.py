@@ -26,6 +26,7 @@ import stat
 import time
 from typing import Any, Protocol
 
+from .admin import Admin
 from .api import NodeInfo, ServerAPI
 from .auth import Access
 from .brokers import Broker, make_broker
@@ -141,6 +142,12 @@ class Server:
             self.websocket,
             self.emulation,
         )
+        #: The admin page (tidings.admin), when ``[admin] enabled``; its live tail
+        #: is an SSE endpoint started and stopped as a transport is.
+        self.admin: Admin | None = None
+        if config.admin.enabled:
+            self.admin = Admin(config, self.api, self.hub, cors, connections)
+            self.transports += (self.admin,)
         self._listener: Listening | None = None
         self._uds: str | None = None
         self._stopped = asyncio.Event()
