@@ -26,7 +26,7 @@ from centrifuge import (
 )
 
 from conftest import ServerProcess, free_port
-from helpers import publish, rss_kib, unique_channel
+from helpers import SSEClient, publish, rss_kib, unique_channel
 from proxy_backend import Backend, Huge, Raw, Stall, Trickle, backend_running
 from test_websocket_python import Events, next_pub
 from ws_support import NodeClient, RawClient
@@ -289,6 +289,47 @@ def test_header_and_cookie_values_that_cannot_be_forwarded_are_left_out() -> Non
         cookies={"a": "ok", "b": "bad\x00value"},
     )
     assert proxy._forwarded_headers(call) == {"x-fine": "tab\tok", "cookie": "a=ok"}
+
+
+def test_sse_stream_subscribe_and_refresh_by_the_backend(
+    server_factory: Launcher, backend: Backend
+) -> None:
+    """An SSE stream: connect, then subscribe for each channel (a refusal is a
+    403 naming the backend's code), then refresh when the stream's expiry comes;
+    ``expired`` ends the stream."""
+    backend.answer("connect", lambda _: {"result": {"user": "56", "expire_at": int(time.time())}})
+
+    def subscribe(body: dict[str, Any]) -> dict[str, Any]:
+        if body["channel"].endswith("secret"):
+            return {"error": {"code": 1403, "message": "not yours"}}
+        return {"result": {}}
+
+    backend.answer("subscribe", subscribe)
+    backend.answer("refresh", {"result": {"expired": True}})
+    srv = start(
+        server_factory,
+        backend,
+        ("connect", "subscribe", "refresh"),
+        extra="[sse]\nheartbeat_interval = 1.0\n",
+    )
+    channel = unique_channel("proxy")
+    refused = httpx.get(f"{srv.url}/poll", params={"channel": channel + "secret"}, timeout=TIMEOUT)
+    assert refused.status_code == 403
+    assert refused.json()["error"]["code"] == 1403
+    with SSEClient(srv, [channel]) as stream:
+        stream.subscribed()
+        refresh = backend.wait_seen("refresh")[0].body
+        assert refresh == {
+            "client": "",
+            "transport": "sse",
+            "protocol": "json",
+            "encoding": "json",
+            "user": "56",
+        }
+        stream.expect_eof()
+    subscribed = [r.body for r in backend.seen("subscribe")]
+    assert subscribed[-1]["channel"] == channel and subscribed[-1]["transport"] == "sse"
+    assert subscribed[-1]["user"] == "56"
 
 
 # -- subscribe, publish, rpc ------------------------------------------------------
