@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, ConfigError, load_config
+from .logs import configure_logging
 from .version import __version__
 
 if TYPE_CHECKING:
@@ -58,6 +59,15 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port to listen on (default 8000)")
     serve.add_argument("--config", metavar="FILE", help="TOML configuration file")
     serve.add_argument("--log-level", choices=["debug", "info", "warning", "error", "critical"])
+    serve.add_argument(
+        "--log-format", choices=["text", "json"], help="text (default), or one JSON object a line"
+    )
+    serve.add_argument(
+        "--access-log",
+        action="store_true",
+        default=None,
+        help="log every HTTP answer at INFO on logger tidings.access",
+    )
     serve.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], help="event loop")
     serve.add_argument(
         "--workers", type=int, help="processes sharing the port (needs a redis or nats broker)"
@@ -148,6 +158,8 @@ def _serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
+        "log_format": args.log_format,
+        "access_log": args.access_log,
         "loop": args.loop,
         "workers": args.workers,
         "demo": args.demo,
@@ -164,11 +176,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     if app is None:
         app = Tidings(config)
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)-7s [%(process)d] %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level, config.log_format)
     loop_factory = _loop_factory(config)
     if loop_factory is None:
         return 2

@@ -356,6 +356,12 @@ class Config(_Section):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535)] = 8000
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    #: ``text`` for a terminal; ``json``: one object per line for a log pipeline
+    #: (tidings.logs.JSONFormatter). Read by ``tidings serve`` only.
+    log_format: Literal["text", "json"] = "text"
+    #: One INFO line per HTTP answer on logger ``tidings.access`` (method, path
+    #: with credentials masked, status, bytes, duration, peer).
+    access_log: bool = False
     loop: Literal["auto", "uvloop", "asyncio"] = "auto"
     #: Processes sharing the port (SO_REUSEPORT); more than one needs a shared broker.
     workers: Annotated[int, Meta(ge=1, le=256)] = 1

@@ -46,6 +46,7 @@ from .http import (
 from .http.cors import CORS
 from .hub import Hub
 from .listener import Listening, listen
+from .logs import AccessLog
 from .proxy import Proxy
 from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
@@ -108,7 +109,8 @@ class Server:
             max_connections = default_max_connections()
         self.connections = connections = Connections(max_connections)
         self.router = Router()
-        self.site = Site(self.router, cors, config.limits, config.timeouts, connections)
+        access_log = AccessLog() if config.access_log else None
+        self.site = Site(self.router, cors, config.limits, config.timeouts, connections, access_log)
         self.uid = secrets.token_hex(8)
         self.name = f"{socket.gethostname()}_{os.getpid()}"
         self.started_at = time.monotonic()
@@ -156,6 +158,7 @@ class Server:
             transport.mount(self.router)
         self.api.mount(self.router)
         self.router.add("GET", "/health", self._health)
+        self.router.add("GET", "/ready", self._ready)
         self.router.add("GET", "/tidings.js", self._tidings_js)
         self.router.add("GET", "/demo", self._demo)
 
@@ -323,13 +326,44 @@ class Server:
 
     # -- routes kept here because they concern the whole server ------------
 
+    def unready_reasons(self) -> list[str]:
+        """Why this node should get no new clients now; empty when it should.
+
+        The connection cap counts the asking connection: a node is unready when
+        the next connection after it would be refused. (A probe arriving over
+        the cap never gets here: the capacity rule answers it 503 first.)
+        """
+        reasons = []
+        if not self.broker.healthy:
+            reasons.append("broker unreachable")
+        if self.stopping:
+            reasons.append("shutting down")
+        cap = self.connections.max_connections
+        if cap and len(self.connections) >= cap:
+            reasons.append("at limits.max_connections")
+        return reasons
+
     async def _health(self, request: Request, conn: Exchange) -> Response:
-        healthy = self.broker.healthy and not self.stopping
+        """Liveness: 200 whenever the process answers at all.
+
+        Not the broker's state: an orchestrator restarts a process whose
+        liveness fails, and restarting every node because Redis is down only
+        adds reconnect storms to the outage. That question is ``/ready``'s.
+        """
         payload: dict[str, Any] = {
-            "status": "ok" if healthy else "unavailable",
+            "status": "ok",
             "broker": {"type": type(self.broker).__name__, "healthy": self.broker.healthy},
         }
-        return json_response(payload, 200 if healthy else 503)
+        return json_response(payload)
+
+    async def _ready(self, request: Request, conn: Exchange) -> Response:
+        """Readiness: 200 while this node should be sent new clients, else 503 with
+        the reasons (broker unreachable, shutting down, at the connection cap)."""
+        reasons = self.unready_reasons()
+        payload: dict[str, Any] = {"status": "unavailable" if reasons else "ready"}
+        if reasons:
+            payload["reasons"] = reasons
+        return json_response(payload, 503 if reasons else 200)
 
     async def _tidings_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")

@@ -69,7 +69,7 @@ import httptools
 
 from ..connections import RETRY_AFTER, Admission
 from ..errors import ErrorCode, ProtocolError
-from ..logs import log_client_error
+from ..logs import AccessEntry, log_client_error
 from .messages import Headers, Request, Response, error_response, json_response
 from .routing import Handler, Held
 from .state import ANSWERING, NOT_PARSING, READING, Answering, Reading, advance
@@ -133,6 +133,7 @@ class _Refusal(Exception):
 
 class HTTPConnection(asyncio.Protocol):
     __slots__ = (
+        "_access",
         "_answering",
         "_body",
         "_body_size",
@@ -187,6 +188,8 @@ class HTTPConnection(asyncio.Protocol):
         self._reply_to: tuple[bool, bool, list[tuple[str, str]]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # The request being answered, for its access log line (only with --access-log).
+        self._access: AccessEntry | None = None
 
     # -- state -----------------------------------------------------------
 
@@ -472,6 +475,8 @@ class HTTPConnection(asyncio.Protocol):
                 self._arm(self.site.timeouts.request, self._on_request_timeout)
 
     def _dispatch(self, request: Request) -> None:
+        if self.site.access_log is not None:
+            self._access = self.site.access_log.begin(request.method, request.target)
         cors = self.site.cors
         if self.site.connections.refused(self):
             self._refuse_at_capacity(request)
@@ -568,7 +573,11 @@ class HTTPConnection(asyncio.Protocol):
         if extra and response.status == 503:
             # Cross-origin: a page may read Retry-After only if it is exposed.
             extra = [*extra, _EXPOSE_RETRY_AFTER]
-        self.transport.write(response.encode(head=head, keep_alive=keep_alive, extra=extra))
+        data = response.encode(head=head, keep_alive=keep_alive, extra=extra)
+        self.transport.write(data)
+        if self.site.access_log is not None:
+            entry, self._access = self._access, None
+            self.site.access_log.record(entry, response.status, len(data), self.client)
         if not keep_alive:
             self._finish(drain=response.status >= 400)
 
@@ -614,6 +623,8 @@ class HTTPConnection(asyncio.Protocol):
             self._refuse(400, "malformed upgrade request")
             return
         protocol = (request.headers.get("upgrade") or "").lower()
+        if self.site.access_log is not None:
+            self._access = self.site.access_log.begin(request.method, request.target)
         self._stop_reading()
         request.keep_alive = False  # whatever happens, the parser stopped here
         if self.site.connections.refused(self) and not self._queue:
@@ -635,11 +646,20 @@ class HTTPConnection(asyncio.Protocol):
             self._send(request, route)  # a HEAD gets it without a body; then lingering
             return
         self._enter(Answering.HANDLING)
-        route(request, self.detach(), rest)
+        route(request, self.detach(101), rest)
 
-    def detach(self) -> asyncio.Transport:
-        """Hand the socket to a stream protocol; this object stops serving it."""
+    def detach(self, status: int = 200) -> asyncio.Transport:
+        """Hand the socket to a stream protocol; this object stops serving it.
+
+        ``status``: what the stream answers, for the access log — 200 for an
+        event stream, 101 for an upgrade (a handshake its transport refuses
+        after this logs its own line).
+        """
         assert self.transport is not None
+        if self.site.access_log is not None:
+            # The stream writes its own head after this: its bytes are not counted.
+            entry, self._access = self._access, None
+            self.site.access_log.record(entry, status, 0, self.client)
         ended = self._reading is Reading.ENDED
         self._enter(Answering.CLOSED)
         # Called from the handler task itself (SSE): it must not be cancelled.

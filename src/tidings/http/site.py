@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from ..config import LimitsConfig, TimeoutsConfig
 from ..connections import Connections
+from ..logs import AccessLog
 from .cors import CORS
 from .routing import Router
 
@@ -18,7 +19,7 @@ __all__ = ["Site"]
 
 
 class Site:
-    __slots__ = ("connections", "cors", "limits", "router", "timeouts")
+    __slots__ = ("access_log", "connections", "cors", "limits", "router", "timeouts")
 
     def __init__(
         self,
@@ -27,9 +28,13 @@ class Site:
         limits: LimitsConfig,
         timeouts: TimeoutsConfig,
         connections: Connections,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.router = router
         self.cors = cors
         self.limits = limits
         self.timeouts = timeouts
         self.connections = connections
+        #: The access log (``--access-log``); None by default, and then a connection
+        #: pays one empty slot for it.
+        self.access_log = access_log

@@ -11,12 +11,12 @@
 //
 // Transports, in order of preference: WebSocket (Centrifugo client protocol v2, JSON),
 // SSE (EventSource), long-poll and poll (fetch). A transport that cannot be established
-// while the server answers /health is considered blocked and the next one is tried; the
+// while the server answers /ready is considered blocked and the next one is tried; the
 // per-channel position (epoch, offset) is carried over, so nothing is missed within the
 // server's history window, and a channel that cannot be recovered is reported.
 //
 // Back-off: a server at capacity answers 503 with Retry-After (a WebSocket handshake too,
-// whose status a browser hides; /health then says the same). The client waits that long,
+// whose status a browser hides; /ready then says the same). The client waits that long,
 // times 1 to 1.5 so that refused clients do not all come back at once, and does not take
 // the refusal for a blocked transport. Other failures back off exponentially with jitter.
 
@@ -31,7 +31,7 @@ const DEFAULTS = {
   wsUrl: null, // default: baseUrl with ws(s): + /connection/websocket
   sseUrl: null, // default: baseUrl + /sse
   pollUrl: null, // default: baseUrl + /poll
-  healthUrl: null, // default: baseUrl + /health
+  healthUrl: null, // default: baseUrl + /ready (503 while the server cannot take clients)
   openTimeout: 5000, // ms for a WebSocket to connect / an SSE stream to say "subscribed"
   requestTimeout: 10000, // ms for one HTTP request (beyond the long-poll hold)
   longPollTimeout: 25, // seconds the server may hold a long-poll
@@ -155,7 +155,7 @@ export class Tidings {
       websocket: o.wsUrl || `${ws}/connection/websocket`,
       sse: o.sseUrl || `${this.baseUrl}/sse`,
       poll: o.pollUrl || `${this.baseUrl}/poll`,
-      health: o.healthUrl || `${this.baseUrl}/health`,
+      health: o.healthUrl || `${this.baseUrl}/ready`,
     };
     this._token = o.token || null;
     this._subs = new Set();
@@ -187,7 +187,7 @@ export class Tidings {
     return (await this.health()).ok;
   }
 
-  /** {ok, retryAfter}: whether /health answers 200, and the seconds a 503 asks us to wait. */
+  /** {ok, retryAfter}: whether /ready answers 200, and the seconds a 503 asks us to wait. */
   async health() {
     try {
       const ctl = new AbortController();
