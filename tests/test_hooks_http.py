@@ -265,6 +265,23 @@ def test_connect_hook_named_user_is_the_streams_user(hooks: Hooks, srv: HookedSe
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connect_reply_channels_may_be_followed_without_a_token(
+    hooks: Hooks, srv: HookedServer, transport: str
+) -> None:
+    """The reply's ``channels`` open even a token-only namespace, as a token's
+    ``channels`` claim does; nothing else in it does."""
+    granted, other = unique_channel("closed:granted"), unique_channel("closed:other")
+
+    async def on_connect(call: ConnectCall) -> ConnectReply | None:
+        return ConnectReply(user="", channels=[granted])
+
+    hooks.connect = on_connect
+    assert ask(srv, transport, [granted]).status == 200
+    refused = ask(srv, transport, [granted, other])
+    assert (refused.status, refused.error["code"]) == (403, ErrorCode.PERMISSION_DENIED)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
 def test_token_user_reaches_the_hook_and_a_bad_token_never_does(
     hooks: Hooks, srv: HookedServer, transport: str
 ) -> None:
