@@ -36,6 +36,7 @@ from centrifuge import (
 
 from helpers import unique_channel
 from hooks_support import Held, HookedServer, Recorder, hooked_server
+from tidings.errors import ErrorCode, ProtocolError
 from tidings.hooks import (
     ConnectCall,
     ConnectReply,
@@ -868,3 +869,54 @@ def test_upgrade_requests_are_not_kept_past_the_connection(hooks: Hooks, srv: Ho
     assert requests == {}
     for raw in silent[10:]:
         raw.close()
+
+
+def test_server_side_subscribe_keeps_the_channel_bound() -> None:
+    """The server's subscribe may not take a connection past
+    ``limits.max_channels_per_connection``: 106, and the client is not subscribed."""
+    config = {**CONFIG, "limits": {"max_channels_per_connection": 2}}
+    with hooked_server(Hooks(), config) as srv:
+
+        async def main() -> None:
+            client, ev = sdk(srv)
+            await client.connect()
+            await client.ready(TIMEOUT)
+            (session,) = await asyncio.to_thread(_sessions, srv, client.client_id)
+            first, second, third = (unique_channel("plain:") for _ in range(3))
+            for channel in (first, second):
+                assert await asyncio.to_thread(srv.call, session.server_subscribe(channel))
+                assert (await take(ev.server_subscribed)).channel == channel
+            with pytest.raises(ProtocolError) as refused:
+                await asyncio.to_thread(srv.call, session.server_subscribe(third))
+            assert refused.value.code == ErrorCode.LIMIT_EXCEEDED
+            assert session.channels == {first, second}
+            await client.disconnect()
+
+        asyncio.run(main())
+
+
+def test_a_clients_publication_carries_its_connection_info(hooks: Hooks, srv: HookedServer) -> None:
+    """As Centrifugo's: the publisher's user, client and connection info (here
+    from the connect hook) reach every subscriber with its publication."""
+
+    async def connect(call: ConnectCall) -> ConnectReply:
+        return ConnectReply(user="ann", info={"name": "Ann"})
+
+    hooks.connect = connect
+    channel = unique_channel("plain:")
+
+    async def main() -> None:
+        client, _ = sdk(srv)
+        await client.connect()
+        sub_events = SubEvents()
+        sub = client.new_subscription(channel, events=sub_events)
+        await sub.subscribe()
+        await sub.ready(TIMEOUT)
+        await sub.publish({"text": "hi"})
+        got = await take(sub_events.publications)
+        assert got.pub.data == {"text": "hi"}
+        assert got.pub.info is not None
+        assert (got.pub.info.user, got.pub.info.conn_info) == ("ann", {"name": "Ann"})
+        await client.disconnect()
+
+    asyncio.run(main())

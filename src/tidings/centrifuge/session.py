@@ -375,6 +375,14 @@ class ClientSession:
         self._out = None
         self._held = _CLOSED
         self.hub.remove_client(self.credentials.user, self)
+        if self.client_id and log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client %s disconnected: %d %s",
+                self.client_id,
+                code,
+                reason,
+                extra=self.log_fields(code=int(code)),
+            )
         channels, self.channels = self.channels, None
         if channels:
             for channel in channels:
@@ -583,6 +591,16 @@ class ClientSession:
             chan_info=msgspec.Raw(chan_info) if chan_info else None,
         )
 
+    def log_fields(self, **more: object) -> dict[str, object]:
+        """The fields of this client's log lines (tidings.logs.FIELDS): a JSON
+        log line carries them as keys, for a pipeline to filter on."""
+        return {
+            "client": self.client_id or None,
+            "user": self.credentials.user or None,
+            "transport": self.transport.transport_name,
+            **more,
+        }
+
     def _who(self) -> dict[str, Any]:
         """The fields every hook call of this session carries."""
         return {
@@ -604,14 +622,22 @@ class ClientSession:
         presence and the join as for any subscription. Returns False when the
         session is not connected, is closed, or already follows ``channel``;
         a name that is invalid or of an unknown namespace raises its
-        :class:`ProtocolError` (107, 102).
+        :class:`ProtocolError` (107, 102), and one past ``limits.max_channels_per_connection`` 106.
         """
-        self.options.access.policy(channel)
+        access = self.options.access
+        access.policy(channel)
         channels = self.channels
         if self.closed or not self.client_id or channels is None or channel in channels:
             return False
         if self._held is not None:
             return False  # still connecting: its connect reply is not written yet
+        if len(channels) >= access.max_channels:
+            # The server decided the channel, not the bound: a connection
+            # still holds at most limits.max_channels_per_connection.
+            raise ProtocolError(
+                ErrorCode.LIMIT_EXCEEDED,
+                f"more than {access.max_channels} channels on one connection",
+            )
         result = await self._subscribe_channel(channel, None, None)
         if result is None:
             return False
@@ -655,7 +681,13 @@ class ClientSession:
         try:
             commands = self.wire.decode_commands(payload)
         except BadRequest as exc:
-            log_client_error(log, "bad frame from %s: %s", self.client_id or "new client", exc)
+            log_client_error(
+                log,
+                "bad frame from %s: %s",
+                self.client_id or "new client",
+                exc,
+                fields=self.log_fields(code=int(exc.disconnect.code)),
+            )
             return exc.disconnect
         try:
             for cmd in commands:
@@ -703,7 +735,13 @@ class ClientSession:
             if reply is not None:
                 self._reply(reply)
         except InvalidToken as exc:
-            log_client_error(log, "closing %s: %s", self.client_id or "new client", exc.message)
+            log_client_error(
+                log,
+                "closing %s: %s",
+                self.client_id or "new client",
+                exc.message,
+                fields=self.log_fields(code=int(DisconnectCode.INVALID_TOKEN)),
+            )
             return Disconnect(DisconnectCode.INVALID_TOKEN, "invalid token")
         except HookDisconnect as exc:
             # The application's hook closes the connection, with its code and reason.
@@ -796,6 +834,14 @@ class ClientSession:
             node=self.options.node if self.session_id else "",
         )
         self._reply(self.wire.encode_reply(Reply(id=cmd_id, connect=result)))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "client %s connected as user %r over %s",
+                client_id,
+                credentials.user,
+                self.transport.transport_name,
+                extra=self.log_fields(),
+            )
         held = self._held
         if not isinstance(held, list):
             return None  # closed while connecting
@@ -851,7 +897,14 @@ class ClientSession:
         except UnverifiedToken as exc:
             # Centrifugo's answer: this subscribe fails, the connection stays
             # (a token for another user or channel still closes it, 3500).
-            log_client_error(log, "subscribe of %s to %s: %s", self, channel, exc.message)
+            log_client_error(
+                log,
+                "subscribe of %s to %s: %s",
+                self,
+                channel,
+                exc.message,
+                fields=self.log_fields(channel=channel, code=int(ErrorCode.PERMISSION_DENIED)),
+            )
             raise ProtocolError(ErrorCode.PERMISSION_DENIED) from None
         if self.closed:
             return  # the client left while the hook decided
@@ -971,7 +1024,8 @@ class ClientSession:
             subscribed=subscribed,
             make_call=lambda: PublishCall(**self._who(), channel=channel, data=data),
         )
-        info = ClientInfo(user=self.credentials.user, client=self.client_id)
+        # The publisher as Centrifugo describes it: user, client and connection info.
+        info = self._info()
         # echo_publications = false: every subscriber but the publisher's connection.
         echo = self.options.access.policy(channel).echo_publications
         await self.hub.publish(
