@@ -174,11 +174,18 @@ class SSEStream(asyncio.Protocol):
         # A slow reader: it cannot flush what we hold, so cut it off; it
         # resumes from its last event id and loses nothing within history.
         # Rate-limited: a thousand slow readers must not write a thousand lines.
+        peer = self.transport.get_extra_info("peername")
         log_client_error(
             log,
             "closing slow SSE client %s: over %d bytes unsent",
-            self.transport.get_extra_info("peername"),
+            peer,
             self.sse.max_write_buffer,
+            fields={
+                "user": self.credentials.user or None,
+                "transport": "sse",
+                "code": int(DisconnectCode.SLOW),
+                "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None,
+            },
         )
         self.sse.ending(self, DisconnectCode.SLOW, "slow")
         self.transport.abort()
@@ -235,8 +242,23 @@ class SSEStream(asyncio.Protocol):
         return False
 
     def server_refresh(self, expire_at: int, info: bytes | None, expired: bool) -> bool:
-        """Not supported on an SSE stream (yet): nothing changes."""
-        return False
+        """Set the stream's expiry (and info, unless None) on the server's
+        initiative, or end it now with 3005 (``expired``), as a session's.
+
+        The heartbeat enforces the new expiry as it does a token's: past it
+        (and ``auth.expiry_grace``) the stream ends with 3005, or, for a
+        stream the ``connect`` hook let in, the ``refresh`` hook is asked.
+        """
+        if self not in self.sse.streams:
+            return False
+        if expired:
+            self.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            return True
+        credentials = self.credentials
+        self.credentials = credentials._replace(
+            expires=int(expire_at), info=info if info is not None else credentials.info
+        )
+        return True
 
 
 class SSETransport:

@@ -555,7 +555,12 @@ class WebSocketConnection(asyncio.Protocol):
     def _frame_error(self, error: FrameError) -> None:
         """The one place a framing error becomes a close: its code, then stop reading."""
         log_client_error(
-            log, "websocket protocol error from %r: %d %s", self, error.code, error.reason
+            log,
+            "websocket protocol error from %r: %d %s",
+            self,
+            error.code,
+            error.reason,
+            fields=self.session.log_fields(code=int(error.code)),
         )
         self.close(error.code, error.reason)
         self._drain()
@@ -596,7 +601,11 @@ class WebSocketConnection(asyncio.Protocol):
         # The client reconnects and recovers from history.
         if self._state == _OPEN:
             log_client_error(
-                log, "closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer
+                log,
+                "closing %r: write buffer over %d bytes",
+                self,
+                self._ctx.max_write_buffer,
+                fields=self.session.log_fields(code=int(DisconnectCode.SLOW)),
             )
             self.close(DisconnectCode.SLOW, "slow")
 
@@ -667,5 +676,12 @@ class WebSocketConnection(asyncio.Protocol):
             self._task = None
 
     def _disconnect(self, disconnect: Disconnect) -> None:
-        log_client_error(log, "disconnecting %r: %d %s", self, disconnect.code, disconnect.reason)
+        log_client_error(
+            log,
+            "disconnecting %r: %d %s",
+            self,
+            disconnect.code,
+            disconnect.reason,
+            fields=self.session.log_fields(code=int(disconnect.code)),
+        )
         self.close(disconnect.code, disconnect.reason)
