@@ -790,6 +790,28 @@ def test_refresh_calls_in_flight_are_bounded(
             client.close()
 
 
+@pytest.mark.usefixtures("named")
+def test_server_api_refresh_of_an_sse_stream(
+    hooks: Hooks, srv: HookedServer, events: Recorder
+) -> None:
+    """The server API's ``refresh`` (``rt.refresh``) reaches a user's SSE streams:
+    an expiry in the past ends them at the next heartbeat, ``expired`` at once."""
+    user = unique_channel("u")
+    with open_stream(srv, user, unique_channel("open:")) as client:
+        params = {"user": user, "expire_at": int(time.time()) - 1}
+        assert api(srv, "refresh", params).status_code == 200
+        ends = until_eof(client)
+    assert [ev.json for ev in ends if ev.event == "disconnect"] == [
+        {"code": 3005, "reason": "connection expired"}
+    ]
+    with open_stream(srv, user, unique_channel("open:")) as client:
+        assert api(srv, "refresh", {"user": user, "expired": True}).status_code == 200
+        until_eof(client)
+    assert [(ev.code, ev.reason) for ev in disconnects(events, user, 2)] == [
+        (3005, "connection expired")
+    ] * 2
+
+
 # -- cookies -------------------------------------------------------------------
 
 
