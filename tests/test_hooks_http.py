@@ -592,6 +592,20 @@ def test_disconnect_event_when_the_connection_expires(
     assert (event.code, event.reason) == (3005, "connection expired")
 
 
+@pytest.mark.usefixtures("named")
+def test_disconnect_event_when_a_channel_skipped(srv: HookedServer, events: Recorder) -> None:
+    """A channel's live stream skipped (a remote broker lost part of it: the hub
+    tells each subscriber, as done here from the server's loop): the stream ends
+    so that the client resumes from its last id, and the event says 3010."""
+    user = unique_channel("u")
+    with open_stream(srv, user, unique_channel("open:")) as client:
+        (stream,) = srv.server.hub.clients_of(user)
+        srv.loop.call_soon_threadsafe(stream.insufficient_state)  # type: ignore[attr-defined]
+        until_eof(client)
+    (event,) = disconnects(events, user)
+    assert (event.code, event.reason) == (3010, "insufficient state")
+
+
 def test_disconnect_event_at_shutdown(hooks: Hooks, events: Recorder) -> None:
     async def on_connect(call: ConnectCall) -> ConnectReply | None:
         return ConnectReply(user="leaving")
