@@ -311,6 +311,24 @@ def test_the_tail_follows_any_channel_for_the_admin_only(admin_server: ServerPro
     check_serving_secured(srv)
 
 
+def test_a_session_ends_at_its_expiry_and_its_tail_with_it(server_factory: Any) -> None:
+    config = CONFIG.replace("[admin]", "[admin]\nsession_ttl = 2") + (
+        "\n[sse]\nheartbeat_interval = 0.2\n"
+    )
+    config = config.replace("[auth]", "[auth]\nexpiry_grace = 0")
+    srv: ServerProcess = server_factory(config)
+    cookie = session_cookie(srv)
+    assert admin_call(srv, "info", {}, cookie=cookie).status_code == 200
+    with tail(srv, unique_channel("room:exp"), cookies={"tidings_admin": cookie}) as (resp, events):
+        assert resp.status_code == 200
+        assert next(events).event == "subscribed"
+        ending = next(events)  # read until the server ends the stream
+        assert ending.event == "disconnect" and ending.json["code"] == 3005, ending
+    assert admin_call(srv, "info", {}, cookie=cookie).status_code == 401
+    with tail(srv, "room:exp", cookies={"tidings_admin": cookie}) as (resp, _):
+        assert resp.status_code == 401
+
+
 def check_serving_secured(srv: ServerProcess) -> None:
     """An ordinary subscriber (with its token) is still served."""
     channel = unique_channel("alive")

@@ -330,7 +330,7 @@ class AdminConfig(_Section):
     enabled: bool = False
     password: str = ""
     #: Seconds a login lasts; then the page asks for the password again.
-    session_ttl: Annotated[float, Meta(ge=60)] = 8 * 3600.0
+    session_ttl: Annotated[float, Meta(ge=1)] = 8 * 3600.0
 
     def __post_init__(self) -> None:
         if self.enabled and not self.password:
