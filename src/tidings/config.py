@@ -79,6 +79,10 @@ class TimeoutsConfig(_Section):
     #: Seconds a publish, subscribe, recovery, history or presence call waits on
     #: the broker for a client before answering the temporary error (code 100).
     broker: PositiveFloat = 5.0
+    #: Seconds between SIGTERM and the start of the shutdown, during which the
+    #: server still accepts and serves but ``/ready`` answers 503, so a load
+    #: balancer or Kubernetes stops sending clients first (docs/deployment.md).
+    drain: NonNegativeFloat = 0.0
 
 
 class SSEConfig(_Section):

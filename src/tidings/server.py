@@ -153,6 +153,8 @@ class Server:
         self._listener: Listening | None = None
         self._uds: str | None = None
         self._stopped = asyncio.Event()
+        #: Set by a signal when ``timeouts.drain`` is on: /ready says 503 while serving goes on.
+        self._draining = False
         self._static = _read_static("tidings.js", "demo.html")
         for transport in self.transports:
             transport.mount(self.router)
@@ -278,6 +280,7 @@ class Server:
             loop.add_signal_handler(signum, self._on_signal, signum)
         try:
             await self._stopped.wait()
+            await self._drain()
             await self.shutdown()
         finally:
             for signum in (signal.SIGTERM, signal.SIGINT):
@@ -289,6 +292,19 @@ class Server:
             os._exit(1)
         log.info("%s received: shutting down", signal.Signals(signum).name)
         self._stopped.set()
+
+    async def _drain(self) -> None:
+        """Go on serving for ``timeouts.drain`` seconds while ``/ready`` answers 503.
+
+        A load balancer or Kubernetes sends new clients elsewhere once its
+        readiness probe fails; until then it still sends them here, and a
+        listener closed at once would refuse them. 0 (the default) skips it.
+        """
+        delay = self.config.timeouts.drain
+        if delay > 0:
+            self._draining = True
+            log.info("draining: /ready answers 503 for %gs, then shutting down", delay)
+            await asyncio.sleep(delay)
 
     def stop(self) -> None:
         """Ask :meth:`serve_forever` to shut down."""
@@ -336,7 +352,7 @@ class Server:
         reasons = []
         if not self.broker.healthy:
             reasons.append("broker unreachable")
-        if self.stopping:
+        if self.stopping or self._draining:
             reasons.append("shutting down")
         cap = self.connections.max_connections
         if cap and len(self.connections) >= cap:
