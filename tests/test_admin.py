@@ -513,6 +513,22 @@ def test_tails_a_channel_live(page: Any, admin_server: ServerProcess) -> None:
 
 
 @pytest.mark.browser
+def test_the_tail_keeps_the_last_200_rows(page: Any, admin_server: ServerProcess) -> None:
+    """A busy channel cannot grow the page: the oldest rows go first."""
+    srv, channel = admin_server, unique_channel("room:busy")
+    page.fill("#channel", channel)
+    page.click("#tail-start")
+    wait_text(page, "tail-state", "ends", "tailing")
+    commands = [{"publish": {"channel": channel, "data": n}} for n in range(250)]
+    replies = api(srv, "batch", {"commands": commands}).json()["replies"]
+    assert all("publish" in reply for reply in replies), replies[:3]
+    page.wait_for_selector('#tail li[data-offset="250"]')
+    offsets = page.eval_on_selector_all("#tail li", "(rows) => rows.map((r) => r.dataset.offset)")
+    assert offsets == [str(n) for n in range(51, 251)]
+    page.click("#tail-stop")
+
+
+@pytest.mark.browser
 def test_publishes_from_the_page(page: Any, admin_server: ServerProcess) -> None:
     srv, channel = admin_server, unique_channel("room:pub")
     with SSEClient(srv, [channel], extra_params=[("token", user_token("bob"))]) as sse:

@@ -287,6 +287,7 @@ class Admin:
 
     def mount(self, router: Router) -> None:
         router.add("GET", "/admin", self._page)
+        router.add("GET", "/admin/", self._page)
         router.add("GET", "/admin/admin.js", self._script)
         router.add("GET", "/admin/admin.css", self._style)
         router.add("POST", "/admin/login", self._login)
