@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import queue
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Coroutine, Iterator
@@ -190,6 +193,24 @@ def test_config_off_by_default_and_needs_a_password() -> None:
     assert load_config().admin.enabled is False
     with pytest.raises(ConfigError, match=r"admin\.password"):
         load_config(overrides={"admin.enabled": True})
+
+
+def test_check_config_masks_the_password(tmp_path: Path) -> None:
+    config = tmp_path / "tidings.toml"
+    config.write_text(CONFIG)
+    done = subprocess.run(
+        [sys.executable, "-m", "tidings", "check-config", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(done.stdout)["admin"] == {
+        "enabled": True,
+        "password": "***",
+        "session_ttl": 28800.0,
+    }
+    assert PASSWORD not in done.stdout + done.stderr
 
 
 # -- over HTTP ----------------------------------------------------------------------

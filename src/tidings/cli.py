@@ -427,6 +427,7 @@ def _check_config(args: argparse.Namespace) -> int:
         for key in SECRET_KEYS:
             if key in section:
                 section[key] = _masked(section[key])
+    settings["admin"]["password"] = _masked(settings["admin"]["password"])
     print(json.dumps(settings, indent=2, sort_keys=True))
     mode = "secure: " + ", ".join(access.tokens.algorithms) if access.secure else "development"
     print(f"tidings: configuration is valid ({mode} mode)", file=sys.stderr)
