@@ -249,6 +249,34 @@ def test_without_the_password_everything_is_refused(admin_server: ServerProcess)
     assert history_data(srv, channel) == [1]
 
 
+def test_malformed_logins_are_400_and_no_error(admin_server: ServerProcess) -> None:
+    srv = admin_server
+    bodies = [
+        b"",
+        b"not json",
+        b"[]",
+        b'{"password": 1}',
+        b'{"password": "\xff"}',  # invalid UTF-8
+        b'{"password": "\\ud800"}',  # a lone surrogate: refused or a wrong password
+        b"[" * 100_000,
+    ]
+    for body in bodies:
+        resp = httpx.post(
+            f"{srv.url}/admin/login", content=body, headers=same_origin(srv), timeout=TIMEOUT
+        )
+        assert resp.status_code in (400, 401), (body[:40], resp.text)
+        assert "set-cookie" not in resp.headers
+    too_big = httpx.post(
+        f"{srv.url}/admin/login",
+        content=b'{"password": "' + b"x" * 2_000_000 + b'"}',
+        headers=same_origin(srv),
+        timeout=TIMEOUT,
+    )
+    assert too_big.status_code == 413
+    assert " ERROR " not in srv.logs() and "Traceback" not in srv.logs()
+    check_serving_secured(srv)
+
+
 def test_login_cookie_is_httponly_strict_and_scoped(admin_server: ServerProcess) -> None:
     resp = login(admin_server)
     assert resp.status_code == 200
