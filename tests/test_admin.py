@@ -195,6 +195,7 @@ def test_config_off_by_default_and_needs_a_password() -> None:
         load_config(overrides={"admin.enabled": True})
 
 
+@pytest.mark.server  # starts `tidings check-config`
 def test_check_config_masks_the_password(tmp_path: Path) -> None:
     config = tmp_path / "tidings.toml"
     config.write_text(CONFIG)
