@@ -856,6 +856,7 @@ class ASGIApp:
                 log.error("handler of %r answered nothing", request)
                 await exchange.respond(request, error_response(500, "internal server error"))
             else:
+                del request, response  # a stream's or a held poll's frame keeps neither
                 await exchange.watch(receive)
         finally:
             connections.discard(exchange)
@@ -938,6 +939,7 @@ class ASGIApp:
                 return
             subprotocol = wire.subprotocol if wire else None
             await send({"type": "websocket.accept", "subprotocol": subprotocol})
+            del request  # a long-lived frame: the connect hook has its context already
             await conn.serve(receive)
         finally:
             connections.discard(conn)
