@@ -3,7 +3,8 @@
 ``serve`` behaves like uvicorn (--host, --port, --uds, --log-level, --loop,
 --workers, and --app module:attribute for a ``tidings.Tidings`` with its
 hooks); ``publish`` and ``subscribe`` are the curl of tidings, for trying
-things from a shell; ``token`` and ``check-config`` help secure a deployment.
+things from a shell; ``token`` and ``check-config`` help secure a deployment; ``top`` watches a
+running server's figures.
 Exit codes: 0 success, 1 runtime failure (server unreachable, port taken, API
 error), 2 usage or configuration error.
 """
@@ -128,6 +129,26 @@ def _parser() -> argparse.ArgumentParser:
         "--private-key", metavar="PEM", help="sign with this RSA or EC private key instead"
     )
     token.set_defaults(run=_token)
+
+    top = commands.add_parser(
+        "top", help="a running server's figures, refreshed (like redis-cli --stat)"
+    )
+    top.add_argument("--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=url_help)
+    top.add_argument(
+        "--api-key",
+        default=os.environ.get("TIDINGS_API_KEY", ""),
+        help="API key, for /api/info when /metrics is not there ($TIDINGS_API_KEY)",
+    )
+    top.add_argument(
+        "--metrics-token",
+        default=os.environ.get("TIDINGS_METRICS__TOKEN", ""),
+        help="bearer token of /metrics, metrics.token ($TIDINGS_METRICS__TOKEN)",
+    )
+    top.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between readings (default 1)"
+    )
+    top.add_argument("--once", action="store_true", help="print one snapshot and exit")
+    top.set_defaults(run=_top)
 
     check = commands.add_parser(
         "check-config", help="validate the configuration and print it, secrets masked"
@@ -338,6 +359,31 @@ def _subscribe(args: argparse.Namespace) -> int:
             connection.close()
         time.sleep(delay)
         delay = min(delay * 2, 10.0)
+
+
+# -- top -------------------------------------------------------------------
+
+
+def _top(args: argparse.Namespace) -> int:
+    from .top import TopError, run
+
+    if not args.interval > 0:
+        print("tidings: --interval must be a positive number of seconds", file=sys.stderr)
+        return 2
+    try:
+        run(
+            args.url,
+            api_key=args.api_key,
+            metrics_token=args.metrics_token,
+            interval=args.interval,
+            once=args.once,
+            out=sys.stdout,
+            tty=sys.stdout.isatty(),
+        )
+    except TopError as exc:
+        print(f"tidings: {exc}", file=sys.stderr)
+        return 1
+    return 0
 
 
 # -- token and check-config ------------------------------------------------
