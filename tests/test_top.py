@@ -154,11 +154,15 @@ def scrape() -> str:
     )
     disconnects.labels("3008").inc(4)
     disconnects.labels("3501").inc(9)
-    by_transport = prometheus_client.Gauge(
-        "tidings_connections", "c", ["transport"], registry=registry
-    )
-    for transport, count in (("sse", 2), ("websocket", 4), ("long-poll", 1)):
+    by_transport = prometheus_client.Gauge("tidings_clients", "c", ["transport"], registry=registry)
+    for transport, count in (("sse", 2), ("websocket", 4), ("longpoll", 1)):
         by_transport.labels(transport).set(count)
+    gauge("tidings_connections", 30)  # sockets of every kind: not the clients
+    slow = prometheus_client.Counter(
+        "tidings_slow_disconnects", "s", ["transport"], registry=registry
+    )
+    slow.labels("sse").inc(1)
+    slow.labels("websocket").inc(2)
     refused = prometheus_client.Counter(
         "tidings_refused_connections", "r", ["reason"], registry=registry
     )
@@ -172,10 +176,11 @@ def test_a_scrape_gives_each_figure() -> None:
     assert snapshot is not None
     assert (snapshot.clients, snapshot.users, snapshot.channels) == (7, 3, 5)
     assert (snapshot.subscriptions, snapshot.nodes) == (11, 2)
-    assert snapshot.transports == {"sse": 2, "websocket": 4, "long-poll": 1}
-    assert (snapshot.deliveries, snapshot.slow_disconnects) == (42.0, 4.0)
+    assert snapshot.transports == {"sse": 2, "websocket": 4, "longpoll": 1}
+    # tidings' own count of slow disconnects wins over Centrifugo's code 3008.
+    assert (snapshot.deliveries, snapshot.slow_disconnects) == (42.0, 3.0)
     block = render("http://x", snapshot)
-    assert "clients           7   (websocket 4  sse 2  long-poll 1)" in block
+    assert "clients           7   (websocket 4  sse 2  longpoll 1)" in block
     assert "deliveries/s      -" in block  # one reading has no rate
 
 
@@ -184,6 +189,14 @@ def test_deliveries_per_second_from_two_readings() -> None:
     now = Snapshot(source="/metrics", taken=12.0, clients=1, deliveries=350.0)
     assert "deliveries/s      125.0" in render("http://x", now, before)
     assert row(now, before).split()[5] == "125.0"
+
+
+def test_slow_disconnects_from_centrifugos_code_without_tidings_own() -> None:
+    text = "\n".join(
+        line for line in scrape().splitlines() if "tidings_slow_disconnects" not in line
+    )
+    snapshot = from_metrics(text + "\n", taken=0.0)
+    assert snapshot is not None and snapshot.slow_disconnects == 4.0
 
 
 def test_not_a_tidings_scrape_falls_back() -> None:

@@ -22,7 +22,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -38,7 +38,11 @@ _GAUGES = {
 }
 #: Messages written to clients, by transport: a delivery each.
 _DELIVERIES = "centrifugo_transport_messages_sent"
-#: Centrifugo's server disconnects by code; 3008 is "slow".
+#: tidings' realtime clients by transport (tidings.metrics).
+_BY_TRANSPORT = "tidings_clients"
+#: tidings' slow-consumer disconnects, by transport; without it, Centrifugo's
+#: server disconnects with code 3008 ("slow") say the same.
+_SLOW = "tidings_slow_disconnects"
 _DISCONNECTS = "centrifugo_client_num_server_disconnects"
 _SLOW_CODE = "3008"
 #: The transports in the order they are shown; others follow in name order.
@@ -125,17 +129,18 @@ def from_metrics(text: str, taken: float) -> Snapshot | None:
     transports: dict[str, int] = {}
     deliveries: float | None = None
     slow: float | None = None
+    slow_by_code: float | None = None
     for family in families:
         values = [s for s in family.samples if not s.name.endswith(("_created", "_bucket"))]
         if family.name in _GAUGES:
             gauges[_GAUGES[family.name]] = int(sum(s.value for s in values))
         elif family.name == _DELIVERIES:
             deliveries = sum(s.value for s in values)
+        elif family.name == _SLOW:
+            slow = sum(s.value for s in values)
         elif family.name == _DISCONNECTS:
-            slow = (slow or 0.0) + sum(
-                s.value for s in values if s.labels.get("code") == _SLOW_CODE
-            )
-        elif _is_connections_by_transport(family.name, family.type, values):
+            slow_by_code = sum(s.value for s in values if s.labels.get("code") == _SLOW_CODE)
+        elif family.name == _BY_TRANSPORT:
             for sample in values:
                 name = sample.labels["transport"]
                 transports[name] = transports.get(name, 0) + int(sample.value)
@@ -146,19 +151,8 @@ def from_metrics(text: str, taken: float) -> Snapshot | None:
         taken=taken,
         transports=transports,
         deliveries=deliveries,
-        slow_disconnects=slow,
+        slow_disconnects=slow if slow is not None else slow_by_code,
         **gauges,
-    )
-
-
-def _is_connections_by_transport(name: str, kind: str, samples: Iterable[Any]) -> bool:
-    """tidings' own gauge of live connections by transport (``tidings_*connections*``)."""
-    return (
-        name.startswith("tidings_")
-        and "connections" in name
-        and "refused" not in name
-        and kind == "gauge"
-        and all("transport" in sample.labels for sample in samples)
     )
 
 
