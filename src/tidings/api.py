@@ -20,6 +20,7 @@ import asyncio
 import fnmatch
 import hmac
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -32,6 +33,7 @@ from .errors import BrokerUnavailable, DisconnectCode, ErrorCode, ProtocolError
 from .http import Response, Router, error_response, json_response
 from .hub import EMPTY, Hub, Position
 from .logs import log_client_error
+from .metrics import Metrics
 from .utf8 import check_utf8, invalid_utf8_field
 
 if TYPE_CHECKING:
@@ -271,8 +273,10 @@ class ServerAPI:
         node_info: NodeInfoSource,
         *,
         max_batch_commands: int = 1000,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hub = hub
+        self.metrics = metrics or Metrics()
         self.access = access
         self.node_info = node_info
         self.max_batch_commands = max_batch_commands
@@ -336,9 +340,10 @@ class ServerAPI:
             params = self.decode(name, body or b"{}")
         except ProtocolError as exc:
             log_client_error(log, "bad API request from %s: %s", client, exc.message)
+            self._count_error(name, exc)
             return error_response(exc)
         try:
-            result = await entry[1](params)
+            result = await self._timed(name, entry[1], params)
         except BrokerUnavailable as exc:
             # 503 with Retry-After, same body: the transports' answer to the
             # same fault, which retrying HTTP clients and proxies understand.
@@ -367,6 +372,7 @@ class ServerAPI:
             items = [self._batch_item(command) for command in batch.commands]
         except ProtocolError as exc:
             log_client_error(log, "bad API batch from %s: %s", conn.client, exc.message)
+            self._count_error("batch", exc)
             return error_response(exc)
         if batch.parallel:
             replies = list(await asyncio.gather(*(self._run_batch_item(i) for i in items)))
@@ -387,15 +393,30 @@ class ServerAPI:
         params = self.decode(name, bytes(command[name]))
         return name, self.methods[name][1], params
 
-    @staticmethod
-    async def _run_batch_item(item: _BatchItem) -> _BatchReply:
+    async def _run_batch_item(self, item: _BatchItem) -> _BatchReply:
         if isinstance(item, dict):
             return item
         name, method, params = item
         try:
-            return {name: await method(params)}
+            return {name: await self._timed(name, method, params)}
         except ProtocolError as exc:
             return _error_reply(exc)
+
+    async def _timed(self, name: str, method: Method, params: Any) -> msgspec.Struct:
+        """Run one call, timed (``centrifugo_api_command_duration_seconds``) and its
+        error counted (``tidings_api_errors_total``): the one place for both."""
+        started = time.perf_counter()
+        try:
+            return await method(params)
+        except ProtocolError as exc:
+            self._count_error(name, exc)
+            raise
+        finally:
+            duration = time.perf_counter() - started
+            self.metrics.api_command_duration.labels("http", name).observe(duration)
+
+    def _count_error(self, name: str, exc: ProtocolError) -> None:
+        self.metrics.api_errors.labels(name, str(int(exc.code))).inc()
 
     def _known(self, channel: str) -> None:
         """Refuse a bad name (107) or a channel of an unknown namespace (102), as

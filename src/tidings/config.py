@@ -341,6 +341,20 @@ class AdminConfig(_Section):
             raise ValueError("admin.password: required when admin.enabled is true")
 
 
+class MetricsConfig(_Section):
+    """Prometheus metrics at ``/metrics`` (docs/observability.md).
+
+    Without a token, only loopback clients are answered (a Prometheus on the
+    same host or a sidecar); with one, any client sending
+    ``Authorization: Bearer <token>``. ``port``: also serve ``/metrics`` alone
+    on that port (of ``host``), for a scrape network apart from clients'.
+    """
+
+    enabled: bool = True
+    token: str = ""
+    port: Annotated[int, Meta(ge=0, le=65535)] | None = None
+
+
 def _is_http_url(url: str) -> bool:
     """An absolute http(s) URL with a host and, if any, a port number in range."""
     try:
@@ -389,6 +403,7 @@ class Config(_Section):
     #: Serve the demo page at ``/demo``.
     demo: bool = False
     admin: AdminConfig = msgspec.field(default_factory=AdminConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
     def namespace(self, channel: str) -> NamespaceConfig | None:
         """The namespace configuration of ``channel``; None for an unknown namespace."""

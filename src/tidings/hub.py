@@ -72,12 +72,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Literal, NamedTuple, Protocol
 
 from .brokers.base import Broker, unavailable
 from .config import namespace_of
 from .hooks import ChannelEvent, Hooks, PublicationEvent
+from .metrics import Metrics
 from .stream import (
     DEFAULT_HISTORY,
     EMPTY,
@@ -374,6 +376,7 @@ class Hub:
         history_for: Callable[[str], HistoryPolicy] = lambda channel: DEFAULT_HISTORY,
         broker_timeout: float = 5.0,
         hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         """``history_for(channel)`` is the channel's history policy, sent with each publish;
         ``broker_timeout`` bounds, in seconds, each call that waits on the broker for a client;
@@ -383,6 +386,8 @@ class Hub:
         self._history_for = history_for
         self._broker_timeout = broker_timeout
         self._hooks = hooks = hooks if hooks is not None else Hooks()
+        #: Counted once per publication, never per subscriber (tidings.metrics).
+        self._metrics = metrics if metrics is not None else Metrics()
         self._channels: dict[str, _Channel] = {}
         self._users: dict[str, set[Client]] = {}
         self._occupancy = _Occupancy(broker, hooks, broker_timeout)
@@ -457,6 +462,7 @@ class Hub:
                 )
         if isinstance(pub, Position):
             return pub  # a repeat: published once already
+        self._metrics.sent_publication.inc()
         namespaces = self._hooks.publication_namespaces
         if namespaces is not None and namespace_of(channel) in namespaces:
             self._hooks.emit(
@@ -494,6 +500,7 @@ class Hub:
 
     def _deliver(self, pub: Publication) -> None:
         """The fan-out path: called by the broker once per publication on this node."""
+        self._metrics.received_publication.inc()
         state = self._channels.get(pub.channel)
         if state is None:
             return
@@ -521,24 +528,30 @@ class Hub:
         if directed:
             self._fan_out_excluding(state, pub)
             return
+        started = time.perf_counter()
         # A copy, because a subscriber may leave while we iterate.
-        for subscriber in tuple(state.subscribers):
+        subscribers = tuple(state.subscribers)
+        for subscriber in subscribers:
             try:
                 subscriber.deliver(pub)
             except Exception:
                 log.exception("subscriber %r failed to take %r", subscriber, pub)
+        self._metrics.fanned_out(pub.time, len(subscribers), len(pub.data), started)
 
-    @staticmethod
-    def _fan_out_excluding(state: _Channel, pub: Publication) -> None:
+    def _fan_out_excluding(self, state: _Channel, pub: Publication) -> None:
         """The fan-out of a publication with ``exclude``: apart, so the plain
         loop above stays as it was (the hot path)."""
+        started = time.perf_counter()
+        delivered = 0
         for subscriber in tuple(state.subscribers):
             if _excludes(pub, subscriber):
                 continue
+            delivered += 1
             try:
                 subscriber.deliver(pub)
             except Exception:
                 log.exception("subscriber %r failed to take %r", subscriber, pub)
+        self._metrics.fanned_out(pub.time, delivered, len(pub.data), started)
 
     def _deliver_transient(self, state: _Channel, pub: Publication) -> None:
         """A ``skip_history`` publication: to the subscribers standing where it was made.
@@ -812,8 +825,12 @@ class Hub:
     def announce(self, channel: str, kind: Literal["join", "leave"], info: ClientInfo) -> None:
         """Tell the channel's subscribers on every node that a client came or went."""
         self._broker.announce(PresenceEvent(channel, kind, info))
+        metrics = self._metrics
+        (metrics.sent_join if kind == "join" else metrics.sent_leave).inc()
 
     def _deliver_presence(self, event: PresenceEvent) -> None:
+        metrics = self._metrics
+        (metrics.received_join if event.kind == "join" else metrics.received_leave).inc()
         state = self._channels.get(event.channel)
         if state is None:
             return
@@ -850,6 +867,11 @@ class Hub:
     @property
     def num_channels(self) -> int:
         return len(self._channels)
+
+    @property
+    def num_subscriptions(self) -> int:
+        """Subscribers summed over channels (read when metrics are scraped)."""
+        return sum(len(s.subscribers) + len(s.catching_up) for s in self._channels.values())
 
     def num_subscribers(self, channel: str) -> int:
         state = self._channels.get(channel)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import importlib.resources
 import logging
 import os
@@ -47,6 +48,7 @@ from .http.cors import CORS
 from .hub import Hub
 from .listener import Listening, listen
 from .logs import AccessLog
+from .metrics import CONTENT_TYPE, Live, Metrics
 from .proxy import Proxy
 from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
@@ -78,6 +80,8 @@ class Server:
     ) -> None:
         self.config = config
         self.broker = broker or make_broker(config)
+        #: Prometheus figures (tidings.metrics): handed to the parts that count.
+        self.metrics = metrics = Metrics()
         #: The application's hooks (tidings.Tidings registers them; the proxy
         #: and webhooks add theirs); empty, they cost nothing.
         self.hooks = hooks = hooks or Hooks(
@@ -101,6 +105,7 @@ class Server:
             history_for=config.history_for,
             broker_timeout=config.timeouts.broker,
             hooks=hooks,
+            metrics=metrics,
         )
         self.access = access = Access(config)
         self.cors = cors = CORS(config.allowed_origins)
@@ -110,15 +115,21 @@ class Server:
         self.connections = connections = Connections(max_connections)
         self.router = Router()
         access_log = AccessLog() if config.access_log else None
-        self.site = Site(self.router, cors, config.limits, config.timeouts, connections, access_log)
+        self.site = Site(
+            self.router, cors, config.limits, config.timeouts, connections, access_log, metrics
+        )
         self.uid = secrets.token_hex(8)
         self.name = f"{socket.gethostname()}_{os.getpid()}"
         self.started_at = time.monotonic()
         hub, limits = self.hub, config.limits
-        self.sse = SSETransport(hub, access, cors, connections, config.sse, limits, hooks=hooks)
-        self.poll = PollTransport(hub, access, connections, config.poll, hooks=hooks)
+        self.sse = SSETransport(
+            hub, access, cors, connections, config.sse, limits, hooks=hooks, metrics=metrics
+        )
+        self.poll = PollTransport(
+            hub, access, connections, config.poll, hooks=hooks, metrics=metrics
+        )
         self.websocket = WebSocketTransport(
-            hub, access, cors, connections, config.websocket, limits, hooks=hooks
+            hub, access, cors, connections, config.websocket, limits, hooks=hooks, metrics=metrics
         )
         self.api = ServerAPI(
             hub,
@@ -126,6 +137,7 @@ class Server:
             config.api_key,
             self.node_info,
             max_batch_commands=config.limits.max_batch_commands,
+            metrics=metrics,
         )
         self.emulation = EmulationTransport(
             hub,
@@ -137,6 +149,7 @@ class Server:
             self.broker,
             self.uid,
             hooks=hooks,
+            metrics=metrics,
         )
         self.transports: tuple[Transport, ...] = (
             self.sse,
@@ -151,6 +164,9 @@ class Server:
             self.admin = Admin(config, self.api, self.hub, cors, connections)
             self.transports += (self.admin,)
         self._listener: Listening | None = None
+        #: The ``[metrics] port`` listener, serving /metrics alone.
+        self._metrics_listener: Listening | None = None
+        self._metrics_task: asyncio.Task[None] | None = None
         self._uds: str | None = None
         self._stopped = asyncio.Event()
         #: Set by a signal when ``timeouts.drain`` is on: /ready says 503 while serving goes on.
@@ -163,6 +179,9 @@ class Server:
         self.router.add("GET", "/ready", self._ready)
         self.router.add("GET", "/tidings.js", self._tidings_js)
         self.router.add("GET", "/demo", self._demo)
+        if config.metrics.enabled:
+            metrics.read_live(self.live)
+            self.router.add("GET", "/metrics", self._metrics)
 
     @property
     def stopping(self) -> bool:
@@ -198,6 +217,9 @@ class Server:
             reuse_port=reuse_port,
         )
         log.info("tidings listening on %s", self.url)
+        metrics_port = self.config.metrics.port
+        if self.config.metrics.enabled and metrics_port is not None:
+            await self._listen_for_metrics(metrics_port, reuse_port)
         cap = self.connections.max_connections
         source = "from the file limit" if self.config.limits.max_connections is None else "set"
         if cap:
@@ -216,6 +238,7 @@ class Server:
             await self.webhooks.start()
         for transport in self.transports:
             await transport.start()
+        self._metrics_task = asyncio.get_running_loop().create_task(self.metrics.run())
         self.started_at = time.monotonic()
         self._warn_about_development_defaults()
 
@@ -259,8 +282,37 @@ class Server:
 
     @property
     def num_clients(self) -> int:
-        """Open connections of every kind: HTTP, held polls, SSE streams, WebSockets."""
-        return len(self.connections)
+        """Realtime clients: WebSocket and emulation sessions, SSE streams, held
+        long-polls — not idle keep-alives, nor the request asking."""
+        return sum(self.clients_by_transport().values())
+
+    def clients_by_transport(self) -> dict[str, int]:
+        """Realtime clients of each transport, read from the transports' own registries."""
+        return {
+            "websocket": self.websocket.count,
+            "emulation": len(self.emulation.sessions),
+            "sse": len(self.sse.streams),
+            "longpoll": self.poll.num_held,
+        }
+
+    def live(self) -> Live:
+        """What this node holds now, for a scrape (tidings.metrics reads it then)."""
+        webhooks = self.webhooks
+        return Live(
+            clients=self.clients_by_transport(),
+            connections=len(self.connections),
+            users=self.hub.num_users,
+            channels=self.hub.num_channels,
+            subscriptions=self.hub.num_subscriptions,
+            webhook_events={}
+            if webhooks is None
+            else {
+                "delivered": webhooks.delivered,
+                "dropped": webhooks.dropped,
+                "refused": webhooks.refused,
+            },
+            webhook_retries=0 if webhooks is None else webhooks.retries,
+        )
 
     def node_info(self) -> NodeInfo:
         """This node as the API's ``info`` reports it."""
@@ -319,6 +371,10 @@ class Server:
         """
         if self._listener is not None:
             self._listener.close()
+        if self._metrics_listener is not None:
+            self._metrics_listener.close()
+        if self._metrics_task is not None:
+            self._metrics_task.cancel()
         if self._uds is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._uds)
@@ -380,6 +436,42 @@ class Server:
         if reasons:
             payload["reasons"] = reasons
         return json_response(payload, 503 if reasons else 200)
+
+    def metrics_allowed(self, request: Request) -> bool:
+        """``/metrics``' own access rule: ``Authorization: Bearer <metrics.token>``
+        when a token is set (compared in constant time), else loopback clients only."""
+        token = self.config.metrics.token
+        if not token:
+            return request.is_loopback
+        scheme, _, given = (request.headers.get("authorization") or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), token.encode()
+        )
+
+    async def _metrics(self, request: Request, conn: Exchange) -> Response:
+        if not self.metrics_allowed(request):
+            if self.config.metrics.token:
+                response = error_response(401, "unauthorized: missing or wrong metrics token")
+                response.headers.append(("WWW-Authenticate", "Bearer"))
+                return response
+            return error_response(403, "forbidden: /metrics answers loopback clients only")
+        body = self.metrics.render()
+        return Response(200, body=body, headers=[("Content-Type", CONTENT_TYPE)])
+
+    async def _listen_for_metrics(self, port: int, reuse_port: bool) -> None:
+        """``/metrics`` alone on ``[metrics] port`` (same access rule), e.g. for a
+        scrape network apart from the clients' one."""
+        router = Router()
+        router.add("GET", "/metrics", self._metrics)
+        config = self.config
+        site = Site(router, self.cors, config.limits, config.timeouts, self.connections)
+        self._metrics_listener = await listen(
+            lambda: HTTPConnection(site),
+            host=config.host,
+            port=port,
+            reuse_port=reuse_port,
+        )
+        log.info("metrics on port %d", self._metrics_listener.sockets[0].getsockname()[1])
 
     async def _tidings_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")

@@ -24,6 +24,7 @@ from multiprocessing.process import BaseProcess
 from typing import TYPE_CHECKING
 
 from .config import Config
+from .metrics import forget_process, multiprocess_directory
 
 if TYPE_CHECKING:
     from .app import Tidings
@@ -44,6 +45,9 @@ def run_workers(config: Config, loop_factory: LoopFactory, app: Tidings) -> int:
         return 2
     context = multiprocessing.get_context("fork")
     stopping = False
+    # One scrape shows every worker: each writes its figures to files here
+    # (tidings.metrics, prometheus_client's multiprocess mode), removed at exit.
+    remove_metrics = multiprocess_directory()
 
     def start(index: int) -> BaseProcess:
         process = context.Process(
@@ -69,6 +73,8 @@ def run_workers(config: Config, loop_factory: LoopFactory, app: Tidings) -> int:
         for index, process in enumerate(workers):
             if not process.is_alive() and not stopping:
                 log.error("worker %s exited with %s; restarting it", process.pid, process.exitcode)
+                if process.pid is not None:
+                    forget_process(process.pid)
                 workers[index] = start(index)
         time.sleep(0.2)
     deadline = time.monotonic() + config.timeouts.shutdown + 2
@@ -76,6 +82,7 @@ def run_workers(config: Config, loop_factory: LoopFactory, app: Tidings) -> int:
         process.join(max(0.0, deadline - time.monotonic()))
         if process.is_alive():
             process.kill()
+    remove_metrics()
     return 0
 
 

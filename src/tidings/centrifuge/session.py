@@ -45,6 +45,7 @@ from ..hooks import (
 from ..hooks import Disconnect as HookDisconnect
 from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
+from ..metrics import Metrics
 from ..version import __version__
 from .schema import (
     FLAG_REJECT_UNRECOVERED,
@@ -155,6 +156,14 @@ class SessionOptions(NamedTuple):
     gate: Gate | None = None
     #: The refresh hooks in flight (a transport's; None: a session of its own).
     refreshes: Refreshes | None = None
+    #: Where commands, errors, recoveries and server disconnects are counted
+    #: (the server's; None: counted nowhere anyone reads, in unit tests).
+    metrics: Metrics | None = None
+
+    def counted(self) -> Metrics:
+        """The metrics sessions count in (a private set when none was given)."""
+        metrics = self.metrics
+        return metrics if metrics is not None else _uncounted()
 
     def doors(self) -> Gate:
         """The gate sessions go through (the rules alone when none was given)."""
@@ -163,6 +172,16 @@ class SessionOptions(NamedTuple):
 
 
 _NO_HOOKS = Hooks()
+_UNCOUNTED: list[Metrics] = []
+
+
+def _uncounted() -> Metrics:
+    """Metrics for sessions built without a server (made on first use)."""
+    if not _UNCOUNTED:
+        _UNCOUNTED.append(Metrics(multiprocess=False))
+    return _UNCOUNTED[0]
+
+
 _NO_REFRESHES = Refreshes()
 
 
@@ -360,6 +379,7 @@ class ClientSession:
         channels.discard(channel)
         self._leave(channel)
         self._push(self.wire.unsubscribe_push(channel, code, reason))
+        self.options.counted().server_unsubscribes.labels(str(code)).inc()
         return True
 
     def release(self, code: int = CLIENT_WENT_AWAY[0], reason: str = CLIENT_WENT_AWAY[1]) -> None:
@@ -374,6 +394,8 @@ class ClientSession:
         self.closed = True
         self._out = None
         self._held = _CLOSED
+        if code != CLIENT_WENT_AWAY[0]:
+            self.options.counted().server_disconnects.labels(str(int(code))).inc()
         self.hub.remove_client(self.credentials.user, self)
         if self.client_id and log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -729,6 +751,15 @@ class ClientSession:
         return Disconnect(DisconnectCode.BAD_REQUEST, "command without id")
 
     async def _run(self, route: Route, cmd_id: int, req: object) -> Disconnect | None:
+        """Run a handler, timed (``centrifugo_client_command_duration_seconds``)."""
+        started = time.perf_counter()
+        try:
+            return await self._answer(route, cmd_id, req)
+        finally:
+            duration = time.perf_counter() - started
+            self.options.counted().command_duration.labels(route.field).observe(duration)
+
+    async def _answer(self, route: Route, cmd_id: int, req: object) -> Disconnect | None:
         """Run a handler; the one place where what it raised becomes a reply or a close."""
         try:
             reply = await route.run(self, cmd_id, req)
@@ -747,13 +778,18 @@ class ClientSession:
             # The application's hook closes the connection, with its code and reason.
             return Disconnect(exc.code, exc.reason)
         except ProtocolError as exc:
+            self._count_error(route, int(exc.code))
             if not self.closed:
                 self._reply(self.wire.error_reply(cmd_id, exc))
         except Exception:
             log.exception("command %d of %s failed", cmd_id, self.client_id)
+            self._count_error(route, int(ErrorCode.INTERNAL))
             if not self.closed:
                 self._reply(self.wire.error_reply(cmd_id, ProtocolError(ErrorCode.INTERNAL)))
         return None
+
+    def _count_error(self, route: Route, code: int) -> None:
+        self.options.counted().reply_errors.labels(route.field, str(code)).inc()
 
     async def _connect(self, cmd_id: int, req: ConnectRequest) -> None:
         """Authenticate, subscribe the token's channels, then reply.
@@ -952,6 +988,13 @@ class ClientSession:
             # The connection went away while the hub was being asked.
             self.hub.unsubscribe(channel, self)
             return None
+        if recover:
+            metrics = self.options.counted()
+            if recovery.recovered:
+                metrics.recovered.inc()
+            else:
+                metrics.not_recovered.inc()
+                metrics.unrecovered(self.transport.transport_name)
         if (
             req is not None
             and recover

@@ -226,11 +226,19 @@ class HTTPConnection(asyncio.Protocol):
         admission = self.site.connections.admit(self)
         if admission is Admission.ADMITTED:
             self._arm(self.site.timeouts.request, self._on_request_timeout)
-        elif admission is Admission.REFUSED:
+            return
+        metrics = self.site.metrics
+        if admission is Admission.REFUSED:
             # Over the cap: one request head, read within _LINGER, gets the 503.
             self._arm(_LINGER, self._on_request_timeout)
+            if metrics is not None:
+                metrics.refused.labels("max_connections").inc()
+                metrics.connection_limit_reached.inc()
         else:
             self._abort()  # too many refusals in flight already: a reset costs nothing
+            if metrics is not None:
+                metrics.refused.labels("max_refusals").inc()
+                metrics.connection_limit_reached.inc()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._answering is not Answering.CLOSED:
@@ -575,6 +583,8 @@ class HTTPConnection(asyncio.Protocol):
             extra = [*extra, _EXPOSE_RETRY_AFTER]
         data = response.encode(head=head, keep_alive=keep_alive, extra=extra)
         self.transport.write(data)
+        if self.site.metrics is not None:
+            self.site.metrics.responded(response.status)
         if self.site.access_log is not None:
             entry, self._access = self._access, None
             self.site.access_log.record(entry, response.status, len(data), self.client)
@@ -656,6 +666,8 @@ class HTTPConnection(asyncio.Protocol):
         after this logs its own line).
         """
         assert self.transport is not None
+        if self.site.metrics is not None:
+            self.site.metrics.responded(status)
         if self.site.access_log is not None:
             # The stream writes its own head after this: its bytes are not counted.
             entry, self._access = self._access, None

@@ -12,6 +12,7 @@ from __future__ import annotations
 from ..config import LimitsConfig, TimeoutsConfig
 from ..connections import Connections
 from ..logs import AccessLog
+from ..metrics import Metrics
 from .cors import CORS
 from .routing import Router
 
@@ -19,7 +20,7 @@ __all__ = ["Site"]
 
 
 class Site:
-    __slots__ = ("access_log", "connections", "cors", "limits", "router", "timeouts")
+    __slots__ = ("access_log", "connections", "cors", "limits", "metrics", "router", "timeouts")
 
     def __init__(
         self,
@@ -29,6 +30,7 @@ class Site:
         timeouts: TimeoutsConfig,
         connections: Connections,
         access_log: AccessLog | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.router = router
         self.cors = cors
@@ -38,3 +40,5 @@ class Site:
         #: The access log (``--access-log``); None by default, and then a connection
         #: pays one empty slot for it.
         self.access_log = access_log
+        #: Responses by status and refusals are counted here (None: not counted).
+        self.metrics = metrics

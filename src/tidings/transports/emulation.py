@@ -73,6 +73,7 @@ from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
 from ..logs import log_client_error
+from ..metrics import Metrics
 from ..utf8 import check_utf8
 from .websocket import request_context
 
@@ -350,6 +351,7 @@ class EmulatedStream(asyncio.Protocol):
                 log, "closing %r: write buffer over %d bytes", self, self._ctx.max_write_buffer
             )
             self._state = _ENDING
+            self._ctx.metrics.slow("emulation")
             self.session.release(DisconnectCode.SLOW, "slow")
             self._ctx.forget(self)
             self.transport.abort()
@@ -382,8 +384,10 @@ class EmulationTransport:
         node: str,
         *,
         hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hub = hub
+        self.metrics = metrics = metrics or Metrics()
         self.hooks = hooks = hooks or Hooks()
         #: Where the access rules and the application's hooks let clients in.
         self.gate = Gate(access, hooks)
@@ -400,6 +404,7 @@ class EmulationTransport:
             node=node,
             gate=self.gate,
             refreshes=Refreshes(),
+            metrics=metrics,
         )
         #: The opening request's headers, cookies and peer of each stream not
         #: yet connected, kept only while a ``connect`` hook is registered.
@@ -482,6 +487,7 @@ class EmulationTransport:
         transport.set_write_buffer_limits(high=self.max_write_buffer)
         self.streams.add(stream)
         self.sessions[stream.session.session_id] = stream
+        self.metrics.connected("emulation")
         stream.submit(payload)
         return None
 

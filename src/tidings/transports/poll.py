@@ -42,6 +42,7 @@ from ..gate import Gate
 from ..hooks import Hooks, TransportName
 from ..http import Response, Router
 from ..hub import Hub, Position, PresenceEvent, Publication
+from ..metrics import Metrics
 from .common import (
     admit,
     authorize_channels,
@@ -146,8 +147,10 @@ class PollTransport:
         config: PollConfig,
         *,
         hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hub = hub
+        self.metrics = metrics or Metrics()
         self.access = access
         self.hooks = hooks = hooks or Hooks()
         #: Where the access rules and the application's hooks let clients in.
@@ -193,9 +196,11 @@ class PollTransport:
         await authorize_channels(request, self.gate, credentials, channels, transport)
         if since is None or timeout == 0 or self.connections.stopping:
             joined = await join(hub, channels, since, None)
+            self.metrics.unrecovered(transport, len(joined.unrecovered))
             return poll_response(joined.publications, joined.positions, joined.unrecovered)
         waiter = PollWaiter(self, conn, tuple(sorted(channels)))
         joined = await join(hub, channels, since, waiter)
+        self.metrics.unrecovered(transport, len(joined.unrecovered))
         # With a remote broker, publications can reach the waiter mid-join.
         early = waiter.publications or []
         if joined.publications or joined.unrecovered or early or waiter.skipped:
@@ -208,7 +213,13 @@ class PollTransport:
         waiter.since = sys.intern(joined.cursor)
         conn.hold(waiter, request)
         self._hold(waiter, timeout)
+        self.metrics.connected("longpoll")
         return None
+
+    @property
+    def num_held(self) -> int:
+        """Long-polls held now (read when metrics are scraped)."""
+        return sum(len(bucket) for bucket in self._buckets.values())
 
     # -- held polls --------------------------------------------------------
 

@@ -49,6 +49,7 @@ from ..http import Response, Router
 from ..http.cors import CORS
 from ..hub import Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
+from ..metrics import Metrics
 from .common import (
     admit,
     authorize_channels,
@@ -187,6 +188,7 @@ class SSEStream(asyncio.Protocol):
                 "peer": f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else None,
             },
         )
+        self.sse.metrics.slow("sse")
         self.sse.ending(self, DisconnectCode.SLOW, "slow")
         self.transport.abort()
 
@@ -274,8 +276,10 @@ class SSETransport:
         limits: LimitsConfig,
         *,
         hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hub = hub
+        self.metrics = metrics = metrics or Metrics()
         self.access = access
         self.hooks = hooks = hooks or Hooks()
         #: Where the access rules and the application's hooks let clients in.
@@ -334,6 +338,9 @@ class SSETransport:
         transport = conn.detach()
         transport.set_protocol(stream)
         self.streams.add(stream)
+        self.metrics.connected("sse")
+        if joined.unrecovered:
+            self.metrics.unrecovered("sse", len(joined.unrecovered))
         hub.add_client(credentials.user, stream)
         head = [
             b"HTTP/1.1 200 OK",

@@ -113,6 +113,7 @@ from ..http import Response, Router, error_response
 from ..http.cors import CORS
 from ..hub import Hub, Publication
 from ..logs import log_client_error
+from ..metrics import Metrics
 from .common import connect_call
 
 if TYPE_CHECKING:
@@ -222,8 +223,10 @@ class WebSocketTransport:
         limits: LimitsConfig,
         *,
         hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.hub = hub
+        self.metrics = metrics = metrics or Metrics()
         self.hooks = hooks = hooks or Hooks()
         #: Where the access rules and the application's hooks let clients in.
         self.gate = Gate(access, hooks)
@@ -242,6 +245,7 @@ class WebSocketTransport:
             ping_interval=max(1, round(ws.ping_interval)),
             gate=self.gate,
             refreshes=Refreshes(),
+            metrics=metrics,
         )
         #: The upgrade request's headers, cookies and peer of each connection
         #: not yet connected, kept only while a ``connect`` hook is registered
@@ -364,6 +368,7 @@ class WebSocketTransport:
     def add(self, conn: WebSocketConnection) -> None:
         loop = self._loop()
         self.count += 1
+        self.metrics.connected("websocket")
         self.connections.add(conn)
         conn._deadline = loop.time() + self.connect_timeout
         self.watched.add(conn)
@@ -607,6 +612,7 @@ class WebSocketConnection(asyncio.Protocol):
                 self._ctx.max_write_buffer,
                 fields=self.session.log_fields(code=int(DisconnectCode.SLOW)),
             )
+            self._ctx.metrics.slow("websocket")
             self.close(DisconnectCode.SLOW, "slow")
 
     def resume_writing(self) -> None:
