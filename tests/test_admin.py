@@ -396,6 +396,13 @@ def test_password_guessing_is_limited(server_factory: Any) -> None:
     assert refused.status_code == 429
     assert 1 <= int(refused.headers["retry-after"]) <= 61
     assert login(srv).status_code == 429  # the right password too, or guessing would go on
+    # Another address is not held (127.0.0.2 reaches a 127.0.0.1 listener on Linux).
+    transport = httpx.HTTPTransport(local_address="127.0.0.2")
+    with httpx.Client(transport=transport, timeout=TIMEOUT) as elsewhere:
+        resp = elsewhere.post(
+            f"{srv.url}/admin/login", json={"password": PASSWORD}, headers=same_origin(srv)
+        )
+        assert resp.status_code == 200, resp.text
     assert " ERROR " not in srv.logs() and "Traceback" not in srv.logs()
     check_serving_secured(srv)
 
