@@ -527,10 +527,26 @@ def test_page_loads_only_after_login(browser: Any, admin_server: ServerProcess) 
         page.close()
 
 
+SHOWN_CLIENTS = """([transport, least, most]) => {
+  const span = document.querySelector(`#nodes span[data-transport="${transport}"]`);
+  const n = span === null ? NaN : Number(span.textContent.split(" ")[1]);
+  return n >= least && n <= most;
+}"""
+
+
+def wait_clients(page: Any, transport: str, least: int = 0, most: int = 10**9) -> int:
+    """Wait until the node's row shows between ``least`` and ``most`` clients of
+    ``transport``; the number shown."""
+    page.wait_for_function(SHOWN_CLIENTS, arg=[transport, least, most])
+    text = page.inner_text(f'#nodes span[data-transport="{transport}"]')
+    return int(text.split()[1])
+
+
 @pytest.mark.browser
 def test_live_counts_change_as_clients_come_and_go(page: Any, admin_server: ServerProcess) -> None:
     srv, channel = admin_server, unique_channel("room:count")
-    page.wait_for_selector('#nodes td[data-field="num_clients"]')
+    for transport in ("websocket", "emulation", "sse", "longpoll"):
+        wait_clients(page, transport)
     assert channel_count(page, channel) is None
     token = [("token", user_token("alice"))]
     with SSEClient(srv, [channel], extra_params=token) as one:
@@ -539,8 +555,13 @@ def test_live_counts_change_as_clients_come_and_go(page: Any, admin_server: Serv
         with SSEClient(srv, [channel], extra_params=token) as two:
             two.subscribed()
             wait_count(page, channel, 2)
+            # The page's own tail is not counted: these two are at least 2 SSE clients.
+            while_open = wait_clients(page, "sse", least=2)
+            total = int(page.inner_text('#nodes td[data-field="num_clients"]'))
+            assert total >= while_open
         wait_count(page, channel, 1)
     page.wait_for_selector(f'#channels tr[data-channel="{channel}"]', state="detached")
+    wait_clients(page, "sse", most=while_open - 2)
     # The search narrows the list to the channels that match.
     with SSEClient(srv, [channel], extra_params=token) as again:
         again.subscribed()

@@ -215,6 +215,9 @@ class NodeInfo(msgspec.Struct):
     num_clients: int
     num_channels: int
     uptime: int
+    #: tidings' own: ``num_clients`` by transport (``websocket``, ``emulation``,
+    #: ``sse``, ``longpoll``), which the admin page shows.
+    clients_by_transport: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class InfoResult(msgspec.Struct):

@@ -323,6 +323,7 @@ class Server:
             num_clients=self.num_clients,
             num_channels=self.hub.num_channels,
             uptime=int(time.monotonic() - self.started_at),
+            clients_by_transport=self.clients_by_transport(),
         )
 
     async def serve_forever(self) -> None:

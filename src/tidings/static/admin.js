@@ -109,7 +109,19 @@ $("logout").addEventListener("click", async () => {
 
 // -- nodes and channels, refreshed ---------------------------------------------------
 
-const KNOWN = new Set(["uid", "name", "version", "uptime", "num_clients", "num_channels"]);
+const KNOWN = new Set([
+  "uid", "name", "version", "uptime", "num_clients", "num_channels", "clients_by_transport",
+]);
+
+/** "websocket 3 · sse 1 · ...": each transport's clients, each in an element of its own. */
+function byTransport(counts = {}) {
+  const parts = [];
+  for (const [transport, n] of Object.entries(counts)) {
+    if (parts.length) parts.push(" · ");
+    parts.push(el("span", { dataset: { transport } }, `${transport} ${n}`));
+  }
+  return parts;
+}
 
 /** Whatever else a node reports (per-transport counts...), as "key: value" lines. */
 function extras(node) {
@@ -132,6 +144,7 @@ function renderNodes(nodes) {
       el("td", {}, node.version),
       el("td", { className: "num", dataset: { field: "uptime" } }, uptime(node.uptime)),
       el("td", { className: "num", dataset: { field: "num_clients" } }, node.num_clients),
+      el("td", { dataset: { field: "clients_by_transport" } }, ...byTransport(node.clients_by_transport)),
       el("td", { className: "num", dataset: { field: "num_channels" } }, node.num_channels),
       el("td", { className: "muted", dataset: { field: "more" } }, extras(node))));
   $("nodes").tBodies[0].replaceChildren(...rows);
