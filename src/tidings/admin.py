@@ -55,6 +55,7 @@ from .http import Response, Router, error_response, json_response
 from .http.cors import CORS
 from .hub import Hub
 from .logs import log_client_error
+from .metrics import Metrics
 from .transports.common import parse_cookies
 from .transports.sse import SSETransport
 
@@ -264,7 +265,14 @@ class Admin:
     the server, as a transport is)."""
 
     def __init__(
-        self, config: Config, api: ServerAPI, hub: Hub, cors: CORS, connections: Connections
+        self,
+        config: Config,
+        api: ServerAPI,
+        hub: Hub,
+        cors: CORS,
+        connections: Connections,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self.api = api
         self.sessions = AdminSessions(config.admin.password, config.admin.session_ttl)
@@ -277,6 +285,9 @@ class Admin:
             config.sse,
             config.limits,
             hooks=Hooks(),  # the application's hooks do not judge an operator
+            # The server's figures: a tail's stream is an SSE connection like any
+            # (one Metrics per process, since workers share their files).
+            metrics=metrics,
         )
         files = importlib.resources.files("tidings") / "static"
         self._files = {

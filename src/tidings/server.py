@@ -161,7 +161,7 @@ class Server:
         #: is an SSE endpoint started and stopped as a transport is.
         self.admin: Admin | None = None
         if config.admin.enabled:
-            self.admin = Admin(config, self.api, self.hub, cors, connections)
+            self.admin = Admin(config, self.api, self.hub, cors, connections, metrics=metrics)
             self.transports += (self.admin,)
         self._listener: Listening | None = None
         #: The ``[metrics] port`` listener, serving /metrics alone.
