@@ -664,7 +664,12 @@ class ASGIWebSocket:
         session = self.session
         if payload == session.wire.ping and session.client_id:
             return  # the answer to our ping
-        disconnect = await session.handle(payload)
+        try:
+            disconnect = await session.handle(payload)
+        except Exception:  # handle() answers errors itself: this is a bug of ours
+            log.exception("websocket connection %r failed", self)
+            self.close(DisconnectCode.INTERNAL, "internal server error")
+            return
         if disconnect is not None:
             log_client_error(
                 log, "disconnecting %r: %d %s", self, disconnect.code, disconnect.reason
