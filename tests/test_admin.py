@@ -379,6 +379,34 @@ def test_a_session_ends_at_its_expiry_and_its_tail_with_it(server_factory: Any) 
         assert resp.status_code == 401
 
 
+def test_one_login_serves_every_worker(
+    server_factory: Any, redis_server: Any, tmp_path: Path
+) -> None:
+    """``--workers 2``: the cookie one worker issued is accepted by the other (the
+    key comes from the password, not from a process), and the tail delivers."""
+    srv: ServerProcess = server_factory(
+        CONFIG + f'[broker]\ntype = "redis"\nredis_url = "{redis_server.url}"\n',
+        args=["--workers", "2"],
+        env={"TMPDIR": str(tmp_path)},
+    )
+    cookie = session_cookie(srv)
+    nodes: set[str] = set()
+    deadline = time.monotonic() + 15
+    while len(nodes) < 2:  # fresh connections, which the kernel spreads over both
+        assert time.monotonic() < deadline, nodes
+        resp = admin_call(srv, "info", {}, cookie=cookie)
+        assert resp.status_code == 200, resp.text
+        nodes.add(resp.json()["result"]["nodes"][0]["uid"])
+    channel = unique_channel("room:workers")
+    with tail(srv, channel, cookies={"tidings_admin": cookie}) as (resp, events):
+        assert resp.status_code == 200
+        assert next(events).event == "subscribed"
+        for n in range(4):  # each publish may reach either worker
+            resp = admin_call(srv, "publish", {"channel": channel, "data": n}, cookie=cookie)
+            assert resp.status_code == 200, resp.text
+        assert [pub_json(next(events))["data"] for _ in range(4)] == [0, 1, 2, 3]
+
+
 def check_serving_secured(srv: ServerProcess) -> None:
     """An ordinary subscriber (with its token) is still served."""
     channel = unique_channel("alive")
