@@ -162,12 +162,13 @@ def wait_subscribers_gone(srv: ServerProcess, channel: str) -> None:
         time.sleep(0.05)
 
 
-def test_slow_sse_reader_is_cut_off_while_another_is_served(asgi: Launch) -> None:
+@pytest.mark.parametrize("kind", ["uvicorn", "hypercorn"])
+def test_slow_sse_reader_is_cut_off_while_another_is_served(asgi: Launch, kind: str) -> None:
     """A subscriber that stops reading is cut off once the app's send queue passes
     ``limits.max_write_buffer``: the hub lets go of it, the server's memory stays
     bounded, a reading subscriber gets everything, and the slow one, once it reads
     again, finds whole events, the end of the stream, and resumes from its last id."""
-    srv = asgi("[limits]\nmax_write_buffer = 65536\n")
+    srv = asgi("[limits]\nmax_write_buffer = 65536\n", kind=kind)
     ch = unique_channel("aslow")
     slow = _small_socket(srv)
     slow.sendall(request_bytes("GET", f"/sse?channel={ch}"))
