@@ -12,6 +12,7 @@ publication (``tidings.metrics``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -416,3 +417,46 @@ def test_two_workers_are_summed_in_one_scrape(
             client.close()
     srv.stop()
     assert list(tmp_path.glob("tidings-metrics-*")) == []
+
+
+def test_hooks_are_timed_and_their_failures_counted() -> None:
+    """Every decision hook is timed by its kind; a hook that raises and one that
+    times out are failures (an error, a timeout), a refusal is not."""
+    from hooks_support import hooked_server
+    from tidings.errors import ErrorCode, ProtocolError
+    from tidings.hooks import ConnectCall, ConnectReply, Hooks, RPCCall
+
+    hooks = Hooks(timeout=0.3)
+
+    async def on_connect(call: ConnectCall) -> ConnectReply:
+        return ConnectReply(user="u1")
+
+    async def broken(call: RPCCall) -> Any:
+        raise RuntimeError("the application's bug")
+
+    async def slow(call: RPCCall) -> Any:
+        await asyncio.sleep(5)
+
+    async def refuse(call: RPCCall) -> Any:
+        raise ProtocolError(ErrorCode.PERMISSION_DENIED)
+
+    hooks.connect = on_connect
+    hooks.rpc.update({"broken": broken, "slow": slow, "refuse": refuse})
+    with hooked_server(hooks) as srv:
+        client = connect_raw(srv.url.replace("http://", "ws://"))
+        client.send(
+            {"id": 2, "rpc": {"method": "broken"}},
+            {"id": 3, "rpc": {"method": "slow"}},
+            {"id": 4, "rpc": {"method": "refuse"}},
+        )
+        client.wait_for(lambda m: m.get("id") == 4)
+        client.close()
+        s = parse(httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text)
+    assert value(s, "tidings_hook_duration_seconds_count", hook="connect") == 1
+    # The RPC's method is the client's to choose: one label for every method.
+    assert value(s, "tidings_hook_duration_seconds_count", hook="rpc") == 3
+    assert value(s, "tidings_hook_failures_total", hook="rpc", reason="error") == 1
+    assert value(s, "tidings_hook_failures_total", hook="rpc", reason="timeout") == 1
+    assert value(s, "tidings_hook_failures_total", hook="connect", reason="error") == 0
+    assert value(s, "centrifugo_client_num_reply_errors", method="rpc", code="100") == 2
+    assert value(s, "centrifugo_client_num_reply_errors", method="rpc", code="103") == 1

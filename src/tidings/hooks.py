@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar
 
@@ -428,6 +429,10 @@ class Hooks:
         #: Namespaces whose publications are events ("" is the default one);
         #: None: none. Asked by the hub before it builds a PublicationEvent.
         self.publication_namespaces: frozenset[str] | None = None
+        #: Told each decision's hook name, duration (seconds) and failure
+        #: ("timeout", "error", or None for an answer or a refusal): the
+        #: server's metrics (tidings.metrics); None: not timed.
+        self.observe: Callable[[str, float, str | None], None] | None = None
 
     # -- decisions ---------------------------------------------------------
 
@@ -444,20 +449,28 @@ class Hooks:
         traceback, and an internal error (100) for this client only.
         """
         timeout = asyncio.timeout(self.timeout)
+        started = time.perf_counter()
+        failure: str | None = None
         try:
             async with timeout:
                 return await hook(call)
         except (ProtocolError, Disconnect):
             raise
         except TimeoutError:
+            failure = "error"
             if not timeout.expired():
                 log.exception("%s hook failed", name)
                 raise ProtocolError(ErrorCode.INTERNAL) from None
+            failure = "timeout"
             log.warning("%s hook timed out after %gs (client %s)", name, self.timeout, call.client)
             raise HookTimedOut(name) from None
         except Exception:
+            failure = "error"
             log.exception("%s hook failed (client %s)", name, call.client)
             raise ProtocolError(ErrorCode.INTERNAL) from None
+        finally:
+            if self.observe is not None:
+                self.observe(name, time.perf_counter() - started, failure)
 
     async def call_rpc(self, call: RPCCall) -> bytes | None:
         """The handler of ``call.method`` (or the fallback); 108 when there is none."""

@@ -525,6 +525,15 @@ class Metrics:
     def connected(self, transport: str) -> None:
         self.transport_connects.labels(transport).inc()
 
+    def hook_decided(self, name: str, duration: float, failure: str | None) -> None:
+        """A decision hook ran (``Hooks.observe``). The label is the hook's kind
+        (``connect``, ``rpc``...): an RPC's method is the client's to choose,
+        and a label must not take unbounded values."""
+        hook = name.split(" ", 1)[0]
+        self.hook_duration.labels(hook).observe(duration)
+        if failure is not None:
+            self.hook_failures.labels(hook, failure).inc()
+
     # -- the scrape ----------------------------------------------------------
 
     def render(self) -> bytes:

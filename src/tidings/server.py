@@ -100,6 +100,7 @@ class Server:
         if proxy.hook_names:
             proxy.install(hooks)  # ConfigError if a Python hook takes the same decision
             self.proxy = proxy
+        hooks.observe = metrics.hook_decided
         self.hub = Hub(
             self.broker,
             history_for=config.history_for,
