@@ -25,6 +25,9 @@ SMALL_ACCESS = Access(Config(limits=LimitsConfig(max_channels_per_connection=3))
 class FakeTransport:
     """The session's transport: what it writes, as parsed JSON."""
 
+    #: As a WebSocket connection names itself (hook calls and log lines carry it).
+    transport_name = "websocket"
+
     def __init__(self) -> None:
         self.frames: list[list[dict[str, Any]]] = []
         self.pushes: list[bytes] = []
