@@ -3,6 +3,7 @@
     .venv/bin/python bench/run.py --quick              # N=1,000, under 2 minutes
     .venv/bin/python bench/run.py --full               # N=10,000 and N=19,000
     .venv/bin/python bench/run.py --servers tidings,floor --transports sse --n 5000
+    .venv/bin/python bench/run.py --servers tidings,tidings-asgi --transports sse,ws  # rt.asgi()
     .venv/bin/python bench/run.py --scale --n 100000 --workers 7   # scale-out, Redis
 
 For each (server, transport) a fresh server process is started (RSS deltas are
