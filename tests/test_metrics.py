@@ -412,6 +412,9 @@ def test_two_workers_are_summed_in_one_scrape(
         assert s["centrifugo_node_messages_received_count", pub] == 2
         key = (("frame_type", "publication"), ("transport", "all"))
         assert s["centrifugo_transport_messages_sent", key] == 20
+        # The publish went to Redis once: one round trip timed.
+        op = (("op", "publish"),)
+        assert s["tidings_broker_request_duration_seconds_count", op] == 1
     finally:
         for client in clients:
             client.close()

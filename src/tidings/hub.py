@@ -443,7 +443,7 @@ class Hub:
         if exclude and "" in exclude:
             exclude = exclude - {""}
         history = self._history_for(channel)
-        async with self._bounded():
+        async with self._bounded("publish"):
             if skip_history or exclude or idempotency_key:
                 pub = await self._broker.publish(
                     channel,
@@ -478,18 +478,21 @@ class Hub:
         return pub.position
 
     @contextlib.asynccontextmanager
-    async def _bounded(self) -> AsyncIterator[None]:
+    async def _bounded(self, op: str) -> AsyncIterator[None]:
         """Bound a wait on the broker: past ``broker_timeout``, the temporary
         error of an unavailable broker (code 100), which clients retry.
 
         The one place the bound is applied; a TimeoutError the broker raised
         itself is not ours to reword. A broker that never waits
-        (:attr:`Broker.remote` false) is not bounded: see there why.
+        (:attr:`Broker.remote` false) is not bounded: see there why. A remote
+        broker's round trip is timed here too, as ``op``
+        (``tidings_broker_request_duration_seconds``).
         """
         if not self._broker.remote:
             yield
             return
         timeout = asyncio.timeout(self._broker_timeout)
+        started = time.perf_counter()
         try:
             async with timeout:
                 yield
@@ -497,6 +500,9 @@ class Hub:
             if not timeout.expired():
                 raise
             raise unavailable(f"timed out after {self._broker_timeout:g}s") from None
+        finally:
+            duration = time.perf_counter() - started
+            self._metrics.broker_duration.labels(op).observe(duration)
 
     def _deliver(self, pub: Publication) -> None:
         """The fan-out path: called by the broker once per publication on this node."""
@@ -655,7 +661,7 @@ class Hub:
         pending = _Pending()
         state.pending.append(pending)
         try:
-            async with self._bounded():
+            async with self._bounded("subscribe"):
                 if state.subscribed is not True:
                     await self._subscribe_broker(channel, state)
                 recovery = await self._recover(channel, since)
@@ -753,7 +759,7 @@ class Hub:
 
     async def recover(self, channel: str, since: Position | None) -> Recovery:
         """What a client at ``since`` missed, without subscribing (for polling)."""
-        async with self._bounded():
+        async with self._bounded("recover"):
             return await self._recover(channel, since)
 
     async def _recover(self, channel: str, since: Position | None) -> Recovery:
@@ -807,14 +813,14 @@ class Hub:
     # -- presence --------------------------------------------------------
 
     async def add_presence(self, channel: str, client: str, info: ClientInfo) -> None:
-        async with self._bounded():
+        async with self._bounded("add_presence"):
             await self._broker.add_presence(channel, client, info)
 
     def remove_presence(self, channel: str, client: str) -> None:
         self._broker.remove_presence(channel, client)
 
     async def presence(self, channel: str) -> dict[str, ClientInfo]:
-        async with self._bounded():
+        async with self._bounded("presence"):
             return await self._broker.presence(channel)
 
     async def presence_stats(self, channel: str) -> tuple[int, int]:
@@ -850,7 +856,7 @@ class Hub:
         limit: int | None = None,
         reverse: bool = False,
     ) -> tuple[list[Publication], Position]:
-        async with self._bounded():
+        async with self._bounded("history"):
             return await self._broker.history(channel, since=since, limit=limit, reverse=reverse)
 
     def channels(self) -> Iterator[tuple[str, int]]:
