@@ -52,28 +52,53 @@ def info(srv: ServerProcess) -> dict[str, int]:
     return node
 
 
-def test_once_shows_the_servers_figures(server_factory: Callable[..., ServerProcess]) -> None:
-    srv = server_factory()
-    first, second = unique_channel(), unique_channel()
-    with ExitStack() as stack:
-        for channel in (first, first, second):
-            sse = stack.enter_context(SSEClient(srv, [channel]))
-            sse.subscribed()
-        ws = stack.enter_context(connect(srv.ws_url + "/connection/websocket"))
-        ws.send(json.dumps({"id": 1, "connect": {}}))
-        assert "connect" in json.loads(ws.recv(timeout=TIMEOUT))
-        wait_subscribers(srv, first, 2)
+#: A server without /metrics: top reads the API's info.
+NO_METRICS = "[metrics]\nenabled = false\n"
 
+
+def connect_clients(srv: ServerProcess, stack: ExitStack) -> tuple[str, str]:
+    """Three SSE streams on two channels and one WebSocket session, all connected."""
+    first, second = unique_channel(), unique_channel()
+    for channel in (first, first, second):
+        sse = stack.enter_context(SSEClient(srv, [channel]))
+        sse.subscribed()
+    ws = stack.enter_context(connect(srv.ws_url + "/connection/websocket"))
+    ws.send(json.dumps({"id": 1, "connect": {}}))
+    assert "connect" in json.loads(ws.recv(timeout=TIMEOUT))
+    wait_subscribers(srv, first, 2)
+    wait_subscribers(srv, second, 1)
+    return first, second
+
+
+def test_once_from_metrics_shows_clients_by_transport(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    srv = server_factory()
+    with ExitStack() as stack:
+        connect_clients(srv, stack)
         run = top("--url", srv.url, "--once")
-        assert run.returncode == 0, run.stderr
-        shown = figures(run.stdout)
+    assert run.returncode == 0, run.stderr
+    assert "(from /metrics)" in run.stdout.splitlines()[0], run.stdout
+    assert "clients           4   (websocket 1  sse 3  longpoll 0  emulation 0)" in run.stdout
+    assert figures(run.stdout)["subscriptions"] == "3"  # the SSE streams; WebSocket none
+    shown = figures(run.stdout)
+    assert (shown["channels"], shown["nodes"], shown["slow disconnects"]) == ("2", "1", "0")
+
+
+def test_once_from_the_api_without_metrics(server_factory: Callable[..., ServerProcess]) -> None:
+    srv = server_factory(NO_METRICS)
+    with ExitStack() as stack:
+        connect_clients(srv, stack)
+        run = top("--url", srv.url, "--once")
         reported = info(srv)
-        assert shown["channels"] == "2"
-        assert shown["nodes"] == "1"
-        # Whatever the server counts as a client (issue 15: realtime clients only),
-        # top shows that figure: three SSE streams and one WebSocket at least.
-        assert int(shown["clients"]) == reported["num_clients"] >= 4
-    assert "Traceback" not in run.stderr
+    assert run.returncode == 0, run.stderr
+    assert "(from /api/info)" in run.stdout.splitlines()[0], run.stdout
+    assert "clients           4   (websocket 1  sse 3  longpoll 0  emulation 0)" in run.stdout
+    shown = figures(run.stdout)
+    assert (shown["channels"], shown["nodes"]) == ("2", "1")
+    assert reported["num_clients"] == 4  # the same figure the API gives
+    # What info does not have is shown as unknown, not as 0.
+    assert (shown["deliveries/s"], shown["slow disconnects"]) == ("-", "-")
 
 
 def test_rows_under_a_header_when_stdout_is_not_a_terminal(
@@ -117,7 +142,7 @@ def test_unreachable_server_exits_1_with_one_line() -> None:
 
 
 def test_api_refusal_is_reported(server_factory: Callable[..., ServerProcess]) -> None:
-    srv = server_factory('api_key = "right-key-0123456789"\n')
+    srv = server_factory('api_key = "right-key-0123456789"\n' + NO_METRICS)
     run = top("--url", srv.url, "--api-key", "wrong", "--once")
     assert run.returncode == 1 and "/api/info answered 401" in run.stderr, run.stderr
     run = top("--url", srv.url, "--api-key", "right-key-0123456789", "--once")
@@ -206,11 +231,17 @@ def test_not_a_tidings_scrape_falls_back() -> None:
 
 def test_info_of_several_nodes_is_summed() -> None:
     nodes = [
-        {"uid": "a", "num_clients": 3, "num_channels": 2},
-        {"uid": "b", "num_clients": 4, "num_channels": 1},
+        {"uid": "a", "num_clients": 3, "num_channels": 2, "clients_by_transport": {"sse": 3}},
+        {
+            "uid": "b",
+            "num_clients": 4,
+            "num_channels": 1,
+            "clients_by_transport": {"sse": 1, "websocket": 3},
+        },
     ]
     snapshot = from_info({"nodes": nodes}, taken=0.0)
     assert (snapshot.clients, snapshot.channels, snapshot.nodes) == (7, 3, 2)
+    assert snapshot.transports == {"sse": 4, "websocket": 3}
     assert snapshot.users is None
     with pytest.raises(TopError):
         from_info({"nodes": "no"}, taken=0.0)

@@ -5,7 +5,7 @@ which transports, how many channels and users, how many deliveries a second,
 how many slow subscribers were cut off. The figures come from ``/metrics``
 when the server exposes it (parsed with prometheus_client's own text parser,
 when that library is installed), else from the server API's ``info``, which
-has fewer of them (no transports, no rates): a column it lacks shows ``-``.
+has fewer of them (no rates, no slow disconnects): a figure it lacks shows ``-``.
 
 On a terminal the view is redrawn in place; when stdout is not a terminal
 (a pipe, a file, a test), one plain row is printed per interval under one
@@ -157,7 +157,8 @@ def from_metrics(text: str, taken: float) -> Snapshot | None:
 
 
 def from_info(result: Any, taken: float) -> Snapshot:
-    """The figures of the API's ``info`` result, summed over its nodes."""
+    """The figures of the API's ``info`` result, summed over its nodes (with
+    tidings' own ``clients_by_transport`` beside Centrifugo's fields)."""
     nodes = result.get("nodes") if isinstance(result, dict) else None
     if not isinstance(nodes, list):
         raise TopError(f"/api/info: no nodes in {result!r}")
@@ -167,9 +168,17 @@ def from_info(result: Any, taken: float) -> Snapshot:
         numbers = [value for value in values if isinstance(value, int)]
         return sum(numbers) if numbers else None
 
+    transports: dict[str, int] = {}
+    for node in nodes:
+        counts = node.get("clients_by_transport") if isinstance(node, dict) else None
+        if isinstance(counts, dict):
+            for name, count in counts.items():
+                if isinstance(count, int):
+                    transports[str(name)] = transports.get(str(name), 0) + count
     return Snapshot(
         source="/api/info",
         taken=taken,
+        transports=transports,
         clients=total("num_clients"),
         users=total("num_users"),
         channels=total("num_channels"),
