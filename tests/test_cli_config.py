@@ -317,3 +317,34 @@ def test_allowed_origins_from_env(server_factory):
 def test_inconsistent_or_out_of_range_values(tmp_path, toml, key):
     line = config_error(tmp_path, toml)
     assert key in line
+
+
+def test_check_config_prints_no_secret(tmp_path):
+    """check-config is run in front of colleagues and pasted into tickets: every
+    secret the configuration may hold is masked, URLs keep no password."""
+    secrets = [
+        "api-key-secret-1",
+        "hmac-secret-0123456789abcdef0123456789",
+        "webhook-secret-2",
+        "proxy-static-secret-3",
+        "redis-password-4",
+        "proxy-url-password-5",
+        "webhook-url-password-6",
+    ]
+    config = tmp_path / "tidings.toml"
+    config.write_text(
+        f'api_key = "{secrets[0]}"\n'
+        f'[auth]\nhmac_secret = "{secrets[1]}"\n'
+        f'[broker]\nredis_url = "redis://u:{secrets[4]}@127.0.0.1:6379/0"\n'
+        f'[webhooks]\nurl = "http://hook:{secrets[6]}@127.0.0.1:9/h"\nsecret = "{secrets[2]}"\n'
+        f'[proxy]\nconnect_url = "http://p:{secrets[5]}@127.0.0.1:9/c"\n'
+        f'static_headers = {{ "X-Backend-Key" = "{secrets[3]}" }}\n'
+    )
+    done = run_cli(["check-config", "--config", str(config)])
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout)
+    for secret in secrets:
+        assert secret not in done.stdout + done.stderr
+    assert printed["webhooks"]["secret"] == "***"
+    assert printed["proxy"]["static_headers"] == {"X-Backend-Key": "***"}
+    assert printed["proxy"]["connect_url"] == "http://p:***@127.0.0.1:9/c"

@@ -474,6 +474,15 @@ def _check_config(args: argparse.Namespace) -> int:
             if key in section:
                 section[key] = _masked(section[key])
     settings["admin"]["password"] = _masked(settings["admin"]["password"])
+    settings["webhooks"]["secret"] = _masked(settings["webhooks"]["secret"])
+    settings["webhooks"]["url"] = _without_password(settings["webhooks"]["url"])
+    proxy = settings["proxy"]
+    # Static headers carry what the backend checks the proxy by: a secret.
+    proxy["static_headers"] = {name: "***" for name in proxy["static_headers"]}
+    for key in [key for key in proxy if key.endswith("_url")]:
+        proxy[key] = _without_password(proxy[key])
+    if "token" in settings.get("metrics", {}):
+        settings["metrics"]["token"] = _masked(settings["metrics"]["token"])
     print(json.dumps(settings, indent=2, sort_keys=True))
     mode = "secure: " + ", ".join(access.tokens.algorithms) if access.secure else "development"
     print(f"tidings: configuration is valid ({mode} mode)", file=sys.stderr)
