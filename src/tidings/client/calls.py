@@ -113,6 +113,8 @@ class NodeInfo(_Result):
     name: str = ""
     version: str = ""
     num_clients: int = 0
+    #: Realtime clients by transport (``websocket``, ``sse``, ``longpoll``, ...).
+    clients_by_transport: dict[str, int] = msgspec.field(default_factory=dict)
     num_channels: int = 0
     uptime: int = 0
 
