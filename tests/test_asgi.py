@@ -426,6 +426,9 @@ def test_slow_websocket_consumer_is_closed_3008_while_another_is_served(asgi: La
     # The slow client reads at last: what was queued, then close 3008.
     assert slow.read_until_closed(20) == 3008
     slow.close()
+    scrape = httpx.get(srv.url + "/metrics", timeout=TIMEOUT).text
+    assert 'tidings_slow_disconnects_total{transport="websocket"} 1.0' in scrape
+    assert 'tidings_http_responses_total{status="200"}' in scrape
     check_serving(srv)
 
 

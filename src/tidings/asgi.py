@@ -230,8 +230,11 @@ class ASGIExchange:
     async def _answer(
         self, response: Response, *, head: bool, extra: list[tuple[str, str]]
     ) -> None:
+        server = self._app.server
         try:
-            await self._send(_start_message(response, extra, self._app.server.stopping))
+            await self._send(_start_message(response, extra, server.stopping))
+            if server.site.metrics is not None:
+                server.site.metrics.responded(response.status)  # as the native connection counts
             body = response.body
             await self._send({"type": "http.response.body", "body": b"" if head else body})
         except Exception as exc:  # the ASGI server's way of saying the client is gone
@@ -695,7 +698,14 @@ class ASGIWebSocket:
         if self._in_flight and self._pending_size > self._high and self._state == _OPEN:
             # The client reads slower than we publish: close, as the native
             # connection does past the same bound; it reconnects and recovers.
-            log_client_error(log, "closing %r: send queue over %d bytes", self, self._high)
+            log_client_error(
+                log,
+                "closing %r: send queue over %d bytes",
+                self,
+                self._high,
+                fields=self.session.log_fields(code=int(DisconnectCode.SLOW)),
+            )
+            self._ctx.metrics.slow("websocket")
             self.close(DisconnectCode.SLOW, "slow")
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._flush())
