@@ -13,6 +13,7 @@ publication (``tidings.metrics``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -26,6 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import ServerProcess, free_port
 from helpers import TIMEOUT, RawConn, SSEClient, poll, request_bytes, unique_channel
+from test_emulation import http_stream
 from test_scaleout import redis_config
 from ws_support import connect_raw
 
@@ -118,6 +120,11 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
     sse = SSEClient(srv, [ch])
     sse.subscribed()  # 200 when the stream starts
     tally.ok += 1
+    streams = contextlib.ExitStack()
+    emulated = streams.enter_context(http_stream(srv))  # 200 when the stream starts; connect
+    tally.ok += 1
+    assert emulated.post({"id": 2, "subscribe": {"channel": ch}}).status_code == 204
+    assert emulated.next()["id"] == 2
     first = poll(srv, [ch])  # a plain poll: its cursor
     assert first.status_code == 200
     tally.ok += 1
@@ -132,9 +139,10 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
     assert value(waiting, "tidings_clients", transport="longpoll") == 1
     assert value(waiting, "tidings_clients", transport="websocket") == 1
     assert value(waiting, "tidings_clients", transport="sse") == 1
-    assert value(waiting, "centrifugo_node_num_clients") == 3
+    assert value(waiting, "tidings_clients", transport="emulation") == 1
+    assert value(waiting, "centrifugo_node_num_clients") == 4
 
-    # -- publications: the first reaches 3 subscribers, then 2 (the poll answered)
+    # -- publications: the first reaches 4 subscribers, then 3 (the poll answered)
     pub = tally.publish(ch, data)
     poller.join(TIMEOUT)
     assert held and held[0].status_code == 200 and len(held[0].json()["publications"]) == 1
@@ -143,6 +151,7 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
     tally.publish(ch, data)
     ws.wait_for(lambda m: m.get("push", {}).get("pub", {}).get("offset") == 3)
     assert [e.json["offset"] for e in sse.publications(3)] == [1, 2, 3]
+    assert [emulated.next()["push"]["pub"]["offset"] for _ in range(3)] == [1, 2, 3]
 
     # -- a slow reader kicked: big publications until it is ---------------------
     slow = connect_raw(srv.ws_url, (slow_ch,), rcvbuf=4096)  # 101; connect, subscribe
@@ -224,19 +233,20 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
         (
             "centrifugo_transport_messages_sent",
             (("frame_type", "publication"), ("transport", "all")),
-        ): 3 + 2 + 2 + kicks,
+        ): 4 + 3 + 3 + kicks,
         (
             "centrifugo_transport_messages_sent_size",
             (("frame_type", "publication"), ("transport", "all")),
-        ): 7 * len(data) + kicks * len(big),
-        ("centrifugo_client_command_duration_seconds_count", (("method", "connect"),)): 3,
-        ("centrifugo_client_command_duration_seconds_count", (("method", "subscribe"),)): 5,
+        ): 10 * len(data) + kicks * len(big),
+        ("centrifugo_client_command_duration_seconds_count", (("method", "connect"),)): 4,
+        ("centrifugo_client_command_duration_seconds_count", (("method", "subscribe"),)): 6,
         ("centrifugo_client_num_reply_errors", (("code", "105"), ("method", "subscribe"))): 1,
         ("centrifugo_client_num_server_disconnects", (("code", "3008"),)): 1,
         ("centrifugo_client_recover", (("recovered", "yes"),)): 1,
         ("centrifugo_client_recover", (("recovered", "no"),)): 1,
         ("centrifugo_transport_connect_count", (("transport", "websocket"),)): 3,
         ("centrifugo_transport_connect_count", (("transport", "sse"),)): 2,
+        ("centrifugo_transport_connect_count", (("transport", "emulation"),)): 1,
         ("centrifugo_transport_connect_count", (("transport", "longpoll"),)): 1,
         ("centrifugo_client_connection_limit_reached_total", ()): 1,
         (
@@ -253,18 +263,20 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
         ("tidings_connections_refused_total", (("reason", "max_connections"),)): 1,
         ("tidings_http_responses_total", (("status", "101"),)): 3,
         ("tidings_http_responses_total", (("status", "400"),)): 1,
+        ("tidings_http_responses_total", (("status", "204"),)): 1,
         ("tidings_http_responses_total", (("status", "503"),)): 1,
         ("tidings_http_responses_total", (("status", "200"),)): before + tally.ok - 1,  # not itself
-        # Live: 2 WebSockets (ws, resumer) and 2 SSE streams; ws, sse and the
-        # resumer in ch, the resumer and sse_resumed in slow_ch.
-        ("centrifugo_node_num_clients", ()): 4,
+        # Live: 2 WebSockets (ws, resumer), 2 SSE streams, 1 emulated session;
+        # ws, sse, emulated and the resumer in ch, the resumer and sse_resumed
+        # in slow_ch.
+        ("centrifugo_node_num_clients", ()): 5,
         ("tidings_clients", (("transport", "websocket"),)): 2,
         ("tidings_clients", (("transport", "sse"),)): 2,
         ("tidings_clients", (("transport", "longpoll"),)): 0,
-        ("tidings_clients", (("transport", "emulation"),)): 0,
+        ("tidings_clients", (("transport", "emulation"),)): 1,
         ("tidings_long_polls_held", ()): 0,
         ("centrifugo_node_num_channels", ()): 2,
-        ("centrifugo_node_num_subscriptions", ()): 5,
+        ("centrifugo_node_num_subscriptions", ()): 6,
         ("centrifugo_node_num_users", ()): 0,
         ("centrifugo_node_num_nodes", ()): 1,
     }
@@ -279,7 +291,8 @@ def test_a_scripted_run_is_counted_exactly(run: Tally) -> None:
 
     # /api/info counts the same realtime clients (not the keep-alive asking).
     info = tally.client.post("/api/info", json={}).json()["result"]["nodes"][0]
-    assert info["num_clients"] == 4
+    assert info["num_clients"] == 5
+    streams.close()
     for client in (ws, resumer):
         client.close()
     for stream in (sse, sse_resumed):
