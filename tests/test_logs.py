@@ -31,7 +31,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from conftest import ServerProcess
-from helpers import request_bytes, unique_channel
+from helpers import api, publish, request_bytes, unique_channel
 from tidings.logs import FIELDS, JSONFormatter, redact_target
 
 SECRET = "test-secret-for-the-log-tests-0123456789"
@@ -75,6 +75,17 @@ def wait_record(
                 return record
         if time.monotonic() > deadline:
             raise AssertionError(f"no log line for {what}:\n{srv.logs()}")
+        time.sleep(0.05)
+
+
+def wait_held_polls(srv: ServerProcess, n: int) -> None:
+    """Wait (bounded) until the server holds ``n`` long-polls (its info says so)."""
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        node = api(srv, "info").json()["result"]["nodes"][0]
+        if node["clients_by_transport"].get("longpoll", 0) >= n:
+            return
+        assert time.monotonic() < deadline, f"no {n} held long-poll(s): {node}"
         time.sleep(0.05)
 
 
@@ -195,6 +206,23 @@ def test_access_log_line_per_answer_without_credentials(
     assert line["bytes"] == len(answer)
     assert isinstance(line["duration"], float) and line["duration"] >= 0
     assert credential not in srv.logs()
+
+    # A held long-poll: its line is written when the publication answers it.
+    cursor = json.loads(answer.partition(b"\r\n\r\n")[2])["cursor"]
+    held = f"/poll?channel={channel}&cursor={cursor}&timeout=60&token="
+    with socket.create_connection((srv.host, srv.port), timeout=TIMEOUT) as sock:
+        sock.sendall(request_bytes("GET", held + credential, headers={"Connection": "close"}))
+        wait_held_polls(srv, 1)
+        publish(srv, channel, {"n": 1})
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+        answer = b"".join(chunks)
+        host, port = sock.getsockname()[:2]
+    assert answer.startswith(b"HTTP/1.1 200 ") and b'"n":1' in answer, answer
+    line = wait_record(srv, lambda r: r.get("peer") == f"{host}:{port}", "the held poll's line")
+    assert (line["method"], line["path"], line["status"]) == ("GET", held + "***", 200)
+    assert line["bytes"] == len(answer)
 
     # Unparsable bytes: a line too, with what is known ("-"), and the 400 written.
     answer, (host, port) = raw_exchange(srv, b"NOT HTTP AT ALL\r\n\r\n")

@@ -10,9 +10,13 @@ itself, with Centrifugo's metric names.
 from __future__ import annotations
 
 import json
+import os
+import pty
 import re
+import select
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 
@@ -132,6 +136,33 @@ def test_rows_under_a_header_when_stdout_is_not_a_terminal(
         cells = line.split()
         assert re.fullmatch(r"\d\d:\d\d:\d\d", cells[0]) and cells[3] == "0", line
         assert "\x1b" not in line  # no terminal codes in a pipe
+
+
+def test_a_terminal_gets_the_view_redrawn(server_factory: Callable[..., ServerProcess]) -> None:
+    srv = server_factory()
+    main, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "tidings", "top", "--url", srv.url, "--interval", "0.2"],
+        stdout=terminal,
+        stderr=subprocess.PIPE,
+        env=clean_env(),
+    )
+    os.close(terminal)
+    seen = b""
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while seen.count(b"\x1b[H\x1b[2J") < 2:  # two screens: the second is a redraw
+            assert time.monotonic() < deadline, seen
+            ready, _, _ = select.select([main], [], [], 1.0)
+            if ready:
+                seen += os.read(main, 65536)
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        os.close(main)
+    screen = seen.split(b"\x1b[H\x1b[2J")[1].decode()
+    assert screen.startswith(f"tidings top  {srv.url}  (from /metrics)"), screen
+    assert "clients           0" in screen and "deliveries/s" in screen
 
 
 def test_unreachable_server_exits_1_with_one_line() -> None:
