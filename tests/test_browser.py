@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from browser_support import Proxy, launch_browser
 from conftest import ServerProcess, free_port
@@ -380,7 +381,10 @@ def test_at_capacity_the_client_waits_retry_after_and_does_not_fall_back(
 
     def only_the_probe_connected() -> bool:
         # The browser's keep-alive connection is closed after 1 s; the probe is the one left.
-        return bool(api(srv, "info").json()["result"]["nodes"][0]["num_clients"] == 1)
+        # (info's num_clients counts realtime clients only: the sockets are a metric.)
+        scrape = httpx.get(srv.url + "/metrics", timeout=10).text
+        families = {f.name: f for f in text_string_to_metric_families(scrape)}
+        return families["tidings_connections"].samples[0].value == 1
 
     deadline = time.monotonic() + 10
     while not only_the_probe_connected():
@@ -395,7 +399,7 @@ def test_at_capacity_the_client_waits_retry_after_and_does_not_fall_back(
                 streams.append(stream)
             else:
                 stream.close()
-        assert httpx.get(srv.url + "/health").status_code == 503
+        assert httpx.get(srv.url + "/ready").status_code == 503
 
         page.evaluate(
             SETUP, {"channels": [ch], "options": FAST, "transports": ["websocket", "sse"]}

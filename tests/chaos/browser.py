@@ -10,7 +10,7 @@ reconnects, resumes and deduplicates by itself. What the page records is what th
 ``onUnrecovered(channels)`` as a signal on those channels.
 
 The kinds (:data:`chaos.clients.BROWSER_KINDS`): ``browser`` leaves the choice to tidings.js
-(WebSocket first; a transport that cannot be established while ``/health`` answers
+(WebSocket first; a transport that cannot be established while ``/ready`` answers
 is given up for the next one, for the life of the page), and ``browser-websocket``,
 ``browser-sse``, ``browser-longpoll``, ``browser-poll`` pin it with the
 ``transports`` handler option, so a cut never moves the client off its transport.
@@ -251,7 +251,7 @@ class BrowserChaosClient(ChaosClient):
 
     def notes(self) -> list[str]:
         # Which transport tidings.js was on matters for the unpinned kind: a WebSocket
-        # that fails while /health answers is given up for the next transport for good.
+        # that fails while /ready answers is given up for the next transport for good.
         used = " -> ".join(self.transports_used) or "none"
         return [
             f"{self.name} transports: {used}; repeats dropped by tidings.js: {self.masked_repeats}"
