@@ -262,3 +262,47 @@ def test_every_code_tidings_defines_is_documented() -> None:
     assert not silent & documented, f"documented as sent and as never sent: {silent & documented}"
     for code in [*ErrorCode, *DisconnectCode]:
         assert int(code) in documented | silent, f"{int(code)} {code.name} is not documented"
+
+
+def test_configuration_keys_block_is_every_key_with_its_default() -> None:
+    """configuration.md's "complete file with the defaults" is exactly the
+    defaults: every key of the configuration tree, each with its value (a key
+    whose default is unset is named in a ``# key, key: unset`` comment)."""
+    import tomllib
+
+    import msgspec
+
+    from tidings.config import Config
+
+    block = "\n".join(code_block_after("configuration.md", "## Keys"))
+    documented = tomllib.loads(block)
+    defaults = msgspec.to_builtins(Config())
+    unset: set[str] = set()
+    section = ""
+    for line in block.splitlines():
+        if line.startswith("["):
+            section = line.split("]")[0].strip("[") + "."
+        elif line.startswith("# ") and ": unset" in line:
+            names = line[2:].split(":")[0]
+            unset.update(section + name.strip() for name in names.split(","))
+
+    def leaves(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            if isinstance(value, dict) and value and key != "static_headers":
+                out.update(leaves(value, f"{prefix}{key}."))
+            else:
+                out[prefix + key] = value
+        return out
+
+    expected = {k: v for k, v in leaves(defaults).items() if k != "namespaces"}
+    shown = leaves(documented)
+    for key, value in expected.items():
+        if value is None:
+            assert key in unset, f"{key}: unset by default, not named as unset in the block"
+        else:
+            assert key in shown, f"{key} is missing from configuration.md's defaults block"
+            assert shown[key] == value, (
+                f"{key}: the block says {shown[key]!r}, the default is {value!r}"
+            )
+    assert not set(shown) - set(expected), f"keys that do not exist: {set(shown) - set(expected)}"
