@@ -137,6 +137,11 @@ def _tidings_specs(port: int) -> dict[str, Spec]:
     return specs
 
 
+def _sse_only(port: int) -> dict[str, Spec]:
+    """The lecture's models (peers/twisted_sse.py, tornado_sse.py, gevent_sse.py): SSE only."""
+    return {"sse": Spec("sse", HOST, port, "/sse?channel=bench", ready=b"event: subscribed")}
+
+
 def _nchan_cmd(port: int, wd: Path) -> list[str]:
     nginx = binary("nginx") or "nginx"
     return [nginx, "-p", str(wd), "-c", str(wd / "nginx.conf"), "-g", "daemon off;"]
@@ -237,6 +242,30 @@ SERVERS: dict[str, ServerDef] = {
                 "sse": Spec("sse", HOST, port, "/sse", ready=b"event: subscribed"),
             },
             note="stdlib ThreadingHTTPServer, one OS thread per subscriber",
+        ),
+        ServerDef(
+            "twisted",
+            ("sse",),
+            _py("twisted_sse.py"),
+            _sse_only,
+            needs=("twisted",),
+            note="Twisted web Resource kept open, request.write per subscriber (callbacks)",
+        ),
+        ServerDef(
+            "tornado",
+            ("sse",),
+            _py("tornado_sse.py"),
+            _sse_only,
+            needs=("tornado",),
+            note="Tornado RequestHandler, @gen.coroutine waiting on a Condition, flush()",
+        ),
+        ServerDef(
+            "gevent",
+            ("sse",),
+            _py("gevent_sse.py"),
+            _sse_only,
+            needs=("gevent",),
+            note="gevent.pywsgi, a greenlet and a gevent Queue per subscriber",
         ),
     ]
 }
