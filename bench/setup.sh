@@ -52,6 +52,9 @@ fi
     sse-starlette \
     starlette \
     websockets \
+    twisted \
+    tornado \
+    gevent \
     matplotlib \
     py-spy
 echo "bench/setup.sh: python packages ready in .venv"
