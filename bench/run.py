@@ -5,6 +5,7 @@
     .venv/bin/python bench/run.py --servers tidings,floor --transports sse --n 5000
     .venv/bin/python bench/run.py --servers tidings,tidings-asgi --transports sse,ws  # rt.asgi()
     .venv/bin/python bench/run.py --scale --n 100000 --workers 7   # scale-out, Redis
+    .venv/bin/python bench/run.py --rooms          # 1,000 chat rooms x 10, rising publish rate
 
 For each (server, transport) a fresh server process is started (RSS deltas are
 only meaningful from a fresh start), warmed with one subscriber and one
@@ -21,7 +22,8 @@ wait has a timeout; a server that dies or wedges is reported, not waited for.
 
 ``--scale`` is a separate scenario (issue 7): tidings with several worker
 processes on one port and a Redis broker, N SSE subscribers, K broadcasts; see
-``run_scale``.
+``run_scale``. ``--rooms`` is another (issue 16): many small channels and a
+rising publish rate until p99 publish -> deliver passes 50 ms; see ``rooms.py``.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -105,9 +108,9 @@ def message(seq: int, sent_ns: int) -> dict[str, Any]:
 class WorkerHandle:
     """The coordinator's end of one load-generator process."""
 
-    def __init__(self, ctx: Any, index: int) -> None:
+    def __init__(self, ctx: Any, index: int, target: Callable[..., None]) -> None:
         self.conn, child = ctx.Pipe()
-        self.proc = ctx.Process(target=load.worker_main, args=(child, index), daemon=True)
+        self.proc = ctx.Process(target=target, args=(child, index), daemon=True)
         self.proc.start()
         child.close()
         self.index = index
@@ -147,9 +150,10 @@ class WorkerHandle:
 class Pool:
     """All workers; commands go to all of them concurrently."""
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, target: Callable[..., None] = load.worker_main) -> None:
+        """``target``: the load process's entry point (``rooms.worker_main`` adds room counts)."""
         ctx = mp.get_context("spawn")  # no inherited event loop or server sockets
-        self.workers = [WorkerHandle(ctx, i) for i in range(n)]
+        self.workers = [WorkerHandle(ctx, i, target) for i in range(n)]
 
     async def all(
         self, cmd: str, wait_s: float, /, per: list[dict[str, Any]] | None = None, **args: Any
@@ -1024,7 +1028,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-tmp", action="store_true", help="keep server logs and configs (temp directory)"
     )
+    rooms = p.add_argument_group("--rooms: the chat-rooms scenario (bench/rooms.py)")
+    rooms.add_argument(
+        "--rooms",
+        action="store_true",
+        help="many rooms, publications to random rooms at a rising rate (with --quick: tiny)",
+    )
+    rooms.add_argument("--room-count", type=int, help="rooms (default 1,000; --quick 10)")
+    rooms.add_argument("--per-room", type=int, help="subscribers per room (default 10)")
+    rooms.add_argument("--step-seconds", type=float, help="duration of one rate step")
+    rooms.add_argument(
+        "--methods", default="publish,batch,inproc", help="tidings' publish methods to measure"
+    )
     args = p.parse_args(argv)
+    if args.rooms:
+        if args.full or args.scale:
+            p.error("--rooms takes --quick or nothing")
+        import rooms as rooms_scenario  # here: it imports this module, and tidings
+
+        return rooms_scenario.main(args)
     if args.scale:
         return main_scale(args)
     base = FULL if args.full else QUICK

@@ -3,7 +3,9 @@
 Keeps ``bench/`` from rotting without making a benchmark part of the test
 suite: it asserts that every phase produced numbers and that every published
 message reached every subscriber, never how fast (no duration is asserted).
-Peers are not started here (they need apt packages the tests must not install).
+Peers that need apt packages (Nchan) are not started here (the tests must not
+install them); the lecture's models (Twisted, Tornado, gevent: pip packages of
+the ``bench`` extra) are, each at the same tiny N.
 """
 
 from __future__ import annotations
@@ -25,9 +27,9 @@ N = 50
 K = 3
 
 
-def run_bench(tmp_path: Path, transport: str) -> dict[str, Any]:
-    """``bench/run.py --quick`` for one transport; returns its single result."""
-    out = tmp_path / f"{transport}.json"
+def run_bench(tmp_path: Path, transport: str, server: str = "tidings") -> dict[str, Any]:
+    """``bench/run.py --quick`` for one server and transport; returns its single result."""
+    out = tmp_path / f"{server}-{transport}.json"
     cmd = [
         sys.executable,
         str(ROOT / "bench" / "run.py"),
@@ -35,7 +37,7 @@ def run_bench(tmp_path: Path, transport: str) -> dict[str, Any]:
         "--n",
         str(N),
         "--servers",
-        "tidings",
+        server,
         "--transports",
         transport,
         "--broadcasts",
@@ -91,6 +93,17 @@ def test_bench_quick_websocket(tmp_path: Path) -> None:
     check(result)
 
 
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("server", "module"), [("twisted", "twisted"), ("tornado", "tornado"), ("gevent", "gevent")]
+)
+def test_bench_quick_lecture_model(tmp_path: Path, server: str, module: str) -> None:
+    """Each of the lecture's models (bench/peers/<server>_sse.py) starts, takes N SSE
+    subscribers and delivers every broadcast and every publication of the latency phase."""
+    pytest.importorskip(module, reason="pip install -e '.[bench]' (or bash bench/setup.sh)")
+    check(run_bench(tmp_path, "sse", server))
+
+
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_bench_scale(tmp_path: Path) -> None:
@@ -121,3 +134,46 @@ def test_bench_scale(tmp_path: Path) -> None:
     assert sum(w["connections"] for w in result["workers_detail"]) == N
     assert result["fanout"]["delivered"] == N * K
     assert result["leftover_pids"] == []
+
+
+ROOMS, PER_ROOM = 10, 5  # bench/rooms.py's QUICK sizes
+
+
+@pytest.mark.timeout(300)
+def test_bench_rooms_quick(tmp_path: Path) -> None:
+    """``--rooms --quick`` against tidings, every transport and publish method: each
+    step published what it scheduled, and each publication reached every subscriber
+    of its room and no one else. How fast, and so how many steps ran, is not asserted."""
+    out = tmp_path / "rooms.json"
+    cmd = [
+        sys.executable,
+        str(ROOT / "bench" / "run.py"),
+        "--rooms",
+        "--quick",
+        "--servers",
+        "tidings",
+        "--transports",
+        "sse,ws,poll",
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = json.loads(out.read_text())["results"]
+    assert [r["transport"] for r in results] == ["sse", "ws", "poll"]
+    for result in results:
+        assert result.get("error") is None, result.get("error")
+        assert result["ok"] is True
+        assert result["subscribed"] == ROOMS * PER_ROOM
+        assert set(result["methods"]) == {"publish", "batch", "inproc"}
+        for method, got in result["methods"].items():
+            assert got["steps"], method
+            for step in got["steps"]:
+                where = (result["transport"], method, step["rate"])
+                assert step["errors"] == {}, where
+                assert step["skipped"] == 0, where
+                assert step["published"] == step["scheduled"] > 0, where
+                assert step["expected"] == step["published"] * PER_ROOM, where
+                assert step["delivered"] == step["expected"], where
+                assert step["extra"] == 0, where
+                assert step["p50_ms"] <= step["p99_ms"] <= step["max_ms"], where
