@@ -94,14 +94,13 @@ def test_bench_quick_websocket(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize(
-    ("server", "module"), [("twisted", "twisted"), ("tornado", "tornado"), ("gevent", "gevent")]
-)
-def test_bench_quick_lecture_model(tmp_path: Path, server: str, module: str) -> None:
-    """Each of the lecture's models (bench/peers/<server>_sse.py) starts, takes N SSE
-    subscribers and delivers every broadcast and every publication of the latency phase."""
-    pytest.importorskip(module, reason="pip install -e '.[bench]' (or bash bench/setup.sh)")
-    check(run_bench(tmp_path, "sse", server))
+@pytest.mark.parametrize("peer", ["twisted", "tornado", "gevent"])
+def test_bench_quick_lecture_model(tmp_path: Path, peer: str) -> None:
+    """Each of the lecture's models (bench/peers/<peer>_sse.py, server and library of that
+    name) starts, takes N SSE subscribers and delivers every broadcast and every
+    publication of the latency phase."""
+    pytest.importorskip(peer, reason="pip install -e '.[bench]' (or bash bench/setup.sh)")
+    check(run_bench(tmp_path, "sse", peer))
 
 
 @pytest.mark.redis

@@ -23,8 +23,8 @@ import sys
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
-from gevent.pywsgi import WSGIServer
-from gevent.queue import Empty, Queue
+from gevent.pywsgi import WSGIServer  # type: ignore[import-untyped]
+from gevent.queue import Empty, Queue  # type: ignore[import-untyped]
 
 SUBSCRIBERS: set[Queue] = set()
 HEARTBEAT_SECONDS = 15
