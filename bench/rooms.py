@@ -124,6 +124,14 @@ def room_spec(base: load.Spec, room: int) -> load.Spec:
     return dataclasses.replace(base, path=base.path.replace("bench", name), ws_first=first)
 
 
+ROOM_RADIX = 100_000  # a message's seq is n * ROOM_RADIX + room: every receiver can check it
+
+
+def seq_of(n: int, room: int) -> int:
+    """The seq of the ``n``-th publication of a run, to ``room``."""
+    return n * ROOM_RADIX + room
+
+
 def room_key(spec: load.Spec) -> tuple[str, bytes | None]:
     """What tells one room's subscription from another's: the path (SSE, long-poll,
     Nchan) or the subscribe frame (tidings' WebSocket, one path for all)."""
@@ -132,13 +140,51 @@ def room_key(spec: load.Spec) -> tuple[str, bytes | None]:
 
 # --------------------------------------------------------------------------- load worker
 
+#: Per load process: the room of each subscription (filled by ``connect_rooms``
+#: before connecting), and the room of the connection whose bytes are being scanned.
+ROOM_OF_SPEC: dict[tuple[str, bytes | None], int] = {}
+RECEIVING_ROOM = [-1]
+WRONG_ROOM = "delivered to the wrong room"
+_count_seqs = load.scan
+
+
+def scan_in_room(buf: bytes, start: int = 0) -> int:
+    """``load.scan``, and each token's room checked against the receiving connection's.
+
+    Replaces ``load.scan`` in a rooms load process (``worker_main``); a
+    delivery to a subscriber of another room is counted in ``STATS.errors``.
+    """
+    end = _count_seqs(buf, start)
+    room = RECEIVING_ROOM[0]
+    i = buf.find(b"#S", start)
+    while 0 <= i < end:
+        j = buf.find(b";", i)
+        if int(buf[i + 2 : j]) % ROOM_RADIX != room:
+            load.STATS.error(WRONG_ROOM)
+        i = buf.find(b"#S", j)
+    return end
+
+
+def in_room(cls: type[load.Base]) -> type[load.Base]:
+    """``cls`` with its room: set once connected, published while it reads."""
+
+    class InRoom(cls):  # type: ignore[valid-type,misc]
+        __slots__ = ("room",)
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.room = ROOM_OF_SPEC[room_key(self.spec)]
+            super().connection_made(transport)
+
+        def data_received(self, data: bytes) -> None:
+            RECEIVING_ROOM[0] = self.room
+            super().data_received(data)
+
+    InRoom.__name__ = f"InRoom{cls.__name__}"
+    return InRoom
+
 
 class RoomsWorker(load.Worker):
     """A load process that knows each connection's room, to count deliveries per room."""
-
-    def __init__(self, conn: Any, index: int) -> None:
-        super().__init__(conn, index)
-        self.room_of_spec: dict[tuple[str, bytes | None], int] = {}
 
     async def dispatch(self, cmd: str, args: dict[str, Any]) -> Any:
         if cmd == "connect_rooms":
@@ -150,7 +196,9 @@ class RoomsWorker(load.Worker):
                 args["timeout"],
             )
         if cmd == "wait_rooms":
-            return await self.wait_rooms(args["first"], args["rooms"], args["timeout"])
+            return await self.wait_rooms(args["seqs"], args["timeout"])
+        if cmd == "reset":  # a step's wrong-room count is the step's own
+            load.STATS.errors.pop(WRONG_ROOM, None)
         return await super().dispatch(cmd, args)
 
     async def connect_rooms(
@@ -178,7 +226,7 @@ class RoomsWorker(load.Worker):
             calls = []
             for room, count in wave:
                 spec = room_spec(base, room)
-                self.room_of_spec[room_key(spec)] = room
+                ROOM_OF_SPEC[room_key(spec)] = room
                 calls.append(self.connect(spec, count, ips, count, left))
             for answer in await asyncio.gather(*calls):
                 ok += answer["ok"]
@@ -192,29 +240,26 @@ class RoomsWorker(load.Worker):
         }
 
     def ready_by_room(self) -> Counter[int]:
-        rooms: Counter[int] = Counter()
-        for proto in self.protocols:
-            if proto.is_ready:
-                rooms[self.room_of_spec[room_key(proto.spec)]] += 1
-        return rooms
+        return Counter(p.room for p in self.protocols if p.is_ready)  # type: ignore[attr-defined]
 
-    async def wait_rooms(self, first: int, rooms: list[int], timeout: float) -> dict[str, Any]:
-        """Until seq ``first + i`` reached every live subscriber here of room ``rooms[i]``.
+    async def wait_rooms(self, seqs: list[int], timeout: float) -> dict[str, Any]:
+        """Until each seq reached every live subscriber here of its room.
 
-        ``extra`` counts deliveries beyond that: a duplicate, or a message
-        seen in a room it was not published to.
+        ``extra``: deliveries beyond that (a duplicate) plus deliveries to a
+        subscriber of another room.
         """
         deadline = time.monotonic() + timeout
         counts = load.STATS.counts
-        pending = list(range(len(rooms)))
+        pending = seqs
         ready = self.ready_by_room()
         while pending and time.monotonic() < deadline:
             await asyncio.sleep(0.01)
             ready = self.ready_by_room()
-            pending = [i for i in pending if counts.get(first + i, 0) < ready[rooms[i]]]
-        expected = delivered = extra = 0
-        for i, room in enumerate(rooms):
-            want, got = ready[room], counts.get(first + i, 0)
+            pending = [s for s in pending if counts.get(s, 0) < ready[s % ROOM_RADIX]]
+        expected = delivered = 0
+        extra = load.STATS.errors.get(WRONG_ROOM, 0)
+        for seq in seqs:
+            want, got = ready[seq % ROOM_RADIX], counts.get(seq, 0)
             expected += want
             delivered += min(want, got)
             extra += max(0, got - want)
@@ -229,8 +274,13 @@ class RoomsWorker(load.Worker):
 
 
 def worker_main(conn: Any, index: int) -> None:
-    """Entry point of a rooms load process (multiprocessing target)."""
+    """Entry point of a rooms load process (multiprocessing target): ``load``'s
+    worker with room-aware connections and the room check in every scan."""
     import uvloop
+
+    load.scan = scan_in_room
+    for kind, cls in list(load.PROTOCOLS.items()):
+        load.PROTOCOLS[kind] = in_room(cls)
 
     async def go() -> None:
         await RoomsWorker(conn, index).main()
@@ -269,7 +319,7 @@ class RoomsApp(Tidings):
         writer.close()
 
     async def run_schedule(self, first: int, rate: float, rooms: list[int]) -> dict[str, Any]:
-        """Publish seq ``first + i`` to ``rooms[i]`` at ``t0 + i / rate``, open loop.
+        """Publish the ``first + i``-th message to ``rooms[i]`` at ``t0 + i / rate``, open loop.
 
         Each call is awaited before the next, as an application's handler
         would; a publisher that falls behind catches up without sleeping, and
@@ -284,7 +334,8 @@ class RoomsApp(Tidings):
             if delay > 0:
                 await asyncio.sleep(delay)
             try:
-                await publish(room_name(room), run.message(first + i, time.monotonic_ns()))
+                data = run.message(seq_of(first + i, room), time.monotonic_ns())
+                await publish(room_name(room), data)
             except TidingsError as exc:
                 failed.append(i)
                 errors[type(exc).__name__] += 1
@@ -452,7 +503,7 @@ async def send_http(
                     {
                         "publish": {
                             "channel": room_name(rooms[i]),
-                            "data": run.message(first + i, stamp),
+                            "data": run.message(seq_of(first + i, rooms[i]), stamp),
                         }
                     }
                     for i in range(done, due)
@@ -464,7 +515,7 @@ async def send_http(
                     publisher.skipped += due - done - 1
             else:
                 for i in range(done, due):
-                    data = run.message(first + i, time.monotonic_ns())
+                    data = run.message(seq_of(first + i, rooms[i]), time.monotonic_ns())
                     if server == "nchan":
                         ok = publisher.send(
                             f"/pub/{room_name(rooms[i])}",
@@ -564,17 +615,9 @@ async def run_step(
         errors = Counter(publisher.errors)
         errors.subtract(errors0)
     send_wall = time.monotonic() - wall0
-    # Seqs not sent are waited for in no room (-1): they count neither way.
-    seq_rooms = [-1] * total
-    for i in sent:
-        seq_rooms[i] = rooms[i]
-    answers = await pool.all(
-        "wait_rooms",
-        mode.drain_timeout + 10,
-        first=first,
-        rooms=seq_rooms,
-        timeout=mode.drain_timeout,
-    )
+    wait_s = mode.drain_timeout
+    seqs = [seq_of(first + i, rooms[i]) for i in sent]
+    answers = await pool.all("wait_rooms", wait_s + 10, seqs=seqs, timeout=wait_s)
     cpu1, client1 = server.cpu(), time.process_time()
     samples = array("q")
     for a in await pool.all("latency", 30, seqs=[]):
@@ -806,6 +849,8 @@ def main(args: argparse.Namespace) -> int:
         mode.rooms = args.room_count
     if args.per_room:
         mode.per_room = args.per_room
+    if not 0 < mode.rooms <= ROOM_RADIX:
+        raise SystemExit(f"--room-count: 1 to {ROOM_RADIX:,}")
     if args.step_seconds:
         mode.step_seconds = args.step_seconds
     label = "rooms-quick" if args.quick else "rooms"
