@@ -7,8 +7,13 @@ Two kinds of figures, kept in two ways (docs/observability.md lists them all):
   counted by the component where it happens, through the handles of one
   :class:`Metrics` the server builds and passes in (DESIGN principle 6: no
   registry looked up from a global). On the fan-out path a count moves once
-  per publication, with the number of subscribers it reached (``inc(n)``),
-  never inside the per-subscriber loop.
+  per publication, with the number of subscribers it reached, never inside
+  the per-subscriber loop; and there it is not a prometheus_client object
+  (which takes a lock per ``inc``/``observe``: 3.6 µs of a publication's
+  metrics, a third of a delivery to one subscriber) but plain arithmetic on
+  a ``__slots__`` tally (:class:`_Count`, :class:`_Observations`: 0.6 µs),
+  copied into prometheus_client's objects when they are read — before a
+  scrape, and with the live figures each second (:meth:`Metrics.refresh`).
 - **What is live** — clients by transport, users, channels, subscriptions,
   held long-polls, open sockets — is never moved per connection: it is read
   from the registries that keep those things anyway (the hub's channels, each
@@ -41,10 +46,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import shutil
 import tempfile
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, NamedTuple
 
@@ -281,6 +288,71 @@ class _ProcessMirror:
             self._fds.set(len(os.listdir("/proc/self/fd")))
 
 
+class _Count:
+    """A counter of the fan-out path: an int moved by plain arithmetic, copied
+    into its prometheus_client ``target`` when read (:meth:`copy`).
+
+    The copy moves the target by what was counted since the last copy, so the
+    count is never reset: an ``inc`` between the copy's read and its store is
+    copied next time, not lost (one thread counts, one copies).
+    """
+
+    __slots__ = ("_copied", "_target", "value")
+
+    def __init__(self, target: Gauge) -> None:
+        self.value = 0
+        self._copied = 0
+        self._target = target
+
+    def inc(self, amount: int = 1) -> None:
+        self.value += amount
+
+    def copy(self) -> None:
+        value = self.value
+        if value != self._copied:
+            self._target.inc(value - self._copied)
+            self._copied = value
+
+
+class _Observations:
+    """A histogram of the fan-out path: per-bucket counts and a sum moved by
+    plain arithmetic, copied into its prometheus_client ``target`` when read.
+
+    There is no public way to add n observations to a histogram's bucket
+    (``observe`` takes one value, under a lock), so :meth:`copy` moves the
+    target's own values, ``_buckets`` (one per bound, not cumulative, as
+    ``Histogram.observe`` keeps them) and ``_sum``: prometheus_client 0.26's
+    internals, which its collection and multiprocess files read.
+    """
+
+    __slots__ = ("_copied_counts", "_copied_sum", "_target", "bounds", "counts", "sum")
+
+    def __init__(self, target: Histogram, buckets: tuple[float, ...]) -> None:
+        self.bounds = (*buckets, math.inf)
+        self.counts = [0] * len(self.bounds)
+        self.sum = 0.0
+        self._copied_counts = [0] * len(self.bounds)
+        self._copied_sum = 0.0
+        self._target = target
+
+    def observe(self, amount: float) -> None:
+        # The first bound >= amount: the bucket Histogram.observe picks.
+        self.counts[bisect_left(self.bounds, amount)] += 1
+        self.sum += amount
+
+    def copy(self) -> None:
+        target_buckets = self._target._buckets
+        for index, count in enumerate(self.counts):
+            copied = self._copied_counts[index]
+            if count != copied:
+                target_buckets[index].inc(count - copied)
+                self._copied_counts[index] = count
+        total = self.sum
+        if total != self._copied_sum:
+            self._target._sum.inc(total - self._copied_sum)
+            self._copied_sum = total
+
+
 class _Exposition(Collector):
     """What a scrape shows: ``source``'s families, Centrifugo's counters untyped
     under their exact names (see the module docstring)."""
@@ -331,42 +403,62 @@ class Metrics:
         sent = counter_gauge(
             "centrifugo_node_messages_sent_count", "Messages sent to the broker.", ["type"]
         )
-        self.sent_publication = sent.labels("publication")
-        self.sent_join = sent.labels("join")
-        self.sent_leave = sent.labels("leave")
+        # The fan-out path's figures are tallies (see the module docstring),
+        # each copied by refresh() into the prometheus_client object it wraps.
+        self.sent_publication = _Count(sent.labels("publication"))
+        self.sent_join = _Count(sent.labels("join"))
+        self.sent_leave = _Count(sent.labels("leave"))
         received = counter_gauge(
             "centrifugo_node_messages_received_count",
             "Messages received from the broker.",
             ["type"],
         )
-        self.received_publication = received.labels("publication")
-        self.received_join = received.labels("join")
-        self.received_leave = received.labels("leave")
-        self.broadcast_duration = Histogram(
-            "centrifugo_node_broadcast_duration_seconds",
-            "Time to fan one publication out to this node's subscribers.",
-            buckets=_LATENCY_BUCKETS,
-            registry=store,
+        self.received_publication = _Count(received.labels("publication"))
+        self.received_join = _Count(received.labels("join"))
+        self.received_leave = _Count(received.labels("leave"))
+        self.broadcast_duration = _Observations(
+            Histogram(
+                "centrifugo_node_broadcast_duration_seconds",
+                "Time to fan one publication out to this node's subscribers.",
+                buckets=_LATENCY_BUCKETS,
+                registry=store,
+            ),
+            _LATENCY_BUCKETS,
         )
-        self.pub_sub_lag = Histogram(
-            "centrifugo_node_pub_sub_lag_seconds",
-            "From a publication's time to its fan-out on this node (clock skew between "
-            "machines included).",
-            buckets=_LATENCY_BUCKETS,
-            registry=store,
+        self.pub_sub_lag = _Observations(
+            Histogram(
+                "centrifugo_node_pub_sub_lag_seconds",
+                "From a publication's time to its fan-out on this node (clock skew between "
+                "machines included).",
+                buckets=_LATENCY_BUCKETS,
+                registry=store,
+            ),
+            _LATENCY_BUCKETS,
         )
         messages_sent = counter_gauge(
             "centrifugo_transport_messages_sent",
             "Publications written to subscribers (counted per fan-out: transport all).",
             ["transport", "frame_type"],
         )
-        self.transport_sent = messages_sent.labels("all", "publication")
+        self.transport_sent = _Count(messages_sent.labels("all", "publication"))
         sent_size = counter_gauge(
             "centrifugo_transport_messages_sent_size",
             "Bytes of publication data written to subscribers (data only, without framing).",
             ["transport", "frame_type"],
         )
-        self.transport_sent_size = sent_size.labels("all", "publication")
+        self.transport_sent_size = _Count(sent_size.labels("all", "publication"))
+        self._tallies: tuple[_Count | _Observations, ...] = (
+            self.sent_publication,
+            self.sent_join,
+            self.sent_leave,
+            self.received_publication,
+            self.received_join,
+            self.received_leave,
+            self.broadcast_duration,
+            self.pub_sub_lag,
+            self.transport_sent,
+            self.transport_sent_size,
+        )
         self.reply_errors = counter_gauge(
             "centrifugo_client_num_reply_errors",
             "Error replies to client commands.",
@@ -501,12 +593,10 @@ class Metrics:
     def fanned_out(self, pub_time_ms: int, subscribers: int, size: int, started: float) -> None:
         """One publication fanned out to ``subscribers`` (``size`` data bytes each),
         the fan-out begun at ``started`` (``time.perf_counter()``)."""
-        now = time.perf_counter()
-        self.broadcast_duration.observe(now - started)
+        self.broadcast_duration.observe(time.perf_counter() - started)
         self.pub_sub_lag.observe(max(0.0, time.time() - pub_time_ms / 1000))
-        if subscribers:
-            self.transport_sent.inc(subscribers)
-            self.transport_sent_size.inc(subscribers * size)
+        self.transport_sent.value += subscribers
+        self.transport_sent_size.value += subscribers * size
 
     def responded(self, status: int) -> None:
         """An HTTP response went out (the child per status is kept: a lookup is a lock)."""
@@ -538,12 +628,16 @@ class Metrics:
 
     def render(self) -> bytes:
         """The ``/metrics`` body, in Prometheus' text format."""
-        if self.multiprocess:
-            self.refresh()
+        self.refresh()
         return generate_latest(self._exposition)
 
     def refresh(self) -> None:
-        """Copy this worker's live figures into the shared files (multiprocess mode)."""
+        """Copy the fan-out path's tallies into their prometheus_client objects,
+        and this worker's live figures into the shared files (multiprocess
+        mode): before a scrape, and each second so that a scrape answered by
+        another worker shows this one's figures at most a second old."""
+        for tally in self._tallies:
+            tally.copy()
         if self._live_mirror is not None and self._live is not None:
             self._live_mirror.copy(self._live())
         if self._process_mirror is not None:
