@@ -57,7 +57,7 @@ import sys
 import tempfile
 import time
 from array import array
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -370,11 +370,13 @@ def rooms_servers() -> dict[str, tuple[ServerDef, tuple[str, ...]]]:
 class _HTTPConn(asyncio.Protocol):
     """One keep-alive connection of :class:`HTTPPublisher`: one request in flight."""
 
-    __slots__ = ("buf", "pool", "transport")
+    __slots__ = ("buf", "pending", "pool", "retry", "transport")
 
     def __init__(self, pool: HTTPPublisher) -> None:
         self.pool = pool
         self.buf = b""
+        self.pending = b""  # the request in flight, to send again if the server closed first
+        self.retry = False  # whether ``pending`` is already a second attempt
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -395,6 +397,7 @@ class _HTTPConn(asyncio.Protocol):
             self.buf = buf
             return
         self.buf = buf[end + 4 + length :]
+        self.pending = b""
         self.pool.answered(self, int(buf[9:12]), buf[end + 4 : end + 4 + length])
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -410,34 +413,59 @@ class HTTPPublisher:
     thousand publications/s on these two shared cores. A send that finds no
     idle connection is counted as ``skipped``: the server is not answering as
     fast as the schedule asks, and the step fails.
+
+    Connections are used in turn (oldest idle first) so that none sits idle
+    for the server's keep-alive timeout (tidings: 5 s) while a step runs; one
+    the server closes anyway is replaced, and a request it closed without
+    answering (the keep-alive race every HTTP client meets) is sent once more
+    on another connection, still stamped with its first send time.
     """
 
     def __init__(self, host: str, port: int, connections: int = HTTP_CONNECTIONS) -> None:
         self.host, self.port, self.size = host, port, connections
-        self.idle: list[_HTTPConn] = []
+        self.idle: deque[_HTTPConn] = deque()
         self.busy: set[_HTTPConn] = set()
+        self.opening = 0
+        self.closed = False
         self.head = f"HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
         self.skipped = 0
         self.errors: Counter[str] = Counter()
         self.drained = asyncio.Event()
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def _open(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.opening += 1
+        try:
+            _, conn = await loop.create_connection(lambda: _HTTPConn(self), self.host, self.port)
+        except OSError as exc:
+            self.errors[f"connect: {type(exc).__name__}"] += 1
+            return
+        finally:
+            self.opening -= 1
+        if self.closed:
+            conn.transport.abort()
+        else:
+            self.idle.append(conn)
 
     async def fill(self) -> None:
         """Open connections up to the pool size (the server may have closed idle ones)."""
-        loop = asyncio.get_running_loop()
-        while len(self.idle) + len(self.busy) < self.size:
-            _, conn = await loop.create_connection(lambda: _HTTPConn(self), self.host, self.port)
-            self.idle.append(conn)
+        while len(self.idle) + len(self.busy) + self.opening < self.size:
+            await self._open()
 
     def send(self, path: str, body: bytes) -> bool:
+        request = f"POST {path} {self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+        return self._write(request, retry=False)
+
+    def _write(self, request: bytes, retry: bool) -> bool:
         if not self.idle:
             self.skipped += 1
             return False
-        conn = self.idle.pop()
+        conn = self.idle.popleft()
         self.busy.add(conn)
         self.drained.clear()
-        conn.transport.write(
-            f"POST {path} {self.head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-        )
+        conn.pending, conn.retry = request, retry
+        conn.transport.write(request)
         return True
 
     def answered(self, conn: _HTTPConn, status: int, body: bytes) -> None:
@@ -451,13 +479,20 @@ class HTTPPublisher:
             self.drained.set()
 
     def lost(self, conn: _HTTPConn) -> None:
-        if conn in self.busy:
-            self.busy.discard(conn)
-            self.errors["connection lost"] += 1
-            if not self.busy:
-                self.drained.set()
         with contextlib.suppress(ValueError):
             self.idle.remove(conn)
+        if conn in self.busy:
+            self.busy.discard(conn)
+            if conn.pending and not conn.retry and not self.closed:
+                self._write(conn.pending, retry=True)
+            elif conn.pending:
+                self.errors["connection lost"] += 1
+            if not self.busy:
+                self.drained.set()
+        if not self.closed:  # keep the pool at its size
+            task = asyncio.ensure_future(self._open())
+            self.tasks.add(task)
+            task.add_done_callback(self.tasks.discard)
 
     async def drain(self, timeout: float) -> None:
         if self.busy:
@@ -465,9 +500,13 @@ class HTTPPublisher:
                 await asyncio.wait_for(self.drained.wait(), timeout)
         for conn in list(self.busy):  # never answered: counted, and not reused
             self.errors["no answer"] += 1
+            conn.pending = b""
             conn.transport.abort()
 
     def close(self) -> None:
+        self.closed = True
+        for task in self.tasks:
+            task.cancel()
         for conn in [*self.idle, *self.busy]:
             conn.transport.abort()
 
