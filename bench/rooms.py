@@ -75,6 +75,7 @@ SLO_MS = 50.0  # a step whose p99 publish -> deliver latency is above this is no
 BATCH_TICK_S = 0.01  # how often the batch method sends what is due
 HTTP_CONNECTIONS = 256  # the HTTP publisher's keep-alive pool: covers a 0.6 s stall at 400/s
 METHODS = ("publish", "batch", "inproc")
+CONTROL_LINE_LIMIT = 1 << 24  # a schedule is one JSON line: ~5 bytes per publication
 ROOM_SERVERS = ("tidings", "nchan")  # the servers that publish to any channel by name
 
 
@@ -304,7 +305,9 @@ class RoomsApp(Tidings):
         self, config: Config | None = None, *, reuse_port: bool = False, uds: str | None = None
     ) -> None:
         config = config if config is not None else self.config
-        control = await asyncio.start_server(self._control, config.host, config.port + 1)
+        control = await asyncio.start_server(
+            self._control, config.host, config.port + 1, limit=CONTROL_LINE_LIMIT
+        )
         try:
             await super().run(config, reuse_port=reuse_port, uds=uds)
         finally:
@@ -575,7 +578,7 @@ async def send_http(
 
 async def send_inproc(port: int, first: int, rate: float, rooms: list[int]) -> dict[str, Any]:
     """Hand the schedule to :class:`RoomsApp` in the server; its answer when it is done."""
-    reader, writer = await asyncio.open_connection(HOST, port)
+    reader, writer = await asyncio.open_connection(HOST, port, limit=CONTROL_LINE_LIMIT)
     try:
         order = {"first": first, "rate": rate, "rooms": rooms}
         writer.write(json.dumps(order).encode() + b"\n")
