@@ -278,6 +278,13 @@ class ProxyConfig(_Section):
     publish_namespaces: list[str] | None = None
     sub_refresh_namespaces: list[str] | None = None
 
+    @property
+    def hook_names(self) -> tuple[str, ...]:
+        """The decisions proxied (those with a URL): none, no proxy is built,
+        and aiohttp is not imported (tidings.server)."""
+        names = ("connect", "refresh", "subscribe", "publish", "rpc", "sub_refresh")
+        return tuple(name for name in names if getattr(self, f"{name}_url"))
+
     def __post_init__(self) -> None:
         for key in ("connect", "refresh", "subscribe", "publish", "rpc", "sub_refresh"):
             url = getattr(self, f"{key}_url")

@@ -229,8 +229,7 @@ class Proxy:
     @property
     def hook_names(self) -> tuple[str, ...]:
         """The decisions this proxy takes (those with a URL)."""
-        names = ("connect", "refresh", "subscribe", "publish", "rpc", "sub_refresh")
-        return tuple(name for name in names if getattr(self.config, f"{name}_url"))
+        return self.config.hook_names
 
     # -- lifecycle -------------------------------------------------------
 
