@@ -66,8 +66,8 @@ if TYPE_CHECKING:
 # `python -X importtime` falls from 556 to 283 ms (best of 5) and the process
 # holds 45 MB instead of 56 MB; and it holds less per connection (bench/run.py
 # --quick --n 2000, two runs: SSE 1,546/1,575 -> 1,165/1,096 B, WebSocket
-# 2,329/2,322 -> 1,849/1,900 B), the same Python objects per connection on a
-# heap that the libraries' import no longer fragments.
+# 2,329/2,322 -> 1,849/1,900 B) though it makes the same Python objects per
+# connection (bench/conn_memory.py): the heap they are placed on differs.
 
 log = logging.getLogger(__name__)
 
