@@ -326,19 +326,24 @@ class RoomsApp(Tidings):
         """Publish the ``first + i``-th message to ``rooms[i]`` at ``t0 + i / rate``, open loop.
 
         Each call is awaited before the next, as an application's handler
-        would; a publisher that falls behind catches up without sleeping, and
-        the answer's ``elapsed`` tells the coordinator whether it kept the rate.
+        would. Each message is stamped with the time it was *due*, not the
+        time of the call: the publisher shares the server's event loop, so a
+        loop busy elsewhere (a heartbeat sweep over every SSE stream) delays
+        the call itself, and that wait is the server's, as an HTTP request
+        waiting in its socket is. A publisher that falls behind catches up
+        without sleeping; ``elapsed`` tells whether it kept the rate.
         """
         publish = self.publish
         failed: list[int] = []
         errors: Counter[str] = Counter()
         t0 = time.monotonic()
+        t0_ns = time.monotonic_ns()
         for i, room in enumerate(rooms):
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
             try:
-                data = run.message(seq_of(first + i, room), time.monotonic_ns())
+                data = run.message(seq_of(first + i, room), t0_ns + int(i * 1e9 / rate))
                 await publish(room_name(room), data)
             except TidingsError as exc:
                 failed.append(i)
