@@ -20,9 +20,9 @@ import logging
 import random
 import re
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import h11
 import httptools
@@ -43,21 +43,26 @@ from tidings.centrifuge import (
     decode_commands,
 )
 from tidings.centrifuge import protobuf as centrifuge_protobuf
+from tidings.centrifuge.session import NO_REQUEST_CONTEXT, RequestContext
 from tidings.centrifuge.wire import JSON, Wire
 from tidings.config import load_config
 from tidings.cursor import decode_cursor, encode_cursor
 from tidings.errors import ProtocolError
+from tidings.hooks import TransportName
 from tidings.http import HTTPConnection, Request
 from tidings.http.messages import Headers
 from tidings.hub import Position, Publication
 from tidings.server import Server
 from tidings.transports.common import (
-    request_credentials,
-    requested_channels,
+    admit,
+    authorize_channels,
+    channel_names,
     requested_positions,
 )
 
 __all__ = ["SEEDS", "TARGETS", "InvariantBroken", "Target"]
+
+T = TypeVar("T")
 
 
 class InvariantBroken(AssertionError):
@@ -596,6 +601,13 @@ class _RecordingTransport:
     def close(self, code: int, reason: str) -> None:
         self.closed_with = (code, reason)
 
+    @property
+    def transport_name(self) -> TransportName:
+        return "websocket"
+
+    def request_context(self) -> RequestContext:
+        return NO_REQUEST_CONTEXT
+
 
 def _valid_json_lines(payload: bytes, what: str) -> None:
     """Nothing invalid leaves the server: every line is UTF-8 JSON (principle 5)."""
@@ -777,9 +789,13 @@ def query(data: bytes) -> None:
         all(isinstance(k, str) and all(isinstance(v, str) for v in vs) for k, vs in params.items()),
         "query is not a dict of str lists",
     )
+    gate = server.poll.gate
+    channels: list[str] | None
     try:
-        credentials = request_credentials(request, server.access)
-        channels = requested_channels(request, server.access, credentials)
+        names = channel_names(request)
+        credentials = _without_waiting(admit(request, gate, "poll"))
+        _without_waiting(authorize_channels(request, gate, credentials, names, "poll"))
+        channels = names
     except ProtocolError:
         channels = None
     if channels is not None:
@@ -794,6 +810,17 @@ def query(data: bytes) -> None:
     except ProtocolError:
         return
     check(positions is None or isinstance(positions, dict), "positions not a dict")
+
+
+def _without_waiting(coro: Coroutine[Any, Any, T]) -> T:
+    """The result of a coroutine that never waits: the subscribe transports'
+    readers, without hooks, decide without suspending (no loop needed)."""
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise InvariantBroken("a reader suspended although no hook is registered")
 
 
 # --------------------------------------------------------------------------- 2. frames
