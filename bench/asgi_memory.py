@@ -12,7 +12,6 @@ tidings-asgi``) gives the RSS; this says whose it is.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import threading
 import time
@@ -20,44 +19,21 @@ import tracemalloc
 
 import uvicorn
 
+from conn_memory import open_connection  # the same idle subscriber as natively
 from tidings.asgi import ASGIApp
 from tidings.config import Config
 from tidings.server import Server
 
 PORT = 8799
 N = 500
-SUBSCRIBE = b'{"id":1,"connect":{}}\n{"id":2,"subscribe":{"channel":"bench"}}'
-
-
-def open_connection(kind: str) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", PORT))
-    if kind == "sse":
-        sock.sendall(b"GET /sse?channel=bench HTTP/1.1\r\nHost: x\r\n\r\n")
-        until = b"subscribed"
-    else:
-        sock.sendall(
-            b"GET /connection/websocket HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n"
-            b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
-            b"Sec-WebSocket-Version: 13\r\n\r\n"
-        )
-        received = b""
-        while b"\r\n\r\n" not in received:
-            received += sock.recv(4096)
-        # One masked text frame (a zero mask) with connect and subscribe.
-        sock.sendall(bytes([0x81, 0x80 | len(SUBSCRIBE)]) + b"\0\0\0\0" + SUBSCRIBE)
-        until = b'"id":2'
-    received = b""
-    while until not in received:
-        received += sock.recv(4096)
-    return sock
 
 
 def measure(kind: str) -> None:
     time.sleep(1.5)  # uvicorn starting
-    sockets = [open_connection(kind) for _ in range(20)]  # warm-up: first-time allocations
+    sockets = [open_connection(PORT, kind) for _ in range(20)]  # warm-up: first-time allocations
     time.sleep(0.5)
     before = tracemalloc.take_snapshot()
-    sockets += [open_connection(kind) for _ in range(N)]
+    sockets += [open_connection(PORT, kind) for _ in range(N)]
     time.sleep(1.0)
     after = tracemalloc.take_snapshot()
     stats = after.compare_to(before, "lineno")
