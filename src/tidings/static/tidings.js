@@ -6,7 +6,8 @@
 //     onUnrecovered: (channels) => reloadState(channels),
 //     onTransport: (name) => console.log("now on", name),
 //   });
-//   await t.publish("news", { text: "hi" });     // over WebSocket
+//   await t.publish("news", { text: "hi" });      // the page's WebSocket, else POST /call/publish
+//   const sum = await t.rpc("add", { a: 1, b: 2 }); // a server RPC handler's result
 //   sub.unsubscribe();
 //
 // Transports, in order of preference: WebSocket (Centrifugo client protocol v2, JSON),
@@ -15,10 +16,43 @@
 // per-channel position (epoch, offset) is carried over, so nothing is missed within the
 // server's history window, and a channel that cannot be recovered is reported.
 //
+// Self-healing. A connection that goes silent is dead even when the browser still calls it
+// open (a proxy that stops forwarding without closing): the WebSocket's connect reply says
+// how often the server pings (`ping`, seconds), SSE's `subscribed` event how often it sends
+// `event: ping`; no message within that interval (twice it on SSE) plus `pingMargin` ms and
+// the connection is closed and reopened from the last delivered position. A long-poll is
+// bounded by requestTimeout already. After falling back, a probe (first after about
+// `probeMinDelay` ms, then backing off with jitter up to `probeMaxDelay`) opens each better
+// transport from the current position while the current one keeps delivering; the first
+// one established takes over (onTransport) and the old one is closed. Both feed the same
+// dedupe by (channel, epoch, offset), so the switch loses and repeats nothing.
+//
+// Calls (publish, history, presence, presenceStats, rpc) go over the page's live WebSocket
+// when it has one, else as one `POST <callUrl>/<method>` with the connection token as a
+// Bearer credential: a network that blocks WebSocket does not block calls. Either way a
+// failure rejects with the same TidingsError(code, message, temporary).
+//
 // Back-off: a server at capacity answers 503 with Retry-After (a WebSocket handshake too,
 // whose status a browser hides; /ready then says the same). The client waits that long,
 // times 1 to 1.5 so that refused clients do not all come back at once, and does not take
 // the refusal for a blocked transport. Other failures back off exponentially with jitter.
+//
+// Options of new Tidings(baseUrl, options) (milliseconds unless said otherwise):
+//   token                  string | null      a connection token (JWT)
+//   getToken               async () => token  called to connect and before the token expires
+//   getSubscriptionToken   async (channel) => token | null
+//   transports             string[]           allowed, in order: websocket, sse, longpoll, poll
+//   wsUrl, sseUrl, pollUrl, healthUrl, callUrl   override one endpoint (default: from baseUrl)
+//   openTimeout     5000   a WebSocket to connect and subscribe / SSE to say "subscribed"
+//   requestTimeout  10000  one HTTP request (beyond the long-poll hold), and one call
+//   longPollTimeout 25     seconds the server may hold a long-poll
+//   pollInterval    2000   between polls
+//   minBackoff, maxBackoff 250, 20000   reconnect delays (exponential, jitter)
+//   pingMargin      10000  silence tolerated beyond the server's announced ping interval
+//   probe           true   look for a better transport after falling back
+//   probeMinDelay, probeMaxDelay 5000, 120000   delays between probes (exponential, jitter)
+//   refreshMargin   0.2    refresh tokens when this fraction of their lifetime remains
+//   debug           false  log to console.debug
 
 const ALL_TRANSPORTS = ["websocket", "sse", "longpoll", "poll"];
 const TERMINAL = (code) => (code >= 3500 && code < 4000) || (code >= 4500 && code < 5000);
@@ -32,12 +66,17 @@ const DEFAULTS = {
   sseUrl: null, // default: baseUrl + /sse
   pollUrl: null, // default: baseUrl + /poll
   healthUrl: null, // default: baseUrl + /ready (503 while the server cannot take clients)
+  callUrl: null, // default: baseUrl + /call (POST /call/<method> when no WebSocket is live)
   openTimeout: 5000, // ms for a WebSocket to connect / an SSE stream to say "subscribed"
   requestTimeout: 10000, // ms for one HTTP request (beyond the long-poll hold)
   longPollTimeout: 25, // seconds the server may hold a long-poll
   pollInterval: 2000, // ms between polls
   minBackoff: 250, // ms, doubled per failed attempt, with jitter
   maxBackoff: 20000,
+  pingMargin: 10000, // ms of silence beyond the server's ping interval before a reconnect
+  probe: true, // after a fallback, try the better transports in the background
+  probeMinDelay: 5000, // ms before the first probe (with jitter), doubled per failed probe
+  probeMaxDelay: 120000,
   refreshMargin: 0.2, // refresh tokens when this fraction of their lifetime remains
   debug: false,
 };
@@ -156,10 +195,10 @@ export class Tidings {
       sse: o.sseUrl || `${this.baseUrl}/sse`,
       poll: o.pollUrl || `${this.baseUrl}/poll`,
       health: o.healthUrl || `${this.baseUrl}/ready`,
+      call: (o.callUrl || `${this.baseUrl}/call`).replace(/\/+$/, ""),
     };
     this._token = o.token || null;
     this._subs = new Set();
-    this._commands = null; // a WebSocket session for publish/history/presence
   }
 
   _log(...args) {
@@ -214,47 +253,89 @@ export class Tidings {
     return sub;
   }
 
-  /** Publish data to a channel over WebSocket (the namespace must allow client publishing). */
+  /** Publish data to a channel (the namespace must allow client publishing): resolves with {}. */
   async publish(channel, data) {
-    return this._command(channel, "publish", { channel, data });
+    return this._call(channel, "publish", { channel, data });
   }
 
-  /** A channel's history over WebSocket: {publications, epoch, offset}. */
+  /** A channel's history: {publications, epoch, offset}; since is {epoch, offset}. */
   async history(channel, { limit = -1, since = null, reverse = false } = {}) {
     const req = { channel, limit };
     if (since) req.since = since;
     if (reverse) req.reverse = true;
-    return this._command(channel, "history", req);
+    return this._call(channel, "history", req);
   }
 
-  /** Who is subscribed to a channel (over WebSocket): {clientId: {user, client, ...}}. */
+  /** Who is subscribed to a channel: {clientId: {user, client, conn_info?, chan_info?}}. */
   async presence(channel) {
-    return (await this._command(channel, "presence", { channel })).presence || {};
+    return (await this._call(channel, "presence", { channel })).presence || {};
   }
 
+  /** {num_clients, num_users} of a channel. */
   async presenceStats(channel) {
-    return this._command(channel, "presence_stats", { channel });
+    return this._call(channel, "presence_stats", { channel });
   }
 
-  async _command(channel, method, body) {
-    // Reuse a subscription's WebSocket when it follows the channel (policies often
-    // require the publisher to be a subscriber); else a command session of our own.
+  /** Call the server's RPC handler of `method` with `data`: resolves with its result. */
+  async rpc(method, data = null) {
+    return (await this._call(null, "rpc", { method, data })).data;
+  }
+
+  /**
+   * One call over the page's live WebSocket (one that follows the channel first: policies
+   * may let only subscribers publish or read), else over HTTP. Never a WebSocket of its
+   * own: a network that blocks WebSocket must not block calls.
+   */
+  async _call(channel, method, body) {
+    let live = null;
     for (const sub of this._subs) {
       const session = sub._session;
-      if (session && session.kind === "websocket" && session.ready && sub.channels.includes(channel)) {
-        return session.call(method, body);
-      }
+      if (!session || session.kind !== "websocket" || !session.ready) continue;
+      if (channel === null || session.channels.includes(channel)) return session.call(method, body);
+      live = live || session;
     }
-    if (!this._commands || this._commands.closed) {
-      this._commands = new CommandSession(this);
-    }
-    return this._commands.run(channel, method, body);
+    if (live) return live.call(method, body);
+    return this._httpCall(method, body);
   }
 
-  /** Stop every subscription and the command session. */
+  /** POST <callUrl>/<method> with the request object; the result, or a TidingsError. */
+  async _httpCall(method, body, retried = false) {
+    const o = this.options;
+    const token = await this.connectionToken();
+    const headers = { "Content-Type": "application/json" };
+    if (token) headers.Authorization = `Bearer ${token}`;
+    const ctl = new AbortController();
+    const timer = setTimeout(() => ctl.abort(), o.requestTimeout);
+    let resp;
+    let answer;
+    try {
+      resp = await fetch(`${this.urls.call}/${method}`, {
+        method: "POST",
+        headers,
+        body: JSON.stringify(body),
+        cache: "no-store",
+        signal: ctl.signal,
+      });
+      answer = await resp.json().catch(() => ({}));
+    } catch (e) {
+      throw new TidingsError(0, `${method}: ${e && e.name === "AbortError" ? "timed out" : "network error"}`, true);
+    } finally {
+      clearTimeout(timer);
+    }
+    if (resp.ok && !(answer && answer.error)) return answer || {};
+    const err = (answer && answer.error) || {};
+    if (err.code === 109 && o.getToken && !retried) {
+      await this.connectionToken(true); // expired: refresh once
+      return this._httpCall(method, body, true);
+    }
+    const retryAfter = resp.status === 503 ? parseRetryAfter(resp.headers.get("Retry-After")) : null;
+    const temporary = Boolean(err.temporary) || resp.status === 503;
+    throw new TidingsError(err.code || resp.status, err.message || `HTTP ${resp.status}`, temporary, retryAfter);
+  }
+
+  /** Stop every subscription. */
   close() {
     for (const sub of [...this._subs]) sub.unsubscribe();
-    if (this._commands) this._commands.close();
   }
 }
 
@@ -269,6 +350,10 @@ class Subscription {
     this.transports = (handlers.transports || client.options.transports).filter((t) => ALL_TRANSPORTS.includes(t));
     if (!this.transports.length) throw new Error("no known transport in " + JSON.stringify(handlers.transports));
     this.positions = new Map(); // channel -> {epoch, offset}
+    // handlers.since: where to start (a cursor, or a Map channel -> {epoch, offset}), so that a
+    // stream replacing another resumes from its positions (tidings-shared.js merges tabs' channels).
+    const since = typeof handlers.since === "string" ? decodeCursor(handlers.since) : handlers.since;
+    if (since) for (const [ch, pos] of since) if (channels.includes(ch)) this.positions.set(ch, { epoch: pos.epoch, offset: pos.offset });
     this.transport = null; // the name of the transport in use
     this.state = "connecting";
     this._index = 0;
@@ -604,48 +689,6 @@ function toPublication(channel, epoch, p) {
   if (p.tags) pub.tags = p.tags;
   if (p.time) pub.time = p.time;
   return pub;
-}
-
-// A WebSocket session of the client for publish/history/presence, kept open for reuse.
-class CommandSession {
-  constructor(client) {
-    this.client = client;
-    this.session = null;
-    this.subscribed = new Set();
-    this.closed = false;
-    this._ready = null;
-  }
-
-  async _connect() {
-    const fake = { client: this.client, positions: new Map(), channels: [], _deliver() {}, _unrecovered() {}, _setPosition() {} };
-    const session = new WebSocketSession(fake, { channels: [] });
-    this.session = session;
-    await new Promise((resolve, reject) => {
-      session.run(resolve).then(
-        () => { this.closed = true; reject(new TidingsError(0, "connection closed")); },
-        (e) => { this.closed = true; reject(e); },
-      );
-    });
-  }
-
-  async run(channel, method, body) {
-    if (!this._ready) this._ready = this._connect();
-    await this._ready;
-    if (!this.subscribed.has(channel)) {
-      try {
-        await this.session._subscribeChannel(channel);
-      } catch (e) {
-        if (e.code !== 105) throw e;
-      }
-      this.subscribed.add(channel);
-    }
-    return this.session.call(method, body);
-  }
-
-  close() {
-    this.closed = true;
-    if (this.session) this.session.close();
-  }
 }
 
 // -- SSE: EventSource, reconnected by us so that we choose the cursor -------------
