@@ -107,6 +107,11 @@ class Event:
         return json.loads(self.data)
 
     @property
+    def is_ping(self) -> bool:
+        """The heartbeat: ``event: ping`` with ``data: {}``."""
+        return self.event == "ping"
+
+    @property
     def is_publication(self) -> bool:
         return self.data is not None and self.event in (None, "message")
 
@@ -151,8 +156,9 @@ class SSEParser:
 class SSEClient:
     """An httpx streaming client for ``GET /sse``.
 
-    ``next()`` returns the next block of any kind; ``next_data()`` skips comments and
-    ``retry:``-only blocks; ``expect_eof()`` reads until the server closes the stream.
+    ``next()`` returns the next block of any kind; ``next_data()`` skips comments,
+    ``retry:``-only blocks and heartbeats (``event: ping``); ``expect_eof()`` reads
+    until the server closes the stream.
     """
 
     def __init__(
@@ -213,7 +219,7 @@ class SSEClient:
     def next_data(self) -> Event:
         while True:
             ev = self.next()
-            if ev.data is not None:
+            if ev.data is not None and not ev.is_ping:
                 return ev
 
     def subscribed(self) -> Event:

@@ -681,7 +681,7 @@ def test_refresh_hook_extends_an_sse_stream(hooks: Hooks, srv: HookedServer) -> 
         )
         heartbeats = 0
         while heartbeats < 3:  # three heartbeats later the stream is still open...
-            heartbeats += bool(client.next().comments)
+            heartbeats += bool(client.next().is_ping)
         publish(srv, channel, {"still": "here"})  # ...and delivering
         assert pub_json(client.publications(1)[0])["data"] == {"still": "here"}
     assert len(calls.items) == 1  # extended: not asked again
@@ -791,7 +791,7 @@ def test_refresh_calls_in_flight_are_bounded(
         calls.wait_for(lambda got: len(got) >= 2)
         heartbeats = 0
         while heartbeats < 5:  # five heartbeats, each of which finds 6 expired streams
-            heartbeats += bool(clients[-1].next().comments)
+            heartbeats += bool(clients[-1].next().is_ping)
         assert (len(calls.items), held.inside) == (2, 2)
         publish(srv, channel, {"served": True})
         for client in clients:

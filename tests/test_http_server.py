@@ -341,7 +341,7 @@ def test_streams_are_not_closed_by_request_timeouts(server_factory):
         beats = 0
         while beats < 4:
             ev = sse.next()
-            if ev.comments:
+            if ev.is_ping:
                 beats += 1
         publish(srv, ch, "still here")
         (ev,) = sse.publications(1)

@@ -206,7 +206,11 @@ def test_a_client_resuming_from_an_evicted_position_is_not_recovered(server_fact
             ws_reply(ws, cmd_id + 10)
     # The same over SSE, from the position before the eviction.
     with SSEClient(srv, [resumed, untouched], last_event_id=start) as sse:
-        assert sse.subscribed().json == {"channels": [resumed, untouched], "recovered": False}
+        assert sse.subscribed().json == {
+            "channels": [resumed, untouched],
+            "recovered": False,
+            "ping": 15.0,
+        }
         unrecovered = sse.next_data()
         assert unrecovered.event == "unrecovered", unrecovered
         assert unrecovered.json["channels"] == [resumed]

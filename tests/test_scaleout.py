@@ -120,7 +120,7 @@ def test_redis_history_and_recovery_across_processes(
     assert hist_a == hist_b and [p["offset"] for p in hist_a["publications"]] == [1, 2, 3]
     # The cursor taken on A resumes on B with exactly what was missed.
     with SSEClient(b, [ch], last_event_id=cursor) as sse:
-        assert sse.subscribed().json == {"channels": [ch], "recovered": True}
+        assert sse.subscribed().json == {"channels": [ch], "recovered": True, "ping": 15.0}
         got = [pub_json(e) for e in sse.publications(2)]
         assert [(p["offset"], p["data"]) for p in got] == [(2, {"n": 2}), (3, {"n": 3})]
         publish(a, ch, {"n": 4})
@@ -193,7 +193,7 @@ def test_redis_restart_loses_history_and_clients_are_told(
 
     for srv in (a, b):
         with SSEClient(srv, [ch], last_event_id=old_cursor) as sse:
-            assert sse.subscribed().json == {"channels": [ch], "recovered": False}
+            assert sse.subscribed().json == {"channels": [ch], "recovered": False, "ping": 15.0}
             ev = sse.next_data()
             assert ev.event == "unrecovered" and ev.json == {"channels": [ch]}, ev
             publish(b, ch, {"n": 3})

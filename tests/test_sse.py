@@ -30,7 +30,7 @@ def test_stream_head(server):
         first = sse.next()
         assert first.retry == 3000 and first.data is None, first
         ev = sse.subscribed()
-        assert ev.json == {"channels": [ch], "recovered": False}
+        assert ev.json == {"channels": [ch], "recovered": False, "ping": 15.0}
 
 
 def test_publication_arrives_with_id_and_position(server):
@@ -107,7 +107,7 @@ def test_resume_gets_exactly_the_missed_publications(server, mode):
     a, b, missed, kwargs = _missed_while_away(server, mode)
     with SSEClient(server, [a, b], **kwargs) as sse:
         sub = sse.subscribed()
-        assert sub.json == {"channels": [a, b], "recovered": True}
+        assert sub.json == {"channels": [a, b], "recovered": True, "ping": 15.0}
         got = [pub_json(ev) for ev in sse.publications(len(missed))]
         # Nothing else was replayed: the next event is a fresh publication.
         sentinel = publish(server, a, "sentinel")
@@ -167,7 +167,7 @@ def test_history_overflow_is_reported(server_factory):
         publish(srv, a, i)
     kept = publish(srv, b, "b-missed")
     with SSEClient(srv, [a, b], last_event_id=cursor) as sse:
-        assert sse.subscribed().json == {"channels": [a, b], "recovered": False}
+        assert sse.subscribed().json == {"channels": [a, b], "recovered": False, "ping": 15.0}
         unrec = sse.next_data()
         assert unrec.event == "unrecovered", unrec
         assert unrec.json["channels"] == [a]
@@ -184,15 +184,16 @@ def test_history_overflow_is_reported(server_factory):
         assert sse.subscribed().json["recovered"] is True
 
 
-def test_heartbeat_comments(server_factory):
+def test_idle_stream_gets_ping_events_and_is_told_their_interval(server_factory):
+    """The heartbeat is an event ``EventSource`` dispatches (``ping``, data ``{}``),
+    and ``subscribed`` says how long the silence between two may last."""
     srv = server_factory("[sse]\nheartbeat_interval = 0.5\n")
     ch = unique_channel()
     with SSEClient(srv, [ch], read_timeout=5) as sse:
-        sse.subscribed()
-        ev = sse.next()
-        assert ev.comments and ev.data is None and ev.id is None, ev
-        ev = sse.next()
-        assert ev.comments, ev
+        assert sse.subscribed().json["ping"] == 0.5
+        for _ in range(2):
+            ev = sse.next()
+            assert (ev.event, ev.data, ev.id, ev.comments) == ("ping", "{}", None, []), ev
 
 
 @pytest.mark.parametrize("cursor", ["@@@", "Zm9vYmFy", "x" * 50])

@@ -64,7 +64,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT = b":\n\n"
+#: What a stream hears when it would otherwise be silent. A named event, not
+#: the ``:`` comment it used to be: ``EventSource`` never exposes comments, so
+#: a stream a proxy stalled went unnoticed. Its ``data`` is ``{}`` because an
+#: event with empty data is not dispatched. The ``subscribed`` event's
+#: ``ping`` says how long the silence between two may last (a contract with
+#: tidings.js's watchdog and the Python client, which ignores ``ping``).
+HEARTBEAT = b"event: ping\ndata: {}\n\n"
 
 #: ``refresh`` hook calls running at once (as many as the Centrifugo sessions'
 #: per transport). Streams expiring beyond it wait for a later heartbeat (still
@@ -285,7 +291,7 @@ class SSETransport:
         #: Where the access rules and the application's hooks let clients in.
         self.gate = Gate(access, hooks)
         self.cors = cors
-        self.heartbeat_interval = config.heartbeat_interval
+        self.heartbeat_interval = float(config.heartbeat_interval)
         self.max_write_buffer = limits.max_write_buffer
         self.streams: set[SSEStream] = set()
         connections.include(self.streams)
@@ -352,7 +358,9 @@ class SSETransport:
         ]
         parts = [b"\r\n".join(head) + b"\r\n\r\n", self.retry_line]
         recovered = since is not None and not joined.unrecovered
-        subscribed = encode({"channels": channels, "recovered": recovered})
+        subscribed = encode(
+            {"channels": channels, "recovered": recovered, "ping": self.heartbeat_interval}
+        )
         parts.append(event(subscribed, id=encode_cursor(joined.start), name="subscribed"))
         if joined.unrecovered:
             parts.append(event(encode({"channels": joined.unrecovered}), name="unrecovered"))
