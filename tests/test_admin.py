@@ -320,12 +320,13 @@ def test_another_origin_cannot_act_with_the_cookie(admin_server: ServerProcess) 
 def tail(
     srv: ServerProcess, channel: str, **kw: Any
 ) -> Iterator[tuple[httpx.Response, Iterator[Any]]]:
-    """``GET /admin/tail`` with httpx: the response, and its SSE events as they come."""
+    """``GET /admin/tail`` with httpx: the response, and its SSE events as they come
+    (without heartbeats)."""
 
     def events(resp: httpx.Response) -> Iterator[Any]:
         parser = SSEParser()
         for chunk in resp.iter_raw():
-            yield from (ev for ev in parser.feed(chunk) if ev.data is not None)
+            yield from (ev for ev in parser.feed(chunk) if ev.data is not None and not ev.is_ping)
 
     params = {"channel": channel, **kw.pop("params", {})}
     with (

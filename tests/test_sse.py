@@ -18,6 +18,7 @@ from helpers import (
     publish,
     unique_channel,
 )
+from tidings.transports.sse import HEARTBEAT_TICK, HeartbeatWheel
 
 
 def test_stream_head(server):
@@ -194,6 +195,47 @@ def test_idle_stream_gets_ping_events_and_is_told_their_interval(server_factory)
         for _ in range(2):
             ev = sse.next()
             assert (ev.event, ev.data, ev.id, ev.comments) == ("ping", "{}", None, []), ev
+
+
+def test_every_idle_stream_gets_its_pings(server_factory):
+    """The heartbeat visits one slice of the streams per tick: none is left out."""
+    srv = server_factory("[sse]\nheartbeat_interval = 0.5\n")
+    clients = [SSEClient(srv, [unique_channel()], read_timeout=5) for _ in range(12)]
+    try:
+        for sse in clients:
+            sse.subscribed()
+        for sse in clients:
+            pings = [sse.next() for _ in range(2)]
+            assert all(ev.is_ping for ev in pings), pings
+    finally:
+        for sse in clients:
+            sse.close()
+
+
+class Stream:
+    """A stand-in for a stream in the wheel: hashable by identity, like SSEStream."""
+
+    __slots__ = ("__weakref__",)
+
+
+def test_heartbeat_wheel_visits_each_stream_once_per_turn_in_even_slices():
+    slices = 150  # a 15 s interval at HEARTBEAT_TICK
+    assert HEARTBEAT_TICK * slices == pytest.approx(15.0)
+    wheel: HeartbeatWheel[Stream] = HeartbeatWheel(slices)
+    streams = [Stream() for _ in range(10_000)]
+    for stream in streams:
+        wheel.add(stream)
+    gone = set(streams[::7])
+    for stream in gone:
+        wheel.discard(stream)
+    for _ in range(2):  # two turns: each visits every stream exactly once
+        visits = [wheel.advance() for _ in range(slices)]
+        seen = [stream for visit in visits for stream in visit]
+        assert len(seen) == len(set(seen)) == len(streams) - len(gone)
+        assert set(seen) == set(streams) - gone
+        mean = len(seen) / slices
+        # No loop turn writes to more than a small share of the streams.
+        assert max(len(visit) for visit in visits) < 2 * mean
 
 
 @pytest.mark.parametrize("cursor", ["@@@", "Zm9vYmFy", "x" * 50])
