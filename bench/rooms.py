@@ -369,7 +369,23 @@ def rooms_servers() -> dict[str, tuple[ServerDef, tuple[str, ...]]]:
         publish_port_offset=1,
         note="tidings serve --app rooms:rt (in-process schedule runner on PORT+1)",
     )
-    return {"tidings": (tidings, METHODS), "nchan": (SERVERS["nchan"], ("publish",))}
+    defs = {"tidings": (tidings, METHODS), "nchan": (SERVERS["nchan"], ("publish",))}
+    baseline = SERVERS.get("tidings-baseline")
+    if baseline is not None:  # TIDINGS_BENCH_BASELINE: the same scenario on another tree
+        defs[baseline.name] = (
+            dataclasses.replace(
+                tidings,
+                name=baseline.name,
+                # ["env", "PYTHONPATH=<tree>/src"] before the rooms command
+                command=lambda port, wd: [
+                    *baseline.command(port, wd)[:2],
+                    *_rooms_tidings_cmd(port, wd),
+                ],
+                note=f"{tidings.note}, {baseline.note}",
+            ),
+            METHODS,
+        )
+    return defs
 
 
 # --------------------------------------------------------------------------- HTTP publisher
