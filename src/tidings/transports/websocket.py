@@ -66,8 +66,10 @@ messages arriving meanwhile wait in a small queue, so commands run strictly in o
 from __future__ import annotations
 
 import asyncio
+import binascii
 import logging
 import math
+from base64 import b64decode
 from collections import deque
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -79,6 +81,7 @@ from websockets.extensions.permessage_deflate import (
 from websockets.http11 import Request as WSRequest
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
+from websockets.utils import accept_key
 
 from ..auth import Access
 from ..centrifuge import ClientSession, Disconnect, SessionOptions
@@ -111,6 +114,7 @@ from ..gate import Gate
 from ..hooks import Hooks, TransportName
 from ..http import Response, Router, error_response
 from ..http.cors import CORS
+from ..http.messages import http_date
 from ..hub import Hub, Publication
 from ..logs import log_client_error
 from ..metrics import Metrics
@@ -158,6 +162,106 @@ _MAX_QUEUED_MESSAGES = 16  # messages waiting for the running commands before we
 # Connection states: open; close frame sent (still reading, for the client's close);
 # transport closing (nothing more is read); lost.
 _OPEN, _CLOSING, _DRAINING, _CLOSED = 0, 1, 2, 3
+
+
+#: ``Connection`` tokens of the handshakes :func:`plain_handshake` answers itself
+#: (``Upgrade`` alone from most clients, with ``keep-alive`` from Firefox).
+_CONNECTION_TOKENS = frozenset({b"upgrade", b"keep-alive"})
+#: The wire of each subprotocol offer :func:`plain_handshake` answers itself.
+_PLAIN_OFFERS: dict[bytes, Wire] = {name.encode(): wire for name, wire in WIRES.items()}
+
+
+def plain_handshake(raw: list[tuple[bytes, bytes]], compression: bool) -> tuple[bytes, Wire] | None:
+    """The 101 response and wire format of a plain, valid opening handshake, or
+    None: then ``websockets``' :class:`~websockets.server.ServerProtocol` decides.
+
+    Why by hand: building ``websockets``' ``Headers`` and ``ServerProtocol`` and
+    running ``accept()`` was 17 % of the server's CPU in the WebSocket
+    connection-rate benchmark (py-spy, N = 10,000: handshake + connect +
+    subscribe), more than any other step but the two socket writes.
+
+    It answers only the shape every client we know sends, and only when
+    ``websockets`` would accept it with the same bytes (tests/test_websocket_handshake.py
+    checks this against ``websockets``, example by example and with generated
+    headers): exactly one of each of ``Upgrade`` (``websocket``, any case),
+    ``Connection`` (``upgrade``, optionally with ``keep-alive``),
+    ``Sec-WebSocket-Key`` (base64 of 16 bytes) and ``Sec-WebSocket-Version`` (13),
+    at most one ``Origin`` (the CORS rule has already judged it), at most one
+    non-empty ``Sec-WebSocket-Protocol`` naming exactly one wire format we
+    speak, and no ``Sec-WebSocket-Extensions`` offer while compression is on
+    (negotiating permessage-deflate stays with ``websockets``). Anything else,
+    valid or not, goes to ``websockets``, which accepts it or refuses it with
+    its precise status.
+    """
+    key = version = upgrade = connection = protocol = None
+    origins = 0
+    for name, value in raw:
+        if not name.startswith((b"sec-websocket-", b"upgrade", b"connection", b"origin")):
+            continue
+        if name == b"sec-websocket-key":
+            if key is not None:
+                return None
+            key = value
+        elif name == b"sec-websocket-version":
+            if version is not None:
+                return None
+            version = value
+        elif name == b"upgrade":
+            if upgrade is not None:
+                return None
+            upgrade = value
+        elif name == b"connection":
+            if connection is not None:
+                return None
+            connection = value
+        elif name == b"sec-websocket-protocol":
+            if not value.strip():
+                continue  # an empty offer (centrifuge-js) is no offer
+            if protocol is not None:
+                return None
+            protocol = value
+        elif name == b"sec-websocket-extensions":
+            if compression:
+                return None
+        elif name == b"origin":
+            origins += 1
+    if (
+        key is None
+        or version != b"13"
+        or upgrade is None
+        or upgrade.lower() != b"websocket"
+        or connection is None
+        or origins > 1
+        or len(key) != 24
+    ):
+        return None
+    tokens = [token.strip() for token in connection.lower().split(b",")]
+    if b"upgrade" not in tokens or not _CONNECTION_TOKENS.issuperset(tokens):
+        return None
+    try:
+        if len(b64decode(key, validate=True)) != 16:
+            return None
+    except binascii.Error:
+        return None
+    if protocol is None:
+        wire, protocol_line = JSON, b""
+    else:
+        chosen = _PLAIN_OFFERS.get(protocol)
+        if chosen is None:
+            return None
+        wire, protocol_line = chosen, b"Sec-WebSocket-Protocol: " + protocol + b"\r\n"
+    head = b"".join(
+        (
+            b"HTTP/1.1 101 Switching Protocols\r\nDate: ",
+            http_date().encode(),
+            b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: ",
+            accept_key(key.decode()).encode(),
+            b"\r\n",
+            protocol_line,
+            b"\r\n",
+        )
+    )
+    return head, wire
 
 
 class PushEncoder:
@@ -294,30 +398,25 @@ class WebSocketTransport:
 
     def upgrade(self, request: Request, transport: asyncio.Transport, rest: bytes) -> None:
         """Take over ``transport`` from the HTTP server: answer the handshake, then serve frames."""
-        headers = WSHeaders()
-        for name, value in request.headers.raw:
-            key = name.decode("latin-1")
-            text = value.decode("latin-1")
-            if key == "sec-websocket-protocol" and not text.strip():
-                continue  # an empty offer (centrifuge-js) is no offer
-            headers[key] = text
-        extensions = None
-        if self.compression:
-            # server_max_window_bits left open: websockets then agrees to the
-            # window the client asks for (9-15; it declines 8) and says so in the
-            # response, and upgrade() picks the compressor of that window.
-            extensions = [
-                ServerPerMessageDeflateFactory(
-                    server_no_context_takeover=True, client_no_context_takeover=True
+        if not self.connections.stopping and self.cors.allows_websocket(request):
+            plain = plain_handshake(request.headers.raw, self.compression)
+            if plain is not None:
+                head, wire = plain
+                self._serve(
+                    transport,
+                    head,
+                    rest,
+                    request,
+                    FrameReader(self.max_message_size),
+                    self.plain[wire],
                 )
-            ]
-        handshake = ServerProtocol(
-            extensions=extensions,
-            subprotocols=[Subprotocol(name) for name in WIRES],
-            select_subprotocol=_select_subprotocol,
-            max_size=self.max_message_size,
-            logger=_handshake_log,
-        )
+                return
+        self._negotiate(request, transport, rest)
+
+    def _negotiate(self, request: Request, transport: asyncio.Transport, rest: bytes) -> None:
+        """The handshakes :func:`plain_handshake` leaves to ``websockets``: it
+        negotiates compression, and refuses what is invalid with its status."""
+        handshake = handshake_protocol(self.compression, self.max_message_size)
         target = request.target.decode("latin-1")
         if self.connections.stopping:
             response = handshake.reject(503, "Server shutting down\n")
@@ -325,7 +424,7 @@ class WebSocketTransport:
             # Cross-site WebSocket hijacking: see tidings.http.cors for the rule.
             response = handshake.reject(403, "Origin not allowed\n")
         else:
-            response = handshake.accept(WSRequest(target, headers))
+            response = handshake.accept(WSRequest(target, handshake_headers(request.headers.raw)))
         handshake.send_response(response)
         head = b"".join(handshake.data_to_send())
         if response.status_code != 101:
@@ -350,6 +449,18 @@ class WebSocketTransport:
         else:
             encoder = self.plain[wire]
             reader = FrameReader(self.max_message_size)
+        self._serve(transport, head, rest, request, reader, encoder)
+
+    def _serve(
+        self,
+        transport: asyncio.Transport,
+        head: bytes,
+        rest: bytes,
+        request: Request,
+        reader: FrameReader,
+        encoder: PushEncoder,
+    ) -> None:
+        """Send the 101 ``head`` and serve the connection's frames from now on."""
         conn = WebSocketConnection(self, transport, reader, encoder)
         if self.hooks.connect is not None:
             self.requests[conn] = request_context(request, "websocket")
@@ -433,6 +544,41 @@ class WebSocketTransport:
                 conn.ping(now)
         except Exception:  # pragma: no cover - the wheel must keep turning
             log.exception("websocket timer tick failed")
+
+
+def handshake_protocol(compression: bool, max_size: int) -> ServerProtocol:
+    """The ``websockets`` handshake of a request :func:`plain_handshake` does not answer."""
+    extensions = None
+    if compression:
+        # server_max_window_bits left open: websockets then agrees to the
+        # window the client asks for (9-15; it declines 8) and says so in the
+        # response, and upgrade() picks the compressor of that window.
+        extensions = [
+            ServerPerMessageDeflateFactory(
+                server_no_context_takeover=True, client_no_context_takeover=True
+            )
+        ]
+    return ServerProtocol(
+        extensions=extensions,
+        subprotocols=[Subprotocol(name) for name in WIRES],
+        select_subprotocol=_select_subprotocol,
+        max_size=max_size,
+        logger=_handshake_log,
+    )
+
+
+def handshake_headers(raw: list[tuple[bytes, bytes]]) -> WSHeaders:
+    """The request's headers as ``websockets`` reads them, without an empty
+    ``Sec-WebSocket-Protocol`` (some centrifuge-js builds send one, and
+    ``websockets`` refuses it: an empty offer is no offer)."""
+    headers = WSHeaders()
+    for name, value in raw:
+        key = name.decode("latin-1")
+        text = value.decode("latin-1")
+        if key == "sec-websocket-protocol" and not text.strip():
+            continue
+        headers[key] = text
+    return headers
 
 
 def request_context(request: Request, transport: TransportName) -> RequestContext:
