@@ -74,8 +74,12 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: Transports as hooks and events name them (Centrifugo's names where it has them).
-TransportName = Literal["websocket", "sse", "longpoll", "poll", "http_stream", "sse_emulation"]
+#: Transports as hooks and events name them (Centrifugo's names where it has them);
+#: ``"http"`` is a call endpoint (``POST /call/<name>``), used by clients on SSE,
+#: long-poll or poll for what they cannot send on their stream.
+TransportName = Literal[
+    "websocket", "sse", "longpoll", "poll", "http_stream", "sse_emulation", "http"
+]
 
 
 # -- what a hook may raise -----------------------------------------------------

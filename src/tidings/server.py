@@ -48,6 +48,7 @@ from .hub import Hub
 from .listener import Listening, listen
 from .logs import AccessLog
 from .metrics import CONTENT_TYPE, Live, Metrics
+from .transports.calls import CallTransport
 from .transports.emulation import EmulationTransport
 from .transports.poll import PollTransport
 from .transports.sse import SSETransport
@@ -168,11 +169,15 @@ class Server:
             hooks=hooks,
             metrics=metrics,
         )
+        #: ``POST /call/<name>``: RPC, publish, history, presence for clients
+        #: on SSE, long-poll and poll (tidings.transports.calls).
+        self.calls = CallTransport(hub, access, hooks=hooks)
         self.transports: tuple[Transport, ...] = (
             self.sse,
             self.poll,
             self.websocket,
             self.emulation,
+            self.calls,
         )
         #: The admin page (tidings.admin), when ``[admin] enabled``; its live tail
         #: is an SSE endpoint started and stopped as a transport is.

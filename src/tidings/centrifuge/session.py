@@ -34,9 +34,7 @@ from ..hooks import (
     DisconnectEvent,
     Hooks,
     MemberEvent,
-    PublishCall,
     RefreshCall,
-    RPCCall,
     SubRefreshCall,
     SubscribeCall,
     TransportName,
@@ -47,6 +45,7 @@ from ..hub import ClientInfo, Hub, Position, PresenceEvent, Publication
 from ..logs import log_client_error
 from ..metrics import Metrics
 from ..version import __version__
+from . import commands
 from .schema import (
     FLAG_REJECT_UNRECOVERED,
     BadRequest,
@@ -58,21 +57,17 @@ from .schema import (
     Empty,
     HistoryRequest,
     HistoryResult,
-    PresenceResult,
-    PresenceStatsResult,
     PublishRequest,
     RefreshRequest,
     RefreshResult,
     Reply,
     RPCRequest,
-    RPCResult,
     SendRequest,
     ServerSubscription,
     SubRefreshRequest,
     SubRefreshResult,
     SubscribeRequest,
     SubscribeResult,
-    presence_entries,
 )
 from .wire import JSON, Wire
 
@@ -605,12 +600,15 @@ class ClientSession:
             )
 
     def _info(self, chan_info: bytes | None = None) -> ClientInfo:
-        conn_info = self.credentials.info
-        return ClientInfo(
-            user=self.credentials.user,
-            client=self.client_id,
-            conn_info=msgspec.Raw(conn_info) if conn_info else None,
-            chan_info=msgspec.Raw(chan_info) if chan_info else None,
+        return self._caller().info(chan_info)
+
+    def _caller(self) -> commands.Caller:
+        """This client as the commands shared with the HTTP calls see it."""
+        return commands.Caller(
+            self.credentials,
+            self.transport.transport_name,
+            "protobuf" if self.wire.binary else "json",
+            self.client_id,
         )
 
     def log_fields(self, **more: object) -> dict[str, object]:
@@ -625,12 +623,7 @@ class ClientSession:
 
     def _who(self) -> dict[str, Any]:
         """The fields every hook call of this session carries."""
-        return {
-            "transport": self.transport.transport_name,
-            "protocol": "protobuf" if self.wire.binary else "json",
-            "client": self.client_id,
-            "user": self.credentials.user,
-        }
+        return self._caller().hook_fields()
 
     # -- the server API's side (hub.Client) ---------------------------------
 
@@ -1056,71 +1049,39 @@ class ClientSession:
         return self.wire.encode_reply(Reply(id=cmd_id, unsubscribe=Empty()))
 
     async def _publish(self, cmd_id: int, req: PublishRequest) -> bytes:
-        if not req.data:
-            raise ProtocolError(ErrorCode.BAD_REQUEST, "publish without data")
-        channel, data = req.channel, bytes(req.data)
-        subscribed = self.channels is not None and channel in self.channels
-        publishing = await self.options.doors().publish(
-            self.credentials,
-            channel,
-            data,
-            subscribed=subscribed,
-            make_call=lambda: PublishCall(**self._who(), channel=channel, data=data),
-        )
-        # The publisher as Centrifugo describes it: user, client and connection info.
-        info = self._info()
-        # echo_publications = false: every subscriber but the publisher's connection.
-        echo = self.options.access.policy(channel).echo_publications
-        await self.hub.publish(
-            channel,
-            publishing.data,
-            info=info,
-            skip_history=publishing.skip_history,
-            exclude=_EVERYONE if echo else frozenset((self.client_id,)),
+        await commands.publish(
+            self.options.doors(), self.hub, self._caller(), req, subscribed=self._holds(req.channel)
         )
         return self.wire.encode_reply(Reply(id=cmd_id, publish=Empty()))
 
     async def _history(self, cmd_id: int, req: HistoryRequest) -> bytes:
-        subscribed = self.channels is not None and req.channel in self.channels
-        self.options.access.check_history(self.credentials, req.channel, subscribed)
-        since = None
-        if req.since is not None:
-            since = Position(req.since.epoch, req.since.offset)
-        # Centrifugo's limit: 0 = only the stream position, negative = everything.
-        limit = req.limit if req.limit >= 0 else None
-        pubs, top = await self.hub.history(
-            req.channel, since=since, limit=limit, reverse=req.reverse
+        pubs, top = await commands.history(
+            self.options.access, self.hub, self._caller(), req, subscribed=self._holds(req.channel)
         )
-        if since is not None and since.epoch != top.epoch and since.epoch and top.epoch:
-            raise ProtocolError(ErrorCode.UNRECOVERABLE_POSITION)
         result = HistoryResult(
             publications=self.wire.publications(pubs), epoch=top.epoch, offset=top.offset
         )
         return self.wire.encode_reply(Reply(id=cmd_id, history=result))
 
     async def _presence(self, cmd_id: int, req: ChannelRequest) -> bytes:
-        self._check_presence(req.channel)
-        result = PresenceResult(presence=presence_entries(await self.hub.presence(req.channel)))
+        result = await commands.presence(
+            self.options.access, self.hub, self._caller(), req, subscribed=self._holds(req.channel)
+        )
         return self.wire.encode_reply(Reply(id=cmd_id, presence=result))
 
     async def _presence_stats(self, cmd_id: int, req: ChannelRequest) -> bytes:
-        self._check_presence(req.channel)
-        clients, users = await self.hub.presence_stats(req.channel)
-        result = PresenceStatsResult(num_clients=clients, num_users=users)
+        result = await commands.presence_stats(
+            self.options.access, self.hub, self._caller(), req, subscribed=self._holds(req.channel)
+        )
         return self.wire.encode_reply(Reply(id=cmd_id, presence_stats=result))
 
-    def _check_presence(self, channel: str) -> None:
-        subscribed = self.channels is not None and channel in self.channels
-        self.options.access.check_presence(self.credentials, channel, subscribed)
+    def _holds(self, channel: str) -> bool:
+        """Whether this connection is subscribed to ``channel`` (the "subscribers" rules)."""
+        return self.channels is not None and channel in self.channels
 
     async def _rpc(self, cmd_id: int, req: RPCRequest) -> bytes:
         """The application's handler of ``req.method`` answers (108 without one)."""
-        hooks = self.options.doors().hooks
-        if not hooks.has_rpc:
-            raise ProtocolError(ErrorCode.NOT_AVAILABLE)
-        call = RPCCall(**self._who(), method=req.method, data=bytes(req.data) or None)
-        data = await hooks.call_rpc(call)
-        result = RPCResult(data=msgspec.Raw(data) if data is not None else None)
+        result = await commands.rpc(self.options.doors().hooks, self._caller(), req)
         return self.wire.encode_reply(Reply(id=cmd_id, rpc=result))
 
     async def _ping(self, cmd_id: int, req: msgspec.Raw) -> bytes:
@@ -1188,9 +1149,6 @@ ROUTES: tuple[Route, ...] = (
     Route("ping", ClientSession._ping),
     Route("send", ClientSession._send, needs_id=False),
 )
-
-#: The ``exclude`` of a publication every subscriber receives.
-_EVERYONE: frozenset[str] = frozenset()
 
 CONNECT_FIRST = Disconnect(DisconnectCode.BAD_REQUEST, "connect first")
 
