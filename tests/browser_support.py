@@ -2,8 +2,10 @@
 
 The proxy stands between the browser and a tidings server like a real network
 middlebox would: it forwards bytes, and on demand it cuts every connection
-(``cut()``), refuses WebSocket upgrades (``block_websocket``) or accepts and
-then says nothing at all (``stall``, a buffering proxy).
+(``cut()``), refuses WebSocket upgrades (``block_websocket``), accepts and
+then says nothing at all (``stall``, a buffering proxy), or silently stops
+forwarding the connections open at that moment while keeping them open
+(``stall_open_connections()``, a middlebox that drops an idle stream).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import shutil
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -72,6 +75,19 @@ def launch_browser(tmp: Path) -> Iterator[Any]:
             context.close()
 
 
+class _Path:
+    """One proxied connection: the head of its latest request (lower case: a browser
+    reuses a keep-alive connection for its stream), and whether it still forwards."""
+
+    __slots__ = ("head", "lag", "stalled")
+
+    def __init__(self, head: bytes, lag: float) -> None:
+        self.head = head.lower()
+        #: Seconds each chunk from the server waits before it is forwarded (latency).
+        self.lag = lag
+        self.stalled = False
+
+
 class Proxy:
     """A threaded TCP proxy to ``127.0.0.1:upstream_port``."""
 
@@ -79,9 +95,15 @@ class Proxy:
         self.upstream_port = upstream_port
         self.stall = stall
         self.block_websocket = False
+        #: WebSocket upgrades answered 403 while ``block_websocket`` was set.
+        self.refused_websockets = 0
+        #: Latency (seconds) added to what the server sends on WebSocket connections
+        #: opened from now on: a slow path, not a broken one.
+        self.websocket_lag = 0.0
         self.refuse = False
         self._lock = threading.Lock()
         self._socks: set[socket.socket] = set()
+        self._paths: set[_Path] = set()
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -89,6 +111,8 @@ class Proxy:
         self.port = int(self.listener.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         self.accepted = 0
+        #: The request line of every request forwarded or refused, in order (lower case).
+        self.requests: list[bytes] = []
         self._closed = False
         threading.Thread(target=self._accept_loop, daemon=True).start()
 
@@ -116,11 +140,13 @@ class Proxy:
                     return self._drop(client)
                 head += chunk
             client.settimeout(None)
+            self._note(head)
             if self.refuse:
                 return self._drop(client)
             if self.stall:
                 return  # keep the socket open, say nothing (closed by cut() or close())
             if self.block_websocket and b"upgrade: websocket" in head.lower():
+                self.refused_websockets += 1
                 client.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
                 return self._drop(client)
             assert self.upstream_port is not None
@@ -130,20 +156,57 @@ class Proxy:
             upstream.sendall(head)
         except OSError:
             return self._drop(client)
-        threading.Thread(target=self._pump, args=(upstream, client), daemon=True).start()
-        self._pump(client, upstream)
+        lag = self.websocket_lag if b"upgrade: websocket" in head.lower() else 0.0
+        path = _Path(head, lag)
+        with self._lock:
+            self._paths.add(path)
+        threading.Thread(target=self._pump, args=(upstream, client, path), daemon=True).start()
+        self._pump(client, upstream, path, requests=True)
+        with self._lock:
+            self._paths.discard(path)
 
-    def _pump(self, src: socket.socket, dst: socket.socket) -> None:
+    def _pump(
+        self, src: socket.socket, dst: socket.socket, path: _Path, *, requests: bool = False
+    ) -> None:
         try:
             while True:
                 data = src.recv(65536)
                 if not data:
                     break
-                dst.sendall(data)
+                if requests and b" http/1.1\r\n" in data[:8192].lower():
+                    path.head = data[:8192].lower()
+                    self._note(data)
+                if path.lag and not requests:
+                    time.sleep(path.lag)  # the path's latency: this thread is the wire
+                if not path.stalled:
+                    dst.sendall(data)
         except OSError:
             pass
+        if path.stalled:
+            return  # a stalled path carries no close either: cut() or close() end it
         self._drop(src)
         self._drop(dst)
+
+    def _note(self, head: bytes) -> None:
+        self.requests.append(head.split(b"\r\n", 1)[0].lower())
+
+    def count_requests(self, prefix: bytes) -> int:
+        """How many requests so far had a request line starting with ``prefix``."""
+        prefix = prefix.lower()
+        return sum(1 for line in list(self.requests) if line.startswith(prefix))
+
+    def stall_open_connections(self, marker: bytes) -> int:
+        """Stop forwarding, in both directions, on every connection open now whose first
+        request head contains ``marker`` (case-insensitive: ``b"get /sse"``,
+        ``b"upgrade: websocket"``), without closing any: bytes are swallowed, a close
+        from either end is not passed on. Other connections (the browser's idle
+        keep-alives) and those opened later are forwarded. Returns how many stalled."""
+        marker = marker.lower()
+        with self._lock:
+            paths = [path for path in self._paths if marker in path.head]
+        for path in paths:
+            path.stalled = True
+        return len(paths)
 
     def _drop(self, sock: socket.socket) -> None:
         with self._lock:

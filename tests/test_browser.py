@@ -10,11 +10,13 @@ not set; under ``CI=true`` they must run.
 from __future__ import annotations
 
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -418,3 +420,125 @@ def test_at_capacity_the_client_waits_retry_after_and_does_not_fall_back(
     finally:
         for stream in streams:
             stream.close()
+
+
+# -- self-healing: a silent path is noticed, a better transport is taken back --------
+
+#: The server pings WebSocket clients and sends SSE `event: ping` every second, so a
+#: client with a one-second margin notices a silent path within 2-3 s.
+PINGING = "[websocket]\nping_interval = 1.0\npong_timeout = 60.0\n[sse]\nheartbeat_interval = 1.0\n"
+
+#: What marks the proxied connection that carries each stream, and its request line.
+STREAM_MARKERS = {"websocket": b"upgrade: websocket", "sse": b"get /sse"}
+STREAM_REQUESTS = {"websocket": b"get /connection/websocket", "sse": b"get /sse"}
+
+
+@pytest.mark.parametrize("transport", ["websocket", "sse"])
+def test_a_stream_stalled_mid_way_is_detected_and_resumed(
+    page: Any,
+    server_factory: Callable[..., ServerProcess],
+    proxies: Callable[..., Proxy],
+    transport: str,
+) -> None:
+    """The proxy stops forwarding the live stream in both directions without closing it:
+    the browser still calls it open, and only the silence tells. The watchdog (server ping
+    interval + pingMargin) closes it and reconnects from the cursor: what was published
+    into the black hole arrives once, in order, and nothing is reported unrecovered."""
+    srv = server_factory(PINGING)
+    proxy = proxies(srv.port)
+    ch = unique_channel(f"br-silent-{transport}-")
+    start(page, proxy.url, [ch], [transport], pingMargin=1000)
+    wait_connected(page, transport)
+    publish(srv, ch, 1)
+    wait_got(page, 1)
+    opened = proxy.count_requests(STREAM_REQUESTS[transport])
+
+    assert proxy.stall_open_connections(STREAM_MARKERS[transport]) == 1
+    for n in (2, 3):
+        publish(srv, ch, n)  # swallowed by the stalled path
+    got = wait_got(page, 3)
+    # A new stream brought them, from history (the stalled one is still open).
+    assert proxy.count_requests(STREAM_REQUESTS[transport]) > opened
+    publish(srv, ch, 4)
+    got = wait_got(page, 4)
+    assert data_of(got) == [1, 2, 3, 4]
+    assert [p["offset"] for p in got] == sorted({p["offset"] for p in got})
+    assert page.evaluate("() => window.unrecovered") == []
+    assert page.evaluate("() => window.seen") == [transport]
+
+
+def realtime_clients(srv: ServerProcess) -> int:
+    """Realtime clients the server holds (WebSocket sessions, SSE streams, held polls)."""
+    nodes = api(srv, "info").json()["result"]["nodes"]
+    return int(sum(node["num_clients"] for node in nodes))
+
+
+class Publisher:
+    """Publishes 1, 2, 3, ... to a channel from a thread, back to back, until stopped: a
+    stream dense enough that a transport switch happens while publications are in flight."""
+
+    def __init__(self, srv: ServerProcess, channel: str, limit: int = 5000) -> None:
+        self.srv = srv
+        self.channel = channel
+        self.limit = limit
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        with httpx.Client(base_url=self.srv.url, timeout=10) as http:
+            while not self._stop.is_set() and self.sent < self.limit:
+                n = self.sent + 1
+                resp = http.post("/api/publish", json={"channel": self.channel, "data": n})
+                assert resp.status_code == 200, resp.text
+                self.sent = n
+
+    def stop(self) -> int:
+        """Stop and return how many were published."""
+        self._stop.set()
+        self._thread.join(15)
+        return self.sent
+
+
+def test_websocket_blocked_then_unblocked_falls_back_then_moves_back_up(
+    page: Any, server: ServerProcess, proxies: Callable[..., Proxy]
+) -> None:
+    """A proxy refuses WebSocket: the page falls back to SSE, and its probe keeps trying
+    WebSocket (backing off). Once upgrades pass again, the probe opens a WebSocket from
+    the current position while SSE still delivers, switches, and closes the SSE stream.
+    Publications flow back to back the whole time and the WebSocket path is slow (0.3 s),
+    so while the new session subscribes the old one delivers what the new one's recovery
+    brings again; each publication reaches the page exactly once, in order."""
+    proxy = proxies(server.port)
+    proxy.block_websocket = True
+    proxy.websocket_lag = 0.3
+    ch = unique_channel("br-moveup-")
+    start(page, proxy.url, [ch], probeMinDelay=400, probeMaxDelay=1500)
+    wait_connected(page, "sse")
+    publisher = Publisher(server, ch)
+    try:
+        deadline = time.monotonic() + 15
+        while proxy.refused_websockets < 3:  # the first attempt and two probes, refused
+            assert time.monotonic() < deadline, "the probe does not retry WebSocket"
+            assert page.evaluate("() => window.sub.transport") == "sse"
+        proxy.block_websocket = False
+        page.wait_for_function("() => window.sub.transport === 'websocket'")
+        at_switch = publisher.sent
+        # Go on past the switch for as many again as before it, at least a few.
+        while publisher.sent < at_switch + max(10, at_switch // 10):
+            assert time.monotonic() < deadline + 15, "the publisher stopped"
+    finally:
+        sent = publisher.stop()
+    got = wait_got(page, sent)
+    assert data_of(got) == list(range(1, sent + 1))
+    assert page.evaluate("() => window.seen") == ["sse", "websocket"]
+    assert page.evaluate("() => window.unrecovered") == []
+    # The SSE stream was closed: the server holds the page's WebSocket only.
+    deadline = time.monotonic() + 10
+    while realtime_clients(server) != 1:
+        assert time.monotonic() < deadline, f"{realtime_clients(server)} clients held"
+        time.sleep(0.05)
+    publish(server, ch, "last")
+    assert data_of(wait_got(page, sent + 1))[-1] == "last"
+    assert len(page.evaluate("() => window.got")) == sent + 1

@@ -350,16 +350,16 @@ class Subscription {
     this.transports = (handlers.transports || client.options.transports).filter((t) => ALL_TRANSPORTS.includes(t));
     if (!this.transports.length) throw new Error("no known transport in " + JSON.stringify(handlers.transports));
     this.positions = new Map(); // channel -> {epoch, offset}
-    // handlers.since: where to start (a cursor, or a Map channel -> {epoch, offset}), so that a
-    // stream replacing another resumes from its positions (tidings-shared.js merges tabs' channels).
-    const since = typeof handlers.since === "string" ? decodeCursor(handlers.since) : handlers.since;
-    if (since) for (const [ch, pos] of since) if (channels.includes(ch)) this.positions.set(ch, { epoch: pos.epoch, offset: pos.offset });
     this.transport = null; // the name of the transport in use
     this.state = "connecting";
-    this._index = 0;
+    this._index = 0; // the transport in use (or being established), in this.transports
     this._abort = new AbortController();
-    this._session = null;
-    this._wake = null;
+    this._session = null; // the session delivering now
+    this._pinned = false; // useTransport(): no probe moves it elsewhere
+    this._probeTimer = null;
+    this._probing = null; // the attempt a probe is establishing
+    this._probeRound = 0; // failed probe rounds since the last fallback or move up
+    this._promoted = null; // a probed attempt that took over: the main loop continues with it
   }
 
   _emit(name, ...args) {
@@ -379,20 +379,26 @@ class Subscription {
   /** Stop following the channels. */
   unsubscribe() {
     this._abort.abort();
+    this._cancelProbe();
     if (this._session) this._session.close();
     this.client._subs.delete(this);
     this._setState("closed");
   }
 
-  /** Switch to another transport now (e.g. the user forces one). */
+  /** Switch to another transport now (e.g. the user forces one); no probe moves it back. */
   useTransport(name) {
     const i = this.transports.indexOf(name);
     if (i < 0) throw new Error(`transport ${name} is not enabled for this subscription`);
     this._index = i;
+    this._pinned = true;
+    this._cancelProbe();
     if (this._session) this._session.close();
   }
 
-  /** A publication from any transport: dropped if already delivered, else handed to the app. */
+  /**
+   * A publication from any transport: dropped if already delivered, else handed to the app.
+   * The one dedupe of the subscription: a reconnect and a probe's overlap both rely on it.
+   */
   _deliver(pub) {
     const last = this.positions.get(pub.channel);
     if (last && last.epoch === pub.epoch && pub.offset <= last.offset) return;
@@ -404,7 +410,13 @@ class Subscription {
     }
   }
 
+  /**
+   * A position a transport reports (a poll's cursor, a subscribe reply). Never backwards in
+   * one epoch: while a probe overlaps, the slower session may report an older one.
+   */
   _setPosition(channel, epoch, offset) {
+    const last = this.positions.get(channel);
+    if (last && last.epoch === epoch && offset <= last.offset) return;
     this.positions.set(channel, { epoch, offset });
   }
 
@@ -419,6 +431,33 @@ class Subscription {
     return known.size ? encodeCursor(known) : null;
   }
 
+  /**
+   * Start a session on transports[index]. attempt.ready resolves true once it is
+   * established (after onEstablished ran), false when it ended before; attempt.done is
+   * the session's own end.
+   */
+  _open(index, onEstablished) {
+    const name = this.transports[index];
+    const session = new SESSIONS[name](this);
+    let settle;
+    const attempt = { name, index, session, established: false, ready: new Promise((r) => { settle = r; }), done: null };
+    attempt.done = session.run(() => {
+      attempt.established = true;
+      onEstablished(attempt);
+      settle(true);
+    });
+    attempt.done.then(() => settle(false), () => settle(false));
+    return attempt;
+  }
+
+  _established(name) {
+    if (this.transport !== name) {
+      this.transport = name;
+      this._emit("onTransport", name);
+    }
+    this._setState("connected");
+  }
+
   async _start() {
     const client = this.client;
     const o = client.options;
@@ -426,23 +465,24 @@ class Subscription {
     let failures = 0;
     while (!signal.aborted) {
       let retryAfter = null; // seconds, when the server said when to come back
-      const name = this.transports[this._index];
-      const Session = SESSIONS[name];
-      const session = new Session(this);
-      this._session = session;
-      let established = false;
-      try {
-        await session.run(() => {
-          established = true;
+      let attempt = this._promoted;
+      this._promoted = null;
+      if (attempt) {
+        this._scheduleProbe(); // moved up, maybe not to the top yet
+      } else {
+        attempt = this._open(this._index, (a) => {
           failures = 0;
-          if (this.transport !== name) {
-            this.transport = name;
-            this._emit("onTransport", name);
-          }
-          this._setState("connected");
+          this._established(a.name);
+          this._scheduleProbe();
         });
+      }
+      const { name, session } = attempt;
+      this._session = session;
+      try {
+        await attempt.done;
       } catch (err) {
         if (err instanceof Terminal) {
+          this._cancelProbe();
           this._emit("onError", err);
           this._setState("closed");
           client._subs.delete(this);
@@ -450,45 +490,122 @@ class Subscription {
         }
         client._log(name, "ended:", err && err.message);
         retryAfter = (err && err.retryAfter) || null;
-        if (!established && !signal.aborted && !session.closedByUs && retryAfter === null) {
+        if (!attempt.established && !signal.aborted && !session.closedByUs && retryAfter === null) {
           // Never established: blocked transport, the server down, or at capacity?
           const health = await client.health();
           if (health.ok && this._index < this.transports.length - 1) {
             client._log(name, "cannot be established while the server answers: falling back");
             this._index += 1;
+            this._probeRound = 0;
             continue;
           }
           retryAfter = health.retryAfter;
         }
         if (err && !(err instanceof NotEstablished)) this._emit("onError", err);
       } finally {
-        this._session = null;
+        if (this._session === session) this._session = null;
+        if (!this._promoted) this._cancelProbe();
       }
       if (signal.aborted) break;
+      if (this._promoted) continue; // a probe's session took over: it is already delivering
       if (session.closedByUs) continue; // useTransport(): switch at once
       this._setState("connecting");
-      let delay = established ? backoff(0, o.minBackoff, o.maxBackoff) : backoff(failures, o.minBackoff, o.maxBackoff);
+      let delay = attempt.established ? backoff(0, o.minBackoff, o.maxBackoff) : backoff(failures, o.minBackoff, o.maxBackoff);
       if (retryAfter !== null) delay = Math.max(delay, retryAfterDelay(retryAfter));
       failures += 1;
       await sleep(delay, signal);
     }
+  }
+
+  // -- moving back up: a probe of the better transports -----------------------
+
+  _scheduleProbe() {
+    const o = this.client.options;
+    if (!o.probe || this._pinned || this._index === 0 || this._probeTimer || this._probing) return;
+    const delay = backoff(this._probeRound, o.probeMinDelay, o.probeMaxDelay);
+    this._probeTimer = setTimeout(() => {
+      this._probeTimer = null;
+      this._probe();
+    }, delay);
+  }
+
+  _cancelProbe() {
+    clearTimeout(this._probeTimer);
+    this._probeTimer = null;
+    if (this._probing) {
+      this._probing.session.close();
+      this._probing = null;
+    }
+  }
+
+  /**
+   * Open each better transport, best first, from the current position, while the current
+   * session goes on delivering; the first established takes over (see _promote).
+   */
+  async _probe() {
+    const current = this._session;
+    const below = this._index;
+    for (let i = 0; i < below; i++) {
+      if (this._abort.signal.aborted || this._session !== current || !current) return;
+      const attempt = this._open(i, (a) => this._promote(a, current));
+      this._probing = attempt;
+      const ok = await attempt.ready;
+      if (this._probing === attempt) this._probing = null;
+      if (ok) return;
+      this.client._log("probe:", attempt.name, "still unavailable");
+    }
+    if (this._session !== current) return; // the current session ended: the main loop decides
+    this._probeRound += 1;
+    this._scheduleProbe();
+  }
+
+  /** A probed session is established: it becomes the current one, the old one is closed. */
+  _promote(attempt, previous) {
+    if (attempt.session.closedByUs || this._session !== previous || this._abort.signal.aborted) {
+      attempt.session.close(); // the probe was cancelled meanwhile
+      return;
+    }
+    this.client._log("probe:", attempt.name, "works: moving up from", this.transport);
+    this._probing = null;
+    this._promoted = attempt;
+    this._index = attempt.index;
+    this._probeRound = 0;
+    this._session = attempt.session;
+    this._established(attempt.name);
+    previous.close();
   }
 }
 
 // -- WebSocket: the Centrifugo client protocol ----------------------------------
 
 class WebSocketSession {
-  constructor(sub, { channels } = {}) {
+  constructor(sub) {
     this.kind = "websocket";
     this.sub = sub;
-    this.client = sub ? sub.client : null;
+    this.client = sub.client;
     this.ready = false;
     this.closedByUs = false;
     this._nextId = 1;
     this._pending = new Map();
     this._epochs = new Map();
     this._timers = [];
-    this.channels = channels || (sub ? sub.channels : []);
+    this._silence = 0; // ms without a message after which the connection is dead (0: no watchdog)
+    this._watchdog = null;
+    this._dead = null; // ends run() when the watchdog fires
+  }
+
+  get channels() {
+    return this.sub.channels;
+  }
+
+  /** Any message proves the connection alive: the watchdog starts over. */
+  _alive() {
+    if (!this._silence) return;
+    clearTimeout(this._watchdog);
+    this._watchdog = setTimeout(() => {
+      this.client._log(`websocket: nothing heard for ${this._silence} ms: reconnecting`);
+      if (this._dead) this._dead();
+    }, this._silence);
   }
 
   close() {
@@ -501,7 +618,7 @@ class WebSocketSession {
   call(method, body) {
     return new Promise((resolve, reject) => {
       if (!this.ws || this.ws.readyState !== 1) {
-        reject(new TidingsError(0, "not connected"));
+        reject(new TidingsError(0, "not connected", true));
         return;
       }
       const id = this._nextId++;
@@ -534,9 +651,9 @@ class WebSocketSession {
 
   _onPush(push) {
     const channel = push.channel;
-    if (push.pub && this.sub) {
+    if (push.pub) {
       this.sub._deliver(toPublication(channel, this._epochs.get(channel) || "", push.pub));
-    } else if (push.unsubscribe && this.sub) {
+    } else if (push.unsubscribe) {
       const code = push.unsubscribe.code || 0;
       if (code >= 2500) {
         this._resubscribe(channel);
@@ -553,7 +670,7 @@ class WebSocketSession {
     const req = { channel };
     const token = await this.client.subscriptionToken(channel);
     if (token) req.token = token;
-    const pos = this.sub ? this.sub.positions.get(channel) : null;
+    const pos = this.sub.positions.get(channel);
     if (pos) {
       req.recover = true;
       req.epoch = pos.epoch;
@@ -640,13 +757,24 @@ class WebSocketSession {
         done = true;
         this.ready = false;
         clearTimeout(openTimer);
+        clearTimeout(this._watchdog);
+        this._silence = 0;
         for (const t of this._timers) clearTimeout(t);
-        for (const w of this._pending.values()) w.reject(new TidingsError(0, "connection closed"));
+        for (const w of this._pending.values()) w.reject(new TidingsError(0, "connection closed", true));
         this._pending.clear();
         if (err) reject(err);
         else resolve();
       };
-      ws.onmessage = (ev) => this._onMessage(typeof ev.data === "string" ? ev.data : "");
+      // A silent connection may never report its end (the close handshake cannot pass
+      // a stalled path either): give up on it without waiting for onclose.
+      this._dead = () => {
+        try { ws.close(); } catch (e) { /* ignore */ }
+        finish(established ? null : new NotEstablished("WebSocket went silent"));
+      };
+      ws.onmessage = (ev) => {
+        this._alive();
+        this._onMessage(typeof ev.data === "string" ? ev.data : "");
+      };
       ws.onclose = (ev) => {
         const code = (this._disconnect && this._disconnect.code) || ev.code;
         const reason = (this._disconnect && this._disconnect.reason) || ev.reason;
@@ -666,6 +794,12 @@ class WebSocketSession {
             if (e.code !== 109 || !o.getToken) throw e;
             token = await client.connectionToken(true); // expired: refresh once
             res = await this.call("connect", { ...req, token });
+          }
+          // The server pings every res.ping seconds: silence past that (and the margin)
+          // means a dead path, even if the browser still calls the socket open.
+          if (res.ping > 0) {
+            this._silence = res.ping * 1000 + o.pingMargin;
+            this._alive();
           }
           this._scheduleRefresh(res.ttl || tokenTtl(token));
           for (const channel of this.channels) await this._subscribeChannel(channel);
@@ -727,10 +861,25 @@ class SSESession {
       const es = new EventSource(url);
       let established = false;
       let refreshTimer = null;
+      // The server sends `event: ping` every `ping` seconds its `subscribed` event
+      // announces; a stream silent for twice that (and the margin) is dead, however
+      // open EventSource thinks it is (a proxy that stopped forwarding).
+      let silence = 0;
+      let watchdog = null;
+      const alive = () => {
+        if (!silence) return;
+        clearTimeout(watchdog);
+        watchdog = setTimeout(() => {
+          client._log(`sse: nothing heard for ${silence} ms: reconnecting`);
+          finish(null);
+        }, silence);
+      };
       const finish = (err) => {
         es.close();
         clearTimeout(openTimer);
         clearTimeout(refreshTimer);
+        clearTimeout(watchdog);
+        silence = 0;
         this._stop = null;
         if (err) reject(err);
         else resolve();
@@ -740,6 +889,10 @@ class SSESession {
         if (!established) finish(new NotEstablished("SSE stream delivered nothing in time"));
       }, o.openTimeout);
       es.addEventListener("subscribed", (ev) => {
+        let ping = 0;
+        try { ping = Number(JSON.parse(ev.data).ping) || 0; } catch (e) { /* an older server: no ping */ }
+        if (ping > 0) silence = 2 * ping * 1000 + o.pingMargin;
+        alive();
         const start = decodeCursor(ev.lastEventId || "");
         if (start) {
           for (const [ch, pos] of start) {
@@ -758,7 +911,9 @@ class SSESession {
           }, Math.max(1000, ttl * 1000 * (1 - o.refreshMargin)));
         }
       });
+      es.addEventListener("ping", alive);
       es.addEventListener("unrecovered", (ev) => {
+        alive();
         try {
           const channels = JSON.parse(ev.data).channels || [];
           // Continue from "now" on those: forget the stale position.
@@ -766,6 +921,7 @@ class SSESession {
         } catch (e) { /* ignore */ }
       });
       es.onmessage = (ev) => {
+        alive();
         let pub;
         try { pub = JSON.parse(ev.data); } catch (e) { return; }
         sub._deliver(pub);
