@@ -315,32 +315,75 @@ def _mib(kib: float | None) -> str:
     return "-" if kib is None else f"{kib / 1024:,.1f} MiB"
 
 
+def limits_table(rows: list[dict[str, Any]]) -> str:
+    """The kernel and process limits the scale run checked, and the verdict on each."""
+    body = [
+        [
+            r["name"],
+            r["value"] + (f" (was {r['raised_from']})" if r.get("raised_from") else ""),
+            r["need"],
+            "ok" if r["ok"] else "**stops the run**",
+            r.get("note", ""),
+        ]
+        for r in rows
+    ]
+    return _md_table(["limit", "value", "this run needs", "verdict", "why"], body)
+
+
 def scale_table(r: Result) -> str:
-    """The scale-out run: a summary, then one row per worker process."""
+    """The scale run: a summary, the connect steps, and the workers' spread."""
     n, k = r["n"], r["broadcasts"]
     mem, fan, conn = r.get("memory", {}), r.get("fanout", {}), r.get("connect", {})
+    held = r.get("subscribed", 0)
+    kinds = r.get("subscribed_by_transport", {})
     lost = fan.get("lost_connections")
     ttl = [_get("fanout", key)(r) for key in ("ttl_ms_median", "ttl_ms_p99", "ttl_ms_max")]
+    detail = r.get("workers_detail", [])
+    conns = [w["connections"] for w in detail]
     rows = [
-        ["subscribers (subscribed / asked)", f"{r.get('subscribed', 0):,} / {n:,} SSE"],
-        ["processes", f"{r['workers']} tidings workers + Redis; {r['client_processes']} clients"],
         [
-            "connect rate (connect + subscribe)",
-            f"{fmt(conn.get('per_s'))} conn/s ({fmt(conn.get('seconds'))} s)"
-            + (f", failures {conn['failures']}" if conn.get("failures") else ""),
+            "subscribers (subscribed / asked)",
+            f"{held:,} / {n:,} (" + ", ".join(f"{t} {c:,}" for t, c in kinds.items()) + ")",
         ],
         [
-            "workers' memory, held",
-            f"RSS {_mib(mem.get('workers_rss_kib'))} (sum), "
-            f"PSS {_mib(mem.get('workers_pss_kib'))}; supervisor "
-            f"{_mib(r.get('supervisor_rss_kib'))}",
+            "processes",
+            f"{r['workers']} tidings workers + Redis; {r['client_processes']} load processes",
         ],
-        ["workers' RSS per connection", f"{fmt(mem.get('rss_per_conn_b'))} B (sum of deltas / N)"],
-        ["kernel slab per connection", f"{fmt(mem.get('slab_per_conn_b'))} B (both ends)"],
+        [
+            "time to connect all (connect + subscribe)",
+            f"{fmt(conn.get('seconds'))} s, {fmt(conn.get('per_s'))} conn/s",
+        ],
+        [
+            "connections per worker",
+            f"{min(conns):,} - {max(conns):,}" if conns else "-",
+        ],
+        [
+            "server RSS per connection (user space)",
+            f"{fmt(mem.get('server_rss_per_conn_b'))} B (workers' RSS delta / N; PSS "
+            f"{fmt(mem.get('server_pss_per_conn_b'))} B); workers "
+            f"{_mib(mem.get('workers_rss_kib'))} RSS, {_mib(mem.get('workers_pss_kib'))} PSS",
+        ],
+        [
+            "kernel slab per socket",
+            f"{fmt(mem.get('slab_per_socket_b'))} B ({fmt(mem.get('slab_per_conn_b'))} B per "
+            "connection, both ends)",
+        ],
+        [
+            "load generator RSS per connection",
+            f"{fmt(mem.get('client_rss_per_conn_b'))} B ({_mib(mem.get('clients_rss_kib'))})",
+        ],
+        [
+            "machine memory per connection (MemAvailable delta / N)",
+            f"{fmt(mem.get('machine_used_per_conn_b'))} B",
+        ],
         [
             "Redis RSS",
             f"{_mib(mem.get('redis_rss_kib'))} held, "
             f"{_mib(mem.get('redis_rss_after_broadcasts_kib'))} after the broadcasts",
+        ],
+        [
+            "TCP buffer pages (sockstat mem)",
+            f"{fmt(mem.get('tcp_mem_pages_idle'))} idle, {fmt(mem.get('tcp_mem_pages_peak'))} peak",
         ],
         [
             f"broadcast: publish to last delivery (K = {k})",
@@ -348,38 +391,83 @@ def scale_table(r: Result) -> str:
         ],
         [
             "deliveries counted / N x K",
-            f"{fan.get('delivered', 0):,} / {n * k:,}"
+            f"{fan.get('delivered', 0):,} / {held * k:,}"
             + (f" (lost connections: {lost})" if lost else ""),
         ],
         [
             "server CPU per delivery",
-            f"{fmt(fan.get('cpu_us_per_delivery'))} µs (median of rounds, all processes)",
+            f"{fmt(fan.get('cpu_us_per_delivery'))} µs (median of rounds, all workers); load "
+            f"generator {fmt(fan.get('clients_cpu_us_per_delivery'))} µs",
         ],
+        ["largest N held", f"{r.get('largest_n_held', held):,}"],
     ]
-    out = [f"\n### Scale-out: N = {n:,}, {r['workers']} workers + Redis\n"]
+    if r.get("limit"):
+        rows.append(["what stopped it", str(r["limit"])])
+    kinds_label = "+".join(r.get("transports", [r.get("transport", "sse")]))
+    out = [f"\n### Scale: N = {n:,} ({kinds_label}), {r['workers']} workers + Redis\n"]
     out.append(_md_table(["figure", "value"], rows))
-    workers = r.get("workers_detail", [])
-    if workers:
-        body = [
-            [
-                str(w["pid"]),
-                f"{w['connections']:,}",
-                _mib(w["rss_base_kib"]),
-                _mib(w["rss_kib"]),
-                fmt(w["rss_per_conn_b"]),
-                _mib(w.get("rss_after_broadcasts_kib")),
-            ]
-            for w in workers
-        ]
+    steps = r.get("steps", [])
+    if steps:
         out.append("")
         out.append(
             _md_table(
-                ["worker pid", "connections", "RSS base", "RSS held", "B/conn", "RSS after K"],
-                body,
+                ["held", "step conn/s", "workers RSS", "load RSS", "slab", "RAM used", "failures"],
+                [
+                    [
+                        f"{s['held']:,}",
+                        fmt(s.get("per_s")),
+                        _mib(s["workers_rss_kib"]),
+                        _mib(s["clients_rss_kib"]),
+                        _mib(s["slab_kib"]),
+                        f"{s['memory_used']:.1%}",
+                        str(s["failures"] or "-"),
+                    ]
+                    for s in steps
+                ],
             )
+        )
+    slab = mem.get("slab_caches_per_socket_b")
+    if slab:
+        out.append(
+            "\nslab caches that grew, B per socket: "
+            + ", ".join(f"{name} {fmt(v)}" for name, v in slab.items())
         )
     if r.get("error"):
         out.append(f"\nERROR: {r['error'][:500]}")
     if r.get("leftover_pids"):
         out.append(f"\nprocesses still alive after cleanup: {r['leftover_pids']}")
     return "\n".join(out)
+
+
+def scale_chart(r: Result, outdir: Path) -> Path | None:
+    """Memory held against subscribers, step by step: server, load generator, kernel slab."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no charts (run bench/setup.sh)", file=sys.stderr)
+        return None
+    base = r.get("base", {})
+    steps = r["steps"]
+    xs = [0] + [s["held"] / 1000 for s in steps]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, base_key, label in (
+        ("slab_kib", "slab_kib", "kernel slab (both ends)"),
+        ("workers_rss_kib", "workers_rss_kib", "tidings workers' RSS"),
+        ("clients_rss_kib", "clients_rss_kib", "load generator RSS"),
+    ):
+        b = base.get(base_key, 0)
+        ax.plot(xs, [0] + [(s[key] - b) / 2**20 for s in steps], marker="o", label=label)
+    ax.set_xlabel("subscribers held (thousands)")
+    ax.set_ylabel("GiB above the start")
+    kinds = "+".join(r.get("transports", []))
+    ax.set_title(f"memory while connecting, {kinds}, {r['workers']} workers + Redis")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = outdir / f"scale-n{r['n']}-memory.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -35,7 +35,6 @@ import json
 import math
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import signal
 import socket
@@ -55,7 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load
 import measure
 import report
-from servers import HOST, REDIS, SERVERS, ServerDef, tidings_body, tidings_scaled
+from servers import HOST, SERVERS, ServerDef
 
 SCENARIOS = ("idle", "fanout", "latency", "connrate")
 PAD = "x" * 60  # message data is ~100 bytes of JSON, as in the fan-out probe
@@ -621,31 +620,7 @@ async def latency(publisher: Publisher, pool: Pool, mode: Mode, n: int) -> dict[
 # --------------------------------------------------------------------------- scale-out
 
 
-SCALE = Mode(
-    [100_000],
-    broadcasts=20,
-    gap=0.5,  # lets the 2 cores drain the previous broadcast's socket work first
-    settle=5.0,
-    latency_seconds=0.0,  # no latency phase: the figure asked for is time to last
-    latency_deliveries_per_s=0,
-    drain_timeout=10.0,
-    concurrency=200,
-)
-FILE_MARGIN = 500  # a worker's own files (listener, Redis, epoll, log) + SO_REUSEPORT's skew
-
-
-def worker_capacity() -> int | None:
-    """Connections one process may hold: the hard open-files limit minus a margin.
-
-    Raises this process's soft limit to the hard one first, so that the server
-    and client processes started from here inherit it. ``None``: no limit.
-    """
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY:
-        return None
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return hard - FILE_MARGIN
+# The scale scenario itself is in scale.py; these two helpers are shared.
 
 
 async def wait_workers(server: ServerProc, workers: int, timeout: float = 30.0) -> list[int]:
@@ -669,136 +644,6 @@ async def wait_workers(server: ServerProc, workers: int, timeout: float = 30.0) 
     return children
 
 
-def worker_memory(pids: list[int], port: int) -> list[dict[str, int]]:
-    """RSS, PSS, open files and connections on ``port`` of each worker process."""
-    conns = measure.accepted_connections(pids, port)
-    return [
-        {
-            "pid": pid,
-            "rss_kib": measure.rss_kib([pid]),
-            "pss_kib": measure.pss_kib([pid]),
-            "files": measure.open_files(pid),
-            "connections": c,
-        }
-        for pid, c in zip(pids, conns, strict=True)
-    ]
-
-
-def scale_budget(mode: Mode, n: int) -> float:
-    """Upper bound of the whole scale scenario, in seconds (under 10 min at 100,000)."""
-    return 90 + connect_timeout(n) + mode.broadcasts * (mode.drain_timeout + mode.gap + 1)
-
-
-def connect_timeout(n: int) -> float:
-    """Subscribing N: a few thousand per second at worst on 2 shared cores."""
-    return 60 + n / 1000
-
-
-async def run_scale(result: dict[str, Any], mode: Mode, root: Path) -> None:
-    """The scale-out scenario, filling ``result`` as it goes (partial on a timeout).
-
-    Redis on a free port, tidings with ``result["workers"]`` processes on one
-    port using it, N SSE subscribers spread over enough load processes to stay
-    under the per-process file limit; counted subscribed once their
-    ``subscribed`` event arrived. Then K broadcasts published to one worker,
-    each reaching the others through Redis, timed to the last subscriber's
-    receipt and counted. Every process started here is killed at the end and
-    the ones that survived are listed in ``leftover_pids``.
-    """
-    n, workers = result["n"], result["workers"]
-    combo = int(time.time()) % 97
-    pool = Pool(result["client_processes"])
-    redis: ServerProc | None = None
-    server: ServerProc | None = None
-    publisher: Publisher | None = None
-    started: list[int] = []
-    try:
-        redis = ServerProc(REDIS, free_port(1), Path(tempfile.mkdtemp(prefix="redis-", dir=root)))
-        started.append(redis.proc.pid)
-        await redis.wait_ready()
-        port = free_port(1)
-        sdef = tidings_scaled(workers, redis.port)
-        server = ServerProc(sdef, port, Path(tempfile.mkdtemp(prefix="tidings-", dir=root)))
-        started.append(server.proc.pid)
-        await server.wait_ready()
-        pids = await wait_workers(server, workers)
-        started += pids
-        spec = sdef.specs(port)["sse"]
-        publisher = Publisher(HOST, port, sdef.publish_path, tidings_body)
-        await warm_up(server, publisher, pool, spec, combo, n=20 * workers)
-
-        base = worker_memory(pids, port)
-        redis0, slab0 = redis.rss_kib(), measure.slab_kib()
-        result["connect"] = await connect_all(
-            server, pool, spec, n, combo, mode, connect_timeout(n)
-        )
-        subscribed = sum(a["ready"] for a in await pool.all("status", 10))
-        result["subscribed"] = subscribed
-        await asyncio.sleep(mode.settle)
-        held = worker_memory(pids, port)
-        slab1 = measure.slab_kib()
-        result["supervisor_rss_kib"] = measure.rss_kib([server.proc.pid])
-        result["workers_detail"] = [
-            {
-                "pid": b["pid"],
-                "connections": h["connections"],
-                "open_files": h["files"],
-                "rss_base_kib": b["rss_kib"],
-                "rss_kib": h["rss_kib"],
-                "pss_kib": h["pss_kib"],
-                "rss_per_conn_b": round((h["rss_kib"] - b["rss_kib"]) * 1024 / c, 1)
-                if (c := h["connections"] - b["connections"]) > 0
-                else None,
-            }
-            for b, h in zip(base, held, strict=True)
-        ]
-        delta = sum(h["rss_kib"] - b["rss_kib"] for b, h in zip(base, held, strict=True))
-        result["memory"] = {
-            "workers_rss_kib": sum(h["rss_kib"] for h in held),
-            "workers_pss_kib": sum(h["pss_kib"] for h in held),
-            "workers_rss_delta_kib": delta,
-            "rss_per_conn_b": round(delta * 1024 / subscribed, 1) if subscribed else None,
-            "slab_per_conn_b": round((slab1 - slab0) * 1024 / subscribed, 1)
-            if subscribed
-            else None,
-            "redis_rss_base_kib": redis0,
-            "redis_rss_kib": redis.rss_kib(),
-        }
-        if not server.alive():
-            raise RuntimeError(f"died holding {subscribed} connections: {server.log_tail()}")
-
-        result["fanout"] = await fanout(server, publisher, pool, mode)
-        for w, after in zip(result["workers_detail"], worker_memory(pids, port), strict=True):
-            w["rss_after_broadcasts_kib"] = after["rss_kib"]
-        result["memory"]["redis_rss_after_broadcasts_kib"] = redis.rss_kib()
-        fan = result["fanout"]
-        result["ok"] = (
-            server.alive()
-            and subscribed == n
-            and fan["delivered"] == n * mode.broadcasts
-            and not fan["lost_connections"]
-        )
-        if not result["ok"]:
-            result["error"] = (
-                f"subscribed {subscribed:,} of {n:,}; delivered {fan['delivered']:,} "
-                f"of {n * mode.broadcasts:,}; lost {fan['lost_connections']}"
-            )
-    except Exception as e:  # recorded, and everything below still runs
-        result["error"] = f"{type(e).__name__}: {e}"
-        if server is not None:
-            result["server_log"] = server.log_tail(400)
-    finally:
-        for proc in (server, redis):
-            if proc is not None:
-                proc.stop()
-        if publisher:
-            publisher.close()
-        pool.close()  # each load process aborts its sockets as it exits
-        started += server.pids if server else []
-        await asyncio.sleep(0.5)
-        result["leftover_pids"] = sorted({p for p in started if alive(p)})
-
-
 def alive(pid: int) -> bool:
     """Whether ``pid`` still exists as a running (non-zombie) process."""
     try:
@@ -806,84 +651,6 @@ def alive(pid: int) -> bool:
             return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
     except OSError:
         return False
-
-
-def save_scale(out: Path, meta: dict[str, Any], result: dict[str, Any]) -> None:
-    """Add one run to ``out``, replacing an earlier run with the same N and workers,
-    so that one file keeps both data points (7 workers at 100,000, 2 at 38,000)."""
-    runs: list[dict[str, Any]] = []
-    if out.exists():
-        with contextlib.suppress(ValueError):
-            runs = json.loads(out.read_text()).get("runs", [])
-    key = (result["n"], result["workers"])
-    runs = [r for r in runs if (r["result"]["n"], r["result"]["workers"]) != key]
-    runs.append({"meta": meta, "result": result})
-    runs.sort(key=lambda r: (-r["result"]["n"], r["result"]["workers"]))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"runs": runs}, indent=1))
-
-
-def main_scale(args: argparse.Namespace) -> int:
-    """``--scale``: one scale-out run, printed and merged into the JSON file."""
-    mode = Mode(**SCALE.__dict__)
-    n = int(args.n) if args.n else mode.ns[0]
-    mode.ns = [n]
-    if args.broadcasts:
-        mode.broadcasts = args.broadcasts
-    cap = worker_capacity()
-    workers = args.workers or (max(2, math.ceil(n / cap) + 1) if cap else 2)
-    if cap and n > workers * cap:
-        raise SystemExit(
-            f"{n:,} subscribers cannot fit in {workers} worker(s) here: a process may hold "
-            f"{cap + FILE_MARGIN:,} open files (hard limit), so at most ~{cap:,} connections "
-            f"per worker; use --workers {math.ceil(n / cap) + 1} (one spare because "
-            "SO_REUSEPORT spreads connections by hash, not exactly evenly)"
-        )
-    for sdef in (REDIS, SERVERS["tidings"]):
-        if why := sdef.unavailable():
-            raise SystemExit(f"{sdef.name}: {why}")
-    result: dict[str, Any] = {
-        "scenario": "scale",
-        "transport": "sse",
-        "n": n,
-        "workers": workers,
-        "client_processes": max(2, math.ceil(n / load.MAX_SOCKETS_PER_PROCESS)),
-        "broadcasts": mode.broadcasts,
-        "ok": False,
-    }
-    print(
-        f"tidings bench (scale): N={n:,} workers={workers} "
-        f"clients={result['client_processes']} K={mode.broadcasts} "
-        f"(budget {scale_budget(mode, n):.0f} s)",
-        flush=True,
-    )
-    t0 = time.monotonic()
-    root = Path(tempfile.mkdtemp(prefix="tidings-scale-"))
-
-    async def go() -> None:
-        task = asyncio.ensure_future(run_scale(result, mode, root))
-        WATCHDOG.arm(scale_budget(mode, n), task)
-        try:
-            await task
-        except asyncio.CancelledError:
-            if not WATCHDOG.fired:
-                raise
-            result["error"] = "watchdog: the scenario exceeded its time budget"
-        finally:
-            WATCHDOG.disarm()
-
-    asyncio.run(go())
-    result["wall_s"] = round(time.monotonic() - t0, 1)
-    if args.keep_tmp:
-        print(f"server logs and configs kept in {root}")
-    else:
-        shutil.rmtree(root, ignore_errors=True)
-    out = args.json or Path(__file__).resolve().parent / "results" / "scale.json"
-    save_scale(out, report.machine("scale", mode.__dict__, result["wall_s"]), result)
-    print()
-    print(report.scale_table(result))
-    print(f"results: {out}  ({result['wall_s']:.0f} s)")
-    return 0 if result["ok"] else 1
 
 
 # --------------------------------------------------------------------------- main
@@ -1006,7 +773,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument(
         "--scale",
         action="store_true",
-        help="scale-out: tidings --workers W + Redis, N SSE subscribers (default 100,000)",
+        help="scale: tidings --workers W + Redis, N subscribers, SSE and WebSocket half each "
+        "(default 100,000; --n 1000000 for the million); see scale.py",
     )
     p.add_argument(
         "--workers",
@@ -1015,7 +783,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--n", help="comma-separated N values (overrides the mode's)")
     p.add_argument("--servers", default=",".join(SERVERS), help="comma-separated, default all")
-    p.add_argument("--transports", default="sse,ws,poll")
+    p.add_argument("--transports", help="default sse,ws,poll (--scale: sse,ws)")
     p.add_argument(
         "--scenarios",
         default=",".join(SCENARIOS),
@@ -1028,6 +796,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--keep-tmp", action="store_true", help="keep server logs and configs (temp directory)"
     )
+    scale = p.add_argument_group("--scale: the million-subscriber scenario (bench/scale.py)")
+    scale.add_argument("--step", type=int, help="subscribers connected per step (default N/5)")
+    scale.add_argument(
+        "--keepalive",
+        type=float,
+        default=60.0,
+        help="SSE heartbeat and WebSocket ping interval in seconds (default 60)",
+    )
+    scale.add_argument("--no-raise", action="store_true", help="never raise a sysctl, even as root")
     rooms = p.add_argument_group("--rooms: the chat-rooms scenario (bench/rooms.py)")
     rooms.add_argument(
         "--rooms",
@@ -1041,6 +818,8 @@ def main(argv: list[str] | None = None) -> int:
         "--methods", default="publish,batch,inproc", help="tidings' publish methods to measure"
     )
     args = p.parse_args(argv)
+    if args.transports is None and not args.scale:
+        args.transports = "sse,ws,poll"
     if args.rooms:
         if args.full or args.scale:
             p.error("--rooms takes --quick or nothing")
@@ -1048,7 +827,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return rooms_scenario.main(args)
     if args.scale:
-        return main_scale(args)
+        import scale  # here: it imports this module
+
+        return scale.main(args)
     base = FULL if args.full else QUICK
     mode = Mode(**base.__dict__)
     if args.n:

@@ -106,7 +106,9 @@ def test_bench_quick_lecture_model(tmp_path: Path, peer: str) -> None:
 @pytest.mark.redis
 @pytest.mark.timeout(180)
 def test_bench_scale(tmp_path: Path) -> None:
-    """``--scale`` at tiny N: 2 workers + Redis, every broadcast counted, nothing left running."""
+    """``--scale`` at tiny N: 2 workers + Redis, SSE and WebSocket half each, connected in
+    two steps; every broadcast counted on every subscriber, the kernel limits checked,
+    nothing left running."""
     find_binary("redis-server", "redis-server")  # the scenario starts its own
     out = tmp_path / "scale.json"
     cmd = [
@@ -115,10 +117,14 @@ def test_bench_scale(tmp_path: Path) -> None:
         "--scale",
         "--n",
         str(N),
+        "--step",
+        str(N // 2),
         "--workers",
         "2",
         "--broadcasts",
         str(K),
+        "--no-raise",  # a test never changes the machine's sysctls
+        "--no-charts",
         "--json",
         str(out),
     ]
@@ -128,10 +134,16 @@ def test_bench_scale(tmp_path: Path) -> None:
     assert len(runs) == 1, runs
     result = runs[0]["result"]
     assert result.get("error") is None, result.get("error")
+    assert result.get("limit") is None, result.get("limit")
     assert result["ok"] is True
     assert result["subscribed"] == N
+    assert result["subscribed_by_transport"] == {"sse": N // 2, "ws": N - N // 2}
+    assert [s["held"] for s in result["steps"]] == [N // 2, N]
     assert sum(w["connections"] for w in result["workers_detail"]) == N
     assert result["fanout"]["delivered"] == N * K
+    checked = {row["name"] for row in result["limits"]}
+    assert {"fs.file-max", "net.ipv4.tcp_mem", "net.ipv4.ip_local_port_range"} <= checked
+    assert all(row["raised_from"] is None for row in result["limits"])
     assert result["leftover_pids"] == []
 
 
