@@ -350,6 +350,10 @@ class Subscription {
     this.transports = (handlers.transports || client.options.transports).filter((t) => ALL_TRANSPORTS.includes(t));
     if (!this.transports.length) throw new Error("no known transport in " + JSON.stringify(handlers.transports));
     this.positions = new Map(); // channel -> {epoch, offset}
+    // handlers.since: where to start (a cursor, or a Map channel -> {epoch, offset}), so that a
+    // stream replacing another resumes from its positions (tidings-shared.js merges tabs' channels).
+    const since = typeof handlers.since === "string" ? decodeCursor(handlers.since) : handlers.since;
+    if (since) for (const [ch, pos] of since) if (channels.includes(ch)) this.positions.set(ch, { epoch: pos.epoch, offset: pos.offset });
     this.transport = null; // the name of the transport in use
     this.state = "connecting";
     this._index = 0; // the transport in use (or being established), in this.transports
