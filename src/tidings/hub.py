@@ -195,7 +195,12 @@ class _Channel:
     __slots__ = ("catching_up", "pending", "subscribed", "subscribers", "top")
 
     def __init__(self, top: Position) -> None:
-        self.subscribers: set[Subscriber] = set()
+        #: A dict used as an ordered set: the fan-out walks it in the order
+        #: subscribers joined, which is the order their objects were allocated,
+        #: so it reads memory mostly forward. A set's hash order jumps about:
+        #: 300 ns against 107 ns per delivery of Python around the write, 10,000
+        #: SSE streams (a discarding C write in place of the socket's).
+        self.subscribers: dict[Subscriber, None] = {}
         # subscribe() calls waiting on the broker.
         self.pending: list[_Pending] = []
         # Subscribers at a position other than ``top``, by that position.
@@ -617,7 +622,7 @@ class Hub:
         for subscriber, position in list(state.catching_up.items()):
             if follows(position, pub):
                 del state.catching_up[subscriber]
-                state.subscribers.add(subscriber)
+                state.subscribers[subscriber] = None
             elif (pub.epoch == position.epoch or position == EMPTY) and (
                 pub.offset > position.offset
             ):
@@ -687,7 +692,7 @@ class Hub:
         if top == EMPTY and first:
             state.top = top = merged.position  # the first to join: live delivery starts here
         if merged.position == top:
-            state.subscribers.add(subscriber)
+            state.subscribers[subscriber] = None
         else:
             state.catching_up[subscriber] = merged.position
         if first and self._hooks.listening:
@@ -763,6 +768,12 @@ class Hub:
             return await self._recover(channel, since)
 
     async def _recover(self, channel: str, since: Position | None) -> Recovery:
+        known = self._broker.position(channel)
+        if known is not None and (since is None or since == known):
+            # The node knows where the channel stands (see Broker.position):
+            # no round trip to the broker for each subscriber of a channel it
+            # already follows (Redis: 2.6-3.9k connects/s with one).
+            return Recovery(known, [], since is not None)
         if since is None:
             _, top = await self._broker.history(channel, limit=0)
             return Recovery(top, [], False)
@@ -776,7 +787,7 @@ class Hub:
         state = self._channels.get(channel)
         if state is None:
             return
-        state.subscribers.discard(subscriber)
+        state.subscribers.pop(subscriber, None)
         state.catching_up.pop(subscriber, None)
         self._drop_if_unused(channel, state)
 
