@@ -9,6 +9,7 @@ not set; under ``CI=true`` they must run.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -23,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from browser_support import Proxy, launch_browser
 from conftest import ServerProcess, free_port
 from helpers import SSEClient, api, publish, unique_channel
+from hooks_support import HookedServer, hooked_server
+from tidings.hooks import Hooks, RPCCall
 
 pytestmark = pytest.mark.browser
 
@@ -542,3 +545,100 @@ def test_websocket_blocked_then_unblocked_falls_back_then_moves_back_up(
     publish(server, ch, "last")
     assert data_of(wait_got(page, sent + 1))[-1] == "last"
     assert len(page.evaluate("() => window.got")) == sent + 1
+
+
+# -- calls on every transport: rpc, publish, history, presence ------------------------
+
+
+@pytest.fixture(scope="module")
+def rpc_server() -> Iterator[HookedServer]:
+    """A server whose Python hooks answer the RPC method ``add``, and ``slow`` past the hooks'
+    timeout (a temporary failure); ``room:`` keeps presence."""
+    hooks = Hooks(timeout=0.5)
+    never = asyncio.Event()
+
+    async def add(call: RPCCall) -> Any:
+        args = call.data_json()
+        return {"sum": args["a"] + args["b"]}
+
+    async def slow(call: RPCCall) -> Any:
+        await never.wait()  # cancelled by the hooks' timeout
+
+    hooks.rpc = {"add": add, "slow": slow}
+    with hooked_server(hooks, {"namespaces": {"room": {"presence": True}}}) as srv:
+        yield srv
+
+
+#: Counts the page's WebSocket constructions and records the URL of every fetch.
+SPY = """() => {
+  window.sockets = 0; window.fetched = [];
+  const NativeWebSocket = window.WebSocket;
+  window.WebSocket = function (...args) { window.sockets++; return new NativeWebSocket(...args); };
+  const nativeFetch = window.fetch;
+  window.fetch = (url, init) => {
+    window.fetched.push(String(url));
+    return nativeFetch(url, init);
+  };
+}"""
+
+#: Runs one call of the page's client; its result, or the TidingsError it rejected with.
+CALL = """async ([method, args]) => {
+  const m = await import('/tidings.js');
+  try {
+    return {ok: await window.client[method](...args)};
+  } catch (e) {
+    return {error: {code: e.code, temporary: e.temporary, tidings: e instanceof m.TidingsError}};
+  }
+}"""
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_rpc_publish_history_presence_on_every_transport(
+    page: Any, rpc_server: HookedServer, transport: str
+) -> None:
+    """Each call answers the same on every transport: over the page's WebSocket when it
+    is on WebSocket, else as POST /call/<method> -- and then no WebSocket is ever opened,
+    so a network that blocks WebSocket does not block calls. An unknown RPC method is 108,
+    presence in a namespace without it 108, both as a TidingsError."""
+    ch = "room:" + unique_channel(f"calls-{transport}-")
+    page.goto(rpc_server.url + "/health")
+    page.evaluate(SPY)
+    page.evaluate(SETUP, {"channels": [ch], "options": FAST, "transports": [transport]})
+    wait_connected(page, transport)
+
+    def call(method: str, *args: Any) -> dict[str, Any]:
+        result: dict[str, Any] = page.evaluate(CALL, [method, list(args)])
+        return result
+
+    assert call("rpc", "add", {"a": 2, "b": 3}) == {"ok": {"sum": 5}}
+    assert call("rpc", "nope", {}) == {"error": {"code": 108, "temporary": False, "tidings": True}}
+    assert call("rpc", "slow", {}) == {"error": {"code": 100, "temporary": True, "tidings": True}}
+    assert call("publish", ch, {"text": "from the page"}) == {"ok": {}}
+    assert data_of(wait_got(page, 1)) == [{"text": "from the page"}]
+    history = call("history", ch)["ok"]
+    assert [p["data"] for p in history["publications"]] == [{"text": "from the page"}]
+    assert history["offset"] == page.evaluate("() => window.got[0].offset")
+    presence = call("presence", ch)["ok"]
+    assert isinstance(presence, dict)
+    stats = call("presenceStats", ch)["ok"]
+    assert stats["num_clients"] == len(presence)
+    no_presence = unique_channel("plain-")
+    assert call("presence", no_presence)["error"]["code"] == 108
+
+    posted = [url for url in page.evaluate("() => window.fetched") if "/call/" in url]
+    if transport == "websocket":
+        assert posted == []
+        assert page.evaluate("() => window.sockets") == 1
+    else:
+        names = [url.rsplit("/call/", 1)[1] for url in posted]
+        assert names == [
+            "rpc",
+            "rpc",
+            "rpc",
+            "publish",
+            "history",
+            "presence",
+            "presence_stats",
+            "presence",
+        ]
+        assert page.evaluate("() => window.sockets") == 0
