@@ -195,13 +195,16 @@ class Server:
         self._stopped = asyncio.Event()
         #: Set by a signal when ``timeouts.drain`` is on: /ready says 503 while serving goes on.
         self._draining = False
-        self._static = _read_static("tidings.js", "demo.html")
+        self._static = _read_static("tidings.js", "tidings-shared.js", "tidings-worker.js", "demo.html")
         for transport in self.transports:
             transport.mount(self.router)
         self.api.mount(self.router)
         self.router.add("GET", "/health", self._health)
         self.router.add("GET", "/ready", self._ready)
         self.router.add("GET", "/tidings.js", self._tidings_js)
+        # One connection per browser: the tab side and the SharedWorker of tidings-shared.js.
+        self.router.add("GET", "/tidings-shared.js", self._tidings_shared_js)
+        self.router.add("GET", "/tidings-worker.js", self._tidings_worker_js)
         self.router.add("GET", "/demo", self._demo)
         if config.metrics.enabled:
             metrics.read_live(self.live)
@@ -500,6 +503,16 @@ class Server:
 
     async def _tidings_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")
+
+    async def _tidings_shared_js(self, request: Request, conn: Exchange) -> Response:
+        return _static_response(
+            self._static["tidings-shared.js"], "application/javascript; charset=utf-8"
+        )
+
+    async def _tidings_worker_js(self, request: Request, conn: Exchange) -> Response:
+        return _static_response(
+            self._static["tidings-worker.js"], "application/javascript; charset=utf-8"
+        )
 
     async def _demo(self, request: Request, conn: Exchange) -> Response:
         if not self.config.demo:

@@ -1,0 +1,291 @@
+"""tidings-shared.js in Chromium: the tabs of one origin share one server connection.
+
+Pages of one Playwright browser context are tabs of one origin: they share the
+SharedWorker (or, with ``sharedWorker: false``, elect a leader tab over Web Locks
+and talk to it over a BroadcastChannel). Connections are counted on the server
+(``/api/info``'s ``num_clients``), channels by ``/api/channels``; publications
+come from the server API while the tabs subscribe, unsubscribe and close, and
+each tab must get exactly its channels' publications, each once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from browser_support import launch_browser
+from conftest import ServerProcess
+from helpers import api, publish, unique_channel
+
+pytestmark = pytest.mark.browser
+
+WAIT_MS = 20_000
+DEADLINE = 20.0  # seconds for a server-side figure to settle
+
+FAST = {
+    "openTimeout": 3000,
+    "minBackoff": 100,
+    "maxBackoff": 1000,
+    "pollInterval": 300,
+    "longPollTimeout": 5,
+}
+
+SETUP = """async (options) => {
+  const m = await import('/tidings-shared.js');
+  window.got = {}; window.states = {}; window.transports = {}; window.errors = [];
+  window.subs = {};
+  window.client = new m.Tidings(location.origin, options);
+}"""
+
+SUBSCRIBE = """([name, channels]) => {
+  window.got[name] = []; window.states[name] = []; window.transports[name] = [];
+  window.subs[name] = window.client.subscribe(channels, (p) => window.got[name].push(p), {
+    onState: (s) => window.states[name].push(s),
+    onTransport: (t) => window.transports[name].push(t),
+    onError: (e) => window.errors.push(String(e && e.message)),
+  });
+}"""
+
+Tab = Any  # a Playwright page
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    with launch_browser(tmp_path_factory.mktemp("chromium")) as context:
+        yield context
+
+
+@pytest.fixture
+def tabs(browser: Any) -> Iterator[Callable[..., Tab]]:
+    """Opens tabs on an origin with a tidings-shared.js client; closes them after the test."""
+    opened: list[Tab] = []
+
+    def open_tab(origin: str, prepare: tuple[str, ...] = (), **options: Any) -> Tab:
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        opened.append(page)
+        page.goto(origin + "/health")
+        for script in prepare:  # changes to the page before the client exists
+            page.evaluate(script)
+        page.evaluate(SETUP, {**FAST, **options})
+        return page
+
+    yield open_tab
+    for page in opened:
+        if not page.is_closed():
+            page.close()
+
+
+def subscribe(tab: Tab, name: str, channels: list[str]) -> None:
+    tab.evaluate(SUBSCRIBE, [name, channels])
+    tab.wait_for_function("(n) => window.subs[n].state === 'connected'", arg=name)
+
+
+def received(tab: Tab, name: str) -> list[Any]:
+    got: list[dict[str, Any]] = tab.evaluate("(n) => window.got[n]", name)
+    return [(p["channel"], p["data"]) for p in got]
+
+
+def wait_received(tab: Tab, name: str, expected: list[Any]) -> None:
+    """Waits until ``name`` has as many publications as expected, then compares them."""
+    try:
+        tab.wait_for_function("([n, k]) => window.got[n].length >= k", arg=[name, len(expected)])
+    except Exception as exc:
+        raise AssertionError(f"{name}: {received(tab, name)} instead of {expected}") from exc
+    assert received(tab, name) == expected
+
+
+def num_clients(srv: ServerProcess) -> int:
+    body = api(srv, "info").json()
+    return int(sum(node["num_clients"] for node in body["result"]["nodes"]))
+
+
+def channels_on_server(srv: ServerProcess) -> set[str]:
+    return set(api(srv, "channels").json()["result"]["channels"])
+
+
+def settle(what: str, read: Callable[[], Any], expected: Any) -> None:
+    """Polls a server-side figure until it equals ``expected`` (a deadline, no fixed sleep)."""
+    deadline = time.monotonic() + DEADLINE
+    seen = read()
+    while seen != expected:
+        assert time.monotonic() < deadline, f"{what}: {seen!r}, expected {expected!r}"
+        time.sleep(0.05)
+        seen = read()
+
+
+class Publisher:
+    """Publishes 1, 2, 3... to a channel from a thread until stopped: the stream that
+    runs across the switches the test makes."""
+
+    def __init__(self, srv: ServerProcess, channel: str) -> None:
+        self.srv = srv
+        self.channel = channel
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with httpx.Client(timeout=10) as http:
+            while not self._stop.is_set():
+                body = {"channel": self.channel, "data": self.sent + 1}
+                resp = http.post(f"{self.srv.url}/api/publish", json=body)
+                assert resp.status_code == 200, resp.text
+                self.sent += 1
+                self._stop.wait(0.02)  # a steady pace, not a synchronisation
+
+    def __enter__(self) -> Publisher:
+        self._thread.start()
+        return self
+
+    def wait_sent(self, n: int) -> None:
+        deadline = time.monotonic() + DEADLINE
+        while self.sent < n:
+            assert time.monotonic() < deadline, f"only {self.sent} published"
+            time.sleep(0.01)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def test_three_tabs_share_one_connection_each_gets_its_channels(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    srv = server_factory()
+    a, b, c = (unique_channel(f"sh-{x}-") for x in "abc")
+    one, two, three = tabs(srv.url), tabs(srv.url), tabs(srv.url)
+    subscribe(one, "s", [a])
+    subscribe(two, "s", [b])
+    subscribe(three, "s", [a, c])
+    assert [t.evaluate("() => window.client.sharing") for t in (one, two, three)] == ["worker"] * 3
+    settle("connections held for three tabs", lambda: num_clients(srv), 1)
+    settle("channels on the server", lambda: channels_on_server(srv), {a, b, c})
+
+    for channel, data in ((a, 1), (b, 2), (c, 3), (a, 4)):
+        publish(srv, channel, data)
+    wait_received(one, "s", [(a, 1), (a, 4)])
+    wait_received(two, "s", [(b, 2)])
+    wait_received(three, "s", [(a, 1), (c, 3), (a, 4)])
+    # The app's callbacks, as with tidings.js: one transport, connected once.
+    for tab in (one, two, three):
+        assert tab.evaluate("() => window.transports.s") == ["websocket"]
+        assert tab.evaluate("() => window.states.s") == ["connected"]
+    # Calls go through the shared connection too.
+    three.evaluate(f"() => window.client.history({json.dumps(c)})")
+    assert num_clients(srv) == 1
+
+
+def test_union_grows_and_shrinks_without_loss(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    """Each change of the union reopens the shared stream from the current positions while
+    publications keep coming: the tab that stays sees every one of them, once, in order."""
+    srv = server_factory()
+    steady, grown, extra = (unique_channel(f"sh-{x}-") for x in ("steady", "grown", "extra"))
+    one, two = tabs(srv.url), tabs(srv.url)
+    subscribe(one, "steady", [steady])
+    with Publisher(srv, steady) as pub:
+        pub.wait_sent(5)
+        subscribe(two, "grown", [grown])  # the union grows: a new stream replaces the old
+        settle("channels after growing", lambda: channels_on_server(srv), {steady, grown})
+        publish(srv, grown, "g1")
+        wait_received(two, "grown", [(grown, "g1")])
+        pub.wait_sent(pub.sent + 5)
+        subscribe(one, "extra", [extra, steady])  # a second subscription in the same tab
+        pub.wait_sent(pub.sent + 5)
+        two.evaluate("() => window.subs.grown.unsubscribe()")  # the union shrinks
+        settle("channels after shrinking", lambda: channels_on_server(srv), {steady, extra})
+        one.evaluate("() => window.subs.extra.unsubscribe()")
+        settle("channels at the end", lambda: channels_on_server(srv), {steady})
+        pub.wait_sent(pub.sent + 5)
+    sent = pub.sent
+    wait_received(one, "steady", [(steady, n) for n in range(1, sent + 1)])
+    settle("connections at the end", lambda: num_clients(srv), 1)
+    assert one.evaluate("() => window.states.steady") == ["connected"]
+
+
+def test_leader_tab_closes_another_takes_over_without_loss(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    """Without SharedWorker: the leader tab holds the connection; when it closes, another
+    tab is elected, and every tab resumes from what it had seen."""
+    srv = server_factory()
+    ch, other = unique_channel("sh-lead-"), unique_channel("sh-other-")
+    group = [tabs(srv.url, sharedWorker=False) for _ in range(3)]
+    for tab in group:
+        subscribe(tab, "s", [ch])
+    subscribe(group[2], "o", [other])
+    settle("connections held for three tabs", lambda: num_clients(srv), 1)
+    modes = [tab.evaluate("() => window.client.sharing") for tab in group]
+    assert sorted(modes) == ["follower", "follower", "leader"], modes
+    leader = group[modes.index("leader")]
+    rest = [tab for tab in group if tab is not leader]
+
+    with Publisher(srv, ch) as pub:
+        pub.wait_sent(10)
+        leader.close()
+        pub.wait_sent(pub.sent + 10)  # published while the connection moves
+        settle("connections after the hand-over", lambda: num_clients(srv), 1)
+        pub.wait_sent(pub.sent + 5)
+    sent = pub.sent
+    for tab in rest:
+        wait_received(tab, "s", [(ch, n) for n in range(1, sent + 1)])
+    modes = sorted(tab.evaluate("() => window.client.sharing") for tab in rest)
+    assert modes == ["follower", "leader"]
+    if group[2] is not leader:  # its second subscription came along
+        publish(srv, other, "still followed")
+        wait_received(group[2], "o", [(other, "still followed")])
+
+
+def test_shared_false_opens_one_connection_per_tab(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    srv = server_factory()
+    ch = unique_channel("sh-off-")
+    group = [tabs(srv.url, shared=False) for _ in range(3)]
+    for tab in group:
+        subscribe(tab, "s", [ch])
+    assert [t.evaluate("() => window.client.sharing") for t in group] == ["off"] * 3
+    settle("connections of three unshared tabs", lambda: num_clients(srv), 3)
+    publish(srv, ch, "x")
+    for tab in group:
+        wait_received(tab, "s", [(ch, "x")])
+
+
+# The tab's goodbye on pagehide is dropped, as when a tab crashes or is discarded.
+NO_GOODBYE = """() => {
+  const listen = window.addEventListener;
+  window.addEventListener = function (type, ...rest) {
+    if (type !== 'pagehide') return listen.call(this, type, ...rest);
+  };
+}"""
+NO_LOCKS = "() => Object.defineProperty(Navigator.prototype, 'locks', {get: () => undefined})"
+
+
+@pytest.mark.parametrize("locks", [True, False], ids=["tab-lock", "ping"])
+def test_a_tab_gone_without_goodbye_leaves_no_channel_behind(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess], locks: bool
+) -> None:
+    """A tab that dies sends neither unsubscribe nor its pagehide goodbye: the hub learns it
+    is gone from the tab's Web Lock (granted to the hub once the tab's document is gone) or,
+    where the tab has no Web Locks, from its silence to the hub's pings; either way its
+    channels leave the shared stream while the other tab is served on."""
+    srv = server_factory()
+    kept, leaked = unique_channel("sh-kept-"), unique_channel("sh-leak-")
+    stays = tabs(srv.url)
+    subscribe(stays, "s", [kept])
+    doomed = tabs(srv.url, (NO_GOODBYE,) if locks else (NO_GOODBYE, NO_LOCKS), pingInterval=300)
+    subscribe(doomed, "s", [leaked])
+    settle("channels with both tabs", lambda: channels_on_server(srv), {kept, leaked})
+    doomed.close()
+    settle("channels after the tab is gone", lambda: channels_on_server(srv), {kept})
+    publish(srv, kept, "on")
+    wait_received(stays, "s", [(kept, "on")])
+    assert num_clients(srv) == 1
