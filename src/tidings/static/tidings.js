@@ -53,6 +53,16 @@
 //   probeMinDelay, probeMaxDelay 5000, 120000   delays between probes (exponential, jitter)
 //   refreshMargin   0.2    refresh tokens when this fraction of their lifetime remains
 //   debug           false  log to console.debug
+//
+// API (docs/clients.md lists the types):
+//   client.subscribe(channels, onPublication(pub), handlers) -> Subscription
+//     handlers: onUnrecovered(channels), onTransport(name), onState(state), onError(err),
+//               transports (this subscription's list)
+//     sub.channels, sub.positions, sub.transport, sub.state, sub.cursor(),
+//     sub.useTransport(name) (and stay there), sub.unsubscribe()
+//   client.rpc(method, data), publish(channel, data), history(channel, {limit, since, reverse}),
+//   presence(channel), presenceStats(channel): Promise, rejecting with TidingsError
+//   client.close()
 
 const ALL_TRANSPORTS = ["websocket", "sse", "longpoll", "poll"];
 const TERMINAL = (code) => (code >= 3500 && code < 4000) || (code >= 4500 && code < 5000);
