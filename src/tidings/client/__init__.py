@@ -1,4 +1,4 @@
-"""Python clients of tidings: the server API client and an async subscriber.
+"""Python clients of tidings: the server API client and a subscriber (async, or sync).
 
 Needs the ``client`` extra (``pip install 'tidings[client]'``) for httpx::
 
@@ -34,7 +34,16 @@ from .calls import (
     PresenceStatsResult,
     PublishResult,
 )
-from .subscriber import Publication, SubscriptionClosed, decode_cursor, encode_cursor, subscribe
+from .subscriber import (
+    Publication,
+    Subscription,
+    SubscriptionClosed,
+    SyncSubscription,
+    decode_cursor,
+    encode_cursor,
+    subscribe,
+    subscribe_sync,
+)
 
 if TYPE_CHECKING:
     from .api import APIClient, SyncAPIClient
@@ -53,11 +62,14 @@ __all__ = [
     "PresenceStatsResult",
     "Publication",
     "PublishResult",
+    "Subscription",
     "SubscriptionClosed",
     "SyncAPIClient",
+    "SyncSubscription",
     "decode_cursor",
     "encode_cursor",
     "subscribe",
+    "subscribe_sync",
 ]
 
 _NEED_HTTPX = frozenset({"APIClient", "SyncAPIClient"})
