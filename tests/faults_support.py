@@ -51,6 +51,12 @@ class HoldsHistory(Broker):
 
         super().bind(lossy)
 
+    def position(self, channel: str) -> Position | None:
+        """None for a channel whose history reads are held: its subscribes read history."""
+        if channel in self.hold_history:
+            return None
+        return super().position(channel)
+
     async def held_reads(self, n: int) -> None:
         """Wait (bounded) until ``n`` history reads are held in total."""
         async with asyncio.timeout(5):

@@ -158,6 +158,18 @@ class Broker(ABC):
         clients remember the epoch of their subscribe reply.
         """
 
+    def position(self, channel: str) -> Position | None:
+        """The channel's position as this node knows it without asking anyone, or None.
+
+        A position only where everything up to it has been delivered on this
+        node and everything after it will be (or the hub told the stream
+        restarted), so that a subscriber may join there instead of reading
+        the broker's (:meth:`Hub.subscribe`: no round trip per subscriber to
+        a channel the node already follows). None, the default, sends the
+        hub to :meth:`history`.
+        """
+        return None
+
     @abstractmethod
     def unsubscribe(self, channel: str) -> None:
         """Stop receiving the channel's publications; must not block."""

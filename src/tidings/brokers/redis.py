@@ -608,6 +608,23 @@ class RedisBroker(Broker):
             raise unavailable(exc) from exc
         self._advance(channel, top)
 
+    def position(self, channel: str) -> Position | None:
+        """The last position delivered here, while this node's view is current.
+
+        Current means: the channel's subscription is live (its position was
+        read from Redis once, by :meth:`subscribe`), the pub/sub link is up with
+        every channel confirmed, and the channel is not held for a catch-up.
+        Then every publication after that position comes over the link, in
+        offset order, and a new subscriber that joins there misses nothing
+        (it may receive publications made a moment before it asked, never
+        fewer). While the link is down or a hole is being filled, the position
+        may be behind Redis': None, and the subscriber reads Redis, as before.
+        """
+        last = self._interest.get(channel)
+        if last is None or last == EMPTY or channel in self._held or not self._pubsub.healthy:
+            return None
+        return last
+
     def unsubscribe(self, channel: str) -> None:
         self._take_held(channel)
         if self._interest.pop(channel, None) is not None:
