@@ -645,3 +645,52 @@ def test_rpc_publish_history_presence_on_every_transport(
             "presence",
         ]
         assert page.evaluate("() => window.sockets") == 0
+
+
+def test_http_calls_carry_the_subscription_token(
+    page: Any, server_factory: Callable[..., ServerProcess]
+) -> None:
+    """A namespace that needs a subscription token and lets only subscribers publish and
+    read: on SSE, the page's calls go over HTTP with ?sub_token= from getSubscriptionToken,
+    so the server counts the page a subscriber; a channel it has no token for is 103."""
+    import jwt
+
+    secret = "browser-test-secret-of-32-bytes!!"
+    srv = server_factory(
+        f'[auth]\nhmac_secret = "{secret}"\n'
+        '[namespaces.priv]\nsubscribe = "token"\npublish = "subscribers"\n'
+        'history = "subscribers"\n'
+    )
+    ch = "priv:" + unique_channel("calls-")
+
+    def mint(channel: str) -> str | None:
+        if channel != ch:
+            return None
+        return jwt.encode({"sub": "u1", "channel": channel}, secret, algorithm="HS256")
+
+    page.expose_function("mintSubToken", mint)
+    page.goto(srv.url + "/health")
+    page.evaluate(SPY)
+    connection = jwt.encode({"sub": "u1"}, secret, algorithm="HS256")
+    options = {**FAST, "token": connection}
+    page.evaluate(
+        """async ({ch, options}) => {
+      const m = await import('/tidings.js');
+      window.got = []; window.seen = []; window.errors = [];
+      window.client = new m.Tidings(location.origin, {...options,
+        getSubscriptionToken: (channel) => window.mintSubToken(channel)});
+      window.sub = window.client.subscribe([ch], (p) => window.got.push(p), {
+        transports: ['sse'], onTransport: (n) => window.seen.push(n),
+        onError: (e) => window.errors.push(String(e && e.message))});
+    }""",
+        {"ch": ch, "options": options},
+    )
+    wait_connected(page, "sse")
+    assert page.evaluate(CALL, ["publish", [ch, "mine"]]) == {"ok": {}}
+    assert data_of(wait_got(page, 1)) == ["mine"]
+    history = page.evaluate(CALL, ["history", [ch]])["ok"]
+    assert [p["data"] for p in history["publications"]] == ["mine"]
+    other = "priv:" + unique_channel("other-")
+    refused = page.evaluate(CALL, ["publish", [other, "not mine"]])
+    assert refused["error"]["code"] == 103
+    assert page.evaluate("() => window.sockets") == 0

@@ -308,18 +308,25 @@ export class Tidings {
     return this._httpCall(method, body);
   }
 
-  /** POST <callUrl>/<method> with the request object; the result, or a TidingsError. */
+  /**
+   * POST <callUrl>/<method> with the request object; the result, or a TidingsError. A
+   * channel's subscription token rides as ?sub_token=: the server counts a caller that may
+   * subscribe as a subscriber (namespaces that let only subscribers publish or read).
+   */
   async _httpCall(method, body, retried = false) {
     const o = this.options;
     const token = await this.connectionToken();
     const headers = { "Content-Type": "application/json" };
     if (token) headers.Authorization = `Bearer ${token}`;
+    let url = `${this.urls.call}/${method}`;
+    const subToken = body.channel ? await this.subscriptionToken(body.channel) : null;
+    if (subToken) url += `?${new URLSearchParams({ sub_token: subToken })}`;
     const ctl = new AbortController();
     const timer = setTimeout(() => ctl.abort(), o.requestTimeout);
     let resp;
     let answer;
     try {
-      resp = await fetch(`${this.urls.call}/${method}`, {
+      resp = await fetch(url, {
         method: "POST",
         headers,
         body: JSON.stringify(body),
@@ -482,6 +489,7 @@ class Subscription {
       let attempt = this._promoted;
       this._promoted = null;
       if (attempt) {
+        failures = 0;
         this._scheduleProbe(); // moved up, maybe not to the top yet
       } else {
         attempt = this._open(this._index, (a) => {
