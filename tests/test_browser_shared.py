@@ -164,8 +164,8 @@ def test_three_tabs_share_one_connection_each_gets_its_channels(
     subscribe(one, "s", [a])
     subscribe(two, "s", [b])
     subscribe(three, "s", [a, c])
-    assert [t.evaluate("() => window.client.sharing") for t in (one, two, three)] == ["worker"] * 3
     settle("connections held for three tabs", lambda: num_clients(srv), 1)
+    assert [t.evaluate("() => window.client.sharing") for t in (one, two, three)] == ["worker"] * 3
     settle("channels on the server", lambda: channels_on_server(srv), {a, b, c})
 
     for channel, data in ((a, 1), (b, 2), (c, 3), (a, 4)):
@@ -252,8 +252,8 @@ def test_shared_false_opens_one_connection_per_tab(
     group = [tabs(srv.url, shared=False) for _ in range(3)]
     for tab in group:
         subscribe(tab, "s", [ch])
-    assert [t.evaluate("() => window.client.sharing") for t in group] == ["off"] * 3
     settle("connections of three unshared tabs", lambda: num_clients(srv), 3)
+    assert [t.evaluate("() => window.client.sharing") for t in group] == ["off"] * 3
     publish(srv, ch, "x")
     for tab in group:
         wait_received(tab, "s", [(ch, "x")])
@@ -289,3 +289,48 @@ def test_a_tab_gone_without_goodbye_leaves_no_channel_behind(
     publish(srv, kept, "on")
     wait_received(stays, "s", [(kept, "on")])
     assert num_clients(srv) == 1
+
+
+def test_a_worker_that_cannot_run_leaves_the_tab_on_its_own_connection(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess], browser: Any
+) -> None:
+    """The worker script is not served (an older server, a CSP): the tab does not wait
+    forever for a hub, it shares by leader election instead and is served."""
+    srv = server_factory()
+    ch = unique_channel("sh-noworker-")
+    browser.route("**/tidings-worker.js", lambda route: route.fulfill(status=404, body="gone"))
+    try:
+        tab = tabs(srv.url)
+        subscribe(tab, "s", [ch])
+        assert tab.evaluate("() => window.client.sharing") in ("leader", "follower")
+        publish(srv, ch, "served")
+        wait_received(tab, "s", [(ch, "served")])
+    finally:
+        browser.unroute("**/tidings-worker.js")
+
+
+def test_demo_tabs_show_one_connection_held_by_the_server(
+    server_factory: Callable[..., ServerProcess], browser: Any
+) -> None:
+    """Three tabs of /demo: each says it shares, and each shows the server's count, 1."""
+    srv = server_factory(args=["--demo"])
+    channel = unique_channel("demo:")
+    pages = []
+    for _ in range(3):
+        page = browser.new_page()
+        page.set_default_timeout(WAIT_MS)
+        page.goto(f"{srv.url}/demo?channel={channel}")
+        pages.append(page)
+    try:
+        settle("connections of three demo tabs", lambda: num_clients(srv), 1)
+        for page in pages:
+            page.wait_for_function("() => document.getElementById('clients').textContent === '1'")
+            assert page.text_content("#sharing") == "worker"
+        publish(srv, channel, {"user": "api", "text": "to every tab"})
+        for page in pages:
+            page.wait_for_function(
+                "() => document.getElementById('log').textContent.includes('api: to every tab')"
+            )
+    finally:
+        for page in pages:
+            page.close()

@@ -421,6 +421,8 @@ class WorkerLink {
     });
     this.port = worker.port;
     this.port.onmessage = (ev) => client._receive(ev.data);
+    // The worker script cannot run (not served, a CSP): share by election, or not at all.
+    worker.onerror = () => client._replaceLink(electionPossible() ? ElectionLink : LocalLink);
     this.port.start();
     client._register();
   }
@@ -431,6 +433,25 @@ class WorkerLink {
 
   close() {
     this.port.close();
+  }
+}
+
+/** No sharing: the hub runs in this tab for this tab alone (the fallback of a failed worker). */
+class LocalLink {
+  constructor(client) {
+    this.mode = "off";
+    this.client = client;
+    this.hub = new ShareHub();
+    client._register();
+  }
+
+  send(msg) {
+    const hub = this.hub;
+    queueMicrotask(() => hub.handle(this.client._tabId, msg, (m) => queueMicrotask(() => this.client._receive(m))));
+  }
+
+  close() {
+    this.hub.close();
   }
 }
 
@@ -490,11 +511,14 @@ class ElectionLink {
 
 // -- the tab's client: tidings.js' API over the hub --------------------------------------
 
+function electionPossible() {
+  return typeof BroadcastChannel === "function" && locksAvailable();
+}
+
 function chooseLink(options) {
   if (options.shared === false) return null;
   if (options.sharedWorker !== false && typeof SharedWorker === "function") return WorkerLink;
-  if (typeof BroadcastChannel === "function" && locksAvailable()) return ElectionLink;
-  return null;
+  return electionPossible() ? ElectionLink : null;
 }
 
 export class Tidings {
@@ -520,7 +544,7 @@ export class Tidings {
         this._link = new Link(this);
       } catch (e) {
         // A SharedWorker from another origin (the page is not served by tidings) or a CSP.
-        Link = Link === WorkerLink && typeof BroadcastChannel === "function" && locksAvailable() ? ElectionLink : null;
+        Link = Link === WorkerLink && electionPossible() ? ElectionLink : null;
         this._link = Link ? new Link(this) : null;
       }
     }
@@ -572,10 +596,25 @@ export class Tidings {
     for (const msg of this._outbox.splice(0)) this._link.send(msg);
   }
 
-  /** A new hub (a leader elected): what the old one owed us is gone; register with it. */
-  _hubChanged() {
+  /** Leave a link that cannot work for another (which registers this tab with its hub). */
+  _replaceLink(Link) {
+    if (this._closed) return;
+    const old = this._link;
+    this._registered = false;
+    this._link = null;
+    if (old) old.close();
+    this._failCalls();
+    this._link = new Link(this);
+  }
+
+  _failCalls() {
     for (const { reject } of this._calls.values()) reject(new TidingsError(0, "connection closed", true));
     this._calls.clear();
+  }
+
+  /** A new hub (a leader elected): what the old one owed us is gone; register with it. */
+  _hubChanged() {
+    this._failCalls();
     this._receive({ t: "status", state: "connecting", transport: this._status.transport, channels: [] });
     this._register();
   }
