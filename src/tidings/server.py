@@ -195,7 +195,9 @@ class Server:
         self._stopped = asyncio.Event()
         #: Set by a signal when ``timeouts.drain`` is on: /ready says 503 while serving goes on.
         self._draining = False
-        self._static = _read_static("tidings.js", "tidings-shared.js", "tidings-worker.js", "demo.html")
+        self._static = _read_static(
+            "tidings.js", "tidings-shared.js", "tidings-worker.js", "demo.html"
+        )
         for transport in self.transports:
             transport.mount(self.router)
         self.api.mount(self.router)
