@@ -664,17 +664,21 @@ class Hub:
         if state is None:
             state = self._channels[channel] = _Channel(EMPTY)
         pending = _Pending()
-        state.pending.append(pending)
-        try:
-            async with self._bounded("subscribe"):
-                if state.subscribed is not True:
-                    await self._subscribe_broker(channel, state)
-                recovery = await self._recover(channel, since)
-        except BaseException:
+        known = self._known(channel, since) if state.subscribed is True else None
+        if known is not None:
+            recovery = known  # nothing awaited: nothing can arrive meanwhile
+        else:
+            state.pending.append(pending)
+            try:
+                async with self._bounded("subscribe"):
+                    if state.subscribed is not True:
+                        await self._subscribe_broker(channel, state)
+                    recovery = await self._recover(channel, since)
+            except BaseException:
+                state.pending.remove(pending)
+                self._drop_if_unused(channel, state)
+                raise
             state.pending.remove(pending)
-            self._drop_if_unused(channel, state)
-            raise
-        state.pending.remove(pending)
         merged = self._merge(recovery, pending.buffer, subscriber)
         top = state.top
         behind = merged is not None and (
@@ -767,13 +771,24 @@ class Hub:
         async with self._bounded("recover"):
             return await self._recover(channel, since)
 
-    async def _recover(self, channel: str, since: Position | None) -> Recovery:
+    def _known(self, channel: str, since: Position | None) -> Recovery | None:
+        """The recovery of a subscriber joining now (``since`` None) or resuming
+        at the channel's position, when the node knows that position (see
+        :meth:`Broker.position`); None when only the broker can answer.
+
+        No round trip to the broker for each subscriber of a channel the node
+        already follows (Redis: 2.6-3.9k connects/s with one), nor a bound on
+        a wait that does not happen.
+        """
         known = self._broker.position(channel)
-        if known is not None and (since is None or since == known):
-            # The node knows where the channel stands (see Broker.position):
-            # no round trip to the broker for each subscriber of a channel it
-            # already follows (Redis: 2.6-3.9k connects/s with one).
-            return Recovery(known, [], since is not None)
+        if known is None or (since is not None and since != known):
+            return None
+        return Recovery(known, [], since is not None)
+
+    async def _recover(self, channel: str, since: Position | None) -> Recovery:
+        known = self._known(channel, since)
+        if known is not None:
+            return known
         if since is None:
             _, top = await self._broker.history(channel, limit=0)
             return Recovery(top, [], False)
