@@ -914,7 +914,10 @@ class ASGIApp:
         if isinstance(route, Response):
             return route
         try:
-            return await route(request, exchange)
+            outcome = route(request, exchange)
+            if outcome is None or isinstance(outcome, Response):
+                return outcome  # answered without waiting (routing.Handler)
+            return await outcome
         except ProtocolError as exc:
             return error_response(exc)
         except Exception:

@@ -62,7 +62,7 @@ import contextlib
 import logging
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
 import httptools
@@ -71,7 +71,7 @@ from ..connections import RETRY_AFTER, Admission
 from ..errors import ErrorCode, ProtocolError
 from ..logs import AccessEntry, log_client_error
 from .messages import Headers, Request, Response, error_response, json_response
-from .routing import Handler, Held
+from .routing import Held
 from .state import ANSWERING, NOT_PARSING, READING, Answering, Reading, advance
 
 if TYPE_CHECKING:
@@ -140,6 +140,7 @@ class HTTPConnection(asyncio.Protocol):
         "_head_size",
         "_headers",
         "_held",
+        "_loop",
         "_queue",
         "_raw_head",
         "_reading",
@@ -159,6 +160,10 @@ class HTTPConnection(asyncio.Protocol):
     def __init__(self, site: Site) -> None:
         self.site = site
         self.transport: asyncio.Transport | None = None
+        # The loop, kept: asyncio.get_running_loop() makes a getpid() system
+        # call each time (CPython 3.11), 6 % of a long-poll's CPU when asked
+        # per request (py-spy --native, bench/run.py --transports poll).
+        self._loop = asyncio.get_running_loop()
         self.parser: httptools.HttpRequestParser | None = httptools.HttpRequestParser(self)
         self.client: tuple[str, int] | None = None
         self._reading = Reading.IDLE
@@ -497,16 +502,26 @@ class HTTPConnection(asyncio.Protocol):
             self._send(request, route)
             return
         self._enter(Answering.HANDLING)
-        self._task = asyncio.get_running_loop().create_task(self._run(route, request))
-
-    async def _run(self, handler: Handler, request: Request) -> None:
         try:
-            response = await handler(request, self)
-        except ProtocolError as exc:
-            response = error_response(exc)
-        except Exception:
-            log.exception("handler failed on %r", request)
-            response = error_response(500, "internal server error")
+            outcome = route(request, self)
+        except Exception as exc:
+            outcome = _failure(exc, request)
+        if outcome is None:
+            return  # held, or the socket taken over
+        if isinstance(outcome, Response):
+            # Answered without waiting: no task (a long-poll answered or held
+            # at once; see Handler).
+            self._held = None
+            self._enter(Answering.READY)
+            self._send(request, outcome)
+            return
+        self._task = self._loop.create_task(self._run(outcome, request))
+
+    async def _run(self, outcome: Awaitable[Response | None], request: Request) -> None:
+        try:
+            response = await outcome
+        except Exception as exc:
+            response = _failure(exc, request)
         if response is not None:
             self.respond(request, response)
 
@@ -530,7 +545,7 @@ class HTTPConnection(asyncio.Protocol):
             # The peer left while the handler ran. Abandoned on the next loop
             # iteration, not now: the handler may register what ``cancel``
             # releases after this call (the long-poll sets its deadline then).
-            asyncio.get_running_loop().call_soon(self._abandon_if_held, held)
+            self._loop.call_soon(self._abandon_if_held, held)
         if not self._queue and self._reading is Reading.IDLE and not self._unparsed:
             # Nothing more to parse until the answer: a held long-poll should
             # cost what its socket costs, and a parser is ~900 bytes.
@@ -681,7 +696,7 @@ class HTTPConnection(asyncio.Protocol):
             # The peer's EOF came here while the handler ran; the protocol that
             # takes the socket would never hear of it, so it is passed on once
             # that protocol is set (by the caller, right after this returns).
-            asyncio.get_running_loop().call_soon(_pass_on_eof, self.transport)
+            self._loop.call_soon(_pass_on_eof, self.transport)
         return self.transport
 
     # -- timers and shutdown ---------------------------------------------
@@ -689,7 +704,7 @@ class HTTPConnection(asyncio.Protocol):
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         """Run ``callback`` after ``delay``: the connection's one timer, replaced by each call."""
         self._cancel_timer()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        self._timer = self._loop.call_later(delay, callback)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -768,6 +783,14 @@ class HTTPConnection(asyncio.Protocol):
             self._held.answer_now()
         elif self._answering is Answering.READY and not self._queue and self.transport is not None:
             self._finish(drain=False)
+
+
+def _failure(exc: Exception, request: Request) -> Response:
+    """The answer to a handler's exception: the client's error, or a 500 that is logged."""
+    if isinstance(exc, ProtocolError):
+        return error_response(exc)
+    log.error("handler failed on %r", request, exc_info=exc)
+    return error_response(500, "internal server error")
 
 
 def _pass_on_eof(transport: asyncio.Transport) -> None:

@@ -52,8 +52,12 @@ class Exchange(Protocol):
 
 
 #: A handler answers with a Response, or with None when it has taken the
-#: connection over (a stream) or will answer later (a held long-poll).
-Handler = Callable[[Request, Exchange], Awaitable[Response | None]]
+#: connection over (a stream) or will answer later (a held long-poll). One
+#: that may wait returns an awaitable of that (an ``async def`` does), which
+#: the connection runs in a task; one that can answer without waiting (a
+#: long-poll with no hook to ask, on a broker in this process) returns the
+#: answer itself, so that no task is made for it.
+Handler = Callable[[Request, Exchange], Response | Awaitable[Response | None] | None]
 
 #: Takes over a socket whose request asked to switch protocols: ``(request,
 #: transport, bytes read past the head)``. It answers the handshake itself.
