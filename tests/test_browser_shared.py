@@ -36,10 +36,14 @@ FAST = {
     "longPollTimeout": 5,
 }
 
-SETUP = """async (options) => {
+# options.callbacks: {option: name of a function exposed to the page}, e.g. getToken.
+SETUP = """async ({callbacks, ...options}) => {
   const m = await import('/tidings-shared.js');
   window.got = {}; window.states = {}; window.transports = {}; window.errors = [];
   window.subs = {};
+  for (const [option, name] of Object.entries(callbacks || {})) {
+    options[option] = (...args) => window[name](...args);
+  }
   window.client = new m.Tidings(location.origin, options);
 }"""
 
@@ -66,10 +70,17 @@ def tabs(browser: Any) -> Iterator[Callable[..., Tab]]:
     """Opens tabs on an origin with a tidings-shared.js client; closes them after the test."""
     opened: list[Tab] = []
 
-    def open_tab(origin: str, prepare: tuple[str, ...] = (), **options: Any) -> Tab:
+    def open_tab(
+        origin: str,
+        prepare: tuple[str, ...] = (),
+        expose: dict[str, Callable[..., Any]] | None = None,
+        **options: Any,
+    ) -> Tab:
         page = browser.new_page()
         page.set_default_timeout(WAIT_MS)
         opened.append(page)
+        for name, function in (expose or {}).items():
+            page.expose_function(name, function)
         page.goto(origin + "/health")
         for script in prepare:  # changes to the page before the client exists
             page.evaluate(script)
@@ -177,8 +188,9 @@ def test_three_tabs_share_one_connection_each_gets_its_channels(
     for tab in (one, two, three):
         assert tab.evaluate("() => window.transports.s") == ["websocket"]
         assert tab.evaluate("() => window.states.s") == ["connected"]
-    # Calls go through the shared connection too.
-    three.evaluate(f"() => window.client.history({json.dumps(c)})")
+    # Calls go through the shared connection too, and open none of their own.
+    history = three.evaluate(f"() => window.client.history({json.dumps(c)})")
+    assert [p["data"] for p in history["publications"]] == [3]
     assert num_clients(srv) == 1
 
 
@@ -334,3 +346,57 @@ def test_demo_tabs_show_one_connection_held_by_the_server(
     finally:
         for page in pages:
             page.close()
+
+
+CALL = """async ([method, args]) => {
+  try { return {ok: await window.client[method](...args)}; }
+  catch (e) { return {error: {code: e.code, message: e.message}}; }
+}"""
+
+
+def test_tokens_calls_and_a_refused_channel_through_the_shared_connection(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    """getToken and getSubscriptionToken stay in the tabs and are asked by the hub; calls are
+    answered with the server's result or error code; a channel the server refuses closes the
+    subscription of the tab that asked for it (onError, closed), not the others'."""
+    import jwt
+
+    secret = "browser-test-secret-of-32-bytes!!"
+    srv = server_factory(
+        f'[auth]\nhmac_secret = "{secret}"\n[namespaces.priv]\nsubscribe = "token"\n'
+    )
+    open_ch = unique_channel("sh-open-")
+    allowed, denied = "priv:" + unique_channel("ok-"), "priv:" + unique_channel("no-")
+
+    def mint() -> str:
+        return jwt.encode({"sub": "u1", "exp": int(time.time()) + 60}, secret, algorithm="HS256")
+
+    def mint_sub(channel: str) -> str | None:
+        if channel != allowed:
+            return None
+        return jwt.encode({"sub": "u1", "channel": channel}, secret, algorithm="HS256")
+
+    expose = {"mintToken": mint, "mintSubToken": mint_sub}
+    callbacks = {"getToken": "mintToken", "getSubscriptionToken": "mintSubToken"}
+    group = [tabs(srv.url, expose=expose, callbacks=callbacks) for _ in range(3)]
+    one, two, three = group
+    subscribe(one, "s", [open_ch])
+    subscribe(two, "s", [allowed])
+    three.evaluate(SUBSCRIBE, ["s", [denied]])
+    three.wait_for_function("() => window.subs.s.state === 'closed'")
+    assert three.evaluate("() => window.errors") != []
+    assert three.evaluate("() => window.states.s") == ["closed"]
+    settle("channels on the server", lambda: channels_on_server(srv), {open_ch, allowed})
+    settle("connections held", lambda: num_clients(srv), 1)
+
+    publish(srv, open_ch, "o1")
+    publish(srv, allowed, "a1")
+    wait_received(one, "s", [(open_ch, "o1")])
+    wait_received(two, "s", [(allowed, "a1")])
+    assert one.evaluate("() => window.client.sharing") == "worker"
+    history = three.evaluate(CALL, ["history", [open_ch]])
+    assert [p["data"] for p in history["ok"]["publications"]] == ["o1"]
+    # With an auth key, clients may not publish by default: the server's 103 comes back.
+    refused = two.evaluate(CALL, ["publish", [open_ch, "not allowed"]])
+    assert refused["error"]["code"] == 103, refused
