@@ -13,7 +13,9 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shlex
 import shutil
+import socket
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -352,3 +354,54 @@ def tidings_scaled(workers: int, redis_port: int) -> ServerDef:
         setup=setup,
         note=f"tidings, {workers} workers (SO_REUSEPORT) + Redis broker",
     )
+
+
+# --------------------------------------------------------------------------- tidings on Redis
+
+#: Waits (10 s at most) until something listens on 127.0.0.1:<argv[1]>.
+_WAIT_FOR_PORT = (
+    "import socket, sys, time\n"
+    "deadline = time.monotonic() + 10\n"
+    "while True:\n"
+    "    try:\n"
+    "        socket.create_connection(('127.0.0.1', int(sys.argv[1])), 0.2).close()\n"
+    "        break\n"
+    "    except OSError:\n"
+    "        if time.monotonic() > deadline: sys.exit('redis did not start')\n"
+    "        time.sleep(0.02)\n"
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _tidings_redis_setup(port: int, wd: Path) -> None:
+    """One tidings process on the Redis broker, with a Redis of its own for the run."""
+    redis_port = _free_port()
+    (wd / "redis.port").write_text(str(redis_port))
+    (wd / "tidings.toml").write_text(
+        f'[broker]\ntype = "redis"\nredis_url = "redis://{HOST}:{redis_port}/0"\nprefix = "bench"\n'
+    )
+
+
+def _tidings_redis_cmd(port: int, wd: Path) -> list[str]:
+    """redis-server, then (once it listens) tidings, in one process group: the
+    run stops both with the server, and its RSS figures include Redis'."""
+    redis_port = int((wd / "redis.port").read_text())
+    redis = shlex.join(_redis_cmd(redis_port, wd))
+    wait = shlex.join([sys.executable, "-c", _WAIT_FOR_PORT, str(redis_port)])
+    return ["sh", "-c", f"{redis} & {wait} && exec {shlex.join(_tidings_cmd(port, wd))}"]
+
+
+SERVERS["tidings-redis"] = dataclasses.replace(
+    SERVERS["tidings"],
+    name="tidings-redis",
+    command=_tidings_redis_cmd,
+    setup=_tidings_redis_setup,
+    binaries=(("redis-server", "redis-server"),),
+    note="tidings, 1 process, [broker] type = redis (its own redis-server; RSS includes it)",
+)
