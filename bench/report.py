@@ -366,7 +366,8 @@ def scale_table(r: Result) -> str:
         [
             "kernel slab per socket",
             f"{fmt(mem.get('slab_per_socket_b'))} B ({fmt(mem.get('slab_per_conn_b'))} B per "
-            "connection, both ends)",
+            "connection, both ends; Slab delta); objects in use "
+            f"{fmt(mem.get('slab_objects_per_socket_b'))} B (slabinfo delta)",
         ],
         [
             "load generator RSS per connection",

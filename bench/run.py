@@ -801,10 +801,16 @@ def main(argv: list[str] | None = None) -> int:
     scale.add_argument(
         "--keepalive",
         type=float,
-        default=60.0,
-        help="SSE heartbeat and WebSocket ping interval in seconds (default 60)",
+        default=300.0,
+        help="SSE heartbeat and WebSocket ping interval in seconds (default 300)",
     )
     scale.add_argument("--no-raise", action="store_true", help="never raise a sysctl, even as root")
+    scale.add_argument(
+        "--priority",
+        type=int,
+        metavar="NICE",
+        help="root: the run's sessions get this autogroup nice (e.g. -5) on a busy machine",
+    )
     rooms = p.add_argument_group("--rooms: the chat-rooms scenario (bench/rooms.py)")
     rooms.add_argument(
         "--rooms",
