@@ -600,9 +600,11 @@ def test_rpc_publish_history_presence_on_every_transport(
     page: Any, rpc_server: HookedServer, transport: str
 ) -> None:
     """Each call answers the same on every transport: over the page's WebSocket when it
-    is on WebSocket, else as POST /call/<method> -- and then no WebSocket is ever opened,
-    so a network that blocks WebSocket does not block calls. An unknown RPC method is 108,
-    presence in a namespace without it 108, both as a TidingsError."""
+    is on WebSocket (and follows the channel), else as POST /call/<method> -- and then no
+    WebSocket is ever opened, so a network that blocks WebSocket does not block calls. An
+    unknown RPC method is 108, presence in a namespace without it 108, both as a
+    TidingsError. A channel the page does not follow is asked over HTTP on WebSocket too,
+    where the server counts a caller that may subscribe as a subscriber."""
     ch = "room:" + unique_channel(f"calls-{transport}-")
     page.goto(rpc_server.url + "/health")
     page.evaluate(SPY)
@@ -627,10 +629,14 @@ def test_rpc_publish_history_presence_on_every_transport(
     assert stats["num_clients"] == len(presence)
     no_presence = unique_channel("plain-")
     assert call("presence", no_presence)["error"]["code"] == 108
+    unfollowed = unique_channel("unfollowed-")  # history is for subscribers (the default)
+    publish(rpc_server, unfollowed, "elsewhere")
+    elsewhere = call("history", unfollowed)["ok"]
+    assert [p["data"] for p in elsewhere["publications"]] == ["elsewhere"]
 
     posted = [url for url in page.evaluate("() => window.fetched") if "/call/" in url]
     if transport == "websocket":
-        assert posted == []
+        assert [url.rsplit("/call/", 1)[1] for url in posted] == ["presence", "history"]
         assert page.evaluate("() => window.sockets") == 1
     else:
         names = [url.rsplit("/call/", 1)[1] for url in posted]
@@ -643,6 +649,7 @@ def test_rpc_publish_history_presence_on_every_transport(
             "presence",
             "presence_stats",
             "presence",
+            "history",
         ]
         assert page.evaluate("() => window.sockets") == 0
 

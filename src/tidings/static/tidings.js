@@ -292,19 +292,18 @@ export class Tidings {
   }
 
   /**
-   * One call over the page's live WebSocket (one that follows the channel first: policies
-   * may let only subscribers publish or read), else over HTTP. Never a WebSocket of its
-   * own: a network that blocks WebSocket must not block calls.
+   * One call over the page's live WebSocket when one follows the channel (any, for rpc),
+   * else over HTTP. The server grants an HTTP caller that may subscribe what it grants a
+   * subscriber, so both paths answer alike; a WebSocket that does not follow the channel
+   * would not (it is no subscriber there). Never a WebSocket of its own: a network that
+   * blocks WebSocket must not block calls.
    */
   async _call(channel, method, body) {
-    let live = null;
     for (const sub of this._subs) {
       const session = sub._session;
       if (!session || session.kind !== "websocket" || !session.ready) continue;
       if (channel === null || session.channels.includes(channel)) return session.call(method, body);
-      live = live || session;
     }
-    if (live) return live.call(method, body);
     return this._httpCall(method, body);
   }
 
