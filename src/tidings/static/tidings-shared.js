@@ -106,6 +106,7 @@ export class ShareHub {
     this._nextAsk = 1;
     this._resyncTimer = null;
     this._pinger = null;
+    this._pingEvery = Infinity;
     this._restream = false; // a tab saw less than the live stream: restart it from there
     this._retired = new WeakSet(); // streams we closed ourselves (their "closed" is no failure)
     this._lastError = new WeakMap(); // stream -> the error it reported last
@@ -196,6 +197,7 @@ export class ShareHub {
   }
 
   _subscribe(tab, msg) {
+    if (!Array.isArray(msg.channels) || !msg.channels.every((ch) => typeof ch === "string")) return;
     const positions = positionsFromList(msg.positions);
     const live = this.live;
     for (const ch of msg.channels) {
@@ -236,9 +238,12 @@ export class ShareHub {
     this._scheduleResync();
   }
 
+  /** Pings at the shortest interval a tab without a Web Lock asked for. */
   _startPinger() {
-    if (this._pinger) return;
     const every = Math.min(...[...this.tabs.values()].map((t) => t.pingInterval || Infinity));
+    if (this._pinger && every >= this._pingEvery) return;
+    clearInterval(this._pinger);
+    this._pingEvery = every;
     this._pinger = setInterval(() => {
       const now = Date.now();
       for (const tab of [...this.tabs.values()]) {
