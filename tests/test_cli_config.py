@@ -100,7 +100,7 @@ def test_cli_publish_reports_the_server_error(server):
 def test_cli_subscribe_prints_json_lines(server, spawn):
     a, b = unique_channel("a"), unique_channel("b")
     proc = spawn(
-        [*TIDINGS, "subscribe", a, b, "--url", server.url],
+        [*TIDINGS, "subscribe", a, b, "--json", "--url", server.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=clean_env(),
@@ -124,7 +124,7 @@ def test_cli_subscribe_reconnects_after_server_restart(server_factory, spawn):
     srv = server_factory(port=port)
     ch = unique_channel()
     proc = spawn(
-        [*TIDINGS, "subscribe", ch, "--url", srv.url],
+        [*TIDINGS, "subscribe", ch, "--json", "--url", srv.url],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         env=clean_env(),

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 
 from conftest import clean_env
 from helpers import LineReader
-from tidings.client import subscribe
+from tidings.client import decode_cursor, subscribe
 from tidings.client.sse import DEFAULT_MAX_LINE
 
 ENDLESS = 64 * 1024 * 1024  # what the hostile server sends of its one line, at most
@@ -120,9 +121,7 @@ def test_cli_subscribe_drops_an_endless_line_and_resumes(
         assert proc is not None
         baseline.append(kib(proc.pid, "VmRSS"))
 
-    server = EndlessLineServer(
-        b"id: c1\ndata: first\n\n", b"id: c2\ndata: second\n\n", measure_baseline
-    )
+    server = EndlessLineServer(publication(1, "first"), publication(2, "second"), measure_baseline)
     try:
         proc = spawn(
             [sys.executable, "-m", "tidings", "subscribe", "news", "--url", server.url],
@@ -131,9 +130,9 @@ def test_cli_subscribe_drops_an_endless_line_and_resumes(
             env=clean_env(),
         )
         lines = LineReader(proc)
-        assert lines.next() == "first"
+        assert lines.next() == 'news "first"'
         server.wait_second()
-        assert lines.next() == "second"
+        assert lines.next() == 'news "second"'
         peak_growth = kib(proc.pid, "VmHWM") - baseline[0]
         assert proc.poll() is None  # still running, reconnected
         proc.send_signal(signal.SIGINT)
@@ -145,7 +144,11 @@ def test_cli_subscribe_drops_an_endless_line_and_resumes(
     assert server.cut_by_client and server.endless_sent < ENDLESS
     assert f"line longer than {DEFAULT_MAX_LINE} bytes" in stderr.decode(), stderr
     assert b"Traceback" not in stderr
-    assert b"\r\nLast-Event-ID: c1\r\n" in server.requests[1]  # resumed after "first"
+    # Resumed after "first": the position the client reached, in the cursor format.
+    resumed = re.search(rb"\r\nlast-event-id: ([^\r]*)\r\n", server.requests[1].lower())
+    assert resumed is not None, server.requests[1]
+    header = server.requests[1][resumed.start(1) : resumed.end(1)].decode()
+    assert decode_cursor(header) == {"news": ("e1", 1)}
 
 
 def publication(offset: int, data: str) -> bytes:

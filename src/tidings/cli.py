@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import http.client
 import importlib
 import json
 import logging
@@ -105,13 +104,36 @@ def _parser() -> argparse.ArgumentParser:
     publish.set_defaults(run=_publish)
 
     subscribe = commands.add_parser(
-        "subscribe", help="print publications of channels as JSON lines (over SSE)"
+        "subscribe",
+        help="print the publications of channels, one line each, until Ctrl-C",
+        description=(
+            "Print each publication of the channels on a line: 'CHANNEL DATA' (DATA as "
+            "JSON), or with --json the whole publication as a JSON object. Reconnects and "
+            "resumes without loss. Exit status: 0 after Ctrl-C, 1 when the server refuses "
+            "or cannot be reached, 2 for a usage error."
+        ),
     )
     subscribe.add_argument("channels", nargs="+", metavar="CHANNEL")
     subscribe.add_argument(
         "--url", default=os.environ.get("TIDINGS_URL", DEFAULT_URL), help=url_help
     )
-    subscribe.add_argument("--cursor", help="resume from this cursor (an SSE event id)")
+    subscribe.add_argument(
+        "--transport",
+        choices=("ws", "sse", "longpoll", "poll"),
+        default="sse",
+        help="how to follow the channels (default sse)",
+    )
+    subscribe.add_argument(
+        "--json", action="store_true", help="print each publication as one JSON object"
+    )
+    subscribe.add_argument(
+        "--token",
+        default=os.environ.get("TIDINGS_TOKEN", ""),
+        help="connection token (JWT) ($TIDINGS_TOKEN)",
+    )
+    subscribe.add_argument(
+        "--cursor", help="resume from this cursor (an SSE event id or a poll cursor)"
+    )
     subscribe.set_defaults(run=_subscribe)
 
     token = commands.add_parser(
@@ -308,57 +330,86 @@ def _publish(args: argparse.Namespace) -> int:
 
 # -- subscribe -------------------------------------------------------------
 
-#: Bytes asked of the socket per read: the parser holds at most its max_line beyond this.
-_READ_SIZE = 64 * 1024
-
 
 def _subscribe(args: argparse.Namespace) -> int:
-    """Tail channels over SSE; on a drop, reconnect with the last event id."""
-    from .client.sse import EventStreamError, SSEParser
+    """Tail channels on any transport with the Python client (tidings.client), which
+    reconnects and resumes from its position; print one line per publication."""
+    from .client.subscriber import Subscription
 
-    url = urllib.parse.urlsplit(args.url)
-    query = urllib.parse.urlencode([("channel", channel) for channel in args.channels])
-    cursor: str = args.cursor or ""
-    delay = 0.5
-    while True:
-        connection = http.client.HTTPConnection(
-            url.hostname or "127.0.0.1", url.port or 80, timeout=90
+    _client_logging()
+    try:
+        subscription = Subscription(
+            args.url,
+            args.channels,
+            args.transport,
+            args.token or None,
+            cursor=args.cursor,
+            on_unrecovered=_print_unrecovered,
+            fail_fast=True,
         )
-        response: http.client.HTTPResponse | None = None
-        try:
-            headers = {"Accept": "text/event-stream"}
-            if cursor:
-                headers["Last-Event-ID"] = cursor
-            connection.request("GET", f"{url.path.rstrip('/')}/sse?{query}", headers=headers)
-            response = connection.getresponse()
-            if response.status != 200:
-                print(
-                    f"tidings: {response.status} {response.read().decode(errors='replace')}",
-                    file=sys.stderr,
-                )
-                return 1
-            delay = 0.5
-            parser = SSEParser(last_event_id=cursor)
-            while chunk := response.read1(_READ_SIZE):
-                for event in parser.feed(chunk):
-                    if event.event == "message":
-                        print(event.data, flush=True)
-                    elif event.event == "unrecovered":
-                        print(
-                            f"tidings: not recovered, missed publications lost: {event.data}",
-                            file=sys.stderr,
-                            flush=True,
-                        )
-                # Only now: the events of a read the parser refuses are not printed either.
-                cursor = parser.last_event_id
-        except (OSError, http.client.HTTPException, EventStreamError) as exc:
-            print(f"tidings: connection lost ({exc}); reconnecting", file=sys.stderr, flush=True)
-        finally:
-            if response is not None:
-                response.close()  # it owns the socket of a "Connection: close" stream
-            connection.close()
-        time.sleep(delay)
-        delay = min(delay * 2, 10.0)
+    except ValueError as exc:
+        print(f"tidings: --cursor: {exc}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(_tail(subscription, as_json=args.json))
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C: how a tail ends, quietly
+    except BrokenPipeError:
+        # The reader went away (`| head`): as a tail ends, without Python's complaint
+        # when the interpreter flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+async def _tail(subscription: Any, *, as_json: bool) -> int:
+    from .client.calls import APIError
+
+    try:
+        async for pub in subscription:
+            print(_publication_line(pub, as_json=as_json), flush=True)
+    except APIError as exc:
+        http_status = f" (HTTP {exc.status})" if exc.status not in (0, 200) else ""
+        print(f"tidings: error {exc}{http_status}", file=sys.stderr)
+        return 1
+    except ConnectionError as exc:
+        print(f"tidings: cannot subscribe at {subscription.base}: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        await subscription.aclose()
+    return 0
+
+
+def _publication_line(pub: Any, *, as_json: bool) -> str:
+    """``CHANNEL DATA`` (DATA as compact JSON), or the whole publication as a JSON object."""
+    data = json.dumps(pub.data, separators=(",", ":"), ensure_ascii=False)
+    if not as_json:
+        return f"{pub.channel} {data}"
+    fields: dict[str, Any] = {"channel": pub.channel, "offset": pub.offset, "epoch": pub.epoch}
+    fields["data"] = pub.data
+    for name in ("info", "tags", "time"):
+        value = getattr(pub, name)
+        if value is not None:
+            fields[name] = value
+    return json.dumps(fields, separators=(",", ":"), ensure_ascii=False)
+
+
+def _print_unrecovered(channels: list[str]) -> None:
+    print(
+        f"tidings: not recovered, missed publications lost: {', '.join(channels)}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _client_logging() -> None:
+    """The client's notices (a reconnect, a stream dropped for an endless line) on
+    stderr as ``tidings: ...`` lines; ``serve`` configures its own logging."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("tidings: %(message)s"))
+    client_log = logging.getLogger("tidings.client")
+    client_log.addHandler(handler)
+    client_log.setLevel(logging.INFO)
+    client_log.propagate = False
 
 
 # -- top -------------------------------------------------------------------

@@ -185,6 +185,11 @@ def _publication(channel: str, epoch: str, p: dict[str, Any]) -> Publication:
     )
 
 
+def _describe(exc: BaseException) -> str:
+    """An error in a few words for a log line: its message, or its type without one."""
+    return str(exc) or type(exc).__name__
+
+
 class _Live:
     """The WebSocket of the current connection, for commands sent while it is open."""
 
@@ -249,6 +254,7 @@ class Subscription:
         max_line: int = DEFAULT_MAX_LINE,
         poll_timeout: float = 25.0,
         poll_interval: float = 1.0,
+        fail_fast: bool = False,
     ) -> None:
         if transport not in TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(TRANSPORTS)}, not {transport!r}")
@@ -266,6 +272,9 @@ class Subscription:
         self._max_line = max_line
         self._poll_timeout = poll_timeout
         self._poll_interval = poll_interval
+        # Raise the first connection's failure instead of retrying it (the CLI:
+        # a wrong URL is an error to report, not a server to wait for).
+        self._fail_fast = fail_fast
         self._queue: asyncio.Queue[Publication | BaseException] = asyncio.Queue()
         # Positions of the publications queued and not yet yielded, per channel:
         # the cursor stands before the first of them (see :attr:`cursor`).
@@ -339,6 +348,7 @@ class Subscription:
 
     async def _run(self) -> None:
         failures = 0
+        connected = False
         while True:
             established = asyncio.Event()
             try:
@@ -357,7 +367,13 @@ class Subscription:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                log.debug("%s: connection ended (%r); reconnecting", self.base, exc)
+                connected = connected or established.is_set()
+                if self._fail_fast and not connected:
+                    failed = exc if isinstance(exc, APIError) else ConnectionError(_describe(exc))
+                    self._queue.put_nowait(failed)
+                    return
+                log.info("%s: connection lost (%s); reconnecting", self.base, _describe(exc))
+            connected = connected or established.is_set()
             failures = 0 if established.is_set() else failures + 1
             ceiling = min(self._max_backoff, self._min_backoff * 2 ** min(failures, 16))
             await asyncio.sleep(ceiling / 2 + random.random() * ceiling / 2)
