@@ -93,16 +93,16 @@ def test_a_first_subscribe_in_flight_across_a_reconnect_replays_nothing(
         # b's subscribe to "h" is confirmed by Redis but waits on its position read.
         reading = asyncio.Event()
         release = asyncio.Event()
-        ensure = b.broker._ensure
+        ensure_many = b.broker._ensure_many
 
-        async def held_ensure(channel: str) -> Position:
-            if channel == "h" and not reading.is_set():  # the subscribe's read only
+        async def held_ensure_many(channels: list[str]) -> list[Any]:
+            if "h" in channels and not reading.is_set():  # the subscribe's read only
                 reading.set()
                 await release.wait()
-            position: Position = await ensure(channel)
-            return position
+            result: list[Any] = await ensure_many(channels)
+            return result
 
-        b.broker._ensure = held_ensure
+        b.broker._ensure_many = held_ensure_many
         subscribing = asyncio.create_task(b.broker.subscribe("h"))
         await reading.wait()
         await cut_and_wait_resubscribed(a.broker._redis, f"{prefix}:p:h")

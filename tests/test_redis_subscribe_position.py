@@ -10,12 +10,13 @@ one and a publishing one), with hubs on top.
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from brokers_support import until
-from test_broker_redis import run
+from test_broker_redis import KEEP, run
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import Hub, Position, Publication, Recovery
 
@@ -172,5 +173,42 @@ def test_with_redis_stopped_a_subscriber_to_a_followed_channel_is_told_to_retry(
         again = await publisher.publish("s", b"3")
         await until(lambda: bool(third.got), "the new epoch's next publication")
         assert offsets(joined_third, third) == [again.offset] and third.got[0].epoch == stored.epoch
+
+    run(redis_server, body, nodes=2)
+
+
+def test_a_burst_of_first_subscribes_reads_the_positions_in_few_round_trips(
+    redis_server: RedisServer,
+) -> None:
+    """Channels the node does not follow yet need Redis (their position, an epoch
+    created where none is): subscribes asking in the same pass of the loop share
+    one pipelined round trip, and each gets its own channel's position."""
+
+    async def body(a: Node, b: Node) -> None:
+        channels = [f"burst{n}" for n in range(300)]
+        for n, channel in enumerate(channels[:30]):
+            for _ in range(n % 3):
+                await b.broker.publish(channel, b"1", history=KEEP)
+        batches: list[list[str]] = []
+        ensure_many = a.broker._ensure_many
+
+        async def counted(names: list[str]) -> list[Any]:
+            batches.append(names)
+            result: list[Any] = await ensure_many(names)
+            return result
+
+        a.broker._ensure_many = counted
+        await asyncio.gather(*(a.broker.subscribe(channel) for channel in channels))
+        assert len(batches) <= 3 and sorted(name for batch in batches for name in batch) == sorted(
+            channels
+        )
+        for n, channel in enumerate(channels):
+            position = a.broker.position(channel)
+            assert position is not None
+            assert position.offset == (n % 3 if n < 30 else 0), channel
+        # Each position is the one Redis holds (its epoch included).
+        for channel in channels[:30:7]:
+            _, top = await b.broker.history(channel, limit=0)
+            assert a.broker.position(channel) == top
 
     run(redis_server, body, nodes=2)

@@ -375,6 +375,10 @@ class RedisBroker(Broker):
         self._hold_bytes = max(1, hold_bytes)
         self._catch_up_batch = max(1, catch_up_batch)
         self._tasks: list[asyncio.Task[None]] = []
+        #: First subscribes waiting for their channel's position (:meth:`_ensured`),
+        #: and the task reading them from Redis, one batch a round trip.
+        self._ensuring: list[tuple[str, asyncio.Future[Position]]] = []
+        self._ensurer: asyncio.Task[None] | None = None
         self._closing = False
         #: This node's own pub/sub channel and what it does with a message there.
         self._node_name = b""
@@ -460,6 +464,10 @@ class RedisBroker(Broker):
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._tasks = []
+        if self._ensurer is not None:
+            self._ensurer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._ensurer
         await self._pubsub.close()
         await self._redis.aclose()
 
@@ -603,10 +611,55 @@ class RedisBroker(Broker):
         except TimeoutError:
             raise unavailable("redis did not confirm the subscription") from None
         try:
-            top = await self._idempotent(lambda: self._ensure(channel))
+            top = await self._ensured(channel)
         except (RedisError, OSError) as exc:
             raise unavailable(exc) from exc
         self._advance(channel, top)
+
+    def _ensured(self, channel: str) -> asyncio.Future[Position]:
+        """The channel's position, read by one pipelined round trip for every
+        first subscribe that asks in the same pass of the loop (a burst of new
+        channels: a reconnecting client's, or many clients') rather than one each."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Position] = loop.create_future()
+        self._ensuring.append((channel, future))
+        if self._ensurer is None:
+            self._ensurer = loop.create_task(self._ensure_batches(), name="tidings-redis-ensure")
+        return future
+
+    async def _ensure_batches(self) -> None:
+        """Answer the waiting :meth:`_ensured` calls, ``catch_up_batch`` channels a round trip."""
+        try:
+            while self._ensuring:
+                size = self._catch_up_batch
+                batch, self._ensuring = self._ensuring[:size], self._ensuring[size:]
+                channels = [channel for channel, _ in batch]
+                try:
+                    results = await self._idempotent(functools.partial(self._ensure_many, channels))
+                except (RedisError, OSError) as exc:
+                    for _, future in batch:
+                        if not future.done():  # a caller cancelled (its bound) is gone
+                            future.set_exception(RedisConnectionError(str(exc)))
+                    continue
+                for (_, future), (offset, epoch) in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(Position(epoch.decode(), int(offset)))
+        finally:
+            self._ensurer = None
+            waiting, self._ensuring = self._ensuring, []
+            for _, future in waiting:  # only when cancelled (close)
+                if not future.done():
+                    future.set_exception(RedisConnectionError("the broker is closing"))
+
+    async def _ensure_many(self, channels: list[str]) -> list[Any]:
+        """One pipelined round trip: the ``_ENSURE`` script of each channel."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for channel in channels:
+                await self._ensure_script(
+                    keys=self._keys(channel), args=[_new_epoch(), self._meta_ttl_ms], client=pipe
+                )
+            results: list[Any] = await pipe.execute()
+            return results
 
     def position(self, channel: str) -> Position | None:
         """The last position delivered here, while this node's view is current.
@@ -633,12 +686,6 @@ class RedisBroker(Broker):
     def _forget_task(self, task: asyncio.Task[None]) -> None:
         with contextlib.suppress(ValueError):
             self._tasks.remove(task)
-
-    async def _ensure(self, channel: str) -> Position:
-        offset, epoch = await self._ensure_script(
-            keys=self._keys(channel), args=[_new_epoch(), self._meta_ttl_ms]
-        )
-        return Position(epoch.decode(), int(offset))
 
     def _advance(self, channel: str, top: Position) -> None:
         """Remember ``top`` as delivered when nothing newer was delivered here.
