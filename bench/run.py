@@ -806,6 +806,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     scale.add_argument("--no-raise", action="store_true", help="never raise a sysctl, even as root")
     scale.add_argument(
+        "--check-limits",
+        action="store_true",
+        help="only print the kernel limits N needs and whether each holds (exit 1 if not)",
+    )
+    scale.add_argument(
         "--priority",
         type=int,
         metavar="NICE",

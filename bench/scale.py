@@ -1004,6 +1004,8 @@ def main(args: argparse.Namespace) -> int:
     for sdef in (REDIS, SERVERS["tidings"]):
         if why := sdef.unavailable():
             raise SystemExit(f"{sdef.name}: {why}")
+    if args.check_limits:
+        opts.raise_limits = False
     limits = kernel_limits(opts)
     print(
         f"tidings bench (scale): N={opts.n:,} ({'+'.join(opts.transports)}) "
@@ -1017,6 +1019,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"raised {row.name}: {row.raised_from} -> {row.value} (restored at the end)")
     for row in limits.blocking():
         print(f"WOULD STOP THE RUN: {row.name} = {row.value}, needs {row.need}", flush=True)
+    if args.check_limits:
+        return 1 if limits.blocking() else 0
     result: dict[str, Any] = {
         "scenario": "scale",
         "transports": opts.transports,
