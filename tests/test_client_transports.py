@@ -19,6 +19,7 @@ through the server API with httpx. What the client promises (docs/clients.md):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -231,3 +232,97 @@ def test_subscribe_sync_raises_a_refusal(server_factory: Callable[..., ServerPro
     ):
         next(iter(sub))
     assert refused.value.code == 103
+
+
+# -- the SSE watchdog -----------------------------------------------------------------------
+
+
+class StallingProxy:
+    """A loopback TCP proxy whose :meth:`stall` stops forwarding the connections it holds
+    without closing them (a proxy or NAT that silently drops a stream); connections
+    made afterwards are forwarded as usual."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.stalled: set[asyncio.StreamWriter] = set()
+        self._open: set[asyncio.StreamWriter] = set()
+        self._loop = asyncio.new_event_loop()
+        self._ready = threading.Event()
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        assert self._ready.wait(TIMEOUT)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        server = self._loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
+        self.port = server.sockets[0].getsockname()[1]
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self._open.update((writer, up_writer))
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    if dst in self.stalled:
+                        continue  # swallowed: the stream stays open and silent
+                    dst.write(data)
+                    await dst.drain()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def stall(self) -> None:
+        """From now on, nothing more passes on the connections open now."""
+        done = threading.Event()
+
+        def _stall() -> None:
+            self.stalled.update(self._open)
+            done.set()
+
+        self._loop.call_soon_threadsafe(_stall)
+        assert done.wait(TIMEOUT)
+
+    def close(self) -> None:
+        def _stop() -> None:
+            for writer in self._open:
+                writer.transport.abort()
+            self._loop.stop()
+
+        self._loop.call_soon_threadsafe(_stop)
+        self._thread.join(TIMEOUT)
+        self._loop.close()
+
+
+def test_a_silently_stalled_sse_stream_is_resumed_by_the_ping_watchdog(
+    server_factory: Callable[..., ServerProcess],
+) -> None:
+    """The server pings every 0.5 s; the proxy stalls the stream without closing it.
+    The read timeout (60 s) would notice far past the test's deadline: the client
+    reconnects after twice the ping interval of silence, and the publications made
+    while the stream was stalled arrive once, in order."""
+    srv = server_factory(config="[sse]\nheartbeat_interval = 0.5\n")
+    proxy = StallingProxy(srv.port)
+    channel = unique_channel("stall")
+
+    async def main() -> list[Any]:
+        sub = subscribe(proxy.url, channel, "sse", read_timeout=60.0, **QUICK)
+        try:
+            await until_subscribed(srv, sub, channel)
+            await asyncio.to_thread(proxy.stall)
+            for n in range(3):
+                await asyncio.to_thread(publish, srv, channel, f"during-{n}")
+            return await take(sub, 3)
+        finally:
+            await sub.aclose()
+
+    try:
+        assert asyncio.run(main()) == ["during-0", "during-1", "during-2"]
+    finally:
+        proxy.close()
