@@ -401,3 +401,34 @@ def test_tokens_calls_and_a_refused_channel_through_the_shared_connection(
     # With an auth key, clients may not publish by default: the server's 103 comes back.
     refused = two.evaluate(CALL, ["publish", [open_ch, "not allowed"]])
     assert refused["error"]["code"] == 103, refused
+
+
+def test_a_tab_whose_worker_dies_starts_another_and_resumes(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    """The SharedWorker is ended under the tabs (as a crash would): each tab learns it from
+    the worker's Web Lock, starts a new worker and registers again from its positions."""
+    srv = server_factory()
+    ch = unique_channel("sh-crash-")
+    one, two = tabs(srv.url), tabs(srv.url)
+    subscribe(one, "s", [ch])
+    subscribe(two, "s", [ch])
+    settle("connections held", lambda: num_clients(srv), 1)
+    cdp = one.context.new_cdp_session(one)
+
+    def workers() -> list[str]:
+        targets = cdp.send("Target.getTargets")["targetInfos"]
+        mine = (t for t in targets if t["type"] == "shared_worker" and t["url"].startswith(srv.url))
+        return [t["targetId"] for t in mine]
+
+    with Publisher(srv, ch) as pub:
+        pub.wait_sent(5)
+        (worker,) = workers()
+        cdp.send("Target.closeTarget", {"targetId": worker})
+        pub.wait_sent(pub.sent + 10)
+        settle("a new worker", lambda: len([w for w in workers() if w != worker]), 1)
+        settle("connections after the new worker", lambda: num_clients(srv), 1)
+        pub.wait_sent(pub.sent + 5)
+    sent = pub.sent
+    for tab in (one, two):
+        wait_received(tab, "s", [(ch, n) for n in range(1, sent + 1)])

@@ -420,6 +420,8 @@ export class ShareHub {
 class WorkerLink {
   constructor(client) {
     this.mode = "worker";
+    this.client = client;
+    this._gone = null;
     const worker = new SharedWorker(new URL("./tidings-worker.js", import.meta.url), {
       type: "module",
       name: `tidings ${client.baseUrl}`,
@@ -436,7 +438,17 @@ class WorkerLink {
     this.port.postMessage(msg);
   }
 
+  /** The worker's life lock: granted to us once the worker is gone; then start another. */
+  watch(lock) {
+    if (this._gone || !locksAvailable()) return;
+    this._gone = new AbortController();
+    navigator.locks
+      .request(lock, { signal: this._gone.signal }, () => this.client._replaceLink(WorkerLink))
+      .catch(() => {}); // aborted: this link was closed
+  }
+
   close() {
+    if (this._gone) this._gone.abort();
     this.port.close();
   }
 }
@@ -676,6 +688,9 @@ export class Tidings {
         return void this._answer(msg);
       case "who":
         return void this._register();
+      case "worker":
+        if (this._link && this._link.watch) this._link.watch(msg.lock);
+        return;
       case "ping":
         return this._send({ t: "pong" });
       default:
