@@ -806,6 +806,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     scale.add_argument("--no-raise", action="store_true", help="never raise a sysctl, even as root")
     scale.add_argument(
+        "--memory-guard",
+        type=float,
+        default=0.85,
+        metavar="FRACTION",
+        help="stop connecting at this fraction of RAM in use (default 0.85)",
+    )
+    scale.add_argument(
         "--check-limits",
         action="store_true",
         help="only print the kernel limits N needs and whether each holds (exit 1 if not)",

@@ -57,9 +57,10 @@ import report
 import run as bench
 from servers import HOST, REDIS, SERVERS, ServerDef
 
-#: Stop connecting once this fraction of RAM is in use; end the run at ``MEMORY_ABORT``.
+#: Stop connecting once this fraction of RAM is in use (``--memory-guard``); end the
+#: run at ``MEMORY_ABORT`` above it.
 MEMORY_GUARD = 0.85
-MEMORY_ABORT = 0.92
+MEMORY_ABORT = 0.07
 #: A worker's own files (listener, Redis, epoll, log, pipes) and SO_REUSEPORT's skew.
 FILE_MARGIN = 500
 #: Per-connection costs used only to predict, before the run, whether N fits in
@@ -92,6 +93,7 @@ class Options:
     keepalive: float = 300.0  # SSE heartbeat and WebSocket ping interval, seconds
     raise_limits: bool = True
     priority: int | None = None  # autogroup nice of the run's sessions (root), see set_priority
+    memory_guard: float = MEMORY_GUARD
 
     @property
     def connect_budget(self) -> float:
@@ -328,7 +330,7 @@ def kernel_limits(opts: Options) -> Limits:
         )
     mem = meminfo()
     total_b, avail_b = mem["MemTotal"] * 1024, mem["MemAvailable"] * 1024
-    usable = MEMORY_GUARD * total_b - (total_b - avail_b)
+    usable = opts.memory_guard * total_b - (total_b - avail_b)
     fixed = opts.workers * EST_WORKER_BASE_B + opts.clients * EST_CLIENT_BASE_B
     per_conn = EST_KERNEL_B + EST_SERVER_B + EST_CLIENT_B
     need = fixed + n * per_conn
@@ -339,7 +341,7 @@ def kernel_limits(opts: Options) -> Limits:
             f"{avail_b / 2**30:.1f} of {total_b / 2**30:.1f} GiB",
             f"~{need / 2**30:.1f} GiB",
             need <= usable,
-            f"guard at {MEMORY_GUARD:.0%} in use leaves {usable / 2**30:.1f} GiB: ~{fits:,} "
+            f"guard at {opts.memory_guard:.0%} in use leaves {usable / 2**30:.1f} GiB: ~{fits:,} "
             f"connections at ~{per_conn:,} B each (kernel {EST_KERNEL_B:,}, server "
             f"{EST_SERVER_B:,}, client {EST_CLIENT_B:,}) + processes",
         )
@@ -525,11 +527,12 @@ def client_ips(combo: int, client: int, count: int) -> list[str]:
 class Monitor:
     """Samples memory and TCP buffers every half second; trips the memory guard.
 
-    Over ``MEMORY_GUARD`` it stops the load processes from connecting (SIGUSR1);
-    over ``MEMORY_ABORT`` it cancels the run, whose cleanup frees the memory.
+    Over ``guard`` it stops the load processes from connecting (SIGUSR1); at
+    ``MEMORY_ABORT`` above it, it cancels the run, whose cleanup frees the memory.
     """
 
-    def __init__(self, client_pids: list[int], run_task: asyncio.Future[Any]) -> None:
+    def __init__(self, client_pids: list[int], run_task: asyncio.Future[Any], guard: float) -> None:
+        self.guard = guard
         self.client_pids = client_pids
         self.run_task = run_task
         self.peak_used = 0.0
@@ -547,13 +550,13 @@ class Monitor:
         self.peak_used = max(self.peak_used, used)
         self.peak_tcp_pages = max(self.peak_tcp_pages, sockstat_tcp().get("mem", 0))
         self.peak_slab_kib = max(self.peak_slab_kib, measure.slab_kib())
-        if used >= MEMORY_GUARD and self.tripped is None:
-            self.tripped = f"memory: {used:.1%} of RAM in use (guard {MEMORY_GUARD:.0%})"
+        if used >= self.guard and self.tripped is None:
+            self.tripped = f"memory: {used:.1%} of RAM in use (guard {self.guard:.0%})"
             for pid in self.client_pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGUSR1)
-        if used >= MEMORY_ABORT:
-            self.tripped = f"memory: {used:.1%} of RAM in use, run ended (abort {MEMORY_ABORT:.0%})"
+        if used >= self.guard + MEMORY_ABORT:
+            self.tripped = f"memory: {used:.1%} of RAM in use, run ended"
             self.run_task.cancel()
 
     async def loop(self) -> None:
@@ -700,7 +703,7 @@ async def run_scale(result: dict[str, Any], opts: Options, root: Path, limits: L
     client_pids = [w.proc.pid for w in pool.workers]
     this = asyncio.current_task()
     assert this is not None
-    monitor = Monitor(client_pids, this)
+    monitor = Monitor(client_pids, this, opts.memory_guard)
     monitor.start()
     redis: bench.ServerProc | None = None
     server: bench.ServerProc | None = None
@@ -995,6 +998,7 @@ def options(args: argparse.Namespace) -> Options:
         keepalive=args.keepalive,
         raise_limits=not args.no_raise,
         priority=args.priority,
+        memory_guard=args.memory_guard,
     )
 
 
