@@ -4,7 +4,7 @@
     .venv/bin/python bench/run.py --full               # N=10,000 and N=19,000
     .venv/bin/python bench/run.py --servers tidings,floor --transports sse --n 5000
     .venv/bin/python bench/run.py --servers tidings,tidings-asgi --transports sse,ws  # rt.asgi()
-    .venv/bin/python bench/run.py --scale --n 100000 --workers 7   # scale-out, Redis
+    .venv/bin/python bench/run.py --scale --n 1000000   # workers + Redis, see scale.py
     .venv/bin/python bench/run.py --rooms          # 1,000 chat rooms x 10, rising publish rate
 
 For each (server, transport) a fresh server process is started (RSS deltas are
@@ -20,10 +20,11 @@ publication, and then driven through the phases:
 Then the connections are closed and the server process tree is killed. Every
 wait has a timeout; a server that dies or wedges is reported, not waited for.
 
-``--scale`` is a separate scenario (issue 7): tidings with several worker
-processes on one port and a Redis broker, N SSE subscribers, K broadcasts; see
-``run_scale``. ``--rooms`` is another (issue 16): many small channels and a
-rising publish rate until p99 publish -> deliver passes 50 ms; see ``rooms.py``.
+``--scale`` is a separate scenario (issues 7 and 16): tidings with several
+worker processes on one port and a Redis broker, N SSE and WebSocket
+subscribers connected in steps, K broadcasts; see ``scale.py``. ``--rooms`` is
+another (issue 16): many small channels and a rising publish rate until p99
+publish -> deliver passes 50 ms; see ``rooms.py``.
 """
 
 from __future__ import annotations
