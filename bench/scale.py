@@ -428,16 +428,19 @@ class ScaleClient(load.Worker):
                     transport.abort()
                 return False
 
+        unstarted = [0]  # jobs a lane took from the queue and then did not start
+
         async def lane() -> None:
             for i, kind in queue:  # one iterator shared by every lane
                 if self.halted or time.monotonic() >= deadline:
+                    unstarted[0] += 1
                     return
                 if await one(i, specs[kind]):
                     ok[kind] += 1
 
         t0 = load.monotonic_ns()
         await asyncio.gather(*(lane() for _ in range(concurrency)))
-        left = sum(1 for _ in queue)
+        left = unstarted[0] + sum(1 for _ in queue)
         if left:
             failures["halted" if self.halted else "timeout"] = left
         return {
