@@ -194,14 +194,16 @@ def test_three_tabs_share_one_connection_each_gets_its_channels(
     assert num_clients(srv) == 1
 
 
+@pytest.mark.parametrize("transport", ["websocket", "sse", "longpoll"])
 def test_union_grows_and_shrinks_without_loss(
-    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess], transport: str
 ) -> None:
     """Each change of the union reopens the shared stream from the current positions while
-    publications keep coming: the tab that stays sees every one of them, once, in order."""
+    publications keep coming, on each kind of transport (the resume is a WebSocket recover,
+    an SSE or a poll cursor): the tab that stays sees every one of them, once, in order."""
     srv = server_factory()
     steady, grown, extra = (unique_channel(f"sh-{x}-") for x in ("steady", "grown", "extra"))
-    one, two = tabs(srv.url), tabs(srv.url)
+    one, two = tabs(srv.url, transports=[transport]), tabs(srv.url, transports=[transport])
     subscribe(one, "steady", [steady])
     with Publisher(srv, steady) as pub:
         pub.wait_sent(5)
@@ -221,6 +223,7 @@ def test_union_grows_and_shrinks_without_loss(
     wait_received(one, "steady", [(steady, n) for n in range(1, sent + 1)])
     settle("connections at the end", lambda: num_clients(srv), 1)
     assert one.evaluate("() => window.states.steady") == ["connected"]
+    assert one.evaluate("() => window.transports.steady") == [transport]
 
 
 def test_leader_tab_closes_another_takes_over_without_loss(
