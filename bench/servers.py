@@ -405,3 +405,17 @@ SERVERS["tidings-redis"] = dataclasses.replace(
     binaries=(("redis-server", "redis-server"),),
     note="tidings, 1 process, [broker] type = redis (its own redis-server; RSS includes it)",
 )
+
+if _baseline_def is not None:
+    # The same on Redis from the baseline tree (TIDINGS_BENCH_BASELINE): before/after in one run.
+    _baseline_src = str(Path(os.environ["TIDINGS_BENCH_BASELINE"]).resolve() / "src")
+    SERVERS["tidings-baseline-redis"] = dataclasses.replace(
+        SERVERS["tidings-redis"],
+        name="tidings-baseline-redis",
+        command=lambda port, wd: [
+            "env",
+            f"PYTHONPATH={_baseline_src}",
+            *_tidings_redis_cmd(port, wd),
+        ],
+        note=f"tidings-redis from {_baseline_src}",
+    )
