@@ -97,7 +97,9 @@ function errorFromWire(e) {
 export class ShareHub {
   constructor() {
     this.client = null; // tidings.js' Tidings, made on the first hello
-    this.tabs = new Map(); // tabId -> {id, send, subs: Map(subId -> TabSub), callbacks, lock, lastSeen, pingInterval}
+    // tabId -> {id, send, subs: Map(subId -> {channels, positions}), callbacks, lastSeen,
+    //           pingInterval (null when the tab's Web Lock tells us it is gone), lockAbort}
+    this.tabs = new Map();
     this.stream = null; // the newest subscription, following the union of the tabs' channels
     this.live = null; // the connected one the tabs are served from (stream once it connects)
     this.streamKey = "";
@@ -147,17 +149,18 @@ export class ShareHub {
     if (!this.client) this.client = this._makeClient(msg.baseUrl, msg.options || {});
     const old = this.tabs.get(tabId);
     if (old && old.lockAbort) old.lockAbort.abort();
+    const watched = !!msg.lock && locksAvailable();
     const tab = {
       id: tabId,
       send,
       subs: new Map(),
       callbacks: new Set(msg.callbacks || []),
       lastSeen: Date.now(),
-      pingInterval: msg.lock ? null : Math.max(1000, msg.pingInterval || SHARE_DEFAULTS.pingInterval),
+      pingInterval: watched ? null : Math.max(1000, msg.pingInterval || SHARE_DEFAULTS.pingInterval),
       lockAbort: null,
     };
     this.tabs.set(tabId, tab);
-    if (msg.lock && locksAvailable()) {
+    if (watched) {
       // Granted once the tab's document is gone: the tab held it for its whole life.
       tab.lockAbort = new AbortController();
       navigator.locks
@@ -166,7 +169,6 @@ export class ShareHub {
         })
         .catch(() => {}); // aborted: the tab said bye or registered again
     } else {
-      tab.pingInterval = tab.pingInterval || SHARE_DEFAULTS.pingInterval;
       this._startPinger();
     }
     if (old && old.subs.size) this._scheduleResync();
@@ -291,6 +293,13 @@ export class ShareHub {
     const union = this._union();
     const key = union.join("\n");
     if (key === this.streamKey && !this._restream) return;
+    if (!this._restream && this.live && key === [...this.live.channels].sort().join("\n")) {
+      // Back to what the live stream follows (a change undone, a refused channel dropped).
+      if (this.stream && this.stream !== this.live) this._retire(this.stream);
+      this.stream = this.live;
+      this.streamKey = key;
+      return;
+    }
     this._restream = false;
     this.streamKey = key;
     if (this.stream && this.stream !== this.live) this._retire(this.stream); // never connected: replaced
