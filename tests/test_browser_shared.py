@@ -435,3 +435,26 @@ def test_a_tab_whose_worker_dies_starts_another_and_resumes(
     sent = pub.sent
     for tab in (one, two):
         wait_received(tab, "s", [(ch, n) for n in range(1, sent + 1)])
+
+
+def test_the_shared_connection_keeps_within_the_servers_channel_limit(
+    tabs: Callable[..., Tab], server_factory: Callable[..., ServerProcess]
+) -> None:
+    """All tabs' channels travel on one connection, bounded by the server's
+    max_channels_per_connection: the subscription that would pass it is refused at once
+    (onError with the server's code 106, state closed), the others are served on."""
+    srv = server_factory("[limits]\nmax_channels_per_connection = 3\n")
+    a, b, c, d = (unique_channel(f"sh-lim{x}-") for x in "abcd")
+    one, two, three = (tabs(srv.url, maxChannels=3) for _ in range(3))
+    subscribe(one, "s", [a, b])
+    subscribe(two, "s", [c])
+    three.evaluate(SUBSCRIBE, ["s", [d]])
+    three.wait_for_function("() => window.subs.s.state === 'closed'")
+    assert "limit exceeded" in three.evaluate("() => window.errors")[0]
+    assert three.evaluate("() => window.states.s") == ["closed"]
+    publish(srv, a, 1)
+    publish(srv, c, 2)
+    wait_received(one, "s", [(a, 1)])
+    wait_received(two, "s", [(c, 2)])
+    assert channels_on_server(srv) == {a, b, c}
+    assert num_clients(srv) == 1

@@ -45,6 +45,10 @@ const SHARE_DEFAULTS = {
   shared: true, // false: one connection per tab, as /tidings.js
   sharedWorker: true, // false: skip SharedWorker, elect a leader tab (Web Locks + BroadcastChannel)
   pingInterval: 10000, // ms between the hub's pings, only where Web Locks are missing
+  // Channels the shared connection may follow: the server's limits.max_channels_per_connection
+  // (default 128). All tabs' channels travel on one connection; past the server's limit a
+  // merged stream could never be established, so the hub refuses the subscription instead.
+  maxChannels: 128,
 };
 
 function randomId() {
@@ -213,6 +217,13 @@ export class ShareHub {
         // restart the stream from its position so that it gets what it missed.
         this._restream = true;
       }
+    }
+    const union = new Set([...this._union(), ...msg.channels]);
+    const most = this.client.options.maxChannels || SHARE_DEFAULTS.maxChannels;
+    if (union.size > most) {
+      const error = new TidingsError(106, `limit exceeded: the tabs' shared connection follows at most ${most} channels`);
+      tab.send({ t: "closed", sub: msg.sub, error: errorToWire(error) });
+      return;
     }
     tab.subs.set(msg.sub, { channels: [...msg.channels], positions });
     this._scheduleResync();
