@@ -16,9 +16,12 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from brokers_support import until
+from helpers import publish, unique_channel
 from test_broker_redis import KEEP, run
+from test_scaleout import redis_config, wait_health
 from tidings.errors import ErrorCode, ProtocolError
 from tidings.hub import Hub, Position, Publication, Recovery
+from ws_support import connect_raw
 
 if TYPE_CHECKING:
     from brokers_support import Node, RedisServer
@@ -212,3 +215,52 @@ def test_a_burst_of_first_subscribes_reads_the_positions_in_few_round_trips(
             assert a.broker.position(channel) == top
 
     run(redis_server, body, nodes=2)
+
+
+def test_a_websocket_client_subscribing_while_redis_is_stopped_is_told_to_retry(
+    redis_server: RedisServer, server_factory: Any
+) -> None:
+    """The same story as a client sees it, over a real server: while Redis is
+    down, subscribing to a channel the node follows gets the temporary error
+    100 and the client stays connected; once Redis is back the retry succeeds,
+    at the position the node knows. Redis came back empty: the next publication
+    starts a new epoch, and both subscribers are disconnected with 3010
+    (insufficient state) rather than handed it as if it continued the old
+    stream; a resume from the old position then says it was not recovered."""
+    srv = server_factory(redis_config(redis_server))
+    channel = unique_channel("down")
+    first = connect_raw(srv.ws_url, (channel,))
+    published = publish(srv, channel, {"n": 1})
+    first.wait_for(lambda m: m.get("push", {}).get("pub", {}).get("data") == {"n": 1})
+    second = connect_raw(srv.ws_url)
+    redis_server.stop()
+    try:
+        wait_health(srv, 503)
+        second.send({"id": 2, "subscribe": {"channel": channel}})
+        refused = second.wait_for(lambda m: m.get("id") == 2)
+        assert refused["error"]["code"] == 100, refused
+    finally:
+        redis_server.start()
+    wait_health(srv, 200)
+    second.send({"id": 3, "subscribe": {"channel": channel}})
+    joined = second.wait_for(lambda m: m.get("id") == 3)["subscribe"]
+    assert (joined.get("offset"), joined.get("epoch")) == (1, published["epoch"])
+    again = publish(srv, channel, {"n": 2})
+    assert again["epoch"] != published["epoch"]
+    assert first.read_until_closed() == second.read_until_closed() == 3010
+    resumed = connect_raw(srv.ws_url)
+    resumed.send(
+        {
+            "id": 2,
+            "subscribe": {
+                "channel": channel,
+                "recover": True,
+                "offset": 1,
+                "epoch": published["epoch"],
+            },
+        }
+    )
+    result = resumed.wait_for(lambda m: m.get("id") == 2)["subscribe"]
+    assert result.get("recovered") is not True and result["epoch"] == again["epoch"]
+    for client in (first, second, resumed):
+        client.close()
