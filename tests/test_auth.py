@@ -10,6 +10,8 @@ import base64
 import hashlib
 import hmac
 import json
+import os
+import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
@@ -68,10 +70,13 @@ def hs256(claims: dict[str, Any], secret: str = SECRET) -> str:
 
 
 def access() -> Access:
-    path = "/tmp/tidings-test-auth.toml"
-    with open(path, "w") as file:
-        file.write(CONFIG)
-    return Access(load_config(path))
+    # A directory of its own: a fixed path in /tmp is shared with every other run of the suite
+    # on the machine (parallel workers, other checkouts), which could read it half written.
+    with tempfile.TemporaryDirectory(prefix="tidings-test-auth-") as directory:
+        path = os.path.join(directory, "auth.toml")
+        with open(path, "w") as file:
+            file.write(CONFIG)
+        return Access(load_config(path))
 
 
 # --------------------------------------------------------------------------- attacks

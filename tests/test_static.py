@@ -40,6 +40,9 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     ],
     ids=["ruff-check", "ruff-format", "mypy-strict", "mypy-strict-examples"],
 )
+# As long as the command's own timeout: mypy without a cache, sharing the cores with the
+# suite's other workers, has taken more than pytest's default 120 s.
+@pytest.mark.timeout(300)
 def test_static_check_passes(command: tuple[str, ...]) -> None:
     result = _run(*command)
     assert result.returncode == 0, result.stdout + result.stderr
