@@ -48,6 +48,7 @@ from helpers import (
 )
 from hooks_support import Held, HookedServer, Recorder, hooked_server
 from test_asgi import asgi  # noqa: F401  (the fixture)
+from tidings.errors import ErrorCode
 from tidings.hooks import Disconnect, Hooks, PublishCall, PublishReply, Refuse, RPCCall
 from ws_support import RawClient
 
@@ -372,7 +373,16 @@ def test_rpc_reaches_the_handler_with_who_asks(hooks: Hooks, hooked: HookedServe
     async def leave(rpc: RPCCall) -> Any:
         raise Disconnect(4500, "go away")
 
-    hooks.rpc = {"add": add, "refuse": refuse, "broken": broken, "leave": leave}
+    async def throttle(rpc: RPCCall) -> Any:
+        raise Refuse(ErrorCode.TOO_MANY_REQUESTS, "slow down")
+
+    hooks.rpc = {
+        "add": add,
+        "refuse": refuse,
+        "broken": broken,
+        "leave": leave,
+        "throttle": throttle,
+    }
     resp = call(hooked, "rpc", {"method": "add", "data": {"a": 2, "b": 3}}, bearer=token("ann"))
     assert (resp.status_code, resp.json()) == (200, {"data": {"sum": 5}})
     (rpc,) = seen.items
@@ -381,6 +391,7 @@ def test_rpc_reaches_the_handler_with_who_asks(hooks: Hooks, hooked: HookedServe
     assert error_of(call(hooked, "rpc", {"method": "refuse"})) == (403, 1001)
     assert error_of(call(hooked, "rpc", {"method": "broken"})) == (500, 100)
     assert error_of(call(hooked, "rpc", {"method": "leave"})) == (403, 4500)
+    assert error_of(call(hooked, "rpc", {"method": "throttle"})) == (429, 111)
 
 
 def test_slow_rpc_times_out_503_and_holds_no_other_client(
