@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -169,7 +170,7 @@ class Response:
         self.close = close
         self._plain: bytes | None = None
 
-    def encode(self, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]) -> bytes:
+    def encode(self, *, head: bool, keep_alive: bool, extra: Sequence[tuple[str, str]]) -> bytes:
         plain = not head and keep_alive and not extra
         if plain and self._plain is not None:
             return self._plain
@@ -178,7 +179,7 @@ class Response:
             self._plain = data
         return data
 
-    def _render(self, *, head: bool, keep_alive: bool, extra: list[tuple[str, str]]) -> bytes:
+    def _render(self, *, head: bool, keep_alive: bool, extra: Sequence[tuple[str, str]]) -> bytes:
         reason = HTTPStatus(self.status).phrase
         lines = [f"HTTP/1.1 {self.status} {reason}", f"Date: {http_date()}", "Server: tidings"]
         lines.extend(f"{name}: {value}" for name, value in self.headers)
