@@ -112,6 +112,10 @@ class FaultyBroker(HoldsHistory, MemoryBroker):
         await self.running.wait()
         return await super().publish(channel, data, history=history, info=info, tags=tags)
 
+    def position(self, channel: str) -> Position | None:
+        """None: a remote broker's subscribers read history (where the faults are)."""
+        return None
+
     async def subscribe(self, channel: str) -> None:
         await self.running.wait()
         if channel in self.hold_subscribe:

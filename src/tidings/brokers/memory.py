@@ -388,6 +388,16 @@ class MemoryBroker(Broker):
         self._stream(channel)  # first: a refused stream must leave no interest behind
         self._interest.add(channel)
 
+    def position(self, channel: str) -> Position | None:
+        """What ``history(channel, limit=0)`` answers, without a coroutine and
+        the broker bound around it (3 % of the server's CPU in the WebSocket
+        connect-rate run): the stream is here, so the view is always current."""
+        stream = self._streams.get(channel)
+        if stream is None or channel not in self._interest:
+            return None
+        self._expire(stream, self._clock())
+        return stream.top
+
     def unsubscribe(self, channel: str) -> None:
         self._interest.discard(channel)
 
