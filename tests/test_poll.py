@@ -15,6 +15,7 @@ from helpers import (
     pub_json,
     publish,
     unique_channel,
+    wait_subscribers,
 )
 
 
@@ -269,5 +270,51 @@ def test_client_leaving_a_held_long_poll_is_forgotten(server):
         conn.close()  # gone while held
     res = publish(server, ch, "nobody listening")
     body = poll_ok(server, [ch], cursor=cursor, timeout=0)
+    assert [p["offset"] for p in body["publications"]] == [res["offset"]]
+    check_serving(server)
+
+
+def test_ever_new_poll_urls_do_not_grow_the_server(server):
+    """A poll URL is read once per distinct URL and kept (PollTransport.query);
+    a client sending ever new ones (a different padding parameter each time,
+    each URL just under the length kept) replaces the oldest: 20,000 of them,
+    20 MB of URLs, leave the server's RSS where 500 left it, and a long-poll
+    held meanwhile by another client is still answered."""
+    from helpers import RawConn, request_bytes, rss_kib
+
+    ch = unique_channel()
+    publish(server, ch, "the channel's stream begins")
+    cursor = poll_ok(server, [ch])["cursor"]
+    prefix = f"/poll?channel={ch}&cursor={cursor}&timeout=0&pad="
+
+    def urls(start: int, count: int) -> list[bytes]:
+        return [
+            request_bytes("GET", prefix + f"{i:d}".rjust(1000 - len(prefix), "x"))
+            for i in range(start, start + count)
+        ]
+
+    def attack(conn: RawConn, start: int, count: int, batch: int = 250) -> None:
+        for first in range(start, start + count, batch):
+            conn.send(b"".join(urls(first, batch)))
+            for _ in range(batch):
+                response = conn.read_response()
+                assert response.status == 200, response.body
+                assert response.json()["cursor"] == cursor
+
+    result: dict[str, httpx.Response] = {}
+    waiting = threading.Thread(
+        target=lambda: result.update(resp=poll(server, [ch], cursor=cursor, timeout=30))
+    )
+    with RawConn(server) as conn:
+        attack(conn, 0, 500)
+        before = rss_kib(server)
+        waiting.start()
+        attack(conn, 500, 20_000)
+        grown = rss_kib(server) - before
+    assert grown < 4096, f"the server grew by {grown} KiB for 20,000 distinct poll URLs"
+    wait_subscribers(server, ch, 1)
+    res = publish(server, ch, "still served")
+    waiting.join(30)
+    body = result["resp"].json()
     assert [p["offset"] for p in body["publications"]] == [res["offset"]]
     check_serving(server)
