@@ -215,27 +215,36 @@ def test_every_idle_stream_gets_its_pings(server_factory):
 class Stream:
     """A stand-in for a stream in the wheel: hashable by identity, like SSEStream."""
 
-    __slots__ = ("__weakref__",)
+    __slots__ = ("slice",)
 
 
-def test_heartbeat_wheel_visits_each_stream_once_per_turn_in_even_slices():
+def test_heartbeat_wheel_visits_each_stream_once_per_turn_a_turn_after_it_joined():
     slices = 150  # a 15 s interval at HEARTBEAT_TICK
     assert HEARTBEAT_TICK * slices == pytest.approx(15.0)
     wheel: HeartbeatWheel[Stream] = HeartbeatWheel(slices)
-    streams = [Stream() for _ in range(10_000)]
-    for stream in streams:
-        wheel.add(stream)
-    gone = set(streams[::7])
+    joined: dict[Stream, int] = {}  # stream -> ticks so far when it joined
+    first_visit: dict[Stream, int] = {}
+    for tick in range(slices):  # 10,050 streams arriving at 67 per 0.1 s tick
+        for _ in range(67):
+            stream = Stream()
+            stream.slice = wheel.add(stream)
+            joined[stream] = tick
+        for stream in wheel.advance():
+            first_visit.setdefault(stream, tick)
+    # The first batch comes round on the turn's last tick: a whole turn after it joined.
+    assert first_visit == {s: slices - 1 for s, tick in joined.items() if tick == 0}
+    gone = set(list(joined)[::7])
     for stream in gone:
-        wheel.discard(stream)
-    for _ in range(2):  # two turns: each visits every stream exactly once
+        wheel.discard(stream, stream.slice)
+    for _ in range(2):  # then each stream that stays exactly once per turn, at its phase
         visits = [wheel.advance() for _ in range(slices)]
         seen = [stream for visit in visits for stream in visit]
-        assert len(seen) == len(set(seen)) == len(streams) - len(gone)
-        assert set(seen) == set(streams) - gone
-        mean = len(seen) / slices
-        # No loop turn writes to more than a small share of the streams.
-        assert max(len(visit) for visit in visits) < 2 * mean
+        assert len(seen) == len(set(seen)) == len(joined) - len(gone)
+        assert set(seen) == set(joined) - gone
+        for tick, visit in enumerate(visits):
+            assert all(joined[stream] == (tick + 1) % slices for stream in visit)
+        # No loop turn writes to more than the streams that joined during one tick.
+        assert max(len(visit) for visit in visits) <= 67
 
 
 @pytest.mark.parametrize("cursor", ["@@@", "Zm9vYmFy", "x" * 50])

@@ -91,33 +91,34 @@ MAX_REFRESHING = 1024
 #: (``bench/sse_heartbeat_stall.py --turn --n 9000``).
 HEARTBEAT_TICK = 0.1
 
-#: Knuth's multiplicative constant: spreads object hashes (addresses, which
-#: grow by the size of the object) evenly over the slices.
-_SPREAD = 2654435761
-
 
 class HeartbeatWheel(Generic[T]):
     """The streams in ``slices`` groups, one visited per tick (sans-I/O).
 
-    A stream's slice follows from its hash, so nothing is stored on it and it
-    is found again to be removed; :meth:`advance` gives the next slice in turn,
-    so each stream is visited exactly once per turn of the wheel.
+    A stream joins the slice visited last, so its first visit comes a whole
+    turn after it joined (its head was just written: a ping now would say
+    nothing, and a client's test that reads what follows the head sees no
+    heartbeat before the interval); streams arriving over time fill the
+    slices in turn. :meth:`add` returns the slice, which the caller keeps to
+    :meth:`discard` the stream (an int on the stream, rather than a lookup
+    table here). :meth:`advance` gives the next slice in turn, so each stream
+    is visited exactly once per turn of the wheel.
     """
 
     __slots__ = ("_next", "_slices")
 
     def __init__(self, slices: int) -> None:
         self._slices: list[set[T]] = [set() for _ in range(max(1, slices))]
+        #: The slice the next tick visits.
         self._next = 0
 
-    def _slice(self, item: T) -> set[T]:
-        return self._slices[((hash(item) * _SPREAD) >> 16) % len(self._slices)]
+    def add(self, item: T) -> int:
+        index = (self._next - 1) % len(self._slices)
+        self._slices[index].add(item)
+        return index
 
-    def add(self, item: T) -> None:
-        self._slice(item).add(item)
-
-    def discard(self, item: T) -> None:
-        self._slice(item).discard(item)
+    def discard(self, item: T, index: int) -> None:
+        self._slices[index].discard(item)
 
     def advance(self) -> tuple[T, ...]:
         """The next slice's members (a copy: visiting one may remove it)."""
@@ -179,7 +180,15 @@ class Feed:
 class SSEStream(asyncio.Protocol):
     """One subscriber's event stream, once its head and backlog are written."""
 
-    __slots__ = ("_backlog", "_skipped", "credentials", "feed", "sse", "transport")
+    __slots__ = (
+        "_backlog",
+        "_skipped",
+        "credentials",
+        "feed",
+        "heartbeat_slice",
+        "sse",
+        "transport",
+    )
 
     #: SSE streams have no client id; the server API reaches them by user.
     client_id = ""
@@ -199,6 +208,8 @@ class SSEStream(asyncio.Protocol):
         self._backlog: list[Publication] | None = []
         #: A channel already joined skipped while later ones were joining.
         self._skipped = False
+        #: Its slice of the transport's heartbeat wheel, once live.
+        self.heartbeat_slice = -1
 
     def deliver(self, pub: Publication) -> None:
         if self._backlog is None:
@@ -397,7 +408,7 @@ class SSETransport:
         transport = conn.detach()
         transport.set_protocol(stream)
         self.streams.add(stream)
-        self._wheel.add(stream)
+        stream.heartbeat_slice = self._wheel.add(stream)
         self.metrics.connected("sse")
         if joined.unrecovered:
             self.metrics.unrecovered("sse", len(joined.unrecovered))
@@ -428,7 +439,7 @@ class SSETransport:
     def remove(self, stream: SSEStream) -> None:
         if stream in self.streams:
             self.streams.discard(stream)
-            self._wheel.discard(stream)
+            self._wheel.discard(stream, stream.heartbeat_slice)
             self.hub.remove_client(stream.credentials.user, stream)
             leave(self.hub, stream.feed.channels, stream)
             if stream.live:
