@@ -626,3 +626,30 @@ def test_calls_under_uvicorn(asgi: Callable[..., ServerProcess], app: str) -> No
         timeout=TIMEOUT,
     )
     assert huge.status_code == 413
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+def test_calls_are_timed_and_their_errors_counted_as_client_commands(srv: ServerProcess) -> None:
+    """A call is a client command in ``/metrics``: its duration under its name, an
+    error under its name and code, as a WebSocket session's command would be."""
+
+    def scrape() -> dict[str, float]:
+        samples: dict[str, float] = {}
+        for line in httpx.get(f"{srv.url}/metrics", timeout=TIMEOUT).text.splitlines():
+            if line.startswith(("centrifugo_client_command_duration_seconds_count",
+                                "centrifugo_client_num_reply_errors")):  # fmt: skip
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    count = 'centrifugo_client_command_duration_seconds_count{method="presence_stats"}'
+    errors = 'centrifugo_client_num_reply_errors{code="103",method="presence_stats"}'
+    before = scrape()
+    channel = unique_channel("members:")
+    assert call(srv, "presence_stats", {"channel": channel}, bearer=token("a")).status_code == 200
+    assert error_of(call(srv, "presence_stats", {"channel": channel})) == (403, 103)
+    after = scrape()
+    assert after[count] - before.get(count, 0) == 2
+    assert after[errors] - before.get(errors, 0) == 1

@@ -171,7 +171,7 @@ class Server:
         )
         #: ``POST /call/<name>``: RPC, publish, history, presence for clients
         #: on SSE, long-poll and poll (tidings.transports.calls).
-        self.calls = CallTransport(hub, access, hooks=hooks)
+        self.calls = CallTransport(hub, access, hooks=hooks, metrics=metrics)
         self.transports: tuple[Transport, ...] = (
             self.sse,
             self.poll,

@@ -36,6 +36,7 @@ namespace's ``subscribe`` rule) is asked, and only when the rule needs it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
@@ -61,6 +62,7 @@ from ..http import Response, Router, error_response
 from ..http.messages import Disconnected
 from ..hub import Hub
 from ..logs import log_client_error
+from ..metrics import Metrics
 from .common import admit, authorize_channels
 
 if TYPE_CHECKING:
@@ -90,10 +92,20 @@ class Call(NamedTuple):
 class CallTransport:
     """The call endpoints of one server: given the hub, the access rules and the hooks."""
 
-    def __init__(self, hub: Hub, access: Access, hooks: Hooks | None = None) -> None:
+    def __init__(
+        self,
+        hub: Hub,
+        access: Access,
+        hooks: Hooks | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.hub = hub
         self.access = access
         self.gate = Gate(access, hooks if hooks is not None else Hooks())
+        #: A call is a client command: timed and its errors counted as the
+        #: session's are (``centrifugo_client_command_duration_seconds{method}``,
+        #: ``centrifugo_client_num_reply_errors{method,code}``).
+        self.metrics = metrics if metrics is not None else Metrics(multiprocess=False)
 
     def mount(self, router: Router) -> None:
         for name, call in CALLS.items():
@@ -109,9 +121,12 @@ class CallTransport:
         self, name: str, call: Call
     ) -> Callable[[Request, Exchange], Awaitable[Response]]:
         async def handle(request: Request, conn: Exchange) -> Response:
+            metrics = self.metrics
+            started = time.perf_counter()
             try:
                 return await self.answer(request, call)
             except ProtocolError as exc:
+                metrics.reply_errors.labels(name, str(int(exc.code))).inc()
                 if exc.code != ErrorCode.INTERNAL:  # an internal error was logged where it arose
                     log_client_error(
                         log,
@@ -122,6 +137,8 @@ class CallTransport:
                         fields={"code": int(exc.code), "transport": "http"},
                     )
                 return error_response(exc)
+            finally:
+                metrics.command_duration.labels(name).observe(time.perf_counter() - started)
 
         return handle
 
