@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 import zlib
@@ -259,15 +261,31 @@ def node_available() -> bool:
     return shutil.which("node") is not None and shutil.which("npm") is not None
 
 
+#: What tests/js/package.json installs that tests use: one missing means an install.
+JS_PACKAGES = ("centrifuge", "ws", "eventsource", "typescript", "esbuild", "tidings-client")
+
+
 def ensure_js_deps() -> None:
-    """Install tests/js/node_modules (pinned by package-lock.json) when missing."""
-    if (JS_DIR / "node_modules" / "centrifuge").is_dir() and (
-        JS_DIR / "node_modules" / "ws"
-    ).is_dir():
+    """Install tests/js/node_modules (pinned by package-lock.json) when a package is missing.
+
+    pytest-xdist workers may ask at once: a file lock lets one install while the others
+    wait, then find it done. ``npm ci`` only when node_modules is absent, since it deletes
+    the folder another worker's node may be running from; ``npm install`` adds what is
+    missing to a clone installed before a package was added."""
+
+    def installed() -> bool:
+        return all((JS_DIR / "node_modules" / name).is_dir() for name in JS_PACKAGES)
+
+    if installed():
         return
-    lock = JS_DIR / "package-lock.json"
-    cmd = ["npm", "ci" if lock.exists() else "install", "--no-audit", "--no-fund"]
-    subprocess.run(cmd, cwd=JS_DIR, check=True, timeout=300, env=dict(os.environ))
+    lock_path = Path(tempfile.gettempdir()) / f"tidings-npm-{os.getuid()}.lock"
+    with lock_path.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if installed():
+            return
+        fresh = not (JS_DIR / "node_modules").is_dir() and (JS_DIR / "package-lock.json").exists()
+        cmd = ["npm", "ci" if fresh else "install", "--no-audit", "--no-fund"]
+        subprocess.run(cmd, cwd=JS_DIR, check=True, timeout=300, env=dict(os.environ))
 
 
 class NodeClient:

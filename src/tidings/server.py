@@ -196,7 +196,12 @@ class Server:
         #: Set by a signal when ``timeouts.drain`` is on: /ready says 503 while serving goes on.
         self._draining = False
         self._static = _read_static(
-            "tidings.js", "tidings-shared.js", "tidings-worker.js", "demo.html"
+            "tidings.js",
+            "tidings-shared.js",
+            "tidings-worker.js",
+            "demo.html",
+            "tidings.d.ts",
+            "tidings-shared.d.ts",
         )
         for transport in self.transports:
             transport.mount(self.router)
@@ -207,6 +212,9 @@ class Server:
         # One connection per browser: the tab side and the SharedWorker of tidings-shared.js.
         self.router.add("GET", "/tidings-shared.js", self._tidings_shared_js)
         self.router.add("GET", "/tidings-worker.js", self._tidings_worker_js)
+        # Their TypeScript declarations, beside them (docs/clients.md).
+        self.router.add("GET", "/tidings.d.ts", self._tidings_d_ts)
+        self.router.add("GET", "/tidings-shared.d.ts", self._tidings_shared_d_ts)
         self.router.add("GET", "/demo", self._demo)
         if config.metrics.enabled:
             metrics.read_live(self.live)
@@ -504,17 +512,27 @@ class Server:
         log.info("metrics on port %d", self._metrics_listener.sockets[0].getsockname()[1])
 
     async def _tidings_js(self, request: Request, conn: Exchange) -> Response:
-        return _static_response(self._static["tidings.js"], "application/javascript; charset=utf-8")
+        return _static_response(
+            self._static["tidings.js"], "application/javascript; charset=utf-8", "./tidings.d.ts"
+        )
 
     async def _tidings_shared_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(
-            self._static["tidings-shared.js"], "application/javascript; charset=utf-8"
+            self._static["tidings-shared.js"],
+            "application/javascript; charset=utf-8",
+            "./tidings-shared.d.ts",
         )
 
     async def _tidings_worker_js(self, request: Request, conn: Exchange) -> Response:
         return _static_response(
             self._static["tidings-worker.js"], "application/javascript; charset=utf-8"
         )
+
+    async def _tidings_d_ts(self, request: Request, conn: Exchange) -> Response:
+        return _static_response(self._static["tidings.d.ts"], _TYPESCRIPT)
+
+    async def _tidings_shared_d_ts(self, request: Request, conn: Exchange) -> Response:
+        return _static_response(self._static["tidings-shared.d.ts"], _TYPESCRIPT)
 
     async def _demo(self, request: Request, conn: Exchange) -> Response:
         if not self.config.demo:
@@ -546,8 +564,17 @@ def _read_static(*names: str) -> dict[str, bytes]:
     return {name: (files / name).read_bytes() for name in names}
 
 
-def _static_response(body: bytes, content_type: str) -> Response:
+#: TypeScript has no registered media type, and the mime tables give ``.ts`` to MPEG transport
+#: streams (``video/mp2t``); this is the type Deno serves and reads for TypeScript.
+_TYPESCRIPT = "application/typescript; charset=utf-8"
+
+
+def _static_response(body: bytes, content_type: str, types: str | None = None) -> Response:
+    """A shipped file; ``types`` names its declarations (``X-TypeScript-Types``, relative
+    to the module's URL), which Deno reads to type a module imported by URL."""
     headers = [("Content-Type", content_type), ("Cache-Control", "no-cache")]
+    if types is not None:
+        headers.append(("X-TypeScript-Types", types))
     return Response(200, body=body, headers=headers)
 
 
