@@ -66,9 +66,23 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 
 
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
+    """A port free now, for a server about to be started.
+
+    Under pytest-xdist each worker takes only ports of its own residue (port % workers):
+    between this probe and the server's bind another worker's probe could otherwise be handed
+    the same port, and two tests would talk to one server. The probes that did not fit stay
+    bound until one does, so the kernel offers another port each time.
+    """
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+    with contextlib.ExitStack() as probes:
+        for _ in range(64 * workers):
+            s = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((HOST, 0))
+            port = int(s.getsockname()[1])
+            if port % workers == worker % workers:
+                return port
+    raise RuntimeError(f"no free port of residue {worker} modulo {workers}")
 
 
 def clean_env(env: dict[str, str] | None = None) -> dict[str, str]:
