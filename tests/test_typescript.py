@@ -227,7 +227,7 @@ def package_json() -> dict[str, Any]:
 def test_package_json_is_a_valid_module_package() -> None:
     pkg = package_json()
     assert pkg["name"] == "tidings-client"
-    assert pkg["version"] == tidings.__version__
+    assert pkg["version"] == tidings.__version__, "give package.json tidings.__version__"
     assert pkg["type"] == "module"
     # No build step, nothing to install: the files are used as they are.
     assert not {"dependencies", "scripts", "peerDependencies", "bin"} & pkg.keys()
