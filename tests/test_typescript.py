@@ -216,6 +216,47 @@ def test_runtime_exports_are_the_declared_exports(
     assert "typeof TidingsError" in result.stdout, result.stdout
 
 
+def object_keys(source: str, const: str) -> list[str]:
+    """The keys of ``const NAME = { ... };`` at the top of a module's source."""
+    block = re.search(rf"^const {const} = \{{\n(.*?)^\}};", source, re.M | re.S)
+    assert block, f"no {const} in the module"
+    return re.findall(r"^  (\w+):", block[1], re.M)
+
+
+def interface_members(source: str, name: str) -> dict[str, bool]:
+    """Each member of ``interface name`` and whether a doc comment (``/** ... */``) precedes it."""
+    block = re.search(rf"^export interface {name}\b[^{{]*\{{\n(.*?)^\}}", source, re.M | re.S)
+    assert block, f"no interface {name}"
+    members: dict[str, bool] = {}
+    previous = ""
+    for line in block[1].splitlines():
+        if m := re.match(r"  (\w+)\??:", line):
+            members[m[1]] = previous.endswith("*/")
+        previous = line.strip()
+    return members
+
+
+@pytest.mark.parametrize(
+    ("module", "defaults", "declarations", "interface"),
+    [
+        ("tidings.js", "DEFAULTS", "tidings.d.ts", "Options"),
+        ("tidings-shared.js", "SHARE_DEFAULTS", "tidings-shared.d.ts", "SharedOptions"),
+    ],
+)
+def test_every_option_is_declared_with_its_doc(
+    module: str, defaults: str, declarations: str, interface: str
+) -> None:
+    """An option added to a module's defaults must be declared, with a doc comment, and a
+    declared option must exist: the defaults object is where the module lists them."""
+    keys = object_keys((STATIC / module).read_text(), defaults)
+    members = interface_members((STATIC / declarations).read_text(), interface)
+    assert len(keys) >= 3
+    assert set(keys) == set(members), f"{module} {defaults} vs {declarations} {interface}"
+    assert all(members.values()), (
+        f"without a doc comment: {[k for k, v in members.items() if not v]}"
+    )
+
+
 # -- the package ----------------------------------------------------------------------------
 
 

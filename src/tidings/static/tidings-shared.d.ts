@@ -37,6 +37,14 @@ export interface SharedOptions extends Options {
   sharedWorker?: boolean;
   /** Only where Web Locks are missing: ms between the hub's pings to tell a closed tab (default 10000). */
   pingInterval?: number;
+  /**
+   * The most channels the shared connection follows for all tabs together: the server's
+   * `limits.max_channels_per_connection` (default 128). A subscription that would pass it
+   * is refused at once (`onError` with code 106, state `"closed"`).
+   */
+  maxChannels?: number;
+  /** ms for the SharedWorker to answer at all before the tab goes on without it (a leader election, or its own connection) (default 10000). */
+  workerTimeout?: number;
 }
 
 /**
@@ -53,7 +61,13 @@ export declare class Tidings {
   /** The server's URL, without a trailing slash. */
   readonly baseUrl: string;
   /** The options given, with the sharing defaults. */
-  readonly options: Readonly<SharedOptions> & { readonly shared: boolean; readonly sharedWorker: boolean; readonly pingInterval: number };
+  readonly options: Readonly<SharedOptions> & {
+    readonly shared: boolean;
+    readonly sharedWorker: boolean;
+    readonly pingInterval: number;
+    readonly maxChannels: number;
+    readonly workerTimeout: number;
+  };
   /** How this tab reaches the connection. */
   readonly sharing: Sharing;
   /**

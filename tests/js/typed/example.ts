@@ -223,11 +223,20 @@ const best: Transport = TRANSPORTS[0];
 
 // -- tidings-client/shared: the same API over one connection per browser --------------
 
-const sharedOptions: SharedOptions = { ...options, shared: true, sharedWorker: false, pingInterval: 10000 };
+const sharedOptions: SharedOptions = {
+  ...options,
+  shared: true,
+  sharedWorker: false,
+  pingInterval: 10000,
+  maxChannels: 128,
+  workerTimeout: 10000,
+};
 const shared = new SharedTidings(undefined, sharedOptions);
 const sharedByDefault: SharedTidings = new SharedDefault("https://example.org");
 exactly<Sharing>()(shared.sharing);
 exactly<boolean>()(shared.options.sharedWorker);
+exactly<number>()(shared.options.maxChannels);
+exactly<number>()(shared.options.workerTimeout);
 const sharedSub = shared.subscribe<ChatMessage>("chat:room42", (pub) => render(pub.data, null), {
   onState: (state) => states.push(state),
 });
