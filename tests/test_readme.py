@@ -347,7 +347,12 @@ def test_demo_flag_serves_the_demo_page(serve: Callable[..., ServerProcess]) -> 
     resp = httpx.get(f"{srv.url}/demo", timeout=TIMEOUT)
     assert resp.status_code == 200
     assert resp.headers["content-type"].startswith("text/html")
-    assert "tidings.js" in resp.text
+    # The page's client module (the shared-connection wrapper of tidings.js) is served too.
+    module = re.search(r'import \{ Tidings \} from "(/[\w.-]+\.js)"', resp.text)
+    assert module is not None, "the demo page no longer imports the client"
+    script = httpx.get(f"{srv.url}{module.group(1)}", timeout=TIMEOUT)
+    assert script.status_code == 200
+    assert "javascript" in script.headers["content-type"]
 
 
 # --------------------------------------------------------------------------- links
