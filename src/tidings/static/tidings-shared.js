@@ -49,6 +49,7 @@ const SHARE_DEFAULTS = {
   // (default 128). All tabs' channels travel on one connection; past the server's limit a
   // merged stream could never be established, so the hub refuses the subscription instead.
   maxChannels: 128,
+  workerTimeout: 10000, // ms for the SharedWorker to answer at all before the tab does without it
 };
 
 function randomId() {
@@ -447,9 +448,15 @@ class WorkerLink {
       name: `tidings ${client.baseUrl}`,
     });
     this.port = worker.port;
-    this.port.onmessage = (ev) => client._receive(ev.data);
-    // The worker script cannot run (not served, a CSP): share by election, or not at all.
-    worker.onerror = () => client._replaceLink(electionPossible() ? ElectionLink : LocalLink);
+    const withoutWorker = () => client._replaceLink(this, electionPossible() ? ElectionLink : LocalLink);
+    // The worker script cannot run (not served, a CSP): share by election, or not at all. The
+    // error event is not always delivered (seen in Chromium with a 404), hence the timeout too.
+    worker.onerror = withoutWorker;
+    this._silent = setTimeout(withoutWorker, client.options.workerTimeout);
+    this.port.onmessage = (ev) => {
+      clearTimeout(this._silent);
+      client._receive(ev.data);
+    };
     this.port.start();
     client._register();
   }
@@ -463,11 +470,12 @@ class WorkerLink {
     if (this._gone || !locksAvailable()) return;
     this._gone = new AbortController();
     navigator.locks
-      .request(lock, { signal: this._gone.signal }, () => this.client._replaceLink(WorkerLink))
+      .request(lock, { signal: this._gone.signal }, () => this.client._replaceLink(this, WorkerLink))
       .catch(() => {}); // aborted: this link was closed
   }
 
   close() {
+    clearTimeout(this._silent);
     if (this._gone) this._gone.abort();
     this.port.close();
   }
@@ -634,8 +642,8 @@ export class Tidings {
   }
 
   /** Leave a link that cannot work for another (which registers this tab with its hub). */
-  _replaceLink(Link) {
-    if (this._closed) return;
+  _replaceLink(failed, Link) {
+    if (this._closed || this._link !== failed) return; // closed, or replaced already
     const old = this._link;
     this._registered = false;
     this._link = null;
