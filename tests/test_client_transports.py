@@ -33,7 +33,8 @@ from tidings.client import APIError, Subscription, encode_cursor, subscribe, sub
 from tidings.client.subscriber import TRANSPORTS, Transport
 from tidings.hooks import Hooks, RPCCall
 
-TIMEOUT = 10.0
+#: A deadline for each wait, generous: the suite shares two loaded cores.
+TIMEOUT = 20.0
 
 #: Quick reconnects and polls, so that a test waits on the server, not on back-off.
 QUICK: dict[str, Any] = {"min_backoff": 0.01, "poll_interval": 0.05, "poll_timeout": 2}
