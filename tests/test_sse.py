@@ -212,6 +212,34 @@ def test_every_idle_stream_gets_its_pings(server_factory):
             sse.close()
 
 
+def test_a_stream_that_hears_publications_gets_no_ping_until_it_falls_silent(server_factory):
+    """A publication is proof of life: no ping while they come more often than
+    the interval, and one again once the stream has been silent for it."""
+    interval = 1.5
+    srv = server_factory(f"[sse]\nheartbeat_interval = {interval}\n")
+    ch = unique_channel()
+    with SSEClient(srv, [ch], read_timeout=10) as sse:
+        sse.subscribed()
+        # Publication k was fanned out between sent[k] and answered[k] (the
+        # memory broker delivers before the API answers).
+        sent, answered = [time.monotonic()], [time.monotonic()]
+        deadline = sent[0] + 4.0  # past two intervals: two pings if sent regardless
+        while time.monotonic() < deadline:
+            sent.append(time.monotonic())
+            publish(srv, ch, {"n": len(sent)})
+            answered.append(time.monotonic())
+            assert pub_json(sse.publications(1)[0])["data"] == {"n": len(sent)}
+        heard = 0
+        for ev in sse.seen:
+            heard += ev.is_publication
+            if ev.is_ping:
+                # Only where the machine held two publications (or the head and
+                # the first) an interval apart could the stream fall silent.
+                until = answered[heard + 1] if heard + 1 < len(answered) else time.monotonic()
+                assert until - sent[heard] >= interval - 0.1, (heard, sse.seen)
+        assert sse.next().is_ping  # silent now: the ping is back
+
+
 class Stream:
     """A stand-in for a stream in the wheel: hashable by identity, like SSEStream."""
 

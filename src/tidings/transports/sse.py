@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -112,8 +113,9 @@ class HeartbeatWheel(Generic[T]):
         #: The slice the next tick visits.
         self._next = 0
 
-    def add(self, item: T) -> int:
-        index = (self._next - 1) % len(self._slices)
+    def add(self, item: T, ticks: int = 0) -> int:
+        """Put ``item`` in the slice visited ``ticks`` ticks from now (0: a whole turn)."""
+        index = (self._next - 1 + ticks) % len(self._slices)
         self._slices[index].add(item)
         return index
 
@@ -143,7 +145,15 @@ def event(data: bytes, *, id: str | None = None, name: str | None = None) -> byt
 class Feed:
     """The event bytes shared by every stream that follows the same channels."""
 
-    __slots__ = ("_last_event", "_last_pub", "channels", "live", "positions", "streams")
+    __slots__ = (
+        "_last_event",
+        "_last_pub",
+        "channels",
+        "last_at",
+        "live",
+        "positions",
+        "streams",
+    )
 
     def __init__(self, channels: tuple[str, ...]) -> None:
         self.channels = channels
@@ -154,6 +164,11 @@ class Feed:
         self.positions: dict[str, Position] = {}
         self._last_pub: Publication | None = None
         self._last_event = b""
+        #: When (``time.monotonic()``) its live streams were last written a
+        #: publication: proof of life that spares them a ping until the
+        #: interval has passed since (one clock read per publication, not per
+        #: delivery).
+        self.last_at = 0.0
 
     def go_live(self, positions: dict[str, Position]) -> None:
         """A stream is live at ``positions``: the feed's, unless it has live streams already.
@@ -174,6 +189,7 @@ class Feed:
         cursor = encode_cursor(self.positions)
         self._last_event = event(pub.encoded(http_publication_json), id=cursor)
         self._last_pub = pub
+        self.last_at = time.monotonic()
         return self._last_event
 
 
@@ -485,22 +501,38 @@ class SSETransport:
             self._beat(wheel.advance())
 
     def _beat(self, streams: tuple[SSEStream, ...]) -> None:
-        """Write the heartbeat to ``streams``, ending or refreshing the expired."""
+        """End or refresh the expired of ``streams``; ping the others that were
+        silent for the interval.
+
+        A stream whose feed wrote it a publication within the interval needs
+        no ping (it is proof of life): it moves to the slice visited when the
+        interval since that publication ends, so the silence a client sees
+        still never exceeds the interval (plus a tick), and the visit (with its
+        expiry check) still comes at least once an interval. In a broadcast
+        every stream hears often, and no ping competes with the fan-out.
+        """
         expired = self.access.expired
         by_hook = self.hooks.refresh is not None
         now = time.time()
+        wheel = self._wheel
+        interval = self.heartbeat_interval
+        tick = interval / len(wheel)
+        quiet_since = time.monotonic() - interval
         for stream in streams:
             credentials = stream.credentials
-            if not credentials.expires:
-                stream.transport.write(HEARTBEAT)
-            elif credentials.by_hook and by_hook:
-                # The hook's expiry is the time to ask it, without the
-                # grace a client gets to bring a new token.
-                if now >= credentials.expires:
-                    self._refresh(stream)
-                stream.transport.write(HEARTBEAT)
-            elif expired(credentials):
-                stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+            if credentials.expires:
+                if credentials.by_hook and by_hook:
+                    # The hook's expiry is the time to ask it, without the
+                    # grace a client gets to bring a new token.
+                    if now >= credentials.expires:
+                        self._refresh(stream)
+                elif expired(credentials):
+                    stream.close(DisconnectCode.CONNECTION_EXPIRED, "connection expired")
+                    continue
+            heard = stream.feed.last_at - quiet_since  # how long until the interval is up
+            if heard > tick:
+                wheel.discard(stream, stream.heartbeat_slice)
+                stream.heartbeat_slice = wheel.add(stream, math.ceil(heard / tick))
             else:
                 stream.transport.write(HEARTBEAT)
 
