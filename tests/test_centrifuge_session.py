@@ -16,7 +16,7 @@ import pytest
 from centrifuge_support import FakeSession, connected, make_hub, run
 from tidings.auth import Access
 from tidings.centrifuge import Command, SessionOptions
-from tidings.centrifuge.session import ROUTES
+from tidings.centrifuge.session import CLIENT_IDS, ROUTES
 from tidings.config import Config, LimitsConfig, NamespaceConfig
 from tidings.errors import DisconnectCode, ErrorCode
 
@@ -170,3 +170,25 @@ def test_a_pong_and_a_send_without_id_get_no_reply() -> None:
         assert disconnect == (DisconnectCode.BAD_REQUEST, "connect first")
 
     run(main())
+
+
+def test_client_ids_are_uuid_shaped_unique_and_new_in_a_forked_worker() -> None:
+    """Ids are compared across nodes and across a server's forked workers: a
+    worker that kept its parent's head would hand out its parent's ids."""
+    import os
+    import uuid
+
+    ids = [CLIENT_IDS.next() for _ in range(1000)]
+    assert len(set(ids)) == len(ids)
+    assert all(str(uuid.UUID(client_id)) == client_id for client_id in ids)
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - the forked worker
+        os.write(writer, CLIENT_IDS.next().encode())
+        os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    forked_id = os.read(reader, 64).decode()
+    os.close(reader)
+    assert forked_id[:24] != ids[0][:24]
+    assert forked_id not in ids
