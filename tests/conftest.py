@@ -68,10 +68,12 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
 def free_port() -> int:
     """A port free now, for a server about to be started.
 
-    Under pytest-xdist each worker takes only ports of its own residue (port % workers):
+    Under pytest-xdist each worker takes only ports of its own residue ((port // 2) % workers):
     between this probe and the server's bind another worker's probe could otherwise be handed
     the same port, and two tests would talk to one server. The probes that did not fit stay
-    bound until one does, so the kernel offers another port each time.
+    bound until one does, so the kernel offers another port each time. Halved first because
+    Linux hands ``bind(("", 0))`` odd ports by preference (even ones go to ``connect``): with
+    an even worker count, ``port % workers`` left the even residues with no port at all.
     """
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     worker = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
@@ -80,7 +82,7 @@ def free_port() -> int:
             s = probes.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             s.bind((HOST, 0))
             port = int(s.getsockname()[1])
-            if port % workers == worker % workers:
+            if (port // 2) % workers == worker % workers:
                 return port
     raise RuntimeError(f"no free port of residue {worker} modulo {workers}")
 
