@@ -129,6 +129,31 @@ def test_forgotten_channel_gets_a_new_epoch() -> None:
     run(scenario())
 
 
+def test_a_stream_only_a_subscription_made_goes_at_the_next_sweep() -> None:
+    """Ordered as test_sse's history-overflow test ran under load: the stream
+    closes, a sweep runs, then the channel's first publication. The empty
+    stream is forgotten (its epoch with it), so a resume at that epoch is not
+    recovered; a stream with a stored publication is kept for ``meta_ttl``."""
+
+    async def scenario() -> None:
+        broker = MemoryBroker()
+        hub = Hub(broker)
+        await hub.publish("kept", b"before")
+        sub = Recorder()
+        empty = await hub.subscribe("empty", sub)
+        kept = await hub.subscribe("kept", sub)
+        hub.unsubscribe("empty", sub)
+        hub.unsubscribe("kept", sub)
+        broker.sweep()
+        await hub.publish("empty", b"first")
+        await hub.publish("kept", b"missed")
+        assert not (await hub.recover("empty", empty.position)).recovered
+        resumed = await hub.recover("kept", kept.position)
+        assert resumed.recovered and offsets(resumed.publications) == [2]
+
+    run(scenario())
+
+
 def test_channel_is_dropped_with_its_last_subscriber() -> None:
     async def scenario() -> None:
         hub = Hub(MemoryBroker())
