@@ -34,6 +34,9 @@ def test_without_cursor_answers_at_once_with_a_cursor(server):
 
 def test_long_poll_times_out_empty(server):
     ch = unique_channel()
+    # Kept for meta_ttl by a stored publication: a stream only a subscription
+    # made goes at the next memory-broker sweep after it, and its epoch with it.
+    publish(server, ch, "before")
     cursor = poll_ok(server, [ch])["cursor"]
     body = poll_ok(server, [ch], cursor=cursor, timeout=1)
     assert body["publications"] == []
@@ -137,6 +140,7 @@ def test_history_overflow_lists_unrecovered(server_factory):
 
 def test_sse_cursor_works_in_poll(server):
     a, b = unique_channel("a"), unique_channel("b")
+    publish(server, b, "before")  # kept for meta_ttl, not only until the next sweep
     with SSEClient(server, [a, b]) as sse:
         sse.subscribed()
         publish(server, a, "seen")
