@@ -970,16 +970,29 @@ def save(out: Path, meta: dict[str, Any], result: dict[str, Any]) -> None:
     out.write_text(json.dumps({"runs": runs}, indent=1))
 
 
+def worker_capacity() -> int | None:
+    """Connections one process may hold: the hard open-files limit minus a margin.
+
+    Raises this process's soft limit to the hard one first, so that the server
+    and client processes started from here inherit it. ``None``: no limit.
+    (bench/soak.py sizes its workers with it too.)
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        return None
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
+    return hard - FILE_MARGIN
+
+
 def options(args: argparse.Namespace) -> Options:
     """The run's sizes from the command line, with the process counts the file limit sets."""
     n = int(args.n) if args.n else 100_000
     transports = [t.strip() for t in (args.transports or "sse,ws").split(",") if t.strip()]
     if not transports or set(transports) - {"sse", "ws"}:
         raise SystemExit("--scale takes --transports sse, ws or sse,ws")
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # inherited by every child
-    cap = hard - FILE_MARGIN if hard != resource.RLIM_INFINITY else 10**9
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    cap = worker_capacity() or 10**9
     workers = args.workers or max(2, math.ceil(n / cap) + 1)
     if n > workers * cap:
         raise SystemExit(

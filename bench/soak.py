@@ -80,7 +80,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import load
 import measure
-from run import Pool, Publisher, ServerProc, WorkerHandle, free_port, worker_capacity
+from run import Pool, Publisher, ServerProc, WorkerHandle, free_port
+from scale import worker_capacity
 from servers import CENTRIFUGE_SUBSCRIBE, HOST, REDIS, SERVERS, tidings_scaled
 from tidings.config import load_config
 
