@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 from conftest import HOST, _die_with_parent, free_port
+from tidings.hub import Publication
 
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _apt_updated = False
@@ -218,3 +219,22 @@ def run_nodes(
                 await node.broker.close()
 
     asyncio.run(main())
+
+
+class Recorder:
+    """A hub subscriber that notes what it was given and each resync."""
+
+    client_id = ""
+
+    def __init__(self) -> None:
+        self.got: list[Publication] = []
+        self.resyncs = 0
+
+    def deliver(self, pub: Publication) -> None:
+        self.got.append(pub)
+
+    def insufficient_state(self) -> None:
+        self.resyncs += 1
+
+    def deliver_presence(self, event: object) -> None:
+        pass

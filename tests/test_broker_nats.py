@@ -13,7 +13,7 @@ import pytest
 from nats.aio.msg import Msg
 from nats.errors import SlowConsumerError
 
-from brokers_support import Node, run_nodes, until
+from brokers_support import Node, Recorder, run_nodes, until
 from tidings.brokers import envelope
 from tidings.brokers.nats import NatsBroker, _Stream
 from tidings.errors import ErrorCode, ProtocolError
@@ -80,23 +80,6 @@ def test_positions_are_node_local_and_history_is_refused(nats_server: NatsServer
         assert not reaches(behind, pubs, now)
 
     run(nats_server, body, nodes=2)
-
-
-class Recorder:
-    """A hub subscriber that notes what it was given and each resync."""
-
-    def __init__(self) -> None:
-        self.got: list[Publication] = []
-        self.resyncs = 0
-
-    def deliver(self, pub: Publication) -> None:
-        self.got.append(pub)
-
-    def insufficient_state(self) -> None:
-        self.resyncs += 1
-
-    def deliver_presence(self, event: object) -> None:
-        pass
 
 
 def test_disconnect_starts_a_new_epoch_and_subscribers_resync_at_once(

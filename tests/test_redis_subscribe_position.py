@@ -15,12 +15,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from brokers_support import until
+from brokers_support import Recorder, until
 from helpers import publish, unique_channel
 from test_broker_redis import KEEP, run
 from test_scaleout import redis_config, wait_health
 from tidings.errors import ErrorCode, ProtocolError
-from tidings.hub import Hub, Position, Publication, Recovery
+from tidings.hub import Hub, Position, Recovery
 from ws_support import connect_raw
 
 if TYPE_CHECKING:
@@ -30,32 +30,13 @@ if TYPE_CHECKING:
 READS = ("evalsha", "eval", "hmget", "xrange", "xrevrange", "multi", "exec")
 
 
-class Sub:
-    """A subscriber that records its deliveries and resyncs."""
-
-    client_id = ""
-
-    def __init__(self) -> None:
-        self.got: list[Publication] = []
-        self.resyncs = 0
-
-    def deliver(self, pub: Publication) -> None:
-        self.got.append(pub)
-
-    def insufficient_state(self) -> None:
-        self.resyncs += 1
-
-    def deliver_presence(self, event: object) -> None:
-        pass
-
-
 async def reads(node: Node) -> int:
     """Calls of :data:`READS` Redis has served so far, from every node."""
     stats: dict[str, Any] = await node.broker._redis.info("commandstats")
     return sum(stats.get(f"cmdstat_{name}", {}).get("calls", 0) for name in READS)
 
 
-def offsets(recovery: Recovery, sub: Sub) -> list[int]:
+def offsets(recovery: Recovery, sub: Recorder) -> list[int]:
     """Every offset a subscriber was given: in its subscribe reply, then live."""
     return [p.offset for p in recovery.publications] + [p.offset for p in sub.got]
 
@@ -65,7 +46,7 @@ def test_subscribers_of_a_followed_channel_join_without_a_redis_round_trip(
 ) -> None:
     async def body(a: Node, b: Node) -> None:
         hub, publisher = Hub(a.broker), Hub(b.broker)
-        first = Sub()
+        first = Recorder()
         before_first = await reads(a)
         await hub.subscribe("f", first)
         assert await reads(a) > before_first  # the first subscriber reads Redis
@@ -75,10 +56,10 @@ def test_subscribers_of_a_followed_channel_join_without_a_redis_round_trip(
         epoch = first.got[0].epoch
 
         before = await reads(a)
-        subs = [Sub() for _ in range(50)]
+        subs = [Recorder() for _ in range(50)]
         joined = [await hub.subscribe("f", sub) for sub in subs]
         # A client resuming at the node's position is recovered without a read too.
-        resumer = Sub()
+        resumer = Recorder()
         resumed = await hub.subscribe("f", resumer, Position(epoch, 2))
         assert await reads(a) == before
         assert all(r.position == Position(epoch, 2) and not r.recovered for r in joined)
@@ -105,7 +86,7 @@ def test_a_subscriber_joining_while_the_link_is_cut_misses_nothing(
 
     async def body(a: Node, b: Node) -> None:
         hub, publisher = Hub(a.broker), Hub(b.broker)
-        first = Sub()
+        first = Recorder()
         await hub.subscribe("g", first)
         await publisher.publish("g", b"1")
         await until(lambda: len(first.got) == 1, "the first publication")
@@ -114,10 +95,10 @@ def test_a_subscriber_joining_while_the_link_is_cut_misses_nothing(
         await until(lambda: a.broker.position("g") is None, "the node to know its view is stale")
         for n in range(2, 5):
             await publisher.publish("g", str(n).encode())
-        second = Sub()
+        second = Recorder()
         joined = await hub.subscribe("g", second)
         await until(lambda: a.broker.position("g") is not None, "the node's view to be current")
-        third = Sub()
+        third = Recorder()
         joined_third = await hub.subscribe("g", third)
         assert joined_third.position == Position(first.got[0].epoch, 4)
         await publisher.publish("g", b"5")
@@ -146,13 +127,13 @@ def test_with_redis_stopped_a_subscriber_to_a_followed_channel_is_told_to_retry(
 
     async def body(a: Node, b: Node) -> None:
         hub, publisher = Hub(a.broker), Hub(b.broker)
-        first = Sub()
+        first = Recorder()
         await hub.subscribe("s", first)
         await publisher.publish("s", b"1")
         await until(lambda: len(first.got) == 1, "the first publication")
         old_epoch = first.got[0].epoch
         redis_server.stop()
-        second = Sub()
+        second = Recorder()
         try:
             await until(lambda: not a.broker.healthy, "the node to notice")
             assert a.broker.position("s") is None
@@ -170,7 +151,7 @@ def test_with_redis_stopped_a_subscriber_to_a_followed_channel_is_told_to_retry(
         assert stored.epoch != old_epoch  # Redis came back empty
         await until(lambda: bool(first.resyncs and second.resyncs), "both to be told to resync")
         assert [p.offset for p in first.got] == [1] and second.got == []
-        third = Sub()
+        third = Recorder()
         joined_third = await hub.subscribe("s", third)
         assert joined_third.position == stored
         again = await publisher.publish("s", b"3")

@@ -138,7 +138,7 @@ class CallTransport:
                     )
                 return error_response(exc)
             finally:
-                metrics.command_duration.labels(name).observe(time.perf_counter() - started)
+                metrics.command_timer(name).observe(time.perf_counter() - started)
 
         return handle
 
