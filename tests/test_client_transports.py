@@ -327,3 +327,41 @@ def test_a_silently_stalled_sse_stream_is_resumed_by_the_ping_watchdog(
         assert asyncio.run(main()) == ["during-0", "during-1", "during-2"]
     finally:
         proxy.close()
+
+
+def test_aclose_ends_even_when_a_layer_below_turns_the_cancel_into_an_error(
+    server: ServerProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aclose() cancels the reconnect loop; a library below that answers the
+    cancel with an error instead (Python 3.11's ``asyncio.timeout`` racing a
+    cancel does so with TimeoutError) must not start a reconnect that aclose()
+    then waits on for ever."""
+    runs = 0
+    running: asyncio.Event | None = None
+
+    async def swallowing_run(self: Subscription, token: object, established: object) -> None:
+        nonlocal runs
+        runs += 1
+        assert running is not None
+        running.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            raise TimeoutError("the cancel, as a timeout") from None
+
+    monkeypatch.setattr(Subscription, "_run_sse", swallowing_run)
+
+    async def main() -> None:
+        nonlocal running
+        running = asyncio.Event()
+        sub = subscribe(server.url, [unique_channel()], "sse", **QUICK)
+        reader = asyncio.ensure_future(sub.__anext__())  # starts the reconnect loop
+        async with asyncio.timeout(TIMEOUT):
+            await running.wait()
+            await sub.aclose()
+        reader.cancel()
+        with contextlib.suppress(BaseException):
+            await reader
+
+    asyncio.run(main())
+    assert runs == 1  # closed, not reconnected

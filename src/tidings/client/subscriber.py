@@ -367,6 +367,11 @@ class Subscription:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                if self._closed:
+                    # aclose() cancelled us and a layer below turned the cancel
+                    # into an error (Python 3.11's asyncio.timeout racing a
+                    # cancel does): reconnecting would keep aclose() waiting.
+                    return
                 connected = connected or established.is_set()
                 if self._fail_fast and not connected:
                     failed = exc if isinstance(exc, APIError) else ConnectionError(_describe(exc))
